@@ -1,0 +1,41 @@
+"""fastppo: PPO for language models, with a Triton kernel for every hot path.
+
+The ops below dispatch between the Triton kernels (``fastppo.kernels``) and the plain PyTorch
+references (``fastppo.reference``) by ``FASTPPO_BACKEND``; see ``fastppo._dispatch``.
+Importing fastppo does not import triton.
+"""
+
+from . import reference
+from ._dispatch import current_backend, use_backend
+from .ops import (
+    aggregate,
+    compute_advantages,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_whiten,
+    policy_loss,
+    ppo_loss,
+    shape_rewards,
+    value_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "aggregate",
+    "compute_advantages",
+    "current_backend",
+    "entropy_from_logits",
+    "gae",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "masked_whiten",
+    "policy_loss",
+    "ppo_loss",
+    "reference",
+    "shape_rewards",
+    "use_backend",
+    "value_loss",
+]

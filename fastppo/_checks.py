@@ -1,0 +1,323 @@
+"""Input validation shared by both backends.
+
+Every public op runs exactly one of these checks before it picks a backend, so the reference and
+the kernels see the same, already-validated inputs. Each check takes the op's own arguments and
+raises ``ValueError`` that names what was expected and what was given.
+
+The only data-dependent check (labels inside [0, V)) needs a device-to-host copy; it is skipped
+when ``FASTPPO_VALUE_CHECKS=0`` for callers who cannot afford the synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ESTIMATORS = ("k1", "abs", "k2", "k3")
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _is_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _float_tensor(name: str, t) -> torch.Tensor:
+    _is_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {t.dtype}"
+        )
+    return t
+
+
+def _same_device(named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
+    items = [(n, t) for n, t in named if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on one device"
+            )
+
+
+def _same_dtype(named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
+    items = [(n, t) for n, t in named if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise ValueError(
+                f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                "the floating inputs of one op must share a dtype"
+            )
+
+
+def _same_shape(named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
+    items = [(n, t) for n, t in named if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {_shape(t)} but {first_name} has {_shape(first)}; expected equal shapes"
+            )
+
+
+def _token_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be [B, T] (2-D), got shape {_shape(t)}")
+
+
+def _mask(name: str, mask, like: torch.Tensor, like_name: str) -> None:
+    _is_tensor(name, mask)
+    if mask.dtype.is_complex:
+        raise ValueError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {_shape(mask)} but {like_name} has {_shape(like)}; expected equal shapes"
+        )
+    if mask.device != like.device:
+        raise ValueError(f"{name} is on {mask.device} but {like_name} is on {like.device}")
+
+
+def _number(name: str, x, *, low=None, high=None, low_open=False, allow_none=False) -> None:
+    if x is None and allow_none:
+        return
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise ValueError(f"{name} must be a real number, got {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if low is not None and (x <= low if low_open else x < low):
+        op = ">" if low_open else ">="
+        raise ValueError(f"{name} must be {op} {low}, got {x}")
+    if high is not None and x > high:
+        raise ValueError(f"{name} must be <= {high}, got {x}")
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+
+
+def value_checks_enabled() -> bool:
+    return os.environ.get("FASTPPO_VALUE_CHECKS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# --------------------------------------------------------------------------------------------
+# One check per op, with the op's own signature.
+# --------------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=False, mask=None) -> None:
+    _float_tensor("logits", logits)
+    _is_tensor("labels", labels)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] or [N, V], got shape {_shape(logits)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a vocabulary dimension V >= 1, got shape {_shape(logits)}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels have shape {_shape(labels)} but logits {_shape(logits)} need labels of shape "
+            f"[{', '.join(str(s) for s in logits.shape[:-1])}]"
+        )
+    _same_device([("logits", logits), ("labels", labels)])
+    if mask is not None:
+        _mask("mask", mask, labels, "labels")
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy must be True or False, got {return_entropy!r}")
+    _number("temperature", temperature, low=0.0, low_open=True)
+    if value_checks_enabled() and labels.numel() > 0:
+        valid = labels if mask is None else labels[mask.bool()]
+        if valid.numel() > 0:
+            lo, hi = int(valid.min()), int(valid.max())
+            vocab = logits.shape[-1]
+            if lo < 0 or hi >= vocab:
+                raise ValueError(
+                    f"labels must lie in [0, {vocab}) (the vocabulary of the logits) at valid positions, "
+                    f"got values from {lo} to {hi}"
+                )
+
+
+def entropy_from_logits(logits, *, temperature=1.0) -> None:
+    _float_tensor("logits", logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] or [N, V], got shape {_shape(logits)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a vocabulary dimension V >= 1, got shape {_shape(logits)}")
+    _number("temperature", temperature, low=0.0, low_open=True)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None) -> None:
+    _float_tensor("logprobs", logprobs)
+    _float_tensor("ref_logprobs", ref_logprobs)
+    _same_shape([("logprobs", logprobs), ("ref_logprobs", ref_logprobs)])
+    _same_device([("logprobs", logprobs), ("ref_logprobs", ref_logprobs)])
+    _same_dtype([("logprobs", logprobs), ("ref_logprobs", ref_logprobs)])
+    _choice("KL estimator", estimator, ESTIMATORS)
+    _number("clamp", clamp, low=0.0, low_open=True, allow_none=True)
+
+
+def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1") -> None:
+    _float_tensor("logprobs", logprobs)
+    _token_2d("logprobs", logprobs)
+    _float_tensor("ref_logprobs", ref_logprobs)
+    _float_tensor("scores", scores)
+    _same_shape([("logprobs", logprobs), ("ref_logprobs", ref_logprobs)])
+    if scores.shape != logprobs.shape[:1]:
+        raise ValueError(
+            f"scores must be [B] = [{logprobs.shape[0]}] (one score per row of logprobs), got shape {_shape(scores)}"
+        )
+    _mask("mask", mask, logprobs, "logprobs")
+    _same_device([("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("scores", scores)])
+    _same_dtype([("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("scores", scores)])
+    _number("kl_coef", kl_coef)
+    _choice("KL estimator", estimator, ESTIMATORS)
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False) -> None:
+    _float_tensor("rewards", rewards)
+    _token_2d("rewards", rewards)
+    _float_tensor("values", values)
+    _same_shape([("rewards", rewards), ("values", values)])
+    _mask("mask", mask, rewards, "rewards")
+    _same_device([("rewards", rewards), ("values", values)])
+    _same_dtype([("rewards", rewards), ("values", values)])
+    _number("gamma", gamma, low=0.0, high=1.0)
+    _number("lam", lam, low=0.0, high=1.0)
+    if not isinstance(whiten, bool):
+        raise ValueError(f"whiten must be True or False, got {whiten!r}")
+
+
+def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8) -> None:
+    _float_tensor("x", x)
+    _mask("mask", mask, x, "x")
+    if not isinstance(shift_mean, bool):
+        raise ValueError(f"shift_mean must be True or False, got {shift_mean!r}")
+    _number("eps", eps, low=0.0)
+
+
+def _loss_common(named_floats, mask, agg) -> None:
+    for name, t in named_floats:
+        if t is not None:
+            _float_tensor(name, t)
+    first_name, first = named_floats[0]
+    _token_2d(first_name, first)
+    _same_shape(named_floats)
+    _mask("mask", mask, first, first_name)
+    _same_device(named_floats)
+    _same_dtype(named_floats)
+    _choice("aggregation (agg)", agg, AGG_MODES)
+
+
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    is_weights=None,
+) -> None:
+    _loss_common(
+        [
+            ("logprobs", logprobs),
+            ("old_logprobs", old_logprobs),
+            ("advantages", advantages),
+            ("is_weights", is_weights),
+        ],
+        mask,
+        agg,
+    )
+    _number("clip_low", clip_low, low=0.0, high=1.0)
+    _number("clip_high", clip_high, low=0.0, allow_none=True)
+    _number("dual_clip", dual_clip, low=1.0, low_open=True, allow_none=True)
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean") -> None:
+    _loss_common(
+        [("values", values), ("old_values", old_values), ("returns", returns)],
+        mask,
+        agg,
+    )
+    _number("clip", clip, low=0.0, allow_none=True)
+
+
+def aggregate(loss_mat, mask, agg="token-mean") -> None:
+    _loss_common([("loss_mat", loss_mat)], mask, agg)
+
+
+def compute_advantages(
+    scores, logprobs, ref_logprobs, values, mask, *, kl_coef, estimator="k1", gamma=1.0, lam=0.95, whiten=True
+) -> None:
+    shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
+    _float_tensor("values", values)
+    _same_shape([("logprobs", logprobs), ("values", values)])
+    _same_device([("logprobs", logprobs), ("values", values)])
+    _same_dtype([("logprobs", logprobs), ("values", values)])
+    _number("gamma", gamma, low=0.0, high=1.0)
+    _number("lam", lam, low=0.0, high=1.0)
+    if not isinstance(whiten, bool):
+        raise ValueError(f"whiten must be True or False, got {whiten!r}")
+
+
+def ppo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    values,
+    old_values,
+    returns,
+    mask,
+    *,
+    entropy=None,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    value_clip=0.2,
+    vf_coef=0.5,
+    ent_coef=0.0,
+    agg="token-mean",
+    is_weights=None,
+) -> None:
+    _loss_common(
+        [
+            ("logprobs", logprobs),
+            ("old_logprobs", old_logprobs),
+            ("advantages", advantages),
+            ("values", values),
+            ("old_values", old_values),
+            ("returns", returns),
+            ("entropy", entropy),
+            ("is_weights", is_weights),
+        ],
+        mask,
+        agg,
+    )
+    _number("clip_low", clip_low, low=0.0, high=1.0)
+    _number("clip_high", clip_high, low=0.0, allow_none=True)
+    _number("dual_clip", dual_clip, low=1.0, low_open=True, allow_none=True)
+    _number("value_clip", value_clip, low=0.0, allow_none=True)
+    _number("vf_coef", vf_coef)
+    _number("ent_coef", ent_coef)

@@ -1,0 +1,179 @@
+"""The public, dispatching ops: ``fastppo.<op>``.
+
+Each op validates its inputs once (``fastppo._checks``), then runs the Triton kernel or the
+PyTorch reference as ``fastppo._dispatch`` decides. Signatures, dtypes and numbers are those of
+``fastppo.reference``, whose docstrings carry the formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference
+from ._dispatch import pick
+
+
+def _doc(op):
+    """Reuse the reference's docstring: both must describe the very same numbers."""
+
+    def wrap(fn):
+        fn.__doc__ = getattr(reference, op).__doc__
+        return fn
+
+    return wrap
+
+
+@_doc("logprobs_from_logits")
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: torch.Tensor | None = None,
+):
+    _checks.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy, mask=mask)
+    impl = pick("logprobs_from_logits", logits.device)
+    return impl(logits, labels, temperature=temperature, return_entropy=return_entropy, mask=mask)
+
+
+@_doc("entropy_from_logits")
+def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    _checks.entropy_from_logits(logits, temperature=temperature)
+    return pick("entropy_from_logits", logits.device)(logits, temperature=temperature)
+
+
+@_doc("kl_penalty")
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", *, clamp: float | None = None
+) -> torch.Tensor:
+    _checks.kl_penalty(logprobs, ref_logprobs, estimator, clamp=clamp)
+    return pick("kl_penalty", logprobs.device)(logprobs, ref_logprobs, estimator, clamp=clamp)
+
+
+@_doc("shape_rewards")
+def shape_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float,
+    estimator: str = "k1",
+):
+    _checks.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
+    impl = pick("shape_rewards", logprobs.device)
+    return impl(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
+
+
+@_doc("gae")
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = False,
+):
+    _checks.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
+    return pick("gae", rewards.device)(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
+
+
+@_doc("masked_whiten")
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    _checks.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    return pick("masked_whiten", x.device)(x, mask, shift_mean=shift_mean, eps=eps)
+
+
+@_doc("aggregate")
+def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    _checks.aggregate(loss_mat, mask, agg)
+    return pick("aggregate", loss_mat.device)(loss_mat, mask, agg)
+
+
+@_doc("policy_loss")
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+):
+    kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights)
+    _checks.policy_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
+    return pick("policy_loss", logprobs.device)(logprobs, old_logprobs, advantages, mask, **kwargs)
+
+
+@_doc("value_loss")
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float | None = 0.2,
+    agg: str = "token-mean",
+):
+    _checks.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
+    return pick("value_loss", values.device)(values, old_values, returns, mask, clip=clip, agg=agg)
+
+
+@_doc("compute_advantages")
+def compute_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float,
+    estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+):
+    kwargs = dict(kl_coef=kl_coef, estimator=estimator, gamma=gamma, lam=lam, whiten=whiten)
+    _checks.compute_advantages(scores, logprobs, ref_logprobs, values, mask, **kwargs)
+    return pick("compute_advantages", logprobs.device)(scores, logprobs, ref_logprobs, values, mask, **kwargs)
+
+
+@_doc("ppo_loss")
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    entropy: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    value_clip: float | None = 0.2,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+    agg: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+):
+    kwargs = dict(
+        entropy=entropy,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        value_clip=value_clip,
+        vf_coef=vf_coef,
+        ent_coef=ent_coef,
+        agg=agg,
+        is_weights=is_weights,
+    )
+    _checks.ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, **kwargs)
+    impl = pick("ppo_loss", logprobs.device)
+    return impl(logprobs, old_logprobs, advantages, values, old_values, returns, mask, **kwargs)

@@ -1,0 +1,509 @@
+"""Plain-PyTorch references of every fastppo op: the ground truth the kernels are held to.
+
+Readable first, fast second. Each function validates its inputs (the same checks the
+dispatching ``fastppo.<op>`` runs) and then computes the contract of ``DESIGN.md`` in the most
+direct way. The unvalidated body is reachable as ``fastppo.reference.<op>.raw``; the
+dispatcher calls that after its own single validation.
+
+Dtypes: inputs may be float32, bfloat16 or float16 and every floating output is float32.
+float64 inputs are accepted too and computed and returned in float64, so that tests can take
+the ground truth in float64 from the very same code.
+
+Notation: token tensors are ``[B, T]`` over response positions and ``mask`` is 1 (or True)
+where the token is a real response token.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _checks
+
+__all__ = [
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "kl_penalty",
+    "shape_rewards",
+    "gae",
+    "masked_whiten",
+    "policy_loss",
+    "value_loss",
+    "aggregate",
+    "compute_advantages",
+    "ppo_loss",
+    "compute_dtype",
+]
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the contract's output dtype)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _validated(check):
+    """Run ``check`` with the op's arguments, then the op; keep the bare op as ``.raw``."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            check(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        op.raw = fn
+        return op
+
+    return wrap
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# --------------------------------------------------------------------------------------------
+
+
+def _row_logprob_entropy(z: torch.Tensor, labels: torch.Tensor):
+    """z: [N, V] scaled logits in the compute dtype; returns ([N] log-prob, [N] entropy)."""
+    lse = torch.logsumexp(z, dim=-1)
+    logprobs = torch.gather(z, -1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
+    p = torch.exp(z - lse.unsqueeze(-1))
+    # H = lse - sum_v p_v z_v. A -inf logit has p = 0 and contributes nothing; zeroing it first
+    # keeps 0 * -inf from turning into NaN in the forward and in the backward.
+    z_finite = z.masked_fill(torch.isneginf(z), 0.0)
+    entropy = lse - (p * z_finite).sum(-1)
+    return logprobs, entropy
+
+
+@_validated(_checks.logprobs_from_logits)
+def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=False, mask=None):
+    """Per-token log-probability of ``labels`` under ``softmax(logits / temperature)``.
+
+    logprob[t] = z[t, labels[t]] - log(sum_v exp(z[t, v])),   z = logits / temperature
+    entropy[t] = -sum_v p[t, v] log p[t, v]                   p = softmax(z[t])
+
+    Args:
+        logits: ``[B, T, V]`` or ``[N, V]``, float32 / bfloat16 / float16.
+        labels: integer tensor of shape ``logits.shape[:-1]``; already aligned with the logits
+            (the logits at position t score ``labels[t]``). Values at masked positions are ignored.
+        temperature: > 0; the logits are divided by it.
+        return_entropy: also return the entropy.
+        mask: optional bool or 0/1 tensor of the shape of ``labels``; masked positions give 0
+            (and 0 gradient) whatever their logits rows hold (the kernels do not even read them).
+
+    Returns:
+        float32 log-probs of the shape of ``labels``, or ``(logprobs, entropy)``.
+    """
+    dtype = compute_dtype(logits)
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1)
+    if mask is not None:
+        # Masked rows may hold garbage (even NaN); replace them before any arithmetic so that
+        # neither the outputs nor the gradients can see it, then zero their outputs.
+        valid = mask.reshape(-1, 1).bool()
+        flat_logits = torch.where(valid, flat_logits, 0.0)
+        flat_labels = torch.where(valid.squeeze(1), flat_labels, 0)
+    z = flat_logits.to(dtype) / temperature
+    lp, ent = _row_logprob_entropy(z, flat_labels)
+    if mask is not None:
+        lp = torch.where(valid.squeeze(1), lp, 0.0)
+        ent = torch.where(valid.squeeze(1), ent, 0.0)
+    lp = lp.reshape(labels.shape)
+    if return_entropy:
+        return lp, ent.reshape(labels.shape)
+    return lp
+
+
+@_validated(_checks.entropy_from_logits)
+def entropy_from_logits(logits, *, temperature=1.0):
+    """Entropy of ``softmax(logits / temperature)`` over the last dimension.
+
+    H[t] = log(sum_v exp(z[t, v])) - sum_v p[t, v] z[t, v],   z = logits / temperature
+
+    Args:
+        logits: ``[B, T, V]`` or ``[N, V]``, float32 / bfloat16 / float16.
+    Returns:
+        float32 tensor of shape ``logits.shape[:-1]``.
+    """
+    dtype = compute_dtype(logits)
+    vocab = logits.shape[-1]
+    z = logits.reshape(-1, vocab).to(dtype) / temperature
+    labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    _, ent = _row_logprob_entropy(z, labels)
+    return ent.reshape(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# KL penalty and reward shaping
+# --------------------------------------------------------------------------------------------
+
+
+@_validated(_checks.kl_penalty)
+def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
+    """Per-token estimate of KL(policy || reference) from sampled-token log-probs.
+
+    With d = logprobs - ref_logprobs:
+        k1:  d
+        abs: |d|
+        k2:  0.5 * d^2
+        k3:  exp(-d) + d - 1      (= exp(r) - r - 1 with r = ref - lp; low variance, >= 0)
+
+    No clamping unless ``clamp=c`` is given, which clamps the estimate to [-c, c].
+    Returns float32 of the input shape.
+    """
+    dtype = compute_dtype(logprobs, ref_logprobs)
+    d = logprobs.to(dtype) - ref_logprobs.to(dtype)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "abs":
+        kl = d.abs()
+    elif estimator == "k2":
+        kl = 0.5 * d.square()
+    else:  # k3
+        r = -d
+        kl = torch.exp(r) - r - 1.0
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    return kl
+
+
+def last_valid_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the last valid position of every row of a ``[B, T]`` mask, and whether one exists."""
+    m = mask.bool()
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, positions, -1).amax(dim=1) if m.shape[1] > 0 else torch.full(
+        (m.shape[0],), -1, device=m.device, dtype=torch.long
+    )
+    return last.clamp(min=0), last >= 0
+
+
+@_validated(_checks.shape_rewards)
+def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1"):
+    """Token rewards: a KL penalty at every valid token plus the sequence score at the last one.
+
+    kl[b, t]      = kl_penalty(logprobs, ref_logprobs, estimator)[b, t] at valid t, else 0
+    rewards[b, t] = -kl_coef * kl[b, t]  (+ scores[b] if t is the last valid position of row b)
+
+    A row with no valid position gets no score (all zeros).
+
+    Args:
+        scores: ``[B]``, one scalar reward per sequence.
+        logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampled tokens under policy and reference.
+        mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(rewards, kl)``, both float32 ``[B, T]``.
+    """
+    m = mask.bool()
+    kl = kl_penalty.raw(logprobs, ref_logprobs, estimator)
+    kl = torch.where(m, kl, 0.0)
+    rewards = -kl_coef * kl
+    last, has_valid = last_valid_index(m)
+    bonus = torch.where(has_valid, scores.to(rewards.dtype), 0.0)
+    rewards = rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
+    return rewards, kl
+
+
+# --------------------------------------------------------------------------------------------
+# GAE and whitening
+# --------------------------------------------------------------------------------------------
+
+
+@_validated(_checks.masked_whiten)
+def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
+    """Whiten ``x`` with the mean and unbiased variance of its valid positions.
+
+    n    = sum(mask)
+    mean = sum(x * mask) / n
+    var  = sum((x - mean)^2 * mask) / (n - 1)                 (Bessel's correction)
+    out  = (x - mean) * rsqrt(var + eps)   at every position    (+ mean if not shift_mean)
+
+    With n < 2 there is no variance: the result is x - mean unscaled (x itself with
+    ``shift_mean=False``), and with n = 0 it is 0 everywhere. Never NaN or inf.
+    Returns float32 of the shape of ``x``.
+    """
+    dtype = compute_dtype(x)
+    xf = x.to(dtype)
+    m = mask.to(dtype)
+    n = m.sum()
+    # Written without .item(): whitening sits on the hot path and must not wait for the host.
+    mean = (xf * m).sum() / n.clamp(min=1)
+    centered = xf - mean
+    var = (centered.square() * m).sum() / (n - 1).clamp(min=1)
+    scale = torch.where(n >= 2, torch.rsqrt(var + eps), 1.0)
+    out = centered * scale
+    if not shift_mean:
+        out = out + mean
+    return torch.where(n > 0, out, 0.0)
+    return out
+
+
+@_validated(_checks.gae)
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
+    """Generalised advantage estimation by a reverse scan over the valid positions.
+
+    Walking t = T-1 ... 0 and visiting valid positions only (masked positions are skipped, and
+    the next value and running advantage carry across a masked gap):
+
+        delta[t] = rewards[t] + gamma * V(next valid) - values[t]    (V(next valid) = 0 at the end)
+        A[t]     = delta[t] + gamma * lam * A(next valid)            (A(next valid) = 0 at the end)
+        R[t]     = A[t] + values[t]
+
+    Worked example (gamma = lam = 1): the critic predicts V(S3) = 1.2 at the last token and the
+    final reward is 2, so A3 = 2 + 0 - 1.2 = 0.8 and R3 = 2.
+
+    With ``whiten=True`` the advantages are whitened as ``masked_whiten`` does (returns are not).
+    Masked positions of both outputs are 0.
+
+    Args:
+        rewards, values: ``[B, T]`` float.
+        mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(advantages, returns)``, both float32 ``[B, T]``.
+    """
+    dtype = compute_dtype(rewards, values)
+    m = mask.bool()
+    r = rewards.to(dtype)
+    v = values.to(dtype)
+    B, T = r.shape
+    advantages = torch.zeros(B, T, dtype=dtype, device=r.device)
+    next_value = torch.zeros(B, dtype=dtype, device=r.device)
+    next_adv = torch.zeros(B, dtype=dtype, device=r.device)
+    for t in reversed(range(T)):
+        valid = m[:, t]
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(valid, adv, 0.0)
+        next_value = torch.where(valid, v[:, t], next_value)
+        next_adv = torch.where(valid, adv, next_adv)
+    returns = torch.where(m, advantages + v, 0.0)
+    if whiten:
+        advantages = torch.where(m, masked_whiten.raw(advantages, m), 0.0)
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+@_validated(_checks.aggregate)
+def aggregate(loss_mat, mask, agg="token-mean"):
+    """Reduce a ``[B, T]`` per-token loss to a scalar over the valid tokens (verl 0.9's modes).
+
+    token-mean:              sum(L * m) / sum(m)
+    token-sum:               sum(L * m)
+    seq-mean-token-mean:     mean over rows with a valid token of  sum_t(L * m) / sum_t(m)
+    seq-mean-token-sum:      mean over rows with a valid token of  sum_t(L * m)
+    seq-mean-token-sum-norm: seq-mean-token-sum / T
+
+    An empty mask gives 0, not NaN. Returns a 0-d float32 tensor.
+    """
+    dtype = compute_dtype(loss_mat)
+    m = mask.to(dtype)
+    # where(), not multiplication: a masked position may hold inf or NaN and must not leak.
+    masked = torch.where(mask.bool(), loss_mat.to(dtype), 0.0)
+    if agg == "token-mean":
+        return masked.sum() / m.sum().clamp(min=1)
+    if agg == "token-sum":
+        return masked.sum()
+    row_count = m.sum(dim=1)
+    row_sum = masked.sum(dim=1)
+    has_tokens = row_count > 0
+    n_rows = has_tokens.to(dtype).sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        per_row = torch.where(has_tokens, row_sum / row_count.clamp(min=1), 0.0)
+        return per_row.sum() / n_rows
+    seq_mean_token_sum = row_sum.sum() / n_rows
+    if agg == "seq-mean-token-sum":
+        return seq_mean_token_sum
+    return seq_mean_token_sum / loss_mat.shape[1]  # seq-mean-token-sum-norm
+
+
+def _masked_fraction(flags: torch.Tensor, mask: torch.Tensor, dtype) -> torch.Tensor:
+    m = mask.bool()
+    return (flags & m).to(dtype).sum() / m.to(dtype).sum().clamp(min=1)
+
+
+@_validated(_checks.policy_loss)
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    is_weights=None,
+):
+    """PPO clipped surrogate objective (verl's "vanilla" policy loss).
+
+    log_ratio = clamp(logprobs - old_logprobs, -20, 20),  ratio = exp(log_ratio)
+    L[t]      = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))
+    dual clip (c > 1), tokens with A < 0:   L[t] = min(L[t], -A * c)
+    L[t]     *= is_weights[t]   (when given)
+    loss      = aggregate(L, mask, agg)
+
+    clip_high defaults to clip_low. Statistics (0-d tensors, fractions of valid tokens):
+        clipfrac:       the clipped term is strictly larger than the unclipped one
+        clipfrac_lower: A < 0 and the dual-clip bound -A * c is strictly smaller (0 without dual clip)
+        approx_kl:      masked mean of -log_ratio
+
+    Args:
+        logprobs: ``[B, T]`` current log-probs (differentiable).
+        old_logprobs, advantages: ``[B, T]``; is_weights: optional ``[B, T]``.
+        mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss and a dict of detached 0-d float32 statistics.
+    """
+    dtype = compute_dtype(logprobs, old_logprobs, advantages, is_weights)
+    if clip_high is None:
+        clip_high = clip_low
+    lp = logprobs.to(dtype)
+    adv = advantages.to(dtype)
+    log_ratio = torch.clamp(lp - old_logprobs.to(dtype), -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    clipfrac = _masked_fraction(clipped > unclipped, mask, dtype)
+    if dual_clip is not None:
+        lower_bound = -adv * dual_clip
+        negative = adv < 0
+        clipfrac_lower = _masked_fraction((per_token > lower_bound) & negative, mask, dtype)
+        per_token = torch.where(negative, torch.minimum(per_token, lower_bound), per_token)
+    else:
+        clipfrac_lower = torch.zeros((), dtype=dtype, device=lp.device)
+    if is_weights is not None:
+        per_token = per_token * is_weights.to(dtype)
+    loss = aggregate.raw(per_token, mask, agg)
+    approx_kl = aggregate.raw(-log_ratio.detach(), mask, "token-mean")
+    stats = {
+        "clipfrac": clipfrac.detach(),
+        "clipfrac_lower": clipfrac_lower.detach(),
+        "approx_kl": approx_kl,
+    }
+    return loss, stats
+
+
+@_validated(_checks.value_loss)
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean"):
+    """Clipped value loss.
+
+    v_clipped = old_values + clamp(values - old_values, -clip, clip)
+    L[t]      = max((values - returns)^2, (v_clipped - returns)^2)       ((values - returns)^2 if clip is None)
+    loss      = 0.5 * aggregate(L, mask, agg)
+
+    Statistics: ``clipfrac``, the fraction of valid tokens where the clipped error is strictly
+    larger than the unclipped one (0 without clipping).
+
+    Args:
+        values: ``[B, T]`` current value predictions (differentiable).
+        old_values, returns: ``[B, T]``; mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss and ``{"clipfrac": 0-d tensor}``.
+    """
+    dtype = compute_dtype(values, old_values, returns)
+    v = values.to(dtype)
+    R = returns.to(dtype)
+    unclipped = (v - R).square()
+    if clip is None:
+        per_token = unclipped
+        clipfrac = torch.zeros((), dtype=dtype, device=v.device)
+    else:
+        old = old_values.to(dtype)
+        v_clipped = old + torch.clamp(v - old, -clip, clip)
+        clipped = (v_clipped - R).square()
+        per_token = torch.maximum(unclipped, clipped)
+        clipfrac = _masked_fraction(clipped > unclipped, mask, dtype)
+    loss = 0.5 * aggregate.raw(per_token, mask, agg)
+    return loss, {"clipfrac": clipfrac.detach()}
+
+
+# --------------------------------------------------------------------------------------------
+# Composite ops: the whole advantage pass and the whole PPO objective
+# --------------------------------------------------------------------------------------------
+
+
+@_validated(_checks.compute_advantages)
+def compute_advantages(
+    scores, logprobs, ref_logprobs, values, mask, *, kl_coef, estimator="k1", gamma=1.0, lam=0.95, whiten=True
+):
+    """KL-shaped rewards, GAE and (optionally) whitening in one call.
+
+    rewards, kl         = shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+    advantages, returns = gae(rewards, values, mask, gamma, lam, whiten)
+
+    Args:
+        scores: ``[B]``; logprobs, ref_logprobs, values: ``[B, T]``; mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(advantages, returns, rewards, kl)``, all float32 ``[B, T]``, 0 at masked positions.
+    """
+    rewards, kl = shape_rewards.raw(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
+    advantages, returns = gae.raw(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
+    return advantages, returns, rewards, kl
+
+
+@_validated(_checks.ppo_loss)
+def ppo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    values,
+    old_values,
+    returns,
+    mask,
+    *,
+    entropy=None,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    value_clip=0.2,
+    vf_coef=0.5,
+    ent_coef=0.0,
+    agg="token-mean",
+    is_weights=None,
+):
+    """The whole PPO objective: clipped policy loss + value loss - entropy bonus.
+
+    loss = policy_loss(...) + vf_coef * value_loss(..., clip=value_clip) - ent_coef * aggregate(entropy, mask, agg)
+
+    The entropy term is left out when ``entropy`` is None. Differentiable in ``logprobs``,
+    ``values`` and ``entropy``.
+
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss; stats (detached 0-d tensors) ``policy_loss``,
+        ``value_loss``, ``entropy`` (0 without entropy), ``clipfrac``, ``clipfrac_lower``,
+        ``approx_kl``, ``value_clipfrac``.
+    """
+    pg_loss, pg_stats = policy_loss.raw(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
+        is_weights=is_weights,
+    )
+    vf_loss, vf_stats = value_loss.raw(values, old_values, returns, mask, clip=value_clip, agg=agg)
+    loss = pg_loss + vf_coef * vf_loss
+    if entropy is not None:
+        ent = aggregate.raw(entropy, mask, agg)
+        loss = loss - ent_coef * ent
+    else:
+        ent = torch.zeros_like(pg_loss)
+    stats = {
+        "policy_loss": pg_loss.detach(),
+        "value_loss": vf_loss.detach(),
+        "entropy": ent.detach(),
+        "clipfrac": pg_stats["clipfrac"],
+        "clipfrac_lower": pg_stats["clipfrac_lower"],
+        "approx_kl": pg_stats["approx_kl"],
+        "value_clipfrac": vf_stats["clipfrac"],
+    }
+    return loss, stats

@@ -1,0 +1,14 @@
+"""Triton kernels of fastppo, installed as ``fastppo.kernels``.
+
+One kernel family per file. Each file is laid out top to bottom as: the ``@triton.jit``
+kernels, the Python launchers that check inputs and pick block sizes, and the
+``torch.autograd.Function`` that ties forward and backward together.
+
+``KERNEL_OPS`` maps a public op name to ``"module:function"`` inside this package. The
+dispatcher (``fastppo._dispatch``) reads it without importing triton; a kernel module is only
+imported the first time its op runs on the Triton backend, so that ``TRITON_INTERPRET`` can
+still be set after ``import fastppo``. A kernel function takes exactly the op's public
+arguments, already validated.
+"""
+
+KERNEL_OPS: dict[str, str] = {}
