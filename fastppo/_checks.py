@@ -125,7 +125,9 @@ def value_checks_enabled() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=False, mask=None) -> None:
+def logprobs_from_logits(
+    logits, labels, *, temperature=1.0, return_entropy=False, mask=None, inplace_backward=False
+) -> None:
     _float_tensor("logits", logits)
     _is_tensor("labels", labels)
     if logits.dim() not in (2, 3):
@@ -144,6 +146,8 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=Fals
         _mask("mask", mask, labels, "labels")
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be True or False, got {return_entropy!r}")
+    if not isinstance(inplace_backward, bool):
+        raise ValueError(f"inplace_backward must be True or False, got {inplace_backward!r}")
     _number("temperature", temperature, low=0.0, low_open=True)
     if value_checks_enabled() and labels.numel() > 0:
         valid = labels if mask is None else labels[mask.bool()]
@@ -157,13 +161,15 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=Fals
                 )
 
 
-def entropy_from_logits(logits, *, temperature=1.0) -> None:
+def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False) -> None:
     _float_tensor("logits", logits)
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [B, T, V] or [N, V], got shape {_shape(logits)}")
     if logits.shape[-1] < 1:
         raise ValueError(f"logits must have a vocabulary dimension V >= 1, got shape {_shape(logits)}")
     _number("temperature", temperature, low=0.0, low_open=True)
+    if not isinstance(inplace_backward, bool):
+        raise ValueError(f"inplace_backward must be True or False, got {inplace_backward!r}")
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None) -> None:

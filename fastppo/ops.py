@@ -31,16 +31,20 @@ def logprobs_from_logits(
     temperature: float = 1.0,
     return_entropy: bool = False,
     mask: torch.Tensor | None = None,
+    inplace_backward: bool = False,
 ):
-    _checks.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy, mask=mask)
-    impl = pick("logprobs_from_logits", logits.device)
-    return impl(logits, labels, temperature=temperature, return_entropy=return_entropy, mask=mask)
+    kwargs = dict(temperature=temperature, return_entropy=return_entropy, mask=mask, inplace_backward=inplace_backward)
+    _checks.logprobs_from_logits(logits, labels, **kwargs)
+    return pick("logprobs_from_logits", logits.device)(logits, labels, **kwargs)
 
 
 @_doc("entropy_from_logits")
-def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    _checks.entropy_from_logits(logits, temperature=temperature)
-    return pick("entropy_from_logits", logits.device)(logits, temperature=temperature)
+def entropy_from_logits(
+    logits: torch.Tensor, *, temperature: float = 1.0, inplace_backward: bool = False
+) -> torch.Tensor:
+    _checks.entropy_from_logits(logits, temperature=temperature, inplace_backward=inplace_backward)
+    impl = pick("entropy_from_logits", logits.device)
+    return impl(logits, temperature=temperature, inplace_backward=inplace_backward)
 
 
 @_doc("kl_penalty")

@@ -77,7 +77,9 @@ def _row_logprob_entropy(z: torch.Tensor, labels: torch.Tensor):
 
 
 @_validated(_checks.logprobs_from_logits)
-def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=False, mask=None):
+def logprobs_from_logits(
+    logits, labels, *, temperature=1.0, return_entropy=False, mask=None, inplace_backward=False
+):
     """Per-token log-probability of ``labels`` under ``softmax(logits / temperature)``.
 
     logprob[t] = z[t, labels[t]] - log(sum_v exp(z[t, v])),   z = logits / temperature
@@ -91,6 +93,9 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=Fals
         return_entropy: also return the entropy.
         mask: optional bool or 0/1 tensor of the shape of ``labels``; masked positions give 0
             (and 0 gradient) whatever their logits rows hold (the kernels do not even read them).
+        inplace_backward: the kernels may write the gradient of the logits into the logits'
+            own storage (saving one logits-sized buffer; the logits are garbage afterwards, so
+            only for callers that no longer need them). The reference ignores it.
 
     Returns:
         float32 log-probs of the shape of ``labels``, or ``(logprobs, entropy)``.
@@ -117,13 +122,14 @@ def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=Fals
 
 
 @_validated(_checks.entropy_from_logits)
-def entropy_from_logits(logits, *, temperature=1.0):
+def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False):
     """Entropy of ``softmax(logits / temperature)`` over the last dimension.
 
     H[t] = log(sum_v exp(z[t, v])) - sum_v p[t, v] z[t, v],   z = logits / temperature
 
     Args:
         logits: ``[B, T, V]`` or ``[N, V]``, float32 / bfloat16 / float16.
+        inplace_backward: as for ``logprobs_from_logits``; the reference ignores it.
     Returns:
         float32 tensor of shape ``logits.shape[:-1]``.
     """
