@@ -231,12 +231,13 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     """
     dtype = compute_dtype(x)
     xf = x.to(dtype)
-    m = mask.to(dtype)
-    n = m.sum()
+    valid = mask.bool()
+    n = valid.to(dtype).sum()
     # Written without .item(): whitening sits on the hot path and must not wait for the host.
-    mean = (xf * m).sum() / n.clamp(min=1)
+    # where(), not x * mask: an inf at a masked position would turn the sums into NaN.
+    mean = torch.where(valid, xf, 0.0).sum() / n.clamp(min=1)
     centered = xf - mean
-    var = (centered.square() * m).sum() / (n - 1).clamp(min=1)
+    var = torch.where(valid, centered.square(), 0.0).sum() / (n - 1).clamp(min=1)
     scale = torch.where(n >= 2, torch.rsqrt(var + eps), 1.0)
     out = centered * scale
     if not shift_mean:

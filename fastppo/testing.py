@@ -8,9 +8,12 @@ import torch
 # same (already rounded) inputs. Kernels accumulate in float32 whatever the input dtype, so the
 # error is float32 rounding grown by the reduction; bf16/fp16 inputs add the rounding of any
 # output stored in the input dtype (the gradient of the logits).
+# float32 gradients get 1e-4: the entropy gradient -p (log p + H) / T is a difference of terms of
+# the size of the scaled logits (|z| ~ 20 at temperature 0.7), so any float32 implementation,
+# PyTorch's autograd included, loses a few 1e-5 to cancellation there.
 TOL = {
     torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
+    torch.float32: (1e-4, 1e-4),
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (5e-3, 5e-3),
 }

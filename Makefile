@@ -1,0 +1,39 @@
+# Two commands: `make run` (the main job on its built-in default) and `make test`.
+# Both set up .venv themselves on a fresh clone: the pinned CPU build of torch where there is no
+# NVIDIA GPU (an unpinned torch would pull several GB of CUDA packages), then fastppo and its test
+# extras in editable mode.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CPU_TORCH := torch==2.13.0
+
+.PHONY: run test verify bench setup clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q torch; \
+	else \
+		$(BIN)/python -m pip install -q $(CPU_TORCH); \
+	fi
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/fastppo verify
+
+test: setup
+	$(BIN)/pytest -q tests
+
+verify: setup
+	$(BIN)/fastppo verify
+
+bench: setup
+	$(BIN)/fastppo bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

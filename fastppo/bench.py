@@ -1,0 +1,420 @@
+"""``fastppo bench``: every op against the references, the peers and the hardware limit.
+
+For each op, shape and implementation the table gives the median time, the achieved bandwidth
+(the op's byte floor over the time), the percent of the roofline (that bandwidth over the copy
+bandwidth measured on the same device in the same run), the peak memory above the inputs and the
+speed-up over the plain PyTorch reference.
+
+The byte floor of an op is what it must move at the least: every input read once, every output
+written once (forward), plus the re-read of the inputs and the write of the gradients for the
+backward pass. It is stated per case in ``BenchCase.bytes_floor``; benchmarks/NOTES.md derives them.
+
+Kernel timings need a GPU: on a CPU-only machine the command times the references (and CPU
+peers) on small shapes and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import _dispatch, reference
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass
+class BenchCase:
+    op: str  # public op name
+    mode: str  # "fwd" or "fwd+bwd"
+    shape: str
+    dtype: torch.dtype
+    make: Callable[[str], tuple[tuple, dict, list]]  # device -> (args, kwargs, leaves needing grad)
+    bytes_floor: float
+    impls: tuple[str, ...] = ("torch", "torch.compile", "triton")
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    mode: str
+    shape: str
+    dtype: str
+    impl: str
+    median_ms: float | None
+    gbps: float | None
+    pct_roofline: float | None
+    peak_mem_mb: float | None
+    speedup_vs_torch: float | None
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _logprob_case(N: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        logits = (torch.randn(N, V, device=device, generator=gen, dtype=torch.float32) * 2).to(dtype)
+        labels = torch.randint(0, V, (N,), device=device, generator=gen)
+        leaves = [logits.requires_grad_()] if mode == "fwd+bwd" else []
+        return (logits, labels), {"return_entropy": True}, leaves
+
+    logits_bytes = N * V * _esize(dtype)
+    # fwd: one read of the logits (+ labels, 2 float32 outputs); fwd+bwd adds a read and a write of the logits.
+    floor = logits_bytes + N * (8 + 8) + (2 * logits_bytes if mode == "fwd+bwd" else 0)
+    return BenchCase("logprobs_from_logits", mode, f"N={N} V={V}", dtype, make, floor,
+                     impls=("torch", "torch.compile", "triton", "row-loop", "trl", "liger"))
+
+
+def _advantage_case(op: str, B: int, T: int) -> BenchCase:
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = lambda: torch.randn(B, T, device=device, generator=gen)  # noqa: E731
+        lengths = torch.randint(1, T + 1, (B, 1), device=device, generator=gen)
+        mask = torch.arange(T, device=device)[None, :] < lengths
+        if op == "gae":
+            return (x(), x(), mask), {"gamma": 1.0, "lam": 0.95}, []
+        scores = torch.randn(B, device=device, generator=gen)
+        return (scores, x(), x(), x(), mask), {"kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "whiten": True}, []
+
+    tokens = B * T
+    # gae: read rewards, values (fp32) and mask (bool), write advantages and returns.
+    # compute_advantages: read logprobs, ref_logprobs, values and mask, write advantages, returns, rewards, kl.
+    floor = tokens * (4 * 2 + 1 + 4 * 2) if op == "gae" else tokens * (4 * 3 + 1 + 4 * 4) + B * 4
+    return BenchCase(op, "fwd", f"B={B} T={T}", torch.float32, make, floor,
+                     impls=("torch", "torch.compile", "triton", "torch-vectorized"))
+
+
+def _loss_case(tokens: int, dtype: torch.dtype) -> BenchCase:
+    B = max(1, tokens // 1024)
+    T = tokens // B
+
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = lambda: torch.randn(B, T, device=device, generator=gen).to(dtype)  # noqa: E731
+        old = x()
+        lp = (old.float() + 0.2 * torch.randn(B, T, device=device, generator=gen)).to(dtype).requires_grad_()
+        old_v = x()
+        v = (old_v.float() + 0.2 * torch.randn(B, T, device=device, generator=gen)).to(dtype).requires_grad_()
+        ent = torch.rand(B, T, device=device, generator=gen).to(dtype).requires_grad_()
+        mask = torch.rand(B, T, device=device, generator=gen) < 0.9
+        args = (lp, old, x(), v, old_v, x(), mask)
+        return args, {"entropy": ent, "dual_clip": 3.0, "ent_coef": 0.01}, [lp, v, ent]
+
+    e = _esize(dtype)
+    # forward reads 7 token tensors (mask 1 byte); backward re-reads them and writes 3 gradients.
+    fwd = tokens * (7 * e + 1)
+    floor = fwd + fwd + tokens * 3 * e
+    return BenchCase("ppo_loss", "fwd+bwd", f"B*T={tokens}", dtype, make, floor)
+
+
+def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
+    if on_gpu:
+        Ns, Vs, dtypes = (4096, 16384), (32000, 128256, 151936), (torch.bfloat16, torch.float32)
+        adv_shapes = ((8, 32768), (512, 4096), (2048, 2048), (8192, 1024))
+        loss_tokens = (65536, 2097152)
+    else:
+        Ns, Vs, dtypes = (256,), (32000,), (torch.float32,)
+        adv_shapes = ((64, 512),)
+        loss_tokens = (65536,)
+    if quick:
+        Ns, Vs, dtypes, adv_shapes, loss_tokens = Ns[:1], Vs[:1], dtypes[:1], adv_shapes[:1], loss_tokens[:1]
+    cases = []
+    for dtype in dtypes:
+        for N in Ns:
+            for V in Vs:
+                for mode in ("fwd", "fwd+bwd"):
+                    cases.append(_logprob_case(N, V, dtype, mode))
+    for B, T in adv_shapes:
+        cases.append(_advantage_case("compute_advantages", B, T))
+        cases.append(_advantage_case("gae", B, T))
+    for tokens in loss_tokens:
+        for dtype in (torch.float32, torch.bfloat16) if on_gpu else (torch.float32,):
+            cases.append(_loss_case(tokens, dtype))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------
+
+
+def _vectorized_gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
+    """GAE as a masked matrix product: what people write to avoid the Python loop over T.
+
+    Valid only for right-padded masks (no gaps), like most vectorised versions in the wild;
+    the benchmark masks are right-padded. O(T^2) memory per row block.
+    """
+    m = mask.float()
+    v = values * m
+    next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
+    delta = (rewards + gamma * next_v - v) * m
+    T = rewards.shape[1]
+    idx = torch.arange(T, device=rewards.device)
+    power = (idx[None, :] - idx[:, None]).clamp(min=0).float()
+    discount = torch.where(idx[None, :] >= idx[:, None], (gamma * lam) ** power, 0.0)
+    adv = (delta @ discount.T) * m
+    returns = adv + v
+    if whiten:
+        adv = reference.masked_whiten.raw(adv, mask) * m
+    return adv, returns
+
+
+def _vectorized_advantages(scores, logprobs, ref_logprobs, values, mask, **kw):
+    rewards, kl = reference.shape_rewards.raw(scores, logprobs, ref_logprobs, mask, kl_coef=kw["kl_coef"])
+    adv, ret = _vectorized_gae(rewards, values, mask, gamma=kw["gamma"], lam=kw["lam"], whiten=kw["whiten"])
+    return adv, ret, rewards, kl
+
+
+def _row_loop_logprobs(logits, labels, *, return_entropy=False, **_):
+    """One row at a time: the memory-frugal loop people write when the full log_softmax OOMs."""
+    lps, ents = [], []
+    for row, label in zip(logits, labels):
+        logp = torch.log_softmax(row.float(), dim=-1)
+        lps.append(logp[label])
+        ents.append(-(logp.exp() * logp).sum())
+    return torch.stack(lps), torch.stack(ents)
+
+
+def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:
+    """(function with the op's signature, or None) and a note saying why not."""
+    if impl == "row-loop":
+        return _row_loop_logprobs, ""
+    if impl == "torch-vectorized":
+        if case.op == "gae":
+            return _vectorized_gae, ""
+        return _vectorized_advantages, ""
+    if impl == "trl":
+        try:
+            from trl.trainer.utils import entropy_from_logits as trl_entropy
+            from trl.trainer.utils import selective_log_softmax
+        except Exception:
+            return None, "trl not installed (pip install fastppo[bench])"
+
+        def trl_fn(logits, labels, **_):
+            return selective_log_softmax(logits, labels), trl_entropy(logits)
+
+        return trl_fn, ""
+    if impl == "liger":
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+        except Exception:
+            return None, "liger-kernel not installed (pip install fastppo[bench])"
+
+        def liger_fn(logits, labels, **_):
+            # Liger's fused cross entropy gives -mean log-prob; per-token losses with reduction="none".
+            return -liger_cross_entropy(logits, labels, reduction="none")
+
+        return liger_fn, "log-prob only (no entropy)"
+    raise KeyError(impl)
+
+
+def _implementation(case: BenchCase, impl: str, on_gpu: bool) -> tuple[Callable | None, str]:
+    import fastppo
+
+    if impl == "torch":
+        return getattr(reference, case.op).raw, ""
+    if impl == "torch.compile":
+        if not on_gpu:
+            return None, "GPU only"
+        return torch.compile(getattr(reference, case.op).raw, dynamic=False), ""
+    if impl == "triton":
+        if not on_gpu:
+            return None, "kernel timings need a GPU"
+        if not _dispatch.has_kernel(case.op):
+            return None, "no kernel yet"
+        op = getattr(fastppo, case.op)
+
+        def kernel(*args, **kwargs):
+            with fastppo.use_backend("triton"):
+                return op(*args, **kwargs)
+
+        return kernel, ""
+    fn, note = _peer(case, impl)
+    if fn is not None and impl in ("trl", "liger") and not on_gpu:
+        return None, "GPU only"
+    return fn, note
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def _step(fn, args, kwargs, leaves, mode):
+    def run():
+        out = fn(*args, **kwargs)
+        if mode == "fwd+bwd":
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor) and o.requires_grad]
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            for leaf in leaves:
+                leaf.grad = None
+        return out
+
+    return run
+
+
+def _time(run, on_gpu: bool, reps: int) -> float:
+    """Median milliseconds of ``run``."""
+    if on_gpu:
+        import triton.testing
+
+        return float(triton.testing.do_bench(run, warmup=10, rep=max(reps, 20), return_mode="median"))
+    run()  # warm up
+    times = []
+    for _ in range(max(reps, 3)):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure_bandwidth(on_gpu: bool) -> float:
+    """Achieved copy bandwidth in bytes/s on this device (read + write counted)."""
+    device = "cuda" if on_gpu else "cpu"
+    n = (1 * GiB if on_gpu else 128 * 1024**2) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = _time(lambda: dst.copy_(src), on_gpu, reps=20)
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def run_case(case: BenchCase, impl: str, on_gpu: bool, bandwidth: float, reps: int) -> Result:
+    device = "cuda" if on_gpu else "cpu"
+    dtype_name = str(case.dtype).replace("torch.", "")
+    fn, note = _implementation(case, impl, on_gpu)
+    if fn is None:
+        return Result(case.op, case.mode, case.shape, dtype_name, impl, None, None, None, None, None, note)
+    if case.mode == "fwd+bwd" and impl == "torch-vectorized":
+        return Result(case.op, case.mode, case.shape, dtype_name, impl, None, None, None, None, None, "forward only")
+    try:
+        args, kwargs, leaves = case.make(device)
+        if on_gpu:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        run = _step(fn, args, kwargs, leaves, case.mode)
+        run()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1024**2 if on_gpu else None
+        ms = _time(run, on_gpu, reps)
+    except torch.cuda.OutOfMemoryError if on_gpu else MemoryError:
+        return Result(case.op, case.mode, case.shape, dtype_name, impl, None, None, None, None, None, "out of memory")
+    except Exception as exc:  # a peer that breaks is reported, not fatal
+        return Result(case.op, case.mode, case.shape, dtype_name, impl, None, None, None, None, None, f"{type(exc).__name__}: {str(exc)[:80]}")
+    finally:
+        if on_gpu:
+            torch.cuda.empty_cache()
+    gbps = case.bytes_floor / (ms * 1e-3) / 1e9
+    return Result(case.op, case.mode, case.shape, dtype_name, impl, ms, gbps, 100 * gbps * 1e9 / bandwidth, peak, None, note)
+
+
+def _fmt(x, spec):
+    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
+    return format(x, spec) if x is not None else "-".rjust(width)
+
+
+def main(args) -> int:
+    on_gpu = torch.cuda.is_available()
+    cases = build_cases(on_gpu, args.quick)
+    if args.ops:
+        wanted = set(args.ops.split(","))
+        unknown = wanted - {c.op for c in cases}
+        if unknown:
+            print(f"error: unknown op(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        cases = [c for c in cases if c.op in wanted]
+    reps = args.reps or (100 if on_gpu else 5)
+    device_name = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    print(f"fastppo bench on {device_name}")
+    if not on_gpu:
+        print("no GPU: timing the PyTorch references on small shapes; kernel timings need a GPU")
+    bandwidth = measure_bandwidth(on_gpu)
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s (the roofline below)")
+    header = (f"{'op':<22} {'mode':<7} {'shape':<18} {'dtype':<8} {'impl':<16} {'median ms':>10} {'GB/s':>8} "
+              f"{'% roof':>7} {'peak MB':>9} {'speedup':>8}  note")
+    print(header)
+    print("-" * len(header))
+    results: list[Result] = []
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(total=sum(len(c.impls) for c in cases), desc="bench", leave=False, file=sys.stderr,
+                        disable=not sys.stderr.isatty())
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        progress = None
+    for case in cases:
+        rows = []
+        for impl in case.impls:
+            rows.append(run_case(case, impl, on_gpu, bandwidth, reps))
+            if progress:
+                progress.update()
+        base = next((r.median_ms for r in rows if r.impl == "torch"), None)
+        for r in rows:
+            if base and r.median_ms:
+                r.speedup_vs_torch = base / r.median_ms
+            if progress:
+                progress.clear()
+            print(f"{r.op:<22} {r.mode:<7} {r.shape:<18} {r.dtype:<8} {r.impl:<16} {_fmt(r.median_ms, '10.3f')} "
+                  f"{_fmt(r.gbps, '8.2f')} {_fmt(r.pct_roofline, '7.1f')} {_fmt(r.peak_mem_mb, '9.1f')} "
+                  f"{(_fmt(r.speedup_vs_torch, '7.2f') + 'x') if r.speedup_vs_torch else _fmt(None, '8')}  {r.note}", flush=True)
+        results += rows
+    if progress:
+        progress.close()
+    if args.json:
+        path = Path(args.json) if args.json != "auto" else _default_json_path(device_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "command": "fastppo bench" + (" --quick" if args.quick else ""),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "device": device_name,
+            "commit": _git_commit(),
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "copy_bandwidth_gbps": bandwidth / 1e9,
+            "results": [dataclasses.asdict(r) for r in results],
+        }
+        path.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+def _default_json_path(device_name: str) -> Path:
+    slug = "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return Path("benchmarks") / "results" / f"bench-{slug[:40]}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # pragma: no cover
+        return "not installed"
+

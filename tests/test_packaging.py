@@ -1,0 +1,53 @@
+"""A wheel built from the checkout installs fastppo.kernels and no top-level `kernels`.
+
+`kernels` is Hugging Face's package name, which transformers probes for; shadowing it would
+break transformers in every environment fastppo is installed into.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_fastppo_kernels_and_not_kernels(tmp_path):
+    src = tmp_path / "src"
+    # Build from a copy so the checkout gets no build/ or egg-info droppings.
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "benchmarks", "tests"))
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
+        capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("fastppo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("fastppo/kernels/__init__.py") for n in names)
+    assert not any(n.startswith("kernels/") for n in names), [n for n in names if n.startswith("kernels/")]
+
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True, text=True,
+    )
+    assert install.returncode == 0, install.stderr
+    assert not (site / "kernels").exists()
+
+    probe = (
+        "import importlib.util, fastppo.kernels, pathlib, sys\n"
+        "site = pathlib.Path(sys.argv[1]).resolve()\n"
+        "assert pathlib.Path(fastppo.kernels.__file__).resolve().is_relative_to(site), fastppo.kernels.__file__\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is None or not pathlib.Path(spec.origin).resolve().is_relative_to(site), spec\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    run = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
