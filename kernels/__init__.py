@@ -11,4 +11,9 @@ still be set after ``import fastppo``. A kernel function takes exactly the op's 
 arguments, already validated.
 """
 
-KERNEL_OPS: dict[str, str] = {}
+KERNEL_OPS: dict[str, str] = {
+    "policy_loss": "ppo_loss:policy_loss",
+    "value_loss": "ppo_loss:value_loss",
+    "ppo_loss": "ppo_loss:ppo_loss",
+    "aggregate": "ppo_loss:aggregate",
+}

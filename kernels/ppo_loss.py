@@ -1,0 +1,674 @@
+"""Triton kernels of the clipped PPO losses: ``policy_loss``, ``value_loss``, ``ppo_loss``, ``aggregate``.
+
+All four ops are one fused objective with some terms switched off at compile time::
+
+    loss = agg(P) + vf_coef * agg(V) + x_coef * agg(X)
+
+    P[t] = policy term (clipped surrogate, optional dual clip, optional is_weights)
+    V[t] = 0.5 * max((v - R)^2, (v_clipped - R)^2)        (the value loss's 0.5 folded in)
+    X[t] = any [B, T] tensor: the entropy (x_coef = -ent_coef) or aggregate's loss_mat (x_coef = 1)
+
+Forward: ONE launch. Every program reads a [BLOCK_R, BLOCK_T] tile of the inputs once, computes
+the per-token terms and writes its partial sums (term sums, valid count, clip counts, KL sum,
+rows with a valid token) to its own slot of a scratch table. The program that finishes last
+(an atomic ticket tells it so) folds the table in a fixed order (so the loss is bitwise
+reproducible), applies the aggregation mode and writes the 0-d loss and the statistics, plus
+the per-token gradient scale the backward needs. Nothing synchronises with the host.
+
+Backward: ONE launch that recomputes the per-token terms from the inputs (cheaper than storing
+them) and writes d logprobs, d values and d X in their inputs' dtypes.
+
+Layers, top to bottom: the ``@triton.jit`` kernels; the launchers (tiling, contiguity, scratch);
+the ``torch.autograd.Function``; the public functions with the reference's signatures.
+Only long-standing ``triton.language`` features are used (Triton 3.1+ compiles this file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastppo import reference
+from fastppo.kernels._common import new_output
+
+AGG_CODES = {
+    "token-mean": 0,
+    "token-sum": 1,
+    "seq-mean-token-mean": 2,
+    "seq-mean-token-sum": 3,
+    "seq-mean-token-sum-norm": 4,
+}
+
+# Columns of a program's slot in the partial-sum table (padded to NPART for 2-D loads).
+_P_SUM, _V_SUM, _X_SUM, _COUNT, _CLIP, _CLIP_LOW, _KL, _VCLIP, _NROWS = range(9)
+NPART = 16
+
+# Order of the statistics vector the forward writes.
+STAT_NAMES = ("policy_loss", "value_loss", "entropy", "clipfrac", "clipfrac_lower", "approx_kl", "value_clipfrac")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tie_split(a, b):
+    """d max(a, b) / d a as autograd of torch.maximum takes it: 1, 0.5 on a tie, 0."""
+    return tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
+
+
+@triton.jit
+def _load_valid(ptr, offs, inb, valid):
+    # `other` and the where() both matter: out-of-range lanes are not read at all, and masked
+    # positions may hold inf/NaN garbage that must not reach any arithmetic.
+    x = tl.load(ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    return tl.where(valid, x, 0.0)
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    lp_ptr, old_ptr, adv_ptr, w_ptr,          # policy inputs   [B, T]
+    v_ptr, oldv_ptr, ret_ptr,                 # value inputs    [B, T]
+    x_ptr,                                    # extra term      [B, T]
+    mask_ptr,                                 # [B, T] bool (as uint8) or 0/1 numbers
+    part_ptr,                                 # [P, NPART] f32 scratch: one slot per program
+    row_part_ptr,                             # [4, NCB, B] f32 scratch: per-row partials (split rows)
+    row_inv_ptr,                              # [B] f32 out: 1 / max(row count, 1)  (seq-mean-token-mean)
+    ticket_ptr,                               # [1] int32, 0 on entry, reset to 0 on exit
+    loss_ptr,                                 # [] f32 out
+    stats_ptr,                                # [7] f32 out, in STAT_NAMES order
+    scale_ptr,                                # [1] f32 out: d loss / d term[t] up to row_inv
+    B, T, NCB,
+    clip_lo, clip_hi, dual_c, vclip, vf_coef, x_coef, inv_T,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, DUAL: tl.constexpr,
+    HAS_V: tl.constexpr, VCLIP: tl.constexpr, HAS_X: tl.constexpr,
+    AGG: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_RB: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    n_r = tl.num_programs(0)
+    pid = pid_t * n_r + pid_r
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < B
+    inb = row_ok[:, None] & (cols < T)[None, :]
+    offs = rows.to(tl.int64)[:, None] * T + cols[None, :]
+    valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+    validf = valid.to(tl.float32)
+    row_cnt = tl.sum(validf, axis=1)
+    slot = part_ptr + pid * NPART
+
+    if HAS_P:
+        lp = _load_valid(lp_ptr, offs, inb, valid)
+        old = _load_valid(old_ptr, offs, inb, valid)
+        adv = _load_valid(adv_ptr, offs, inb, valid)
+        log_ratio = tl.minimum(tl.maximum(lp - old, -20.0), 20.0)
+        ratio = tl.exp(log_ratio)
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)
+        pt = tl.maximum(unclipped, clipped)
+        tl.store(slot + 5, tl.sum(tl.sum(tl.where(valid & (clipped > unclipped), 1.0, 0.0), 1), 0))
+        if DUAL:
+            lower = -adv * dual_c
+            neg = adv < 0
+            tl.store(slot + 6, tl.sum(tl.sum(tl.where(valid & neg & (pt > lower), 1.0, 0.0), 1), 0))
+            pt = tl.where(neg, tl.minimum(pt, lower), pt)
+        else:
+            tl.store(slot + 6, 0.0)
+        if HAS_W:
+            pt = pt * _load_valid(w_ptr, offs, inb, valid)
+        pt = tl.where(valid, pt, 0.0)
+        p_row = tl.sum(pt, axis=1)
+        tl.store(slot + 7, tl.sum(tl.sum(tl.where(valid, -log_ratio, 0.0), 1), 0))
+    else:
+        p_row = row_cnt * 0.0
+        tl.store(slot + 5, 0.0)
+        tl.store(slot + 6, 0.0)
+        tl.store(slot + 7, 0.0)
+
+    if HAS_V:
+        v = _load_valid(v_ptr, offs, inb, valid)
+        ret = _load_valid(ret_ptr, offs, inb, valid)
+        err = (v - ret) * (v - ret)
+        if VCLIP:
+            oldv = _load_valid(oldv_ptr, offs, inb, valid)
+            step = v - oldv
+            # Inside the clip v_clipped is v itself; old + (v - old) rounded in float32 is not,
+            # and would count spurious "clipped is larger" tokens.
+            in_range = (step >= -vclip) & (step <= vclip)
+            v_clipped = tl.where(in_range, v, oldv + tl.minimum(tl.maximum(step, -vclip), vclip))
+            err_clipped = (v_clipped - ret) * (v_clipped - ret)
+            tl.store(slot + 8, tl.sum(tl.sum(tl.where(valid & (err_clipped > err), 1.0, 0.0), 1), 0))
+            err = tl.maximum(err, err_clipped)
+        else:
+            tl.store(slot + 8, 0.0)
+        vt = tl.where(valid, 0.5 * err, 0.0)
+        v_row = tl.sum(vt, axis=1)
+    else:
+        v_row = row_cnt * 0.0
+        tl.store(slot + 8, 0.0)
+
+    if HAS_X:
+        x_row = tl.sum(_load_valid(x_ptr, offs, inb, valid), axis=1)
+    else:
+        x_row = row_cnt * 0.0
+
+    tl.store(slot + 3, tl.sum(row_cnt, 0))
+    if SPLIT:
+        # Rows span several programs: keep per-row pieces for the last program to join.
+        tl.store(slot + 0, tl.sum(p_row, 0))
+        tl.store(slot + 1, tl.sum(v_row, 0))
+        tl.store(slot + 2, tl.sum(x_row, 0))
+        tl.store(slot + 4, 0.0)
+        if AGG >= 2:
+            rp = row_part_ptr + pid_t * B + rows
+            tl.store(rp, p_row, mask=row_ok)
+            tl.store(rp + NCB * B, v_row, mask=row_ok)
+            tl.store(rp + 2 * NCB * B, x_row, mask=row_ok)
+            tl.store(rp + 3 * NCB * B, row_cnt, mask=row_ok)
+    else:
+        # Whole rows live in this program: fold the per-row part of the aggregation here so
+        # the last program only has to add P slots.
+        has = row_cnt > 0
+        tl.store(slot + 4, tl.sum(has.to(tl.float32), 0))
+        if AGG == 2:
+            inv = 1.0 / tl.maximum(row_cnt, 1.0)
+            tl.store(row_inv_ptr + rows, inv, mask=row_ok)
+            tl.store(slot + 0, tl.sum(tl.where(has, p_row / tl.maximum(row_cnt, 1.0), 0.0), 0))
+            tl.store(slot + 1, tl.sum(tl.where(has, v_row / tl.maximum(row_cnt, 1.0), 0.0), 0))
+            tl.store(slot + 2, tl.sum(tl.where(has, x_row / tl.maximum(row_cnt, 1.0), 0.0), 0))
+        else:
+            tl.store(slot + 0, tl.sum(p_row, 0))
+            tl.store(slot + 1, tl.sum(v_row, 0))
+            tl.store(slot + 2, tl.sum(x_row, 0))
+
+    # Last-program-finalises: every thread's stores must be ordered before the ticket, which
+    # is taken with acq_rel semantics; the last program then reads the slots with volatile
+    # loads (L1 is not coherent across SMs).
+    tl.debug_barrier()
+    n_prog = n_r * tl.num_programs(1)
+    ticket = tl.atomic_add(ticket_ptr, 1)
+    if ticket == n_prog - 1:
+        ks = tl.arange(0, NPART)
+        acc = tl.zeros((BLOCK_P, NPART), dtype=tl.float32)
+        for p0 in range(0, n_prog, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            acc += tl.load(
+                part_ptr + ps[:, None] * NPART + ks[None, :],
+                mask=(ps < n_prog)[:, None] & (ks < 9)[None, :],
+                other=0.0,
+                volatile=True,
+            )
+        tot = tl.sum(acc, axis=0)
+        s_p = tl.sum(tl.where(ks == 0, tot, 0.0), 0)
+        s_v = tl.sum(tl.where(ks == 1, tot, 0.0), 0)
+        s_x = tl.sum(tl.where(ks == 2, tot, 0.0), 0)
+        count = tl.sum(tl.where(ks == 3, tot, 0.0), 0)
+        n_rows = tl.sum(tl.where(ks == 4, tot, 0.0), 0)
+        s_clip = tl.sum(tl.where(ks == 5, tot, 0.0), 0)
+        s_low = tl.sum(tl.where(ks == 6, tot, 0.0), 0)
+        s_kl = tl.sum(tl.where(ks == 7, tot, 0.0), 0)
+        s_vclip = tl.sum(tl.where(ks == 8, tot, 0.0), 0)
+        if SPLIT:
+            if AGG >= 2:
+                nr_acc = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                ap = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                av = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                ax = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                for b0 in range(0, B, BLOCK_RB):
+                    rb = b0 + tl.arange(0, BLOCK_RB)
+                    rm = rb < B
+                    cnt = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                    rsp = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                    rsv = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                    rsx = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+                    for c in range(0, NCB):
+                        rp = row_part_ptr + c * B + rb
+                        cnt += tl.load(rp + 3 * NCB * B, mask=rm, other=0.0, volatile=True)
+                        if AGG == 2:
+                            rsp += tl.load(rp, mask=rm, other=0.0, volatile=True)
+                            rsv += tl.load(rp + NCB * B, mask=rm, other=0.0, volatile=True)
+                            rsx += tl.load(rp + 2 * NCB * B, mask=rm, other=0.0, volatile=True)
+                    has = cnt > 0
+                    nr_acc += has.to(tl.float32)
+                    if AGG == 2:
+                        denom = tl.maximum(cnt, 1.0)
+                        tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
+                        ap += tl.where(has, rsp / denom, 0.0)
+                        av += tl.where(has, rsv / denom, 0.0)
+                        ax += tl.where(has, rsx / denom, 0.0)
+                n_rows = tl.sum(nr_acc, 0)
+                if AGG == 2:
+                    s_p = tl.sum(ap, 0)
+                    s_v = tl.sum(av, 0)
+                    s_x = tl.sum(ax, 0)
+        inv_n = 1.0 / tl.maximum(count, 1.0)
+        if AGG == 0:
+            scale = inv_n
+        elif AGG == 1:
+            scale = inv_n * 0.0 + 1.0
+        elif AGG == 4:
+            scale = (1.0 / tl.maximum(n_rows, 1.0)) * inv_T
+        else:
+            scale = 1.0 / tl.maximum(n_rows, 1.0)
+        p_loss = s_p * scale
+        v_loss = s_v * scale
+        x_agg = s_x * scale
+        tl.store(loss_ptr, p_loss + vf_coef * v_loss + x_coef * x_agg)
+        tl.store(stats_ptr + 0, p_loss)
+        tl.store(stats_ptr + 1, v_loss)
+        tl.store(stats_ptr + 2, x_agg)
+        tl.store(stats_ptr + 3, s_clip * inv_n)
+        tl.store(stats_ptr + 4, s_low * inv_n)
+        tl.store(stats_ptr + 5, s_kl * inv_n)
+        tl.store(stats_ptr + 6, s_vclip * inv_n)
+        tl.store(scale_ptr, scale)
+        # Leave the ticket at 0 so that a cached counter needs no memset before the next launch.
+        tl.atomic_xchg(ticket_ptr, 0)
+
+
+@triton.jit
+def _ppo_bwd_kernel(
+    lp_ptr, old_ptr, adv_ptr, w_ptr,
+    v_ptr, oldv_ptr, ret_ptr,
+    mask_ptr,
+    grad_ptr,                                 # [] upstream d loss (f32)
+    scale_ptr,                                # [1] f32 from the forward
+    row_inv_ptr,                              # [B] f32 from the forward (seq-mean-token-mean)
+    dlp_ptr, dv_ptr, dx_ptr,                  # [B, T] outs, in their inputs' dtypes
+    B, T,
+    clip_lo, clip_hi, dual_c, vclip, vf_coef, x_coef,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, DUAL: tl.constexpr,
+    HAS_V: tl.constexpr, VCLIP: tl.constexpr, HAS_X: tl.constexpr,
+    AGG: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < B
+    inb = row_ok[:, None] & (cols < T)[None, :]
+    offs = rows.to(tl.int64)[:, None] * T + cols[None, :]
+    valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+
+    # d loss / d term[t] for a valid t; 0 (not garbage * 0) at masked positions.
+    g = tl.load(grad_ptr).to(tl.float32) * tl.load(scale_ptr)
+    if AGG == 2:
+        g_row = g * tl.load(row_inv_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        g_row = g + tl.zeros((BLOCK_R,), dtype=tl.float32)
+    g_tok = tl.where(valid, g_row[:, None], 0.0)
+
+    if HAS_P:
+        lp = _load_valid(lp_ptr, offs, inb, valid)
+        old = _load_valid(old_ptr, offs, inb, valid)
+        adv = _load_valid(adv_ptr, offs, inb, valid)
+        raw = lp - old
+        ratio = tl.exp(tl.minimum(tl.maximum(raw, -20.0), 20.0))
+        lo = 1.0 - clip_lo
+        hi = 1.0 + clip_hi
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+        g_unc = _tie_split(unclipped, clipped)
+        # clamp passes the gradient on the closed interval, as torch.clamp's backward does.
+        in_range = ((ratio >= lo) & (ratio <= hi)).to(tl.float32)
+        d = -adv * (g_unc + (1.0 - g_unc) * in_range)
+        if DUAL:
+            pt = tl.maximum(unclipped, clipped)
+            lower = -adv * dual_c
+            d = d * tl.where(adv < 0, _tie_split(lower, pt), 1.0)
+        if HAS_W:
+            d = d * _load_valid(w_ptr, offs, inb, valid)
+        in_log_range = (raw >= -20.0) & (raw <= 20.0)
+        dlp = tl.where(in_log_range, g_tok * d * ratio, 0.0)
+        tl.store(dlp_ptr + offs, dlp.to(dlp_ptr.dtype.element_ty), mask=inb)
+
+    if HAS_V:
+        v = _load_valid(v_ptr, offs, inb, valid)
+        ret = _load_valid(ret_ptr, offs, inb, valid)
+        diff = v - ret
+        if VCLIP:
+            oldv = _load_valid(oldv_ptr, offs, inb, valid)
+            step = v - oldv
+            in_range = (step >= -vclip) & (step <= vclip)
+            cdiff = tl.where(in_range, v, oldv + tl.minimum(tl.maximum(step, -vclip), vclip)) - ret
+            g_unc = _tie_split(diff * diff, cdiff * cdiff)
+            # 0.5 * d/dv (.)^2 = (.); the clamp passes the gradient on the closed interval.
+            dd = g_unc * diff + (1.0 - g_unc) * in_range.to(tl.float32) * cdiff
+        else:
+            dd = diff
+        tl.store(dv_ptr + offs, (g_tok * vf_coef * dd).to(dv_ptr.dtype.element_ty), mask=inb)
+
+    if HAS_X:
+        tl.store(dx_ptr + offs, (g_tok * x_coef).to(dx_ptr.dtype.element_ty), mask=inb)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+class Config(NamedTuple):
+    """Compile-time switches and scalar coefficients of one fused-loss call."""
+
+    has_p: bool
+    has_w: bool
+    dual: bool
+    has_v: bool
+    vclip: bool
+    has_x: bool
+    agg: int
+    clip_lo: float = 0.2
+    clip_hi: float = 0.2
+    dual_c: float = 0.0
+    vclip_value: float = 0.0
+    vf_coef: float = 0.0
+    x_coef: float = 0.0
+
+
+_BLOCK_OVERRIDE: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def block_sizes(**sizes: int) -> Iterator[None]:
+    """Force tile sizes (powers of two): ``block_r``, ``block_t``, ``block_p``, ``block_rb``.
+
+    For tests: tiny blocks make a small batch span many programs and split rows, so every
+    reduction path runs in the interpreter.
+    """
+    saved = dict(_BLOCK_OVERRIDE)
+    _BLOCK_OVERRIDE.update(sizes)
+    try:
+        yield
+    finally:
+        _BLOCK_OVERRIDE.clear()
+        _BLOCK_OVERRIDE.update(saved)
+
+
+class Tiling(NamedTuple):
+    block_r: int
+    block_t: int
+    grid_r: int
+    grid_t: int
+    num_warps: int
+
+
+def _tiling(B: int, T: int) -> Tiling:
+    # Enough programs to fill a GPU (~2 per SM on an H100) before tiles grow, up to 4096
+    # tokens each; rows longer than a tile split across programs.
+    n = B * T
+    tile = min(4096, max(256, triton.next_power_of_2(max(1, n // 264))))
+    block_t = _BLOCK_OVERRIDE.get("block_t") or min(triton.next_power_of_2(T), tile)
+    block_r = _BLOCK_OVERRIDE.get("block_r") or max(1, min(tile // block_t, triton.next_power_of_2(B)))
+    num_warps = max(1, min(8, (block_r * block_t) // 512))
+    return Tiling(block_r, block_t, triton.cdiv(B, block_r), triton.cdiv(T, block_t), num_warps)
+
+
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """An int32 counter holding 0. The kernel leaves it at 0, so on CUDA one per (device,
+    stream) is cached and reused without a memset launch; launches on one stream are ordered,
+    so they never share it concurrently. On the CPU (interpreter) a fresh one is cheap and
+    safe even if a previous run raised mid-kernel. While a CUDA graph is being captured nothing
+    executes, so a cached counter first allocated then would never be zeroed: the graph gets
+    its own, zeroed by a captured fill at every replay."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    t = _TICKETS.get(key)
+    if t is None:
+        t = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
+def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.contiguous()
+    # Triton loads bool as i1 from byte storage inconsistently across versions; bytes are safe.
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _contig(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """The tensor made contiguous, or a stand-in pointer for an input the kernel never reads."""
+    return fallback if t is None else t.contiguous()
+
+
+def _fused_forward(inputs, mask, cfg: Config):
+    """Launch the forward kernel.
+
+    Args:
+        inputs: (lp, old, adv, w, v, oldv, ret, x), each a [B, T] tensor or None.
+        mask: [B, T] bool or 0/1.
+    Returns:
+        (loss [] f32, stats [7] f32, scale [1] f32, row_inv [B] f32 or a stand-in, tiling).
+    """
+    B, T = mask.shape
+    device = mask.device
+    m = _mask_arg(mask)
+    args = [_contig(t, m) for t in inputs]
+    til = _tiling(B, T)
+    split = til.grid_t > 1
+    n_prog = til.grid_r * til.grid_t
+    f32 = torch.float32
+    part = new_output((n_prog, NPART), f32, device)
+    row_part = new_output((4, til.grid_t, B), f32, device) if split and cfg.agg >= 2 else part
+    row_inv = new_output((B,), f32, device) if cfg.agg == 2 else part
+    loss = new_output((), f32, device)
+    stats = new_output((len(STAT_NAMES),), f32, device)
+    scale = new_output((1,), f32, device)
+    block_p = _BLOCK_OVERRIDE.get("block_p") or min(256, triton.next_power_of_2(n_prog))
+    block_rb = _BLOCK_OVERRIDE.get("block_rb") or min(1024, triton.next_power_of_2(B))
+    _ppo_fwd_kernel[(til.grid_r, til.grid_t)](
+        *args, m,
+        part, row_part, row_inv, _ticket(device), loss, stats, scale,
+        B, T, til.grid_t,
+        cfg.clip_lo, cfg.clip_hi, cfg.dual_c, cfg.vclip_value, cfg.vf_coef, cfg.x_coef, 1.0 / T,
+        HAS_P=cfg.has_p, HAS_W=cfg.has_w, DUAL=cfg.dual, HAS_V=cfg.has_v, VCLIP=cfg.vclip,
+        HAS_X=cfg.has_x, AGG=cfg.agg, SPLIT=split,
+        BLOCK_R=til.block_r, BLOCK_T=til.block_t, BLOCK_P=block_p, BLOCK_RB=block_rb,
+        num_warps=til.num_warps,
+    )
+    return loss, stats, scale, row_inv, til
+
+
+def _fused_backward(inputs, mask, grad, scale, row_inv, cfg: Config, til: Tiling, need):
+    """Launch the backward kernel; returns (d lp, d v, d x), each in its input's dtype or None."""
+    lp, old, adv, w, v, oldv, ret, x = inputs
+    B, T = mask.shape
+    device = mask.device
+    m = _mask_arg(mask)
+    want_p, want_v, want_x = need
+    dlp = new_output((B, T), lp.dtype, device) if want_p else None
+    dv = new_output((B, T), v.dtype, device) if want_v else None
+    dx = new_output((B, T), x.dtype, device) if want_x else None
+    args = [_contig(t, m) for t in (lp, old, adv, w, v, oldv, ret)]
+    grad = grad.to(torch.float32).contiguous()
+    _ppo_bwd_kernel[(til.grid_r, til.grid_t)](
+        *args, m, grad, scale, row_inv,
+        _contig(dlp, m), _contig(dv, m), _contig(dx, m),
+        B, T,
+        cfg.clip_lo, cfg.clip_hi, cfg.dual_c, cfg.vclip_value, cfg.vf_coef, cfg.x_coef,
+        HAS_P=want_p, HAS_W=cfg.has_w, DUAL=cfg.dual, HAS_V=want_v, VCLIP=cfg.vclip,
+        HAS_X=want_x, AGG=cfg.agg,
+        BLOCK_R=til.block_r, BLOCK_T=til.block_t,
+        num_warps=til.num_warps,
+    )
+    return dlp, dv, dx
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _FusedLoss(torch.autograd.Function):
+    """loss = agg(P(lp)) + vf_coef * agg(V(v)) + x_coef * agg(x); differentiable in lp, v, x.
+
+    old_logprobs, advantages, is_weights, old_values and returns are constants (no gradient),
+    as in every PPO trainer.
+    """
+
+    @staticmethod
+    def forward(ctx, lp, v, x, old, adv, w, oldv, ret, mask, cfg):
+        # Contiguous once here, so the backward reuses these instead of copying again.
+        inputs = tuple(None if t is None else t.contiguous() for t in (lp, old, adv, w, v, oldv, ret, x))
+        mask = mask.contiguous()
+        loss, stats, scale, row_inv, til = _fused_forward(inputs, mask, cfg)
+        ctx.mark_non_differentiable(stats)
+        ctx.cfg, ctx.til = cfg, til
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(*inputs, mask, scale, row_inv)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        saved = ctx.saved_tensors
+        inputs, (mask, scale, row_inv) = saved[: ctx.n_inputs], saved[ctx.n_inputs :]
+        lp, _, _, _, v, _, _, x = inputs
+        need = (
+            lp is not None and ctx.needs_input_grad[0],
+            v is not None and ctx.needs_input_grad[1],
+            x is not None and ctx.needs_input_grad[2],
+        )
+        if not any(need):
+            return (None,) * 10
+        dlp, dv, dx = _fused_backward(inputs, mask, grad_loss, scale, row_inv, ctx.cfg, ctx.til, need)
+        return dlp, dv, dx, None, None, None, None, None, None, None
+
+
+def _fused(lp=None, v=None, x=None, old=None, adv=None, w=None, oldv=None, ret=None, *, mask, cfg):
+    return _FusedLoss.apply(lp, v, x, old, adv, w, oldv, ret, mask, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops (signatures of fastppo.reference; inputs already validated)
+# --------------------------------------------------------------------------------------------
+
+
+def _use_reference(*tensors: torch.Tensor | None) -> bool:
+    # float64 is the tests' ground-truth dtype, not a kernel dtype; an empty batch has nothing
+    # to launch (and T = 0 has the reference's own answer).
+    present = [t for t in tensors if t is not None]
+    return any(t.dtype == torch.float64 for t in present) or present[0].numel() == 0
+
+
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    is_weights=None,
+):
+    """Kernel of ``fastppo.policy_loss`` (formulas in ``fastppo.reference.policy_loss``).
+
+    Args:
+        logprobs, old_logprobs, advantages, is_weights (optional): ``[B, T]`` fp32/bf16/fp16.
+        mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss (differentiable in ``logprobs``) and detached 0-d
+        float32 ``clipfrac``, ``clipfrac_lower``, ``approx_kl``.
+    """
+    if _use_reference(logprobs, old_logprobs, advantages, is_weights):
+        return reference.policy_loss.raw(
+            logprobs, old_logprobs, advantages, mask,
+            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,
+        )
+    cfg = Config(
+        has_p=True, has_w=is_weights is not None, dual=dual_clip is not None,
+        has_v=False, vclip=False, has_x=False, agg=AGG_CODES[agg],
+        clip_lo=float(clip_low), clip_hi=float(clip_low if clip_high is None else clip_high),
+        dual_c=float(dual_clip or 0.0),
+    )
+    loss, stats = _fused(logprobs, old=old_logprobs, adv=advantages, w=is_weights, mask=mask, cfg=cfg)
+    return loss, {"clipfrac": stats[3], "clipfrac_lower": stats[4], "approx_kl": stats[5]}
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean"):
+    """Kernel of ``fastppo.value_loss`` (formulas in ``fastppo.reference.value_loss``).
+
+    Args:
+        values, old_values, returns: ``[B, T]`` fp32/bf16/fp16; mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(loss, {"clipfrac": ...})``: 0-d float32, loss differentiable in ``values``.
+    """
+    if _use_reference(values, old_values, returns):
+        return reference.value_loss.raw(values, old_values, returns, mask, clip=clip, agg=agg)
+    cfg = Config(
+        has_p=False, has_w=False, dual=False, has_v=True, vclip=clip is not None, has_x=False,
+        agg=AGG_CODES[agg], vclip_value=float(clip or 0.0), vf_coef=1.0,
+    )
+    loss, stats = _fused(v=values, oldv=old_values, ret=returns, mask=mask, cfg=cfg)
+    return loss, {"clipfrac": stats[6]}
+
+
+def aggregate(loss_mat, mask, agg="token-mean"):
+    """Kernel of ``fastppo.aggregate``: ``[B, T]`` fp32/bf16/fp16 -> 0-d float32 (differentiable)."""
+    if _use_reference(loss_mat):
+        return reference.aggregate.raw(loss_mat, mask, agg)
+    cfg = Config(
+        has_p=False, has_w=False, dual=False, has_v=False, vclip=False, has_x=True,
+        agg=AGG_CODES[agg], x_coef=1.0,
+    )
+    loss, _ = _fused(x=loss_mat, mask=mask, cfg=cfg)
+    return loss
+
+
+def ppo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    values,
+    old_values,
+    returns,
+    mask,
+    *,
+    entropy=None,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    value_clip=0.2,
+    vf_coef=0.5,
+    ent_coef=0.0,
+    agg="token-mean",
+    is_weights=None,
+):
+    """Kernel of ``fastppo.ppo_loss``: policy + vf_coef * value - ent_coef * agg(entropy), fused.
+
+    Args:
+        logprobs, old_logprobs, advantages, values, old_values, returns, entropy (optional),
+        is_weights (optional): ``[B, T]`` fp32/bf16/fp16; mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss, differentiable in ``logprobs``, ``values`` and
+        ``entropy``; detached 0-d float32 stats named as in ``fastppo.reference.ppo_loss``.
+    """
+    tensors = (logprobs, old_logprobs, advantages, values, old_values, returns, entropy, is_weights)
+    if _use_reference(*tensors):
+        return reference.ppo_loss.raw(
+            logprobs, old_logprobs, advantages, values, old_values, returns, mask,
+            entropy=entropy, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            value_clip=value_clip, vf_coef=vf_coef, ent_coef=ent_coef, agg=agg, is_weights=is_weights,
+        )
+    cfg = Config(
+        has_p=True, has_w=is_weights is not None, dual=dual_clip is not None,
+        has_v=True, vclip=value_clip is not None, has_x=entropy is not None, agg=AGG_CODES[agg],
+        clip_lo=float(clip_low), clip_hi=float(clip_low if clip_high is None else clip_high),
+        dual_c=float(dual_clip or 0.0), vclip_value=float(value_clip or 0.0),
+        vf_coef=float(vf_coef), x_coef=-float(ent_coef),
+    )
+    loss, stats = _fused(
+        logprobs, values, entropy, old_logprobs, advantages, is_weights, old_values, returns, mask=mask, cfg=cfg
+    )
+    return loss, dict(zip(STAT_NAMES, stats.unbind(0)))
