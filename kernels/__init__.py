@@ -12,6 +12,11 @@ arguments, already validated.
 """
 
 KERNEL_OPS: dict[str, str] = {
+    "kl_penalty": "advantage:kl_penalty",
+    "shape_rewards": "advantage:shape_rewards",
+    "gae": "advantage:gae",
+    "masked_whiten": "advantage:masked_whiten",
+    "compute_advantages": "advantage:compute_advantages",
     "policy_loss": "ppo_loss:policy_loss",
     "value_loss": "ppo_loss:value_loss",
     "ppo_loss": "ppo_loss:ppo_loss",
