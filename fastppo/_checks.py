@@ -47,36 +47,26 @@ def _float_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
-def _same_device(named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
+def _same(named: Iterable[tuple[str, torch.Tensor | None]], attr: str, describe: str, again: str, rule: str) -> None:
+    """All given tensors agree on ``attr`` (device, dtype or shape); None entries are skipped."""
     items = [(n, t) for n, t in named if t is not None]
     first_name, first = items[0]
     for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                "all inputs must be on one device"
-            )
+        if getattr(t, attr) != getattr(first, attr):
+            show = _shape if attr == "shape" else (lambda x: getattr(x, attr))
+            raise ValueError(f"{name} {describe} {show(t)} but {first_name} {again} {show(first)}; {rule}")
 
 
-def _same_dtype(named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
-    items = [(n, t) for n, t in named if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.dtype != first.dtype:
-            raise ValueError(
-                f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
-                "the floating inputs of one op must share a dtype"
-            )
+def _same_device(named) -> None:
+    _same(named, "device", "is on", "is on", "all inputs must be on one device")
 
 
-def _same_shape(named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
-    items = [(n, t) for n, t in named if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.shape != first.shape:
-            raise ValueError(
-                f"{name} has shape {_shape(t)} but {first_name} has {_shape(first)}; expected equal shapes"
-            )
+def _same_dtype(named) -> None:
+    _same(named, "dtype", "has dtype", "has", "the floating inputs of one op must share a dtype")
+
+
+def _same_shape(named) -> None:
+    _same(named, "shape", "has shape", "has", "expected equal shapes")
 
 
 def _token_2d(name: str, t: torch.Tensor) -> None:

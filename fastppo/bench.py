@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from . import _dispatch, reference
+from .testing import triton_version
 
 GiB = 1024**3
 
@@ -386,7 +387,7 @@ def main(args) -> int:
             "device": device_name,
             "commit": _git_commit(),
             "torch": torch.__version__,
-            "triton": _triton_version(),
+            "triton": triton_version(),
             "copy_bandwidth_gbps": bandwidth / 1e9,
             "results": [dataclasses.asdict(r) for r in results],
         }
@@ -408,13 +409,3 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # pragma: no cover
-        return "not installed"
-

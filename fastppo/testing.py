@@ -98,3 +98,13 @@ def random_mask(B: int, T: int, gen: torch.Generator, *, kinds=None) -> torch.Te
             mask[b] = torch.rand(T, generator=gen) < 0.6
         # "empty": leave the row all False
     return mask
+
+
+def triton_version() -> str:
+    """Triton's version, for the provenance of verify and bench results."""
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # pragma: no cover - triton is a dependency
+        return "not installed"

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import _dispatch, reference
-from .testing import TOL, errors, random_mask, within
+from .testing import TOL, errors, random_mask, triton_version, within
 
 # Forward outputs are float32 and most are sums of a few float32 terms; reductions over many
 # tokens (losses, whitening statistics) need headroom for the order of the float32 accumulation.
@@ -366,7 +366,7 @@ def main(args) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}), Triton interpreter",
             "torch": torch.__version__,
-            "triton": _triton_version(),
+            "triton": triton_version(),
             "seed": seed,
             "rows": [dataclasses.asdict(r) for r in rows],
         }
@@ -374,12 +374,3 @@ def main(args) -> int:
             json.dump(payload, fh, indent=1, default=str)
         print(f"wrote {args.json}")
     return 1 if failed else 0
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # pragma: no cover - triton is a dependency
-        return "not installed"
