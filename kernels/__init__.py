@@ -21,4 +21,6 @@ KERNEL_OPS: dict[str, str] = {
     "value_loss": "ppo_loss:value_loss",
     "ppo_loss": "ppo_loss:ppo_loss",
     "aggregate": "ppo_loss:aggregate",
+    "logprobs_from_logits": "logprob:logprobs_from_logits",
+    "entropy_from_logits": "logprob:entropy_from_logits",
 }

@@ -1,0 +1,407 @@
+"""The fused log-prob / entropy kernel (kernels/logprob.py) against the float64 reference.
+
+Every case draws fresh random inputs from ``rng``, runs the kernel through the public op on the
+Triton backend with its outputs poisoned (``run_kernel``), and compares with
+``fastppo.reference.<op>.raw`` evaluated in float64 on the very same (already rounded) inputs,
+forward and through autograd for the gradients.
+
+Tolerances (``tests/helpers.py``): forward outputs are float32 whatever the input dtype, so they
+are held to ``TOL_FP32_OUT`` (2e-5 abs + 2e-5 rel); the gradient of the logits is stored in the
+logits' dtype and is held to ``TOL[dtype]`` (fp32 2e-5, bf16 2e-2, fp16 5e-3).
+
+Without a GPU the kernels run in Triton's interpreter, which is slow, so shapes stay small and
+``MAX_BLOCK`` forces blocks of 32-64 columns: rows of a few hundred columns then span several
+blocks, which is the path real vocabularies take.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastppo
+from fastppo import reference
+from fastppo.kernels import logprob as K
+
+from helpers import TOL, TOL_FP32_OUT, assert_close, random_mask
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Natively on a GPU when there is one, else on the CPU through the interpreter (conftest.py).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of at most 64 columns, so that V = 257 or 1000 needs several per row."""
+    monkeypatch.setattr(K, "MAX_BLOCK", 64)
+    return 64
+
+
+def _randn(shape, gen, dtype, scale=4.0):
+    return (torch.randn(shape, generator=gen) * scale).to(DEV, dtype)
+
+
+def _make_logits(layout, B, T, V, gen, dtype):
+    """[B, T, V], [B*T, V], or the strided view full[:, :-1] of a [B, T+1, V] tensor."""
+    if layout == "btv":
+        return _randn((B, T, V), gen, dtype)
+    if layout == "nv":
+        return _randn((B * T, V), gen, dtype)
+    full = _randn((B, T + 1, V), gen, dtype)
+    view = full[:, :-1]
+    assert not view.is_contiguous()
+    return view
+
+
+def _check(run_kernel, logits, labels, gen, *, mask=None, temperature=1.0, grads=("logprob", "entropy")):
+    """Kernel vs float64 reference: both outputs, then d logits for the outputs in ``grads``."""
+    dtype = logits.dtype
+    leaf = logits.detach().requires_grad_(True)
+    got_lp, got_ent = run_kernel(
+        fastppo.logprobs_from_logits, leaf, labels, temperature=temperature, return_entropy=True, mask=mask
+    )
+    ref_leaf = logits.detach().double().requires_grad_(True)
+    want_lp, want_ent = reference.logprobs_from_logits.raw(
+        ref_leaf, labels, temperature=temperature, return_entropy=True, mask=mask
+    )
+    assert got_lp.dtype == torch.float32 and got_ent.dtype == torch.float32
+    assert_close(got_lp, want_lp, TOL_FP32_OUT[dtype], "logprobs")
+    assert_close(got_ent, want_ent, TOL_FP32_OUT[dtype], "entropy")
+    if mask is not None:
+        off = ~mask.bool()
+        assert bool((got_lp[off] == 0).all()) and bool((got_ent[off] == 0).all())
+    if not grads:
+        return
+    pairs = {"logprob": (got_lp, want_lp), "entropy": (got_ent, want_ent)}
+    outs, ref_outs, cots = [], [], []
+    for name in grads:
+        g, w = pairs[name]
+        cot = torch.randn(g.shape, generator=gen).to(DEV)
+        outs.append(g)
+        ref_outs.append(w)
+        cots.append(cot)
+    with poisoned():
+        (got_grad,) = torch.autograd.grad(outs, leaf, cots)
+    (want_grad,) = torch.autograd.grad(ref_outs, ref_leaf, [c.double() for c in cots])
+    assert got_grad.dtype == dtype and got_grad.shape == logits.shape
+    assert_close(got_grad, want_grad, TOL[dtype], f"d logits ({'+'.join(grads)})")
+    if mask is not None:
+        assert bool((got_grad[~mask.bool()] == 0).all()), "masked rows must get a zero gradient"
+
+
+def poisoned():
+    """The backward runs outside ``run_kernel``'s block; poison its outputs too."""
+    from fastppo.kernels._common import poisoned_outputs
+
+    return poisoned_outputs()
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and both gradients over dtypes, layouts and vocabulary sizes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout,temperature", [("btv", 1.0), ("nv", 1.6), ("strided", 0.7)])
+@pytest.mark.parametrize("V", [1000, 257, 1])
+def test_matches_reference(run_kernel, rng, small_blocks, dtype, layout, temperature, V):
+    B, T = 2, 3
+    logits = _make_logits(layout, B, T, V, rng, dtype)
+    labels = torch.randint(0, V, logits.shape[:-1], generator=rng).to(DEV)
+    if V > 1:
+        # More than one block per row (the last one partial): the path full vocabularies take.
+        block, _ = K._block_and_warps(V, logits.element_size())
+        assert block < V and V % block != 0
+    _check(run_kernel, logits, labels, rng, temperature=temperature)
+
+
+def test_default_blocks_span_several_per_row(run_kernel, rng):
+    """No block cap: V = 20000 bf16 takes three launcher-sized (8192) blocks per row."""
+    V = 20000
+    block, _ = K._block_and_warps(V, 2)
+    assert block == 8192 and block < V
+    logits = _randn((2, V), rng, torch.bfloat16)
+    labels = torch.randint(0, V, (2,), generator=rng).to(DEV)
+    _check(run_kernel, logits, labels, rng, temperature=0.9)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks, odd shapes, extreme values
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_masked_rows_are_not_read(run_kernel, rng, small_blocks, dtype, strided):
+    """Masked rows hold NaN and out-of-range labels: outputs and gradient rows must be exactly 0."""
+    B, T, V = 7, 5, 200
+    logits = _make_logits("strided" if strided else "btv", B, T, V, rng, dtype)
+    mask = random_mask(B, T, rng).to(DEV)  # every layout, including an empty row
+    labels = torch.randint(0, V, (B, T), generator=rng).to(DEV)
+    labels[~mask] = V + 12345  # a read of these would be out of bounds
+    logits[~mask] = float("nan")
+    _check(run_kernel, logits, labels, rng, mask=mask, temperature=1.3)
+
+
+def test_numeric_mask_and_t_equals_1(run_kernel, rng, small_blocks):
+    """T = 1 with a 0/1 float mask (the contract allows bool or 0/1 numbers)."""
+    B, T, V = 6, 1, 300
+    logits = _randn((B, T, V), rng, torch.float32)
+    labels = torch.randint(0, V, (B, T), generator=rng).to(DEV)
+    mask = torch.tensor([[1.0], [0.0], [1.0], [1.0], [0.0], [1.0]], device=DEV)
+    _check(run_kernel, logits, labels, rng, mask=mask.bool())
+    got = run_kernel(fastppo.logprobs_from_logits, logits, labels, mask=mask)
+    want = reference.logprobs_from_logits.raw(logits.double(), labels, mask=mask)
+    assert_close(got, want, TOL_FP32_OUT[torch.float32], "logprobs with a 0/1 float mask")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_label_at_last_vocab_index(run_kernel, rng, small_blocks, dtype):
+    """V = 257 with blocks of 64: the label sits alone in the last, one-column block."""
+    V = 257
+    logits = _randn((3, 4, V), rng, dtype)
+    # int32 labels in one of the two cases: any integer dtype is accepted.
+    label_dtype = torch.int32 if dtype == torch.bfloat16 else torch.long
+    labels = torch.full((3, 4), V - 1, dtype=label_dtype, device=DEV)
+    _check(run_kernel, logits, labels, rng, temperature=0.8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_logits_of_magnitude_1e4(run_kernel, rng, small_blocks, dtype):
+    """+-1e4 logits: exp overflows without the running max, and lse - sum(p z) would cancel."""
+    N, V = 6, 300
+    logits = (torch.randint(-1, 2, (N, V), generator=rng) * 1e4 + torch.randn(N, V, generator=rng) * 50).to(DEV, dtype)
+    # Ties at the top, a row whose maximum comes in the last block, and an all-negative row.
+    logits[0, 10] = logits[0, 250] = 1e4
+    logits[1, :] = -1e4
+    logits[1, V - 1] = 1e4
+    logits[2] = -1e4 + torch.randn(V, generator=rng).to(DEV, dtype)
+    labels = torch.randint(0, V, (N,), generator=rng).to(DEV)
+    labels[1] = V - 1
+    _check(run_kernel, logits, labels, rng, temperature=0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_negative_infinity_entries(run_kernel, rng, small_blocks, dtype):
+    """-inf logits (masked vocabulary): p = 0, no NaN from 0 * -inf, forward or backward."""
+    N, V = 5, 400
+    logits = _randn((N, V), rng, dtype)
+    logits[torch.rand(N, V, generator=rng).to(DEV) < 0.3] = float("-inf")
+    logits[0, :200] = float("-inf")  # three whole blocks of -inf before the first finite value
+    logits[0, 300] = 2.5
+    logits[1, 1:] = float("-inf")  # a single finite entry: log-prob 0, entropy 0
+    logits[1, 0] = -3.0
+    logits[2, :-1] = float("-inf")  # ... in the last column
+    logits[2, -1] = 7.0
+    labels = torch.randint(0, V, (N,), generator=rng).to(DEV)
+    finite = torch.isfinite(logits.float())
+    for n in range(N):  # labels on finite entries, except row 4 whose label is a -inf logit
+        if n != 4:
+            labels[n] = int(finite[n].nonzero()[int(torch.randint(0, int(finite[n].sum()), (1,), generator=rng))])
+    labels[4] = int((~finite[4]).nonzero()[0])
+    _check(run_kernel, logits, labels, rng, temperature=1.0)
+
+
+def test_empty_batch(run_kernel):
+    logits = torch.randn(2, 0, 50, device=DEV)
+    labels = torch.zeros(2, 0, dtype=torch.long, device=DEV)
+    lp, ent = run_kernel(fastppo.logprobs_from_logits, logits, labels, return_entropy=True)
+    assert lp.shape == (2, 0) and ent.shape == (2, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Which outputs get a gradient
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("grads", [("logprob",), ("entropy",)], ids=["logprob-only", "entropy-only"])
+def test_gradient_of_one_output(run_kernel, rng, small_blocks, dtype, grads):
+    B, T, V = 3, 4, 300
+    logits = _make_logits("strided", B, T, V, rng, dtype)
+    labels = torch.randint(0, V, (B, T), generator=rng).to(DEV)
+    mask = random_mask(B, T, rng).to(DEV)
+    _check(run_kernel, logits, labels, rng, mask=mask, temperature=1.4, grads=grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_logprobs_without_entropy(run_kernel, rng, small_blocks, dtype):
+    """return_entropy=False: a single output and the kernel's entropy-free specialisation."""
+    logits = _randn((4, 5, 333), rng, dtype)
+    labels = torch.randint(0, 333, (4, 5), generator=rng).to(DEV)
+    leaf = logits.detach().requires_grad_(True)
+    got = run_kernel(fastppo.logprobs_from_logits, leaf, labels, temperature=0.6)
+    ref_leaf = logits.detach().double().requires_grad_(True)
+    want = reference.logprobs_from_logits.raw(ref_leaf, labels, temperature=0.6)
+    assert isinstance(got, torch.Tensor)
+    assert_close(got, want, TOL_FP32_OUT[dtype], "logprobs")
+    cot = torch.randn(got.shape, generator=rng).to(DEV)
+    with poisoned():
+        (g,) = torch.autograd.grad(got, leaf, cot)
+    (w,) = torch.autograd.grad(want, ref_leaf, cot.double())
+    assert_close(g, w, TOL[dtype], "d logits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["btv", "strided", "nv"])
+def test_entropy_from_logits(run_kernel, rng, small_blocks, dtype, layout):
+    logits = _make_logits(layout, 2, 5, 300, rng, dtype)
+    leaf = logits.detach().requires_grad_(True)
+    got = run_kernel(fastppo.entropy_from_logits, leaf, temperature=1.3)
+    ref_leaf = logits.detach().double().requires_grad_(True)
+    want = reference.entropy_from_logits.raw(ref_leaf, temperature=1.3)
+    assert got.dtype == torch.float32
+    assert_close(got, want, TOL_FP32_OUT[dtype], "entropy")
+    cot = torch.randn(got.shape, generator=rng).to(DEV)
+    with poisoned():
+        (g,) = torch.autograd.grad(got, leaf, cot)
+    (w,) = torch.autograd.grad(want, ref_leaf, cot.double())
+    assert g.dtype == dtype
+    assert_close(g, w, TOL[dtype], "d logits")
+
+
+# --------------------------------------------------------------------------------------------
+# inplace_backward
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_inplace_backward(run_kernel, rng, small_blocks, dtype, strided):
+    """The gradient is right and lives in the logits' own storage (which now holds it)."""
+    B, T, V = 3, 4, 300
+    full = _randn((B, T + 1, V), rng, dtype)
+    logits = full[:, :-1] if strided else full
+    labels = torch.randint(0, V, logits.shape[:-1], generator=rng).to(DEV)
+    mask = random_mask(B, logits.shape[1], rng).to(DEV)
+    ref_leaf = logits.detach().double().requires_grad_(True)  # a copy, taken before the overwrite
+    want_lp, want_ent = reference.logprobs_from_logits.raw(ref_leaf, labels, return_entropy=True, mask=mask)
+    leaf = logits.requires_grad_(True)
+    lp, ent = run_kernel(
+        fastppo.logprobs_from_logits, leaf, labels, return_entropy=True, mask=mask, inplace_backward=True
+    )
+    assert_close(lp, want_lp, TOL_FP32_OUT[dtype], "logprobs")
+    cots = [torch.randn(lp.shape, generator=rng).to(DEV), torch.randn(lp.shape, generator=rng).to(DEV)]
+    (g,) = torch.autograd.grad([lp, ent], leaf, cots)
+    (w,) = torch.autograd.grad([want_lp, want_ent], ref_leaf, [c.double() for c in cots])
+    assert_close(g, w, TOL[dtype], "d logits (inplace)")
+    assert g.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+    assert g.data_ptr() == logits.data_ptr() and g.stride() == logits.stride()
+    assert torch.equal(logits.detach(), g)
+
+
+def test_inplace_backward_entropy_only(run_kernel, rng, small_blocks):
+    logits = _randn((6, 300), rng, torch.float16)
+    ref_leaf = logits.double().requires_grad_(True)
+    want = reference.entropy_from_logits.raw(ref_leaf)
+    leaf = logits.requires_grad_(True)
+    got = run_kernel(fastppo.entropy_from_logits, leaf, inplace_backward=True)
+    cot = torch.randn(6, generator=rng).to(DEV)
+    (g,) = torch.autograd.grad(got, leaf, cot)
+    (w,) = torch.autograd.grad(want, ref_leaf, cot.double())
+    assert_close(g, w, TOL[torch.float16], "d logits (inplace)")
+    assert g.data_ptr() == logits.data_ptr()
+
+
+# --------------------------------------------------------------------------------------------
+# The harness itself, dispatch, fallbacks
+# --------------------------------------------------------------------------------------------
+
+
+class _NoLaunch:
+    """Stands in for a kernel that never runs: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_unwritten_outputs_fail(run_kernel, rng, monkeypatch):
+    """Poisoning works: a forward or backward that writes nothing is caught as NaN."""
+    logits = _randn((4, 100), rng, torch.float32)
+    labels = torch.randint(0, 100, (4,), generator=rng).to(DEV)
+    want = reference.logprobs_from_logits.raw(logits.double(), labels)
+    monkeypatch.setattr(K, "_logprob_fwd_kernel", _NoLaunch())
+    got = run_kernel(fastppo.logprobs_from_logits, logits, labels)
+    assert bool(torch.isnan(got).all())
+    with pytest.raises(AssertionError, match="elements off"):
+        assert_close(got, want, TOL_FP32_OUT[torch.float32], "logprobs")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(K, "_logprob_bwd_kernel", _NoLaunch())
+    leaf = logits.detach().requires_grad_(True)
+    lp = run_kernel(fastppo.logprobs_from_logits, leaf, labels)
+    with poisoned():
+        (g,) = torch.autograd.grad(lp.sum(), leaf)
+    assert bool(torch.isnan(g).all())
+
+
+def test_dispatch_uses_the_kernel():
+    from fastppo import _dispatch
+
+    with fastppo.use_backend("triton"):
+        assert _dispatch.pick("logprobs_from_logits", torch.device(DEV)) is K.logprobs_from_logits
+        assert _dispatch.pick("entropy_from_logits", torch.device(DEV)) is K.entropy_from_logits
+
+
+def test_float64_falls_back_to_reference(run_kernel, rng):
+    logits = torch.randn(3, 4, 50, generator=rng, dtype=torch.float64).to(DEV)
+    labels = torch.randint(0, 50, (3, 4), generator=rng).to(DEV)
+    lp, ent = run_kernel(fastppo.logprobs_from_logits, logits, labels, return_entropy=True, temperature=0.5)
+    want_lp, want_ent = reference.logprobs_from_logits.raw(logits, labels, return_entropy=True, temperature=0.5)
+    assert lp.dtype == torch.float64
+    assert torch.equal(lp, want_lp) and torch.equal(ent, want_ent)
+
+
+def test_transposed_last_dim_is_copied(run_kernel, rng, small_blocks):
+    """A last dimension with stride != 1 is made contiguous once, then handled as usual."""
+    logits = _randn((300, 5), rng, torch.float32).t()
+    assert logits.stride(-1) != 1
+    labels = torch.randint(0, 300, (5,), generator=rng).to(DEV)
+    _check(run_kernel, logits, labels, rng, temperature=1.1)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: the real size, past 2^31 elements
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_real_size_past_int32_offsets(rng):
+    """16384 x 152064 bf16 (N * V = 2.49e9 > 2^31): forward against a chunked float32 reference,
+    backward on the first and last rows, and no memory beyond the outputs in forward."""
+    N, V = 16384, 152064
+    assert N * V > 2**31
+    device = "cuda"
+    gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    logits = torch.empty(N, V, dtype=torch.bfloat16, device=device)
+    for i in range(0, N, 1024):
+        logits[i : i + 1024].normal_(0, 4, generator=gen)
+    labels = torch.randint(0, V, (N,), device=device, generator=gen)
+    labels[-1] = V - 1
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with fastppo.use_backend("triton"):
+        lp, ent = fastppo.logprobs_from_logits(logits, labels, return_entropy=True)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 64 * N + (1 << 20), f"forward allocated {extra} bytes beyond its inputs"
+
+    tol = (1e-4, 1e-4)  # float32 reference in chunks: its own rounding bounds the comparison
+    for i in range(0, N, 1024):
+        want_lp, want_ent = reference.logprobs_from_logits.raw(
+            logits[i : i + 1024].float(), labels[i : i + 1024], return_entropy=True
+        )
+        assert_close(lp[i : i + 1024], want_lp, tol, f"logprobs rows {i}..")
+        assert_close(ent[i : i + 1024], want_ent, tol, f"entropy rows {i}..")
+
+    leaf = logits.requires_grad_(True)
+    with fastppo.use_backend("triton"):
+        lp, ent = fastppo.logprobs_from_logits(leaf, labels, return_entropy=True)
+    (g,) = torch.autograd.grad([lp, ent], leaf, [torch.ones_like(lp), torch.ones_like(ent)])
+    for rows in (slice(0, 256), slice(N - 256, N)):
+        sub = logits[rows].detach().float().requires_grad_(True)
+        w_lp, w_ent = reference.logprobs_from_logits.raw(sub, labels[rows], return_entropy=True)
+        (w,) = torch.autograd.grad([w_lp, w_ent], sub, [torch.ones_like(w_lp), torch.ones_like(w_ent)])
+        assert_close(g[rows], w, TOL[torch.bfloat16], f"d logits rows {rows}")
