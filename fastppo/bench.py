@@ -81,7 +81,7 @@ def _logprob_case(N: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
     # fwd: one read of the logits (+ labels, 2 float32 outputs); fwd+bwd adds a read and a write of the logits.
     floor = logits_bytes + N * (8 + 8) + (2 * logits_bytes if mode == "fwd+bwd" else 0)
     return BenchCase("logprobs_from_logits", mode, f"N={N} V={V}", dtype, make, floor,
-                     impls=("torch", "torch.compile", "triton", "row-loop", "trl", "liger"))
+                     impls=("torch", "torch.compile", "triton", "row-loop", "trl", "trl-eager", "liger"))
 
 
 def _advantage_case(op: str, B: int, T: int) -> BenchCase:
@@ -203,27 +203,47 @@ def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:
             return _vectorized_gae, ""
         return _vectorized_advantages, ""
     if impl == "trl":
+        # TRL >= 1.16 ships a Triton log-prob + entropy kernel; older releases only the eager utils.
+        try:
+            from trl.kernels import selective_log_softmax_and_entropy
+        except Exception:
+            return None, "trl >= 1.16 not installed (pip install fastppo[bench])"
+
+        def trl_fn(logits, labels, *, temperature=1.0, **_):
+            return selective_log_softmax_and_entropy(logits, labels, temperature=temperature)
+
+        return trl_fn, ""
+    if impl == "trl-eager":
         try:
             from trl.trainer.utils import entropy_from_logits as trl_entropy
             from trl.trainer.utils import selective_log_softmax
         except Exception:
             return None, "trl not installed (pip install fastppo[bench])"
 
-        def trl_fn(logits, labels, **_):
+        def trl_eager_fn(logits, labels, **_):
             return selective_log_softmax(logits, labels), trl_entropy(logits)
 
-        return trl_fn, ""
+        return trl_eager_fn, ""
     if impl == "liger":
         try:
+            from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
             from liger_kernel.transformers.functional import liger_cross_entropy
         except Exception:
             return None, "liger-kernel not installed (pip install fastppo[bench])"
+        if case.mode == "fwd":
 
-        def liger_fn(logits, labels, **_):
-            # Liger's fused cross entropy gives -mean log-prob; per-token losses with reduction="none".
+            def liger_fwd(logits, labels, *, temperature=1.0, **_):
+                # Liger's kernel takes [B, L + 1, V] logits and scores the first L rows: one row
+                # fewer than ours. It has no entropy and no backward.
+                return fused_selective_log_softmax(logits[None], labels[None], temperature=temperature)
+
+            return liger_fwd, "log-prob only, no entropy; N-1 rows"
+
+        def liger_ce(logits, labels, **_):
+            # With a backward, Liger's fused cross entropy is the closest op: per-token -log p.
             return -liger_cross_entropy(logits, labels, reduction="none")
 
-        return liger_fn, "log-prob only (no entropy)"
+        return liger_ce, "fused cross entropy: log-prob only, no entropy"
     raise KeyError(impl)
 
 
@@ -249,7 +269,7 @@ def _implementation(case: BenchCase, impl: str, on_gpu: bool) -> tuple[Callable 
 
         return kernel, ""
     fn, note = _peer(case, impl)
-    if fn is not None and impl in ("trl", "liger") and not on_gpu:
+    if fn is not None and impl in ("trl", "liger") and not on_gpu:  # Triton peers
         return None, "GPU only"
     return fn, note
 
