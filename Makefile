@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
+PEERS     := verl==0.9.1 openrlhf==0.11.2
 
 .PHONY: run test verify bench setup clean
 
@@ -18,7 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	else \
 		$(BIN)/python -m pip install -q $(CPU_TORCH); \
 	fi
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,peers]'
+	# The real peers the adapter tests compare against (see pyproject's peers extra).
+	$(BIN)/python -m pip install -q --no-deps $(PEERS)
 	touch $@
 
 setup: $(VENV)/.installed
