@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 PEERS     := verl==0.9.1 openrlhf==0.11.2
 
-.PHONY: run test verify bench setup clean
+.PHONY: run test verify bench train setup clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/fastppo verify
+	$(BIN)/fastppo train
 
 test: setup
 	$(BIN)/pytest -q tests
@@ -37,6 +37,9 @@ verify: setup
 
 bench: setup
 	$(BIN)/fastppo bench
+
+train: setup
+	$(BIN)/fastppo train
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

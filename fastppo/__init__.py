@@ -23,7 +23,22 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+# The PPO engine pulls in transformers; load it only when asked for, so that the ops stay cheap
+# to import.
+_ENGINE = ("PPOConfig", "PPOTrainer", "ConfigError")
+
+
+def __getattr__(name):
+    if name in _ENGINE:
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'fastppo' has no attribute {name!r}")
+
 __all__ = [
+    "ConfigError",
+    "PPOConfig",
+    "PPOTrainer",
     "aggregate",
     "compute_advantages",
     "current_backend",

@@ -1,4 +1,4 @@
-"""The ``fastppo`` command: ``verify``, ``bench`` (and ``train`` when the engine lands)."""
+"""The ``fastppo`` command: ``verify``, ``bench`` and ``train``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ops", metavar="OP[,OP...]", help="only these ops (default: all)")
     b.add_argument("--quick", action="store_true", help="the smallest shape of each op only")
     b.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+
+    from .train.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -37,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench
 
         return bench.main(args)
+    if args.command == "train":
+        from .train import cli as train_cli
+
+        return train_cli.main(args)
     parser.print_help()
     return 2
 

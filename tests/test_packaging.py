@@ -28,7 +28,12 @@ def test_wheel_installs_fastppo_kernels_and_not_kernels(tmp_path):
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("fastppo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("fastppo/kernels/__init__.py") for n in names)
+    assert "fastppo/kernels/__init__.py" in names
+    # Every package of the source tree must ship: a subpackage left out of pyproject's list
+    # only shows up as an ImportError on an installed copy.
+    source_packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "fastppo").rglob("__init__.py")}
+    for package in sorted(source_packages):
+        assert f"{package}/__init__.py" in names, f"{package} is missing from the wheel"
     assert not any(n.startswith("kernels/") for n in names), [n for n in names if n.startswith("kernels/")]
 
     site = tmp_path / "site"
@@ -51,3 +56,8 @@ def test_wheel_installs_fastppo_kernels_and_not_kernels(tmp_path):
     run = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok"
+    # The installed command line builds its parser (which imports every subcommand's module).
+    cli = subprocess.run([sys.executable, "-m", "fastppo", "--help"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert cli.returncode == 0, cli.stderr
+    for command in ("verify", "bench", "train"):
+        assert command in cli.stdout

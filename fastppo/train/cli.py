@@ -1,0 +1,120 @@
+"""``fastppo train``: flags generated from ``PPOConfig``, defaults < ``--config`` file < flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from typing import Any
+
+from .config import ConfigError, PPOConfig, field_docs, field_types, load_file
+
+_NONE = object()  # "--value-clip none": unset an option, distinct from "flag not given"
+
+
+def _scalar(tp: Any) -> tuple[Any, bool]:
+    """``(base type, accepts None)`` of a field annotation such as ``float | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        base = [a for a in args if a is not type(None)]
+        return base[0], len(base) < len(args)
+    return tp, False
+
+
+def _parser_for(base: Any, nullable: bool):
+    def parse(text: str):
+        if nullable and text.lower() in ("none", "null"):
+            return _NONE
+        return base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    t = sub.add_parser(
+        "train", help="run PPO end to end (no arguments: the built-in task, a few minutes on a CPU)",
+        description="Run PPO on a causal LM. With no --model it trains the built-in task (a tiny model and "
+                    "a rule-based reward shipped with fastppo). Options come from --config FILE (YAML or TOML) "
+                    "and are overridden by flags; 'none' unsets an optional value.")
+    t.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) file of options")
+    docs = field_docs()
+    for name, tp in field_types().items():
+        base, nullable = _scalar(tp)
+        flag = "--" + name.replace("_", "-")
+        help_text = docs.get(name, "") + (f" (default: {PPOConfig.__dataclass_fields__[name].default})")
+        if base is bool:
+            t.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            t.add_argument(flag, dest=name, type=_parser_for(base, nullable), default=None,
+                           metavar=name.upper() if base is str else base.__name__.upper(), help=help_text)
+    return t
+
+
+def resolve_config(args: argparse.Namespace) -> PPOConfig:
+    """Defaults (the built-in task's tuned ones when no model is given) < file < flags."""
+    from . import builtin
+
+    data: dict[str, Any] = load_file(args.config) if getattr(args, "config", None) else {}
+    for name in field_types():
+        value = getattr(args, name, None)
+        if value is not None:
+            data[name] = None if value is _NONE else value
+    if data.get("model") is None:
+        base = builtin.default_config().to_dict()
+        base.update(data)
+        data = base
+    return PPOConfig.from_dict(data)
+
+
+def _quiet_libraries() -> None:
+    # Loading bars of tiny local files drown the one progress bar that matters, the PPO one.
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def main(args: argparse.Namespace) -> int:
+    from .trainer import PPOTrainer
+
+    _quiet_libraries()
+    try:
+        config = resolve_config(args)
+        trainer = PPOTrainer(config)
+    except ConfigError as exc:
+        print(f"fastppo train: error: {exc}", file=sys.stderr)
+        return 2
+    n_train = sum(p.numel() for p in trainer.actor.parameters() if p.requires_grad)
+    what = "built-in task (tiny Llama, sentiment reward)" if config.model is None else config.model
+    reward = config.reward_model or config.reward or "sentiment"
+    print(f"fastppo train: {what}; reward: {reward}; device: {trainer.device}; "
+          f"{n_train:,} trainable actor parameters; output: {config.output_dir}")
+    if trainer.resumed_from:
+        print(f"resumed from {trainer.resumed_from} at iteration {trainer.step}")
+    elif config.resume:
+        print(f"--resume: no checkpoint under {config.output_dir}/checkpoints yet; starting from iteration 0")
+    summary = trainer.train()
+    hist = summary["history"]
+    if hist:
+        k = min(5, len(hist))
+        first = sum(r["score_mean"] for r in hist[:k]) / k
+        last = sum(r["score_mean"] for r in hist[-k:]) / k
+        total = sum(r["time_iteration"] for r in hist)
+        print(f"mean score: first iteration {summary['first_score']:.3f} -> last iteration {summary['last_score']:.3f} "
+              f"(mean of first {k}: {first:.3f}, of last {k}: {last:.3f}); {len(hist)} iterations in {total:.0f}s")
+    print(f"metrics: {summary['metrics']}")
+    if summary["plot"]:
+        note = "" if summary["plot_renderer"] == "matplotlib" else " (install matplotlib for titled panels)"
+        print(f"plot: {summary['plot']}{note}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    return 0

@@ -1,0 +1,188 @@
+"""The four PPO roles over transformers models: actor, reference, critic, reward.
+
+Shapes used throughout: a rollout is ``[B, L]`` token ids with ``L = P + R`` (left-padded prompt
+of width P, right-padded response of width R), an ``attention_mask`` ``[B, L]`` (int64, 1 on real
+tokens) and ``position_ids`` ``[B, L]`` counted over real tokens only, so a left-padded prompt sees
+the same positions as it would unpadded.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import ConfigError, PPOConfig
+
+
+def pick_device(config: PPOConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(config.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def pick_attention(config: PPOConfig, device: torch.device) -> str:
+    """flash_attention_2 when flash-attn is importable and the run is on a GPU, else sdpa."""
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def use_bf16(config: PPOConfig, device: torch.device) -> bool:
+    if config.bf16 is not None:
+        return bool(config.bf16) and device.type == "cuda"
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, bf16: bool):
+    # Master weights stay float32 (AdamW on bf16 weights loses small updates); matmuls run in bf16.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` int64: index of each token among the real tokens of its row (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# --------------------------------------------------------------------------------------------
+# actor and reference
+
+def load_actor(config: PPOConfig, path: str, device: torch.device, attn: str) -> tuple[nn.Module, nn.Module | None]:
+    """Return ``(actor, reference)``; with LoRA the reference is None (the adapter gets disabled)."""
+    from transformers import AutoModelForCausalLM
+
+    actor = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
+    actor.to(device)
+    reference = None
+    if config.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = config.lora_target_modules
+        target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        lora = LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, target_modules=target_modules)
+        actor = get_peft_model(actor, lora)
+    else:
+        reference = copy.deepcopy(actor).eval().requires_grad_(False)
+    # Dropout stays off for the whole run: the PPO ratio must compare the same function that
+    # produced the rollout, and a dropout mask would make it differ from 1 at the first step.
+    actor.eval()
+    return actor, reference
+
+
+@contextmanager
+def reference_policy(actor: nn.Module, reference: nn.Module | None) -> Iterator[nn.Module]:
+    """The frozen reference: a separate copy, or the LoRA actor with its adapter switched off."""
+    if reference is not None:
+        yield reference
+    else:
+        with actor.disable_adapter():
+            yield actor
+
+
+def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+                      prompt_width: int, mask: torch.Tensor, temperature: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy of the response tokens under ``model``.
+
+    Args: seq/attn/pos ``[B, P + R]``; mask ``[B, R]`` bool. Returns two float32 ``[B, R]``
+    tensors, 0 at masked positions. Logits at position t score token t + 1, hence the shift.
+    """
+    import fastppo
+
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    logits = logits[:, prompt_width - 1 : -1]
+    return fastppo.logprobs_from_logits(logits, seq[:, prompt_width:], temperature=temperature,
+                                        return_entropy=True, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# critic and reward: a sequence-classification model read at every token, or at the last one
+
+def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The backbone and the linear scoring head of an ``AutoModelForSequenceClassification``."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    head = getattr(model, "score", None)
+    if backbone is None or not isinstance(head, nn.Linear):
+        raise ConfigError(
+            f"{type(model).__name__}: expected a decoder sequence-classification model with a "
+            f"`{model.base_model_prefix}` backbone and a linear `score` head")
+    return backbone, head
+
+
+class TokenScorer(nn.Module):
+    """A sequence-classification model applied at every position: ``[B, L]`` float32 scores.
+
+    Used as the critic (trained, one value per token) and as the reward model (frozen, read at
+    the last real token). Keeps the whole ``AutoModelForSequenceClassification`` so that
+    ``save_pretrained`` writes a directory transformers loads back as one.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        _split_head(model)  # fail at construction, not at the first forward
+        self.model = model
+
+    # Properties rather than submodules, so state_dict() holds each weight once under `model.`.
+    @property
+    def backbone(self) -> nn.Module:
+        return _split_head(self.model)[0]
+
+    @property
+    def head(self) -> nn.Linear:
+        return _split_head(self.model)[1]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.head(hidden)[..., 0].float()
+
+    def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                   last: torch.Tensor) -> torch.Tensor:
+        """``[B]`` float32: the score at index ``last[b]`` (int64 ``[B]``) of each row."""
+        scores = self.forward(input_ids, attention_mask, position_ids)
+        return scores.gather(1, last[:, None]).squeeze(1)
+
+
+def load_critic(config: PPOConfig, path: str, from_reward: bool, device: torch.device, attn: str) -> TokenScorer:
+    """Value model: the reward model's backbone and head, or the actor's backbone and a zero head."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    # Loading a causal LM as a classifier always warns that `score` is new; that is the point here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, attn_implementation=attn, dtype=torch.float32, ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    critic = TokenScorer(model)
+    if not from_reward:
+        # A zero head starts every value at 0, a neutral baseline, instead of random offsets
+        # that the first updates would have to unlearn.
+        with torch.no_grad():
+            critic.head.weight.zero_()
+            if critic.head.bias is not None:
+                critic.head.bias.zero_()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
+    return critic.to(device).eval()
+
+
+def load_reward_model(path: str, device: torch.device, attn: str) -> TokenScorer:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise ConfigError(f"reward model {path!r} has num_labels={model.config.num_labels}; expected 1 (a scalar score)")
+    return TokenScorer(model).to(device).eval().requires_grad_(False)

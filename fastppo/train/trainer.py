@@ -1,0 +1,463 @@
+"""``PPOTrainer``: rollout, scoring, advantages and clipped updates, with all PPO math in fastppo ops.
+
+One iteration:
+
+1. sample ``batch_size`` prompts, left-pad them, sample one response each (temperature, top-p,
+   stop at EOS or ``max_new_tokens``) with the actor;
+2. without grad: old log-probs (actor), reference log-probs (frozen copy, or the LoRA actor with
+   its adapter disabled), values (critic), scores (reward model or reward function);
+3. ``fastppo.compute_advantages``: KL-shaped token rewards, GAE, whitening;
+4. ``ppo_epochs`` passes over shuffled mini-batches, each accumulated over micro-batches:
+   ``fastppo.ppo_loss`` (clipped policy + clipped value - entropy bonus), gradient clipping, AdamW;
+5. the KL controller updates its coefficient; metrics are logged; a checkpoint may be written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+import fastppo
+
+from . import builtin, checkpoint
+from .config import ConfigError, PPOConfig
+from .data import PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts, prompt_text
+from .metrics import MetricsLog, explained_variance, masked_mean, peak_memory_mb, plot_metrics, read_metrics
+from .models import (autocast, load_actor, load_critic, load_reward_model, pick_attention, pick_device,
+                     position_ids_from, reference_policy, response_logprobs, use_bf16)
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+class KLController:
+    """Coefficient of the KL penalty: fixed, or adaptive (Ziegler et al. 2019, section 2.2).
+
+    The adaptive rule moves the coefficient by at most 20% of ``n / horizon`` per update, in
+    the direction that brings the observed KL per sequence back to ``target``.
+    """
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        self.value = float(init)
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None or not math.isfinite(kl):
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon
+
+
+# --------------------------------------------------------------------------------------------
+# validation: everything that can be checked without loading weights
+
+def _need_model_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} does not exist (expected a directory written by save_pretrained)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{what} {path!r} has no config.json; is it a transformers model directory?")
+
+
+def _vocab_mismatch(a, b) -> str | None:
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return None
+    if len(va) != len(vb):
+        return f"vocabularies of {len(va)} and {len(vb)} tokens"
+    differ = [t for t in va if vb.get(t) != va[t]]
+    return f"{len(differ)} tokens map to different ids (e.g. {differ[:3]})"
+
+
+def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
+    """Raise ``ConfigError`` for anything that would fail later: bad values, missing files,
+    a reward model or critic that does not share the actor's tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config.check()
+    if config.model is not None:
+        _need_model_dir(config.model, "model")
+        if reward_fn is None and config.reward_model is None and config.reward is None:
+            raise ConfigError(f"model {config.model!r} needs a reward: pass reward_model (a sequence-classification "
+                              "model directory), reward (a built-in reward name) or a reward function")
+    if reward_fn is not None and (config.reward_model is not None or config.reward is not None):
+        raise ConfigError("a reward function was given together with reward_model/reward; give one reward source")
+    if config.reward is not None and config.reward not in builtin.REWARDS:
+        raise ConfigError(f"unknown built-in reward {config.reward!r}; choose one of {sorted(builtin.REWARDS)}")
+    if config.dataset is not None:
+        if not os.path.isfile(config.dataset):
+            raise ConfigError(f"dataset file {config.dataset!r} does not exist")
+        dataset_format(config.dataset)
+    elif config.model is not None:
+        raise ConfigError(f"model {config.model!r} needs prompts: pass dataset (a .jsonl/.json/.csv/.parquet file)")
+    for path, what in ((config.reward_model, "reward_model"), (config.critic_model, "critic_model")):
+        if path is not None:
+            _need_model_dir(path, what)
+    if config.reward_model is not None:
+        n = getattr(AutoConfig.from_pretrained(config.reward_model), "num_labels", 1)
+        if n != 1:
+            raise ConfigError(f"reward_model {config.reward_model!r} has num_labels={n}; expected 1 (a scalar score)")
+    if config.model is not None:
+        actor_tok = AutoTokenizer.from_pretrained(config.model)
+        if actor_tok.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {config.model!r} has no EOS token; generation could never stop")
+        for path, what in ((config.reward_model, "reward_model"), (config.critic_model, "critic_model")):
+            if path is None:
+                continue
+            try:
+                other = AutoTokenizer.from_pretrained(path)
+            except Exception as exc:  # noqa: BLE001 - any failure means "no usable tokenizer here"
+                raise ConfigError(f"{what} {path!r}: cannot load its tokenizer ({exc}); it must ship the actor's "
+                                  "tokenizer, since it reads the actor's token ids") from None
+            why = _vocab_mismatch(actor_tok, other)
+            if why:
+                raise ConfigError(f"{what} {path!r} uses a different tokenizer from the actor {config.model!r} "
+                                  f"({why}); it reads the actor's token ids, so both must share one tokenizer")
+
+
+# --------------------------------------------------------------------------------------------
+
+class PPOTrainer:
+    """PPO for a causal LM against a reward model or a reward function.
+
+    Args:
+        config: the run's ``PPOConfig``. ``config.model=None`` selects the built-in task.
+        reward_fn: optional ``(prompts, completions) -> scores`` (lists of str in, B floats out),
+            used instead of ``config.reward_model`` / ``config.reward``.
+
+    Attributes after construction: ``actor`` (a transformers or peft model), ``reference`` (None
+    with LoRA), ``critic`` (``TokenScorer``), ``reward_model`` (or None), ``optimizer``,
+    ``scheduler``, ``step`` (iterations done).
+    """
+
+    def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
+        from transformers import AutoTokenizer
+
+        validate(config, reward_fn)
+        self.config = config
+        cfg = config
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        if cfg.model is None:
+            model_dir, prompts_file = builtin.materialize(os.path.join(cfg.output_dir, "builtin"), seed=cfg.seed)
+            self.model_path = model_dir
+            self.dataset_path = cfg.dataset or prompts_file
+        else:
+            self.model_path, self.dataset_path = cfg.model, cfg.dataset
+
+        self.device = pick_device(cfg)
+        if self.device.type == "cpu" and cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        self.bf16 = use_bf16(cfg, self.device)
+        attn = pick_attention(cfg, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+        # Prompts first: a bad dataset should fail before gigabytes of weights are read.
+        raw = load_prompts(self.dataset_path, cfg.prompt_column)
+        self.prompts = raw
+        self.prompt_ids = encode_prompts(self.tokenizer, raw, cfg.max_prompt_length)
+        self.sampler = PromptSampler(len(raw), cfg.seed)
+
+        self.actor, self.reference = load_actor(cfg, self.model_path, self.device, attn)
+        critic_path = cfg.critic_model or cfg.reward_model or self.model_path
+        self.critic = load_critic(cfg, critic_path, from_reward=critic_path == cfg.reward_model,
+                                  device=self.device, attn=attn)
+        self.reward_model = load_reward_model(cfg.reward_model, self.device, attn) if cfg.reward_model else None
+        if reward_fn is not None:
+            self.reward_fn: RewardFn | None = reward_fn
+        elif cfg.reward is not None:
+            self.reward_fn = builtin.make_reward(cfg.reward, cfg)
+        elif cfg.reward_model is None:
+            self.reward_fn = builtin.make_reward("sentiment", cfg)
+        else:
+            self.reward_fn = None
+
+        actor_params = [p for p in self.actor.parameters() if p.requires_grad]
+        critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": actor_params, "lr": cfg.learning_rate},
+             {"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate}],
+            weight_decay=cfg.weight_decay)
+        self.total_updates = cfg.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.resumed_from: str | None = None
+        if cfg.resume:
+            path = checkpoint.latest_checkpoint(cfg.output_dir)
+            if path is not None:
+                self.step = checkpoint.load(self, path)
+                self.resumed_from = path
+
+    # ----------------------------------------------------------------------------------------
+    def _lr_factor(self, update: int) -> float:
+        warm = self.config.warmup_steps
+        if warm and update < warm:
+            return (update + 1) / warm
+        if self.config.lr_schedule == "linear":
+            return max(0.0, 1.0 - (update - warm) / max(1, self.total_updates - warm))
+        return 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "kl_coef": self.kl.value, "sampler": self.sampler.state_dict(),
+                "shuffle_gen": self.shuffle_gen.get_state(), "rng": checkpoint.rng_state(),
+                "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl.value = float(state["kl_coef"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> str:
+        return checkpoint.save(self, self.step)
+
+    def _sync(self) -> float:
+        # Phase timings on a GPU are meaningless without waiting for the queued kernels.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one response per prompt with a KV cache.
+
+        Args: prompt_ids, prompt_mask: int64 ``[B, P]``, left-padded.
+        Returns: ``(responses, mask)``: int64 ``[B, R]`` (pad after EOS) and bool ``[B, R]``, true
+        up to and including the first EOS; ``R <= max_new_tokens`` (stops once every row is done).
+        """
+        cfg, tok = self.config, self.tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        b = prompt_ids.shape[0]
+        attn = prompt_mask.clone()
+        pos = position_ids_from(attn)
+        done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+        out_tokens, out_mask = [], []
+        with autocast(self.device, self.bf16):
+            out = self.actor(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        next_pos = pos[:, -1:] + 1
+        for _ in range(cfg.max_new_tokens):
+            logits = out.logits[:, -1, :].float() / cfg.temperature
+            probs = torch.softmax(logits, dim=-1)
+            if cfg.top_p < 1.0:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                # Drop a token when the tokens strictly more likely already reach top_p mass.
+                drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            nxt = torch.multinomial(probs, 1).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out_tokens.append(nxt)
+            out_mask.append(~done)
+            done = done | (nxt == eos)
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, out_mask[-1].long()[:, None]], dim=1)
+            with autocast(self.device, self.bf16):
+                out = self.actor(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
+                                 past_key_values=out.past_key_values, use_cache=True)
+            next_pos = next_pos + 1
+        return torch.stack(out_tokens, 1), torch.stack(out_mask, 1)
+
+    @torch.no_grad()
+    def score(self, prompts: list[Any], seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+              responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B]`` float32 scores from the reward model (at the last response token) or function."""
+        if self.reward_model is not None:
+            last = seq.shape[1] - responses.shape[1] + mask.long().sum(1) - 1
+            out = []
+            with autocast(self.device, self.bf16):
+                for rows in torch.arange(seq.shape[0], device=seq.device).split(self.config.micro_batch_size):
+                    out.append(self.reward_model.score_last(seq[rows], attn[rows], pos[rows], last[rows]).float())
+            return torch.cat(out)
+        completions = [self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True)
+                       for r, m in zip(responses.cpu(), mask.cpu())]
+        scores = self.reward_fn([prompt_text(p) for p in prompts], completions)
+        scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
+        if scores.shape != (len(prompts),):
+            raise ValueError(f"reward function returned {scores.shape[0]} scores for {len(prompts)} completions")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"reward function returned non-finite scores: {scores.tolist()}")
+        return scores.to(self.device)
+
+    # ----------------------------------------------------------------------------------------
+    def iteration(self) -> dict[str, Any]:
+        """Run one PPO iteration; returns its metrics (also what goes into metrics.jsonl)."""
+        cfg, dev = self.config, self.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = self._sync()
+
+        idx = self.sampler.next(cfg.batch_size)
+        prompts = [self.prompts[i] for i in idx]
+        prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
+        responses, mask = self.generate(prompt_ids, prompt_mask)
+        width = prompt_ids.shape[1]
+        seq = torch.cat([prompt_ids, responses], 1)
+        attn = torch.cat([prompt_mask, mask.long()], 1)
+        pos = position_ids_from(attn)
+        t1 = self._sync()
+
+        scores = self.score(prompts, seq, attn, pos, responses, mask)
+        t2 = self._sync()
+
+        # Micro-batched like the updates: a rollout-sized forward would hold B x T x V logits at once.
+        old_logprobs, entropy, ref_logprobs, old_values = [], [], [], []
+        with torch.no_grad(), autocast(dev, self.bf16):
+            for rows in torch.arange(cfg.batch_size, device=dev).split(cfg.micro_batch_size):
+                s_, a_, p_, m_ = seq[rows], attn[rows], pos[rows], mask[rows]
+                lp, ent = response_logprobs(self.actor, s_, a_, p_, width, m_, cfg.temperature)
+                with reference_policy(self.actor, self.reference) as ref:
+                    rlp, _ = response_logprobs(ref, s_, a_, p_, width, m_, cfg.temperature)
+                v = self.critic(s_, a_, p_)[:, width - 1:-1]
+                old_logprobs.append(lp)
+                entropy.append(ent)
+                ref_logprobs.append(rlp)
+                old_values.append(torch.where(m_, v, 0.0))
+        old_logprobs, entropy = torch.cat(old_logprobs), torch.cat(entropy)
+        ref_logprobs, old_values = torch.cat(ref_logprobs), torch.cat(old_values)
+        shaped = scores.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else scores
+        advantages, returns, rewards, kl = fastppo.compute_advantages(
+            shaped, old_logprobs, ref_logprobs, old_values, mask, kl_coef=self.kl.value,
+            estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
+        t3 = self._sync()
+
+        # Statistics stay tensors until the iteration ends: one host sync instead of one per step.
+        stats_sum: dict[str, torch.Tensor] = {}
+        n_updates = 0
+        t_fwd = t_bwd = 0.0
+        grad_norms = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size, generator=self.shuffle_gen).to(dev)
+            for mini in order.split(cfg.mini_batch_size):
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in mini.split(cfg.micro_batch_size):
+                    ta = self._sync()
+                    loss, stats = self._loss(micro, seq, attn, pos, width, mask, old_logprobs, advantages,
+                                             old_values, returns)
+                    tb = self._sync()
+                    # Each micro-batch loss is aggregated over its own rows; weighting it by its share
+                    # of the mini-batch's rows makes the accumulated gradient that of the whole
+                    # mini-batch: exactly for the seq-mean modes, up to uneven lengths for token-mean.
+                    (loss * (micro.numel() / mini.numel())).backward()
+                    t_fwd += tb - ta
+                    t_bwd += self._sync() - tb
+                    for k, v in stats.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * (micro.numel() / mini.numel())
+                tb = self._sync()
+                grad_norms.append(self._clip_grads())
+                self.optimizer.step()
+                self.scheduler.step()
+                n_updates += 1
+                t_bwd += self._sync() - tb
+        t4 = self._sync()
+
+        self.step += 1
+        valid = mask.float()
+        kl_seq = float((kl * valid).sum(1).mean())
+        kl_coef_used = self.kl.value
+        self.kl.update(kl_seq, cfg.batch_size)
+        n_tokens = int(valid.sum())
+        row = {
+            "step": self.step,
+            **{k: float(v) / n_updates for k, v in stats_sum.items()},  # ppo_loss stats, mean over updates
+            "score_mean": float(scores.mean()),
+            "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "reward_mean": float((rewards * valid).sum(1).mean()),
+            "kl": kl_seq,
+            "kl_coef": kl_coef_used,
+            "entropy": masked_mean(entropy, mask),
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "value_mean": masked_mean(old_values, mask),
+            "advantage_mean": masked_mean(advantages, mask),
+            "response_length": float(valid.sum(1).mean()),
+            "grad_norm": float(torch.stack(grad_norms).float().mean()) if grad_norms else 0.0,
+            "lr": self.scheduler.get_last_lr()[0],
+            "time_generate": t1 - t0,
+            "time_score": t2 - t1,
+            "time_forward": t3 - t2 + t_fwd,
+            "time_backward": t_bwd,
+            "time_iteration": t4 - t0,
+            "tokens_per_s": n_tokens / max(t4 - t0, 1e-9),
+            "generate_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+            "peak_memory_mb": peak_memory_mb(dev),
+        }
+        return row
+
+    def _loss(self, micro, seq, attn, pos, width, mask, old_logprobs, advantages, old_values, returns):
+        cfg = self.config
+        m = mask[micro]
+        with autocast(self.device, self.bf16):
+            logprobs, entropy = response_logprobs(self.actor, seq[micro], attn[micro], pos[micro], width, m,
+                                                  cfg.temperature)
+            values = self.critic(seq[micro], attn[micro], pos[micro])[:, width - 1:-1]
+        values = torch.where(m, values, 0.0)
+        return fastppo.ppo_loss(
+            logprobs, old_logprobs[micro], advantages[micro], values, old_values[micro], returns[micro], m,
+            entropy=entropy if cfg.ent_coef else entropy.detach(), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+            agg=cfg.loss_agg)
+
+    def _clip_grads(self) -> torch.Tensor:
+        # Actor and critic clipped separately: the value loss' large early gradients must not
+        # shrink the policy's step (they share one optimizer, not one gradient scale).
+        norms = []
+        for group in self.optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        return norms[0] if norms else torch.tensor(0.0)
+
+    # ----------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run the remaining iterations; returns ``{"history", "first_score", "last_score", ...}``."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        log = MetricsLog(metrics_path, keep_up_to=self.step if self.resumed_from else None)
+        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not cfg.progress, desc="ppo",
+                   unit="it", dynamic_ncols=True, file=sys.stderr)
+        last_ckpt = self.resumed_from
+        try:
+            while self.step < cfg.iterations:
+                row = self.iteration()
+                log.write(row)
+                bar.update(1)
+                bar.set_postfix(score=f"{row['score_mean']:.3f}", kl=f"{row['kl']:.3f}",
+                                len=f"{row['response_length']:.1f}")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.iterations:
+                    last_ckpt = self.save_checkpoint()
+        finally:
+            bar.close()
+        if last_ckpt is None or not last_ckpt.endswith(f"step-{self.step:08d}"):
+            last_ckpt = self.save_checkpoint()
+        history = read_metrics(metrics_path)
+        plot_path, renderer = None, None
+        if cfg.plot and history:
+            plot_path = os.path.join(cfg.output_dir, "metrics.png")
+            renderer = plot_metrics(history, plot_path)
+        return {
+            "history": history,
+            "first_score": history[0]["score_mean"] if history else float("nan"),
+            "last_score": history[-1]["score_mean"] if history else float("nan"),
+            "checkpoint": last_ckpt,
+            "metrics": metrics_path,
+            "plot": plot_path,
+            "plot_renderer": renderer,
+        }
