@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from . import _dispatch, reference
-from .testing import triton_version
+from .testing import select_ops, triton_version
 
 GiB = 1024**3
 
@@ -354,13 +354,11 @@ def _fmt(x, spec):
 def main(args) -> int:
     on_gpu = torch.cuda.is_available()
     cases = build_cases(on_gpu, args.quick)
-    if args.ops:
-        wanted = set(args.ops.split(","))
-        unknown = wanted - {c.op for c in cases}
-        if unknown:
-            print(f"error: unknown op(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-            return 2
-        cases = [c for c in cases if c.op in wanted]
+    try:
+        cases = select_ops(cases, args.ops)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     reps = args.reps or (100 if on_gpu else 5)
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"fastppo bench on {device_name}")

@@ -108,3 +108,14 @@ def triton_version() -> str:
         return triton.__version__
     except Exception:  # pragma: no cover - triton is a dependency
         return "not installed"
+
+
+def select_ops(cases: list, ops: str | None) -> list:
+    """The cases whose ``.op`` is named in the comma-separated ``ops`` (all when None)."""
+    if not ops:
+        return cases
+    wanted = set(ops.split(","))
+    unknown = wanted - {c.op for c in cases}
+    if unknown:
+        raise ValueError(f"unknown op(s) {', '.join(sorted(unknown))}")
+    return [c for c in cases if c.op in wanted]

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import _dispatch, reference
-from .testing import TOL, errors, random_mask, triton_version, within
+from .testing import TOL, errors, random_mask, select_ops, triton_version, within
 
 # Forward outputs are float32 and most are sums of a few float32 terms; reductions over many
 # tokens (losses, whitening statistics) need headroom for the order of the float32 accumulation.
@@ -324,13 +324,11 @@ def main(args) -> int:
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     gen = torch.Generator().manual_seed(seed)
     cases = build_cases(large=on_gpu and not args.small)
-    if args.ops:
-        wanted = set(args.ops.split(","))
-        unknown = wanted - {c.op for c in cases}
-        if unknown:
-            print(f"error: unknown op(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-            return 2
-        cases = [c for c in cases if c.op in wanted]
+    try:
+        cases = select_ops(cases, args.ops)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     kernels = sorted(_dispatch.kernel_ops())
     if on_gpu:
         print(f"fastppo verify on {torch.cuda.get_device_name()} (native Triton), seed {seed}")
