@@ -20,7 +20,7 @@ them) and writes d logprobs, d values and d X in their inputs' dtypes.
 
 Layers, top to bottom: the ``@triton.jit`` kernels; the launchers (tiling, contiguity, scratch);
 the ``torch.autograd.Function``; the public functions with the reference's signatures.
-Only long-standing ``triton.language`` features are used (Triton 3.1+ compiles this file).
+Only long-standing ``triton.language`` features are used; compiled offline for sm_90 with Triton 3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ AGG_CODES = {
 # Columns of a program's slot in the partial-sum table (padded to NPART for 2-D loads).
 _P_SUM, _V_SUM, _X_SUM, _COUNT, _CLIP, _CLIP_LOW, _KL, _VCLIP, _NROWS = range(9)
 NPART = 16
+# The same width for the kernels: a @triton.jit body may only read constexpr globals.
+_NPART = tl.constexpr(NPART)
 
 # Order of the statistics vector the forward writes.
 STAT_NAMES = ("policy_loss", "value_loss", "entropy", "clipfrac", "clipfrac_lower", "approx_kl", "value_clipfrac")
@@ -102,7 +104,7 @@ def _ppo_fwd_kernel(
     valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
     validf = valid.to(tl.float32)
     row_cnt = tl.sum(validf, axis=1)
-    slot = part_ptr + pid * NPART
+    slot = part_ptr + pid * _NPART
 
     if HAS_P:
         lp = _load_valid(lp_ptr, offs, inb, valid)
@@ -195,12 +197,12 @@ def _ppo_fwd_kernel(
     n_prog = n_r * tl.num_programs(1)
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == n_prog - 1:
-        ks = tl.arange(0, NPART)
-        acc = tl.zeros((BLOCK_P, NPART), dtype=tl.float32)
+        ks = tl.arange(0, _NPART)
+        acc = tl.zeros((BLOCK_P, _NPART), dtype=tl.float32)
         for p0 in range(0, n_prog, BLOCK_P):
             ps = p0 + tl.arange(0, BLOCK_P)
             acc += tl.load(
-                part_ptr + ps[:, None] * NPART + ks[None, :],
+                part_ptr + ps[:, None] * _NPART + ks[None, :],
                 mask=(ps < n_prog)[:, None] & (ks < 9)[None, :],
                 other=0.0,
                 volatile=True,
@@ -229,12 +231,14 @@ def _ppo_fwd_kernel(
                     rsv = tl.zeros((BLOCK_RB,), dtype=tl.float32)
                     rsx = tl.zeros((BLOCK_RB,), dtype=tl.float32)
                     for c in range(0, NCB):
-                        rp = row_part_ptr + c * B + rb
-                        cnt += tl.load(rp + 3 * NCB * B, mask=rm, other=0.0, volatile=True)
+                        # Not `rp`: a name bound before the loop (with BLOCK_R lanes) would be a
+                        # loop-carried variable whose type changes to BLOCK_RB lanes here.
+                        rpc = row_part_ptr + c * B + rb
+                        cnt += tl.load(rpc + 3 * NCB * B, mask=rm, other=0.0, volatile=True)
                         if AGG == 2:
-                            rsp += tl.load(rp, mask=rm, other=0.0, volatile=True)
-                            rsv += tl.load(rp + NCB * B, mask=rm, other=0.0, volatile=True)
-                            rsx += tl.load(rp + 2 * NCB * B, mask=rm, other=0.0, volatile=True)
+                            rsp += tl.load(rpc, mask=rm, other=0.0, volatile=True)
+                            rsv += tl.load(rpc + NCB * B, mask=rm, other=0.0, volatile=True)
+                            rsx += tl.load(rpc + 2 * NCB * B, mask=rm, other=0.0, volatile=True)
                     has = cnt > 0
                     nr_acc += has.to(tl.float32)
                     if AGG == 2:
