@@ -33,6 +33,8 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _is_tensor(name: str, t) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"{name} is required: expected a torch.Tensor, got None")
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return t
@@ -77,7 +79,7 @@ def _token_2d(name: str, t: torch.Tensor) -> None:
 def _mask(name: str, mask, like: torch.Tensor, like_name: str) -> None:
     _is_tensor(name, mask)
     if mask.dtype.is_complex:
-        raise ValueError(f"{name} must be bool or 0/1 numbers, got {mask.dtype}")
+        raise ValueError(f"{name} must be a bool or real tensor (valid where mask != 0), got {mask.dtype}")
     if mask.shape != like.shape:
         raise ValueError(
             f"{name} has shape {_shape(mask)} but {like_name} has {_shape(like)}; expected equal shapes"
@@ -140,7 +142,7 @@ def logprobs_from_logits(
         raise ValueError(f"inplace_backward must be True or False, got {inplace_backward!r}")
     _number("temperature", temperature, low=0.0, low_open=True)
     if value_checks_enabled() and labels.numel() > 0:
-        valid = labels if mask is None else labels[mask.bool()]
+        valid = labels if mask is None else labels[mask != 0]
         if valid.numel() > 0:
             lo, hi = int(valid.min()), int(valid.max())
             vocab = logits.shape[-1]
@@ -208,12 +210,16 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8) -> None:
     _mask("mask", mask, x, "x")
     if not isinstance(shift_mean, bool):
         raise ValueError(f"shift_mean must be True or False, got {shift_mean!r}")
-    _number("eps", eps, low=0.0)
+    _number("eps", eps, low=0.0, low_open=True)
+
+
+OPTIONAL_TENSORS = ("is_weights", "entropy")
 
 
 def _loss_common(named_floats, mask, agg) -> None:
+    """Checks shared by the losses. Only ``is_weights`` and ``entropy`` may be None."""
     for name, t in named_floats:
-        if t is not None:
+        if t is not None or name not in OPTIONAL_TENSORS:
             _float_tensor(name, t)
     first_name, first = named_floats[0]
     _token_2d(first_name, first)

@@ -44,6 +44,15 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+def valid_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The contract's mask rule: a position is valid where ``mask != 0``.
+
+    A float mask of 2, 0.5 or -1 marks a valid token, and so does NaN (NaN != 0); a mask is never a
+    weight (weights are ``is_weights``).
+    """
+    return mask != 0
+
+
 def _validated(check):
     """Run ``check`` with the op's arguments, then the op; keep the bare op as ``.raw``."""
 
@@ -64,16 +73,33 @@ def _validated(check):
 # --------------------------------------------------------------------------------------------
 
 
-def _row_logprob_entropy(z: torch.Tensor, labels: torch.Tensor):
-    """z: [N, V] scaled logits in the compute dtype; returns ([N] log-prob, [N] entropy)."""
-    lse = torch.logsumexp(z, dim=-1)
-    logprobs = torch.gather(z, -1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
-    p = torch.exp(z - lse.unsqueeze(-1))
-    # H = lse - sum_v p_v z_v. A -inf logit has p = 0 and contributes nothing; zeroing it first
+def _row_logprob_entropy(x: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """x: [N, V] logits in the compute dtype; returns ([N] log-prob, [N] entropy) of x / temperature.
+
+    Everything is computed from z' = (x - max(x)) / temperature: at |x| ~ 1e4 the float32 spacing
+    is ~1e-3, so lse(z) - z[label] or lse(z) - sum p z subtract two numbers of that size and lose
+    the answer (an entropy of 2.75 for a row whose entropy is 1.95). The max is subtracted before
+    the division, so the only rounding is that of the small differences. The shift cancels exactly
+    in both formulas, so the max is detached (a NaN row keeps a NaN max: NaN still propagates).
+    """
+    row_max = x.detach().amax(dim=-1, keepdim=True)
+    # A row of all -inf would give -inf - -inf = NaN; keep it -inf as plain log_softmax does.
+    row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
+    shifted = (x - row_max) / temperature
+    lse = torch.logsumexp(shifted, dim=-1)
+    logprobs = torch.gather(shifted, -1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
+    p = torch.exp(shifted - lse.unsqueeze(-1))
+    # H = lse' - sum_v p_v z'_v. A -inf logit has p = 0 and contributes nothing; zeroing it first
     # keeps 0 * -inf from turning into NaN in the forward and in the backward.
-    z_finite = z.masked_fill(torch.isneginf(z), 0.0)
-    entropy = lse - (p * z_finite).sum(-1)
+    shifted_finite = shifted.masked_fill(torch.isneginf(shifted), 0.0)
+    entropy = lse - (p * shifted_finite).sum(-1)
     return logprobs, entropy
+
+
+def _safe_labels(labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Labels clamped into [0, V): with ``FASTPPO_VALUE_CHECKS=0`` an out-of-range label is not
+    caught, and the result for it is meaningless, but it must never index outside the row."""
+    return labels.long().clamp(0, vocab - 1)
 
 
 @_validated(_checks.logprobs_from_logits)
@@ -107,11 +133,10 @@ def logprobs_from_logits(
     if mask is not None:
         # Masked rows may hold garbage (even NaN); replace them before any arithmetic so that
         # neither the outputs nor the gradients can see it, then zero their outputs.
-        valid = mask.reshape(-1, 1).bool()
+        valid = mask.reshape(-1, 1) != 0
         flat_logits = torch.where(valid, flat_logits, 0.0)
         flat_labels = torch.where(valid.squeeze(1), flat_labels, 0)
-    z = flat_logits.to(dtype) / temperature
-    lp, ent = _row_logprob_entropy(z, flat_labels)
+    lp, ent = _row_logprob_entropy(flat_logits.to(dtype), _safe_labels(flat_labels, vocab), temperature)
     if mask is not None:
         lp = torch.where(valid.squeeze(1), lp, 0.0)
         ent = torch.where(valid.squeeze(1), ent, 0.0)
@@ -135,9 +160,9 @@ def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False):
     """
     dtype = compute_dtype(logits)
     vocab = logits.shape[-1]
-    z = logits.reshape(-1, vocab).to(dtype) / temperature
-    labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    _, ent = _row_logprob_entropy(z, labels)
+    x = logits.reshape(-1, vocab).to(dtype)
+    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    _, ent = _row_logprob_entropy(x, labels, temperature)
     return ent.reshape(logits.shape[:-1])
 
 
@@ -177,7 +202,7 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
 
 def last_valid_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the last valid position of every row of a ``[B, T]`` mask, and whether one exists."""
-    m = mask.bool()
+    m = valid_positions(mask)
     positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
     last = torch.where(m, positions, -1).amax(dim=1) if m.shape[1] > 0 else torch.full(
         (m.shape[0],), -1, device=m.device, dtype=torch.long
@@ -186,13 +211,15 @@ def last_valid_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @_validated(_checks.shape_rewards)
+@torch.no_grad()
 def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1"):
     """Token rewards: a KL penalty at every valid token plus the sequence score at the last one.
 
     kl[b, t]      = kl_penalty(logprobs, ref_logprobs, estimator)[b, t] at valid t, else 0
     rewards[b, t] = -kl_coef * kl[b, t]  (+ scores[b] if t is the last valid position of row b)
 
-    A row with no valid position gets no score (all zeros).
+    A row with no valid position gets no score (all zeros). Rollout data: the outputs carry no
+    gradient.
 
     Args:
         scores: ``[B]``, one scalar reward per sequence.
@@ -201,14 +228,17 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k
     Returns:
         ``(rewards, kl)``, both float32 ``[B, T]``.
     """
-    m = mask.bool()
+    m = valid_positions(mask)
     kl = kl_penalty.raw(logprobs, ref_logprobs, estimator)
     kl = torch.where(m, kl, 0.0)
     rewards = -kl_coef * kl
+    if m.shape[1] == 0:  # no position to put a score on
+        return rewards, kl
     last, has_valid = last_valid_index(m)
-    bonus = torch.where(has_valid, scores.to(rewards.dtype), 0.0)
-    rewards = rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
-    return rewards, kl
+    is_last = torch.arange(m.shape[1], device=m.device) == last.unsqueeze(1)
+    # where(), not scatter_add of a zeroed score: the score of a row with no valid token may be NaN.
+    bonus = torch.where(is_last & has_valid.unsqueeze(1), scores.to(rewards.dtype).unsqueeze(1), 0.0)
+    return rewards + bonus, kl
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +247,7 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k
 
 
 @_validated(_checks.masked_whiten)
+@torch.no_grad()
 def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     """Whiten ``x`` with the mean and unbiased variance of its valid positions.
 
@@ -226,27 +257,30 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     out  = (x - mean) * rsqrt(var + eps)   at every position    (+ mean if not shift_mean)
 
     With n < 2 there is no variance: the result is x - mean unscaled (x itself with
-    ``shift_mean=False``), and with n = 0 it is 0 everywhere. Never NaN or inf.
-    Returns float32 of the shape of ``x``.
+    ``shift_mean=False``), and with n = 0 it is 0 everywhere. Masked positions of the output are 0
+    whatever x holds there. Never NaN or inf unless x is NaN or inf at a valid position.
+    Returns float32 of the shape of ``x``; carries no gradient.
     """
-    dtype = compute_dtype(x)
-    xf = x.to(dtype)
-    valid = mask.bool()
-    n = valid.to(dtype).sum()
+    out_dtype = compute_dtype(x)
+    # The statistics are taken in float64: the square of a float32 of 1e20 overflows float32.
+    xf = x.to(torch.float64)
+    valid = valid_positions(mask)
+    n = valid.to(torch.float64).sum()
     # Written without .item(): whitening sits on the hot path and must not wait for the host.
     # where(), not x * mask: an inf at a masked position would turn the sums into NaN.
-    mean = torch.where(valid, xf, 0.0).sum() / n.clamp(min=1)
-    centered = xf - mean
+    xv = torch.where(valid, xf, 0.0)
+    mean = xv.sum() / n.clamp(min=1)
+    centered = xv - mean
     var = torch.where(valid, centered.square(), 0.0).sum() / (n - 1).clamp(min=1)
     scale = torch.where(n >= 2, torch.rsqrt(var + eps), 1.0)
     out = centered * scale
     if not shift_mean:
         out = out + mean
-    return torch.where(n > 0, out, 0.0)
-    return out
+    return torch.where(valid, out, 0.0).to(out_dtype)
 
 
 @_validated(_checks.gae)
+@torch.no_grad()
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
     """Generalised advantage estimation by a reverse scan over the valid positions.
 
@@ -261,7 +295,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
     final reward is 2, so A3 = 2 + 0 - 1.2 = 0.8 and R3 = 2.
 
     With ``whiten=True`` the advantages are whitened as ``masked_whiten`` does (returns are not).
-    Masked positions of both outputs are 0.
+    Masked positions of both outputs are 0. Rollout data: the outputs carry no gradient.
 
     Args:
         rewards, values: ``[B, T]`` float.
@@ -270,9 +304,10 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
         ``(advantages, returns)``, both float32 ``[B, T]``.
     """
     dtype = compute_dtype(rewards, values)
-    m = mask.bool()
-    r = rewards.to(dtype)
-    v = values.to(dtype)
+    m = valid_positions(mask)
+    # Masked positions may hold NaN or inf; they are skipped by the scan, never read.
+    r = torch.where(m, rewards.to(dtype), 0.0)
+    v = torch.where(m, values.to(dtype), 0.0)
     B, T = r.shape
     advantages = torch.zeros(B, T, dtype=dtype, device=r.device)
     next_value = torch.zeros(B, dtype=dtype, device=r.device)
@@ -286,7 +321,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
         next_adv = torch.where(valid, adv, next_adv)
     returns = torch.where(m, advantages + v, 0.0)
     if whiten:
-        advantages = torch.where(m, masked_whiten.raw(advantages, m), 0.0)
+        advantages = masked_whiten.raw(advantages, m)
     return advantages, returns
 
 
@@ -305,12 +340,14 @@ def aggregate(loss_mat, mask, agg="token-mean"):
     seq-mean-token-sum:      mean over rows with a valid token of  sum_t(L * m)
     seq-mean-token-sum-norm: seq-mean-token-sum / T
 
-    An empty mask gives 0, not NaN. Returns a 0-d float32 tensor.
+    An empty mask gives 0, not NaN (T = 0 included). A mask counts tokens (``mask != 0``), it
+    never weighs them. Returns a 0-d float32 tensor.
     """
     dtype = compute_dtype(loss_mat)
-    m = mask.to(dtype)
+    valid = valid_positions(mask)
+    m = valid.to(dtype)
     # where(), not multiplication: a masked position may hold inf or NaN and must not leak.
-    masked = torch.where(mask.bool(), loss_mat.to(dtype), 0.0)
+    masked = torch.where(valid, loss_mat.to(dtype), 0.0)
     if agg == "token-mean":
         return masked.sum() / m.sum().clamp(min=1)
     if agg == "token-sum":
@@ -325,11 +362,11 @@ def aggregate(loss_mat, mask, agg="token-mean"):
     seq_mean_token_sum = row_sum.sum() / n_rows
     if agg == "seq-mean-token-sum":
         return seq_mean_token_sum
-    return seq_mean_token_sum / loss_mat.shape[1]  # seq-mean-token-sum-norm
+    return seq_mean_token_sum / max(loss_mat.shape[1], 1)  # seq-mean-token-sum-norm
 
 
 def _masked_fraction(flags: torch.Tensor, mask: torch.Tensor, dtype) -> torch.Tensor:
-    m = mask.bool()
+    m = valid_positions(mask)
     return (flags & m).to(dtype).sum() / m.to(dtype).sum().clamp(min=1)
 
 
@@ -369,9 +406,12 @@ def policy_loss(
     dtype = compute_dtype(logprobs, old_logprobs, advantages, is_weights)
     if clip_high is None:
         clip_high = clip_low
-    lp = logprobs.to(dtype)
-    adv = advantages.to(dtype)
-    log_ratio = torch.clamp(lp - old_logprobs.to(dtype), -20.0, 20.0)
+    valid = valid_positions(mask)
+    # Masked positions may hold NaN or inf in any input. Zero them before any arithmetic: a
+    # where() after the fact keeps the forward clean but not the backward (0 * NaN = NaN).
+    lp = torch.where(valid, logprobs.to(dtype), 0.0)
+    adv = torch.where(valid, advantages.to(dtype), 0.0)
+    log_ratio = torch.clamp(lp - torch.where(valid, old_logprobs.to(dtype), 0.0), -20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -385,7 +425,7 @@ def policy_loss(
     else:
         clipfrac_lower = torch.zeros((), dtype=dtype, device=lp.device)
     if is_weights is not None:
-        per_token = per_token * is_weights.to(dtype)
+        per_token = per_token * torch.where(valid, is_weights.to(dtype), 0.0)
     loss = aggregate.raw(per_token, mask, agg)
     approx_kl = aggregate.raw(-log_ratio.detach(), mask, "token-mean")
     stats = {
@@ -400,8 +440,11 @@ def policy_loss(
 def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean"):
     """Clipped value loss.
 
-    v_clipped = old_values + clamp(values - old_values, -clip, clip)
+    v_clipped = clamp(values, old_values - clip, old_values + clip)
     L[t]      = max((values - returns)^2, (v_clipped - returns)^2)       ((values - returns)^2 if clip is None)
+
+    (verl's and TRL's form: inside the band v_clipped *is* values, so no rounding tie can count as
+    clipped, as ``old + clamp(v - old)`` would.)
     loss      = 0.5 * aggregate(L, mask, agg)
 
     Statistics: ``clipfrac``, the fraction of valid tokens where the clipped error is strictly
@@ -414,15 +457,17 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean")
         ``(loss, stats)``: 0-d float32 loss and ``{"clipfrac": 0-d tensor}``.
     """
     dtype = compute_dtype(values, old_values, returns)
-    v = values.to(dtype)
-    R = returns.to(dtype)
+    valid = valid_positions(mask)
+    # Masked positions may hold NaN or inf: zeroed before any arithmetic (see policy_loss).
+    v = torch.where(valid, values.to(dtype), 0.0)
+    R = torch.where(valid, returns.to(dtype), 0.0)
     unclipped = (v - R).square()
     if clip is None:
         per_token = unclipped
         clipfrac = torch.zeros((), dtype=dtype, device=v.device)
     else:
-        old = old_values.to(dtype)
-        v_clipped = old + torch.clamp(v - old, -clip, clip)
+        old = torch.where(valid, old_values.to(dtype), 0.0)
+        v_clipped = torch.clamp(v, old - clip, old + clip)
         clipped = (v_clipped - R).square()
         per_token = torch.maximum(unclipped, clipped)
         clipfrac = _masked_fraction(clipped > unclipped, mask, dtype)
@@ -436,6 +481,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean")
 
 
 @_validated(_checks.compute_advantages)
+@torch.no_grad()
 def compute_advantages(
     scores, logprobs, ref_logprobs, values, mask, *, kl_coef, estimator="k1", gamma=1.0, lam=0.95, whiten=True
 ):
@@ -447,7 +493,8 @@ def compute_advantages(
     Args:
         scores: ``[B]``; logprobs, ref_logprobs, values: ``[B, T]``; mask: ``[B, T]`` bool or 0/1.
     Returns:
-        ``(advantages, returns, rewards, kl)``, all float32 ``[B, T]``, 0 at masked positions.
+        ``(advantages, returns, rewards, kl)``, all float32 ``[B, T]``, 0 at masked positions;
+        rollout data, so none carries a gradient.
     """
     rewards, kl = shape_rewards.raw(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
     advantages, returns = gae.raw(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)

@@ -26,28 +26,37 @@ TOL_FP32_OUT = {
 }
 
 
+def _same_special(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Where actual and expected are the same infinity, or both NaN (the contract: NaN in at a
+    valid position, NaN out). These count as exact; a NaN against a number never does."""
+    same_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
+    return same_inf | (torch.isnan(a) & torch.isnan(e))
+
+
 def errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    """(max abs error, max rel error) with equal infinities counted as exact; NaN counts as inf."""
+    """(max abs error, max rel error) with equal infinities and NaN against NaN counted as exact;
+    any other NaN counts as inf."""
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
     if a.numel() == 0:
         return 0.0, 0.0
-    same_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
-    err = torch.where(same_inf, 0.0, (a - e).abs())
+    err = torch.where(_same_special(a, e), 0.0, (a - e).abs())
     err = torch.where(torch.isnan(err), float("inf"), err)
     rel = err / torch.where(torch.isinf(e), 1.0, e.abs()).clamp(min=1e-30)
     return err.max().item(), rel.max().item()
 
 
 def within(actual: torch.Tensor, expected: torch.Tensor, tol) -> torch.Tensor:
-    """Elementwise |a - e| <= atol + rtol * |e|; NaN never passes; -inf matches only -inf."""
+    """Elementwise |a - e| <= atol + rtol * |e|; NaN passes only where NaN is expected (and a
+    poisoned, unwritten output is NaN where a number is expected, so it fails); -inf matches only
+    -inf."""
     atol, rtol = tol
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
-    same_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
-    err = torch.where(same_inf, 0.0, (a - e).abs())
-    bound = atol + rtol * torch.where(torch.isinf(e), 0.0, e.abs())
-    return (err <= bound) & ~torch.isnan(a)
+    special = _same_special(a, e)
+    err = torch.where(special, 0.0, (a - e).abs())
+    bound = atol + rtol * torch.where(torch.isinf(e) | torch.isnan(e), 0.0, e.abs())
+    return special | ((err <= bound) & ~torch.isnan(a))
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol, what: str = "") -> None:

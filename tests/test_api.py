@@ -56,7 +56,8 @@ BAD_CALLS = [
     (lambda op: op.gae(tok(2, 3), tok(2, 3), torch.ones(3, 2)), "mask has shape [3, 2] but rewards has [2, 3]"),
     (lambda op: op.gae(tok(2, 3), tok(2, 3, dtype=torch.float16), MASK), "values has dtype torch.float16"),
     (lambda op: op.gae(tok(2, 3), tok(2, 3), MASK, whiten=1), "whiten must be True or False"),
-    (lambda op: op.masked_whiten(tok(2, 3), MASK, eps=-1.0), "eps must be >= 0.0"),
+    (lambda op: op.masked_whiten(tok(2, 3), MASK, eps=-1.0), "eps must be > 0.0"),
+    (lambda op: op.masked_whiten(tok(2, 3), MASK, eps=0.0), "eps must be > 0.0"),
     (lambda op: op.masked_whiten(tok(2, 3).long(), MASK), "x must be a floating tensor"),
     # losses
     (lambda op: op.policy_loss(tok(2, 3), tok(2, 3), tok(2, 3), MASK, agg="mean"), "unknown aggregation (agg) 'mean'"),

@@ -152,10 +152,10 @@ def test_whiten_hand_example():
     # x = 1, 2, 3 (and a masked 100): mean 2, unbiased variance ((1 + 0 + 1) / 2) = 1.
     x = t([[1.0, 2.0, 3.0, 100.0]])
     m = t([[1, 1, 1, 0]]).bool()
-    out = ref.masked_whiten(x, m, eps=0.0)
-    close(out, [[-1.0, 0.0, 1.0, 98.0]])  # every position is whitened, the masked one too
-    kept = ref.masked_whiten(x, m, shift_mean=False, eps=0.0)
-    close(kept, [[1.0, 2.0, 3.0, 100.0]])  # scale 1, mean added back
+    out = ref.masked_whiten(x, m, eps=1e-300)
+    close(out, [[-1.0, 0.0, 1.0, 0.0]])  # the masked position is 0 (DESIGN: masked outputs are 0)
+    kept = ref.masked_whiten(x, m, shift_mean=False, eps=1e-300)
+    close(kept, [[1.0, 2.0, 3.0, 0.0]])  # scale 1, mean added back
 
 
 def test_whiten_gives_mean_zero_and_unit_unbiased_variance(rng):
@@ -175,11 +175,12 @@ def test_whiten_eps_enters_under_the_root():
 
 
 def test_whiten_one_valid_position_is_centered_unscaled():
-    # n = 1: mean = 4, no variance, so x - 4 everywhere; with shift_mean=False, x itself.
+    # n = 1: mean = 4, no variance, so x - 4 at the valid position; with shift_mean=False, x
+    # itself. Masked positions are 0.
     x = t([[4.0, 10.0, -2.0]])
     m = t([[1, 0, 0]]).bool()
-    close(ref.masked_whiten(x, m), [[0.0, 6.0, -6.0]])
-    close(ref.masked_whiten(x, m, shift_mean=False), [[4.0, 10.0, -2.0]])
+    close(ref.masked_whiten(x, m), [[0.0, 0.0, 0.0]])
+    close(ref.masked_whiten(x, m, shift_mean=False), [[4.0, 0.0, 0.0]])
 
 
 def test_whiten_no_valid_position_is_zero():

@@ -1,0 +1,245 @@
+"""An independent float64 ground truth of every op, for ``fastppo verify`` and the tests.
+
+``fastppo.reference`` is what ``auto`` runs on CPU tensors, so it is itself under test: a
+float32 reference that loses the answer at logits of 1e4 must be caught, which a comparison of
+the reference with itself in float64 cannot do. This module is a second spelling of
+``DESIGN.md``'s formulas that shares no code with the reference and always computes in float64,
+from the caller's (already rounded) inputs. It favours the most literal form of each formula
+over speed (loops over rows, boolean indexing, host synchronisation are all fine here):
+
+* entropy as ``-sum p log p`` (the reference uses ``lse - sum p z``);
+* whitening from the selected valid values with ``torch.var`` (the reference uses where-sums);
+* the aggregation modes row by row;
+* GAE row by row over the compacted valid positions.
+
+Every function takes the op's own arguments and returns float64 tensors of the op's shapes.
+Masked positions are replaced by 0 in every input before any arithmetic (the contract: nothing at
+a masked position reaches an output or a gradient); a NaN or inf at a valid position flows
+through float64 arithmetic exactly as the formula says. The ops the contract calls
+differentiable are differentiable here too, so gradients have a ground truth as well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+F64 = torch.float64
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(F64)
+
+
+def _valid(mask: torch.Tensor) -> torch.Tensor:
+    return mask != 0
+
+
+def _zero_masked(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, t.to(F64), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax_stats(x: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """x: [N, V] float64 logits; ([N] log p[label], [N] -sum p log p) of softmax(x / temperature)."""
+    z = x / temperature
+    top = z.detach().max(dim=-1, keepdim=True).values
+    # Shift only by a finite max: an all -inf row then gives NaN, a +inf logit gives NaN, as
+    # log_softmax does; a NaN logit makes the max NaN and the whole row NaN.
+    top = torch.where(torch.isinf(top), 0.0, top)
+    shifted = z - top
+    log_norm = torch.log(torch.exp(shifted).sum(dim=-1, keepdim=True))
+    log_p = shifted - log_norm
+    p = torch.exp(log_p)
+    logprob = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    # 0 * log 0 = 0: select before multiplying, so that neither value nor gradient sees -inf.
+    entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(dim=-1)
+    return logprob, entropy
+
+
+def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=False, mask=None, inplace_backward=False):
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V).to(F64)
+    lab = labels.reshape(-1).long()
+    valid = torch.ones_like(lab, dtype=torch.bool) if mask is None else _valid(mask.reshape(-1))
+    x = torch.where(valid.unsqueeze(-1), x, 0.0)
+    lab = torch.where(valid, lab, 0).clamp(0, V - 1)
+    lp, ent = _softmax_stats(x, lab, temperature)
+    lp = torch.where(valid, lp, 0.0).reshape(labels.shape)
+    ent = torch.where(valid, ent, 0.0).reshape(labels.shape)
+    return (lp, ent) if return_entropy else lp
+
+
+def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False):
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V).to(F64)
+    _, ent = _softmax_stats(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), temperature)
+    return ent.reshape(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# KL, shaping, GAE, whitening
+# --------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
+    d = logprobs.to(F64) - ref_logprobs.to(F64)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "abs":
+        kl = torch.abs(d)
+    elif estimator == "k2":
+        kl = d * d / 2
+    else:  # k3 = exp(ref - lp) - (ref - lp) - 1
+        kl = torch.expm1(-d) + d
+    if clamp is not None:
+        kl = torch.clamp(kl, -clamp, clamp)
+    return kl
+
+
+@torch.no_grad()
+def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1"):
+    valid = _valid(mask)
+    kl = torch.where(valid, kl_penalty(_zero_masked(logprobs, valid), _zero_masked(ref_logprobs, valid), estimator), 0.0)
+    rewards = -kl_coef * kl
+    for b in range(valid.shape[0]):
+        positions = valid[b].nonzero().flatten().tolist()
+        if positions:
+            rewards[b, positions[-1]] += scores[b].to(F64)
+    return rewards, kl
+
+
+@torch.no_grad()
+def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
+    valid = _valid(mask)
+    xf = x.to(F64)
+    picked = xf[valid]
+    out = torch.zeros_like(xf)
+    if picked.numel() == 0:
+        return out
+    mean = picked.mean()
+    if picked.numel() >= 2:
+        whitened = (xf - mean) / torch.sqrt(picked.var(unbiased=True) + eps)
+    else:
+        whitened = xf - mean
+    if not shift_mean:
+        whitened = whitened + mean
+    out[valid] = whitened[valid]
+    return out
+
+
+@torch.no_grad()
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
+    valid = _valid(mask)
+    # Plain Python floats (exact float64 arithmetic) row by row: the literal recursion.
+    r, v, ok = rewards.to(F64).tolist(), values.to(F64).tolist(), valid.tolist()
+    advantages = [[0.0] * len(row) for row in r]
+    for b in range(len(r)):
+        next_value, running = 0.0, 0.0
+        for t in reversed(range(len(r[b]))):
+            if not ok[b][t]:  # masked positions are skipped, never read
+                continue
+            delta = r[b][t] + gamma * next_value - v[b][t]
+            running = delta + gamma * lam * running
+            advantages[b][t] = running
+            next_value = v[b][t]
+    adv = torch.tensor(advantages, dtype=F64).reshape(rewards.shape).to(rewards.device)
+    returns = torch.where(valid, adv + values.to(F64), 0.0)
+    if whiten:
+        adv = masked_whiten(adv, mask)
+    return adv, returns
+
+
+@torch.no_grad()
+def compute_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, estimator="k1", gamma=1.0, lam=0.95, whiten=True):
+    rewards, kl = shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
+    return advantages, returns, rewards, kl
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def aggregate(loss_mat, mask, agg="token-mean"):
+    valid = _valid(mask)
+    L = _zero_masked(loss_mat, valid)
+    B, T = L.shape
+    zero = L.sum() * 0  # keeps the graph, so an empty mask still has a (zero) gradient
+    if agg in ("token-mean", "token-sum"):
+        total = L.sum()
+        if agg == "token-sum":
+            return total
+        count = int(valid.sum())
+        return total / count if count else zero
+    rows = []
+    for b in range(B):
+        n = int(valid[b].sum())
+        if n:
+            rows.append(L[b].sum() / n if agg == "seq-mean-token-mean" else L[b].sum())
+    if not rows:
+        return zero
+    seq_mean = torch.stack(rows).mean()
+    return seq_mean / T if agg == "seq-mean-token-sum-norm" else seq_mean
+
+
+def _fraction(flags: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    count = int(valid.sum())
+    return (flags & valid).sum().to(F64) / max(count, 1)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", is_weights=None):
+    valid = _valid(mask)
+    high = clip_low if clip_high is None else clip_high
+    log_ratio = torch.clamp(_zero_masked(logprobs, valid) - _zero_masked(old_logprobs, valid), -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    A = _zero_masked(advantages, valid)
+    unclipped = -A * ratio
+    clipped = -A * torch.clamp(ratio, 1 - clip_low, 1 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    lower = torch.zeros((), dtype=F64, device=A.device)
+    if dual_clip is not None:
+        bound = -A * dual_clip
+        lower = _fraction((per_token > bound) & (A < 0), valid)
+        per_token = torch.where(A < 0, torch.minimum(per_token, bound), per_token)
+    if is_weights is not None:
+        per_token = per_token * _zero_masked(is_weights, valid)
+    stats = {
+        "clipfrac": _fraction(clipped > unclipped, valid),
+        "clipfrac_lower": lower,
+        "approx_kl": aggregate(-log_ratio.detach(), mask, "token-mean"),
+    }
+    return aggregate(per_token, mask, agg), stats
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean"):
+    valid = _valid(mask)
+    v, R = _zero_masked(values, valid), _zero_masked(returns, valid)
+    unclipped = (v - R) ** 2
+    if clip is None:
+        return 0.5 * aggregate(unclipped, mask, agg), {"clipfrac": torch.zeros((), dtype=F64, device=v.device)}
+    old = _zero_masked(old_values, valid)
+    clipped = (torch.clamp(v, old - clip, old + clip) - R) ** 2
+    per_token = torch.maximum(unclipped, clipped)
+    return 0.5 * aggregate(per_token, mask, agg), {"clipfrac": _fraction(clipped > unclipped, valid)}
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, *, entropy=None, clip_low=0.2, clip_high=None, dual_clip=None, value_clip=0.2, vf_coef=0.5, ent_coef=0.0, agg="token-mean", is_weights=None):
+    pg, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights)
+    vf, vf_stats = value_loss(values, old_values, returns, mask, clip=value_clip, agg=agg)
+    ent = aggregate(entropy, mask, agg) if entropy is not None else torch.zeros((), dtype=F64, device=pg.device)
+    loss = pg + vf_coef * vf - ent_coef * ent
+    stats = {
+        "policy_loss": pg.detach(),
+        "value_loss": vf.detach(),
+        "entropy": ent.detach(),
+        "clipfrac": pg_stats["clipfrac"],
+        "clipfrac_lower": pg_stats["clipfrac_lower"],
+        "approx_kl": pg_stats["approx_kl"],
+        "value_clipfrac": vf_stats["clipfrac"],
+    }
+    return loss, stats
