@@ -93,8 +93,13 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
         kl = torch.abs(d)
     elif estimator == "k2":
         kl = d * d / 2
-    else:  # k3 = exp(ref - lp) - (ref - lp) - 1
-        kl = torch.expm1(-d) + d
+    else:  # k3 = exp(r) - r - 1 with r = ref - lp
+        r = -d
+        if clamp is not None:
+            # Past r = 700 float64's exp overflows, and the clamp's zero gradient would meet
+            # 0 * inf = NaN; the estimate there (> 1e300) is clamped whatever the exact value.
+            r = torch.clamp(r, max=700.0)
+        kl = torch.expm1(r) - r
     if clamp is not None:
         kl = torch.clamp(kl, -clamp, clamp)
     return kl

@@ -16,6 +16,7 @@ where the token is a real response token.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -194,6 +195,11 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
         kl = 0.5 * d.square()
     else:  # k3
         r = -d
+        if clamp is not None:
+            # exp(r) - r - 1 >= r^2 / 2, so past r = sqrt(2 clamp) the estimate is clamped anyway.
+            # Capping r there first keeps exp from overflowing float32 (at r > 88), whose
+            # backward would turn the clamp's zero gradient into 0 * inf = NaN.
+            r = torch.clamp(r, max=math.sqrt(2.0 * clamp) + 1.0)
         kl = torch.exp(r) - r - 1.0
     if clamp is not None:
         kl = kl.clamp(-clamp, clamp)
