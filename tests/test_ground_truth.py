@@ -231,7 +231,9 @@ def run_against_ground_truth(op, backend, dtype, scenario, gen):
         for name, g in got_items:
             assert not g.requires_grad, f"{op} {name}: rollout ops return tensors without gradient"
         return
-    diff = [(g, w) for (_, g), (_, w) in zip(got_items, want_items) if g.requires_grad]
+    for (name, g), (_, w) in zip(got_items, want_items):
+        assert g.requires_grad == w.requires_grad, f"{op} {name}: requires_grad {g.requires_grad}, the contract says {w.requires_grad}"
+    diff = [(g, w) for (_, g), (_, w) in zip(got_items, want_items) if w.requires_grad]
     cot = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for _, w in diff]
     got_leaves = leaves(run_args, run_kwargs, grad_names)
     want_leaves = leaves(gt_args, gt_kwargs, grad_names)
