@@ -1,11 +1,14 @@
-"""``fastppo verify``: every kernel against its reference on fresh random inputs.
+"""``fastppo verify``: every kernel and every reference against an independent float64 ground truth.
 
-For each op the table holds one row per (shape, dtype, direction): the maximum absolute and
-relative error of the implementation under test against the reference computed in float64 on
-the same (already rounded) inputs, the tolerance, and PASS/FAIL. The implementation under test
-is the Triton kernel where the op has one; an op without a kernel yet is checked through its
-reference at the input dtype (``impl`` says which). Without a GPU, kernels run through Triton's
-interpreter on small shapes.
+For each op the table holds one row per (implementation, shape, dtype, direction): the maximum
+absolute and relative error against ``fastppo.groundtruth`` (a second spelling of DESIGN.md's
+formulas, always in float64, sharing no code with ``fastppo.reference``) computed from the same,
+already rounded inputs; the tolerance; and PASS/FAIL. Both the Triton kernel (``impl`` triton)
+and the PyTorch reference fed the same float32/bf16/fp16 inputs (``impl`` torch, what ``auto``
+runs on CPU tensors) are under test: a reference that is wrong in float32 fails here.
+Besides random inputs the grid holds extreme ones: logits of magnitude 1e4 with -inf entries,
+NaN/inf at every masked position with masks of 2, 0.5, -1 and NaN, and a NaN at a valid position
+(which must come out NaN). Without a GPU, kernels run through Triton's interpreter on small shapes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _dispatch, reference
+from . import _dispatch, groundtruth
 from .testing import TOL, errors, random_mask, select_ops, triton_version, within
 
 # Forward outputs are float32 and most are sums of a few float32 terms; reductions over many
@@ -39,6 +42,9 @@ class Case:
     grad: tuple[Any, ...] = ()  # positional indices / keyword names of inputs that get gradients
     fwd_tol: tuple[float, float] = FWD_TOL
     note: str = ""
+    # Outputs of the inputs' scale (losses, advantages at 1e4) get 1e-6 of their largest finite
+    # magnitude as extra absolute slack: float32 only knows a difference of two 1e4s to ~1e-3.
+    scaled: bool = False
 
 
 @dataclasses.dataclass
@@ -180,6 +186,84 @@ def _aggregate_case(B, T, agg):
     return make
 
 
+_POISON = (float("nan"), float("inf"), float("-inf"), 1e38)
+_MASK_VALUES = (2.0, 0.5, -1.0, float("nan"))
+
+
+def _poisoned(mask: torch.Tensor, x: torch.Tensor, gen) -> torch.Tensor:
+    """x with every masked position replaced by NaN, +-inf or 1e38."""
+    bad = torch.tensor(_POISON)[torch.randint(0, len(_POISON), x.shape, generator=gen)]
+    return torch.where(mask, x.float(), bad).to(x.dtype)
+
+
+def _odd_mask(mask: torch.Tensor, gen) -> torch.Tensor:
+    """The same valid positions marked by 2, 0.5, -1 or NaN (mask != 0 is the rule)."""
+    values = torch.tensor(_MASK_VALUES)[torch.randint(0, len(_MASK_VALUES), mask.shape, generator=gen)]
+    return torch.where(mask, values, 0.0)
+
+
+def _extreme_logits_case(shape):
+    """Logits of magnitude 1e4 with a -inf entry per row; masked rows full of NaN; one NaN at a
+    valid row (its outputs must be NaN)."""
+
+    def make(gen, dtype):
+        B, T, V = shape
+        logits = torch.randn(shape, generator=gen) * 1e4
+        logits[..., 1] = float("-inf")
+        mask = random_mask(B, T, gen)
+        logits = torch.where(mask.unsqueeze(-1), logits, float("nan"))
+        b, t = mask.nonzero()[0].tolist()
+        logits[b, t, 2] = float("nan")
+        labels = torch.where(mask, torch.randint(0, V, (B, T), generator=gen), -100)
+        return (logits.to(dtype), labels), {"temperature": 0.7, "return_entropy": True, "mask": _odd_mask(mask, gen)}
+
+    return make
+
+
+def _poisoned_ppo_case(B, T):
+    """Every masked position of every input is NaN/inf/1e38, the mask is 2/0.5/-1/NaN, and the
+    inputs are of magnitude 1e4: nothing may leak into the loss, the statistics or the gradients."""
+
+    def make(gen, dtype):
+        mask = random_mask(B, T, gen)
+        old = torch.randn(B, T, generator=gen) * 1e4
+        lp = old + 0.3 * torch.randn(B, T, generator=gen)
+        adv, old_v, R = (torch.randn(B, T, generator=gen) * 1e4 for _ in range(3))
+        v = old_v + 0.3 * 1e4 * torch.randn(B, T, generator=gen)
+        ent = torch.rand(B, T, generator=gen) * 3
+        w = torch.rand(B, T, generator=gen)
+        lp, old, adv, v, old_v, R, ent, w = (_poisoned(mask, x.to(dtype), gen) for x in (lp, old, adv, v, old_v, R, ent, w))
+        kwargs = {"entropy": ent, "dual_clip": 3.0, "ent_coef": 0.01, "value_clip": 2000.0, "is_weights": w, "agg": "seq-mean-token-mean"}
+        return (lp, old, adv, v, old_v, R, _odd_mask(mask, gen)), kwargs
+
+    return make
+
+
+def _poisoned_advantages_case(B, T):
+    def make(gen, dtype):
+        mask = random_mask(B, T, gen)
+        lp, ref, v = (_poisoned(mask, (torch.randn(B, T, generator=gen) * 1e4).to(dtype), gen) for _ in range(3))
+        scores = torch.where(mask.any(dim=1), torch.randn(B, generator=gen), float("nan")).to(dtype)
+        kwargs = {"kl_coef": 0.05, "estimator": "k1", "gamma": 0.99, "lam": 0.95, "whiten": True}
+        return (scores, lp, ref, v, _odd_mask(mask, gen)), kwargs
+
+    return make
+
+
+def _nan_policy_case(B, T):
+    """A NaN advantage at one valid token: the loss must be NaN, not a finite number."""
+
+    def make(gen, dtype):
+        args, kwargs = _policy_case(B, T, "token-mean", False)(gen, dtype)
+        lp, old, adv, mask = args
+        b, t = mask.nonzero()[0].tolist()
+        adv = adv.clone()
+        adv[b, t] = float("nan")
+        return (lp, old, adv, mask), kwargs
+
+    return make
+
+
 def build_cases(large: bool) -> list[Case]:
     """The verification grid: GPU-sized shapes when ``large``, interpreter-sized otherwise."""
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
@@ -214,6 +298,14 @@ def build_cases(large: bool) -> list[Case]:
             cases.append(Case("ppo_loss", f"{B}x{T} {agg}", dtype, _ppo_case(B, T, agg), grad=(0, 3, "entropy")))
         for agg in ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
             cases.append(Case("aggregate", f"{B}x{T} {agg}", dtype, _aggregate_case(B, T, agg), grad=(0,)))
+    # Extreme inputs (see the module docstring).
+    ext_logits = (4, 128, 32000) if large else (3, 5, 101)
+    for dtype in (torch.float32, torch.bfloat16):
+        desc = "x".join(map(str, ext_logits)) + " 1e4 -inf NaN"
+        cases.append(Case("logprobs_from_logits", desc, dtype, _extreme_logits_case(ext_logits), grad=(0,), note="extreme"))
+        cases.append(Case("ppo_loss", f"{B}x{T} 1e4 poisoned", dtype, _poisoned_ppo_case(B, T), grad=(0, 3, "entropy"), note="extreme", scaled=True))
+        cases.append(Case("compute_advantages", f"{B}x{T} 1e4 poisoned", dtype, _poisoned_advantages_case(B, T), note="extreme", scaled=True))
+        cases.append(Case("policy_loss", f"{B}x{T} NaN at a valid token", dtype, _nan_policy_case(B, T), grad=(0,), note="extreme"))
     # GAE in float32 only: its inputs are usually float32, and its long scans are the point.
     for b, t in ((B, T), long_rows):
         for gamma, lam, whiten in ((1.0, 0.95, False), (0.99, 1.0, True), (0.9, 0.0, False)):
@@ -252,52 +344,71 @@ def _leaves(args, kwargs, grad):
     return [args[g] if isinstance(g, int) else kwargs[g] for g in grad]
 
 
+def _errors_ok(got, want, tol, scaled) -> tuple[float, float, bool]:
+    # The contract's outputs are float32: compare with the ground truth rounded to float32 (a
+    # true 1e100 *is* inf there).
+    want = want.detach().float() if got.dtype == torch.float32 else want.detach()
+    if scaled:
+        finite = want[torch.isfinite(want)]
+        tol = (tol[0] + 1e-6 * (finite.abs().max().item() if finite.numel() else 0.0), tol[1])
+    a, r = errors(got, want)
+    return a, r, bool(within(got, want, tol).all())
+
+
 def run_case(case: Case, device: str, gen: torch.Generator) -> list[Row]:
+    """Rows for the Triton kernel (where the op has one) and the reference, both fed the case's
+    inputs, against the float64 ground truth of the very same inputs."""
     import fastppo
 
-    has_kernel = _dispatch.has_kernel(case.op)
-    impl_name = "triton" if has_kernel else "reference"
     args, kwargs = case.make(gen, case.dtype)
     args, kwargs = _to(args, kwargs, device)
-    ref_args, ref_kwargs = _to(args, kwargs, device, torch.float64)
-    for x in _leaves(args, kwargs, case.grad) + _leaves(ref_args, ref_kwargs, case.grad):
+    truth_args, truth_kwargs = _to(args, kwargs, device, torch.float64)
+    for x in _leaves(truth_args, truth_kwargs, case.grad):
         x.requires_grad_(True)
-
-    if has_kernel:
-        with fastppo.use_backend("triton"):
-            got = getattr(fastppo, case.op)(*args, **kwargs)
-    else:
-        got = getattr(reference, case.op).raw(*args, **kwargs)
-    want = getattr(reference, case.op).raw(*ref_args, **ref_kwargs)
-
-    rows = []
-    dtype_name = str(case.dtype).replace("torch.", "")
-    got_items, want_items = _flatten(got), _flatten(want)
-    worst_abs, worst_rel, ok = 0.0, 0.0, True
-    for (name, g), (_, w) in zip(got_items, want_items):
-        a, r = errors(g, w)
-        worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
-        ok = ok and g.dtype in (torch.float32, torch.float64) and bool(within(g, w, case.fwd_tol).all())
-    rows.append(Row(case.op, impl_name, "fwd", case.shape, dtype_name, worst_abs, worst_rel, *case.fwd_tol, ok, case.note))
-
+    want = getattr(groundtruth, case.op)(*truth_args, **truth_kwargs)
+    want_items = _flatten(want)
+    cotangents = [torch.randn(w.shape, generator=gen, dtype=torch.float64).to(device) for _, w in want_items if w.requires_grad]
+    want_grads = ()
     if case.grad:
-        diff = [(g, w) for (_, g), (_, w) in zip(got_items, want_items) if g.requires_grad]
-        cotangents = [torch.randn(g.shape, generator=gen, dtype=torch.float64).to(device) for g, _ in diff]
-        leaves = _leaves(args, kwargs, case.grad)
-        ref_leaves = _leaves(ref_args, ref_kwargs, case.grad)
-        got_grads = torch.autograd.grad(
-            [g for g, _ in diff], leaves, [c.to(g.dtype) for c, (g, _) in zip(cotangents, diff)], allow_unused=True
+        want_grads = torch.autograd.grad(
+            [w for _, w in want_items if w.requires_grad], _leaves(truth_args, truth_kwargs, case.grad), cotangents, allow_unused=True
         )
-        want_grads = torch.autograd.grad([w for _, w in diff], ref_leaves, cotangents, allow_unused=True)
+
+    impls = (["triton"] if _dispatch.has_kernel(case.op) else []) + ["torch"]
+    dtype_name = str(case.dtype).replace("torch.", "")
+    rows = []
+    for impl in impls:
+        run_args, run_kwargs = _to(args, kwargs, device)
+        run_args = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in run_args)
+        run_kwargs = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in run_kwargs.items()}
+        leaves = _leaves(run_args, run_kwargs, case.grad)
+        for x in leaves:
+            x.requires_grad_(True)
+        with fastppo.use_backend(impl):
+            got = getattr(fastppo, case.op)(*run_args, **run_kwargs)
+        got_items = _flatten(got)
+        worst_abs, worst_rel, ok = 0.0, 0.0, True
+        for (_, g), (_, w) in zip(got_items, want_items):
+            a, r, fine = _errors_ok(g, w, case.fwd_tol, case.scaled)
+            worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
+            ok = ok and fine and g.dtype in (torch.float32, torch.float64) and g.requires_grad == w.requires_grad
+        rows.append(Row(case.op, impl, "fwd", case.shape, dtype_name, worst_abs, worst_rel, *case.fwd_tol, ok, case.note))
+        if not case.grad:
+            continue
+        outs = [g for (_, g), (_, w) in zip(got_items, want_items) if w.requires_grad]
+        if not all(o.requires_grad for o in outs):
+            rows.append(Row(case.op, impl, "bwd", case.shape, dtype_name, math.inf, math.inf, *TOL[case.dtype], False, "no gradient"))
+            continue
+        got_grads = torch.autograd.grad(outs, leaves, [c.to(o.dtype) for c, o in zip(cotangents, outs)], allow_unused=True)
         tol = TOL[case.dtype]
         worst_abs, worst_rel, ok = 0.0, 0.0, True
         for leaf, g, w in zip(leaves, got_grads, want_grads):
             g = torch.zeros_like(leaf) if g is None else g
             w = torch.zeros_like(leaf, dtype=torch.float64) if w is None else w
-            a, r = errors(g, w)
+            a, r, fine = _errors_ok(g, w, tol, case.scaled)
             worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
-            ok = ok and g.dtype == leaf.dtype and bool(within(g, w, tol).all())
-        rows.append(Row(case.op, impl_name, "bwd", case.shape, dtype_name, worst_abs, worst_rel, *tol, ok, case.note))
+            ok = ok and fine and g.dtype == leaf.dtype
+        rows.append(Row(case.op, impl, "bwd", case.shape, dtype_name, worst_abs, worst_rel, *tol, ok, case.note))
     return rows
 
 
