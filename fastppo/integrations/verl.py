@@ -171,7 +171,18 @@ def compute_gae_advantage_return(
     advantages, _ = fastppo.gae(rewards, values, mask, gamma=_as_float(gamma), lam=_as_float(lam))
     advantages = _carry_into_gaps(advantages, mask)
     returns = advantages + values.to(advantages.dtype)
-    return fastppo.masked_whiten(advantages, mask), returns
+    return _whiten_everywhere(advantages, mask), returns
+
+
+def _whiten_everywhere(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``masked_whiten``: the valid positions' mean and unbiased variance, applied at every
+    position. ``fastppo.masked_whiten`` gives 0 at masked positions (its contract), while verl
+    keeps the whitened carried advantage there, so the adapter applies the map itself."""
+    valid = mask.to(x.dtype)
+    n = valid.sum()
+    mean = (x * valid).sum() / n
+    var = ((x - mean).square() * valid).sum() / (n - 1)
+    return (x - mean) * torch.rsqrt(var + 1e-8)
 
 
 def compute_value_loss(
