@@ -25,6 +25,15 @@ as lse - sum p z, which would cancel catastrophically for logits of magnitude 1e
 reason log p is formed as (x - m) / T - log s rather than z - lse, and the max is subtracted
 before the temperature is applied (x - m is exact near the max, x / T at 1e4 is not). -inf logits have p = 0 and are
 kept out of every product where 0 * -inf would make a NaN.
+
+NaN in, NaN out: a NaN logit in a valid row (or a +inf one, as in float64 ``log_softmax``) makes
+that row's log-prob, entropy and gradient row NaN. Every float max in both kernels is
+NaN-propagating (``_max_nan``, PTX ``max.NaN.f32``): a plain ``tl.maximum`` / ``tl.max`` compiles
+to ``max.f32``, which returns the non-NaN operand, and would report a diverged model as healthy.
+Masked rows (``mask != 0`` is valid, so a NaN mask entry counts) output 0 and a zero gradient
+whatever they hold. Labels are clamped into [0, V - 1] in both kernels: with
+``FASTPPO_VALUE_CHECKS=0`` an out-of-range label gives a meaningless number, never an
+out-of-bounds read.
 """
 
 from __future__ import annotations
@@ -52,6 +61,14 @@ _BLOCK_BYTES = 16384
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _max_nan(a, b):
+    """NaN-propagating maximum: PTX ``max.NaN.f32``. Plain ``tl.maximum`` / ``tl.max`` lower to
+    ``max.f32``, which returns the non-NaN operand, and would turn a NaN logit into a finite
+    row max (and a NaN exponent into the floor below)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -87,7 +104,8 @@ def _logprob_fwd_kernel(
     # Scalar float32 loop state. Built from a reduction so that it is a tensor of the right type
     # from the first iteration on, whatever the Triton version does with Python-float carries.
     zero_vec = tl.zeros([BLOCK], dtype=tl.float32)
-    m = tl.max(zero_vec, axis=0) + neg_inf
+    # (A sum, not a max: the kernel then holds no NaN-dropping max.f32 at all, see _max_nan.)
+    m = tl.sum(zero_vec, axis=0) + neg_inf
     s = tl.sum(zero_vec, axis=0)
     t = tl.sum(zero_vec, axis=0)
     # Exponents in base 2: log2(e) / T folded into one scale saves a multiply per element over
@@ -96,7 +114,8 @@ def _logprob_fwd_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         x = tl.load(base + cols, mask=cols < n_cols, other=neg_inf).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # NaN-propagating row max: a NaN logit makes m, and with it every output of the row, NaN.
+        m_new = _max_nan(m, tl.reduce(x, 0, _max_nan))
         # An all -inf prefix keeps m = -inf; shifting by 0 then avoids exp(-inf - -inf) = NaN.
         shift = tl.where(m_new == neg_inf, 0.0, m_new)
         alpha = tl.exp2((m - shift) * scale2)
@@ -104,8 +123,9 @@ def _logprob_fwd_kernel(
         # x * (1/T) at |x| ~ 1e4 would already carry an absolute error of ~1e-3.
         # The floor turns -inf (a -inf logit, a padded lane) into a finite exponent whose 2^d
         # is 0 in float32 anyway, so e * d below is 0 instead of 0 * -inf = NaN, with one max
-        # per element rather than a compare and a select.
-        d = tl.maximum((x - shift) * scale2, -256.0)
+        # per element rather than a compare and a select. The max propagates NaN (x NaN, or
+        # x = +inf = shift, where PyTorch's log_softmax gives NaN too) into s and t.
+        d = _max_nan((x - shift) * scale2, -256.0)
         e = tl.exp2(d)
         if WITH_ENTROPY:
             # t tracks sum e * d; moving the max rescales by alpha and subtracts
@@ -131,10 +151,14 @@ def _logprob_fwd_kernel(
     if WITH_LOGPROB:
         if HAS_MASK:
             label = tl.load(labels_ptr + row, mask=valid, other=0).to(tl.int64)
+            # Clamped into [0, V - 1]: with FASTPPO_VALUE_CHECKS=0 an out-of-range label gives a
+            # meaningless value but never an out-of-bounds read.
+            label = tl.minimum(tl.maximum(label, 0), V - 1)
             x_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
             tl.store(logprob_ptr + row, tl.where(valid, (x_label - m) * inv_temp - log_s, 0.0))
         else:
             label = tl.load(labels_ptr + row).to(tl.int64)
+            label = tl.minimum(tl.maximum(label, 0), V - 1)
             x_label = tl.load(base + label).to(tl.float32)
             tl.store(logprob_ptr + row, (x_label - m) * inv_temp - log_s)
     if WITH_ENTROPY:
@@ -192,6 +216,8 @@ def _logprob_bwd_kernel(
             label = tl.load(labels_ptr + row, mask=valid, other=0).to(tl.int64)
         else:
             label = tl.load(labels_ptr + row).to(tl.int64)
+        # Clamped as in the forward, so the one-hot sits where the forward read its logit.
+        label = tl.minimum(tl.maximum(label, 0), V - 1)
         g_lp = tl.load(grad_logprob_ptr + row).to(tl.float32) * inv_temp
         if HAS_MASK:
             g_lp = tl.where(valid, g_lp, 0.0)
@@ -208,7 +234,8 @@ def _logprob_bwd_kernel(
         in_row = cols < V
         x = tl.load(base + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
         # Floored as in the forward: p = 0 exactly where log p = -inf, and p * log p stays 0.
-        log2_p = tl.maximum((x - m) * scale2 - log2_s, -256.0)
+        # NaN-propagating: a NaN row (NaN m or log s from the forward) gets a NaN gradient row.
+        log2_p = _max_nan((x - m) * scale2 - log2_s, -256.0)
         p = tl.exp2(log2_p)
         g = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_GRAD_LOGPROB:
@@ -415,9 +442,12 @@ def logprobs_from_logits(
         logits: ``[B, T, V]`` or ``[N, V]``, float32 / bfloat16 / float16; any strides as long as
             the last dimension is contiguous (otherwise it is copied once). float64 goes to the
             reference.
-        labels: integer, shape ``logits.shape[:-1]``.
-        mask: optional bool or 0/1 of the shape of ``labels``: masked rows are not read, give 0
-            and get a zero gradient row.
+        labels: integer, shape ``logits.shape[:-1]``, in [0, V) (checked by fastppo.ops unless
+            ``FASTPPO_VALUE_CHECKS=0``; unchecked, the kernels clamp them into [0, V - 1], so an
+            out-of-range label gives a meaningless but memory-safe value).
+        mask: optional, of the shape of ``labels``; ``mask != 0`` marks a valid row (bool, or any
+            number: 2, 0.5, -1 and NaN are valid). Masked rows are not read, give 0 and get a zero
+            gradient row.
         inplace_backward: write d logits over the logits' own storage instead of a new buffer.
             Hazard: the logits hold the gradient afterwards, so nothing else may read them after
             this backward (another op's backward on the same logits, a second backward with

@@ -1,9 +1,9 @@
-"""The fused log-prob / entropy kernel (kernels/logprob.py) against the float64 reference.
+"""The fused log-prob / entropy kernel (kernels/logprob.py) against a float64 ground truth.
 
 Every case draws fresh random inputs from ``rng``, runs the kernel through the public op on the
 Triton backend with its outputs poisoned (``run_kernel``), and compares with
-``fastppo.reference.<op>.raw`` evaluated in float64 on the very same (already rounded) inputs,
-forward and through autograd for the gradients.
+``test_trust_logprob.ground_truth``: the formula written out in float64 on the very same (already
+rounded) inputs, with its analytic gradient; never another backend.
 
 Tolerances (``tests/helpers.py``): forward outputs are float32 whatever the input dtype, so they
 are held to ``TOL_FP32_OUT`` (2e-5 abs + 2e-5 rel); the gradient of the logits is stored in the
@@ -24,6 +24,7 @@ from fastppo import reference
 from fastppo.kernels import logprob as K
 
 from helpers import TOL, TOL_FP32_OUT, assert_close, random_mask
+from test_trust_logprob import assert_same, ground_truth
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Natively on a GPU when there is one, else on the CPU through the interpreter (conftest.py).
@@ -54,39 +55,31 @@ def _make_logits(layout, B, T, V, gen, dtype):
 
 
 def _check(run_kernel, logits, labels, gen, *, mask=None, temperature=1.0, grads=("logprob", "entropy")):
-    """Kernel vs float64 reference: both outputs, then d logits for the outputs in ``grads``."""
+    """Kernel vs float64 ground truth: both outputs, then d logits for the outputs in ``grads``."""
     dtype = logits.dtype
     leaf = logits.detach().requires_grad_(True)
     got_lp, got_ent = run_kernel(
         fastppo.logprobs_from_logits, leaf, labels, temperature=temperature, return_entropy=True, mask=mask
     )
-    ref_leaf = logits.detach().double().requires_grad_(True)
-    want_lp, want_ent = reference.logprobs_from_logits.raw(
-        ref_leaf, labels, temperature=temperature, return_entropy=True, mask=mask
+    cots = {name: torch.randn(got_lp.shape, generator=gen).to(DEV) for name in grads}
+    want_lp, want_ent, want_grad = ground_truth(
+        logits, labels, temperature=temperature, mask=mask, g_lp=cots.get("logprob"), g_ent=cots.get("entropy")
     )
     assert got_lp.dtype == torch.float32 and got_ent.dtype == torch.float32
-    assert_close(got_lp, want_lp, TOL_FP32_OUT[dtype], "logprobs")
-    assert_close(got_ent, want_ent, TOL_FP32_OUT[dtype], "entropy")
+    assert_same(got_lp, want_lp, TOL_FP32_OUT[dtype], "logprobs")
+    assert_same(got_ent, want_ent, TOL_FP32_OUT[dtype], "entropy")
     if mask is not None:
-        off = ~mask.bool()
+        off = mask == 0
         assert bool((got_lp[off] == 0).all()) and bool((got_ent[off] == 0).all())
     if not grads:
         return
-    pairs = {"logprob": (got_lp, want_lp), "entropy": (got_ent, want_ent)}
-    outs, ref_outs, cots = [], [], []
-    for name in grads:
-        g, w = pairs[name]
-        cot = torch.randn(g.shape, generator=gen).to(DEV)
-        outs.append(g)
-        ref_outs.append(w)
-        cots.append(cot)
+    pairs = {"logprob": got_lp, "entropy": got_ent}
     with poisoned():
-        (got_grad,) = torch.autograd.grad(outs, leaf, cots)
-    (want_grad,) = torch.autograd.grad(ref_outs, ref_leaf, [c.double() for c in cots])
+        (got_grad,) = torch.autograd.grad([pairs[n] for n in grads], leaf, [cots[n] for n in grads])
     assert got_grad.dtype == dtype and got_grad.shape == logits.shape
-    assert_close(got_grad, want_grad, TOL[dtype], f"d logits ({'+'.join(grads)})")
+    assert_same(got_grad, want_grad, TOL[dtype], f"d logits ({'+'.join(grads)})")
     if mask is not None:
-        assert bool((got_grad[~mask.bool()] == 0).all()), "masked rows must get a zero gradient"
+        assert bool((got_grad[mask == 0] == 0).all()), "masked rows must get a zero gradient"
 
 
 def poisoned():
@@ -104,7 +97,7 @@ def poisoned():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("layout,temperature", [("btv", 1.0), ("nv", 1.6), ("strided", 0.7)])
 @pytest.mark.parametrize("V", [1000, 257, 1])
-def test_matches_reference(run_kernel, rng, small_blocks, dtype, layout, temperature, V):
+def test_matches_ground_truth(run_kernel, rng, small_blocks, dtype, layout, temperature, V):
     B, T = 2, 3
     logits = _make_logits(layout, B, T, V, rng, dtype)
     labels = torch.randint(0, V, logits.shape[:-1], generator=rng).to(DEV)
@@ -151,7 +144,7 @@ def test_numeric_mask_and_t_equals_1(run_kernel, rng, small_blocks):
     mask = torch.tensor([[1.0], [0.0], [1.0], [1.0], [0.0], [1.0]], device=DEV)
     _check(run_kernel, logits, labels, rng, mask=mask.bool())
     got = run_kernel(fastppo.logprobs_from_logits, logits, labels, mask=mask)
-    want = reference.logprobs_from_logits.raw(logits.double(), labels, mask=mask)
+    want, _, _ = ground_truth(logits, labels, mask=mask)
     assert_close(got, want, TOL_FP32_OUT[torch.float32], "logprobs with a 0/1 float mask")
 
 
@@ -231,14 +224,12 @@ def test_logprobs_without_entropy(run_kernel, rng, small_blocks, dtype):
     labels = torch.randint(0, 333, (4, 5), generator=rng).to(DEV)
     leaf = logits.detach().requires_grad_(True)
     got = run_kernel(fastppo.logprobs_from_logits, leaf, labels, temperature=0.6)
-    ref_leaf = logits.detach().double().requires_grad_(True)
-    want = reference.logprobs_from_logits.raw(ref_leaf, labels, temperature=0.6)
+    cot = torch.randn(got.shape, generator=rng).to(DEV)
+    want, _, w = ground_truth(logits, labels, temperature=0.6, g_lp=cot)
     assert isinstance(got, torch.Tensor)
     assert_close(got, want, TOL_FP32_OUT[dtype], "logprobs")
-    cot = torch.randn(got.shape, generator=rng).to(DEV)
     with poisoned():
         (g,) = torch.autograd.grad(got, leaf, cot)
-    (w,) = torch.autograd.grad(want, ref_leaf, cot.double())
     assert_close(g, w, TOL[dtype], "d logits")
 
 
@@ -248,14 +239,12 @@ def test_entropy_from_logits(run_kernel, rng, small_blocks, dtype, layout):
     logits = _make_logits(layout, 2, 5, 300, rng, dtype)
     leaf = logits.detach().requires_grad_(True)
     got = run_kernel(fastppo.entropy_from_logits, leaf, temperature=1.3)
-    ref_leaf = logits.detach().double().requires_grad_(True)
-    want = reference.entropy_from_logits.raw(ref_leaf, temperature=1.3)
+    cot = torch.randn(got.shape, generator=rng).to(DEV)
+    _, want, w = ground_truth(logits, temperature=1.3, g_ent=cot)
     assert got.dtype == torch.float32
     assert_close(got, want, TOL_FP32_OUT[dtype], "entropy")
-    cot = torch.randn(got.shape, generator=rng).to(DEV)
     with poisoned():
         (g,) = torch.autograd.grad(got, leaf, cot)
-    (w,) = torch.autograd.grad(want, ref_leaf, cot.double())
     assert g.dtype == dtype
     assert_close(g, w, TOL[dtype], "d logits")
 
@@ -274,16 +263,16 @@ def test_inplace_backward(run_kernel, rng, small_blocks, dtype, strided):
     logits = full[:, :-1] if strided else full
     labels = torch.randint(0, V, logits.shape[:-1], generator=rng).to(DEV)
     mask = random_mask(B, logits.shape[1], rng).to(DEV)
-    ref_leaf = logits.detach().double().requires_grad_(True)  # a copy, taken before the overwrite
-    want_lp, want_ent = reference.logprobs_from_logits.raw(ref_leaf, labels, return_entropy=True, mask=mask)
+    cots = [torch.randn(labels.shape, generator=rng).to(DEV), torch.randn(labels.shape, generator=rng).to(DEV)]
+    # Taken before the backward overwrites the logits.
+    want_lp, want_ent, w = ground_truth(logits, labels, mask=mask, g_lp=cots[0], g_ent=cots[1])
     leaf = logits.requires_grad_(True)
     lp, ent = run_kernel(
         fastppo.logprobs_from_logits, leaf, labels, return_entropy=True, mask=mask, inplace_backward=True
     )
     assert_close(lp, want_lp, TOL_FP32_OUT[dtype], "logprobs")
-    cots = [torch.randn(lp.shape, generator=rng).to(DEV), torch.randn(lp.shape, generator=rng).to(DEV)]
+    assert_close(ent, want_ent, TOL_FP32_OUT[dtype], "entropy")
     (g,) = torch.autograd.grad([lp, ent], leaf, cots)
-    (w,) = torch.autograd.grad([want_lp, want_ent], ref_leaf, [c.double() for c in cots])
     assert_close(g, w, TOL[dtype], "d logits (inplace)")
     assert g.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
     assert g.data_ptr() == logits.data_ptr() and g.stride() == logits.stride()
@@ -292,13 +281,12 @@ def test_inplace_backward(run_kernel, rng, small_blocks, dtype, strided):
 
 def test_inplace_backward_entropy_only(run_kernel, rng, small_blocks):
     logits = _randn((6, 300), rng, torch.float16)
-    ref_leaf = logits.double().requires_grad_(True)
-    want = reference.entropy_from_logits.raw(ref_leaf)
+    cot = torch.randn(6, generator=rng).to(DEV)
+    _, want, w = ground_truth(logits, g_ent=cot)
     leaf = logits.requires_grad_(True)
     got = run_kernel(fastppo.entropy_from_logits, leaf, inplace_backward=True)
-    cot = torch.randn(6, generator=rng).to(DEV)
+    assert_close(got, want, TOL_FP32_OUT[torch.float16], "entropy")
     (g,) = torch.autograd.grad(got, leaf, cot)
-    (w,) = torch.autograd.grad(want, ref_leaf, cot.double())
     assert_close(g, w, TOL[torch.float16], "d logits (inplace)")
     assert g.data_ptr() == logits.data_ptr()
 
@@ -319,7 +307,7 @@ def test_unwritten_outputs_fail(run_kernel, rng, monkeypatch):
     """Poisoning works: a forward or backward that writes nothing is caught as NaN."""
     logits = _randn((4, 100), rng, torch.float32)
     labels = torch.randint(0, 100, (4,), generator=rng).to(DEV)
-    want = reference.logprobs_from_logits.raw(logits.double(), labels)
+    want, _, _ = ground_truth(logits, labels)
     monkeypatch.setattr(K, "_logprob_fwd_kernel", _NoLaunch())
     got = run_kernel(fastppo.logprobs_from_logits, logits, labels)
     assert bool(torch.isnan(got).all())
@@ -367,7 +355,7 @@ def test_transposed_last_dim_is_copied(run_kernel, rng, small_blocks):
 
 @pytest.mark.gpu
 def test_real_size_past_int32_offsets(rng):
-    """16384 x 152064 bf16 (N * V = 2.49e9 > 2^31): forward against a chunked float32 reference,
+    """16384 x 152064 bf16 (N * V = 2.49e9 > 2^31): forward against a chunked float64 ground truth,
     backward on the first and last rows, and no memory beyond the outputs in forward."""
     N, V = 16384, 152064
     assert N * V > 2**31
@@ -388,20 +376,17 @@ def test_real_size_past_int32_offsets(rng):
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= 64 * N + (1 << 20), f"forward allocated {extra} bytes beyond its inputs"
 
-    tol = (1e-4, 1e-4)  # float32 reference in chunks: its own rounding bounds the comparison
-    for i in range(0, N, 1024):
-        want_lp, want_ent = reference.logprobs_from_logits.raw(
-            logits[i : i + 1024].float(), labels[i : i + 1024], return_entropy=True
-        )
-        assert_close(lp[i : i + 1024], want_lp, tol, f"logprobs rows {i}..")
-        assert_close(ent[i : i + 1024], want_ent, tol, f"entropy rows {i}..")
+    tol = TOL_FP32_OUT[torch.bfloat16]
+    for i in range(0, N, 256):  # float64 ground truth on the GPU, 256 rows (311 MB) at a time
+        want_lp, want_ent, _ = ground_truth(logits[i : i + 256], labels[i : i + 256])
+        assert_close(lp[i : i + 256], want_lp, tol, f"logprobs rows {i}..")
+        assert_close(ent[i : i + 256], want_ent, tol, f"entropy rows {i}..")
 
     leaf = logits.requires_grad_(True)
     with fastppo.use_backend("triton"):
         lp, ent = fastppo.logprobs_from_logits(leaf, labels, return_entropy=True)
     (g,) = torch.autograd.grad([lp, ent], leaf, [torch.ones_like(lp), torch.ones_like(ent)])
     for rows in (slice(0, 256), slice(N - 256, N)):
-        sub = logits[rows].detach().float().requires_grad_(True)
-        w_lp, w_ent = reference.logprobs_from_logits.raw(sub, labels[rows], return_entropy=True)
-        (w,) = torch.autograd.grad([w_lp, w_ent], sub, [torch.ones_like(w_lp), torch.ones_like(w_ent)])
+        ones = torch.ones(256, device=device)
+        _, _, w = ground_truth(logits[rows], labels[rows], g_lp=ones, g_ent=ones)
         assert_close(g[rows], w, TOL[torch.bfloat16], f"d logits rows {rows}")
