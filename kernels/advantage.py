@@ -2,7 +2,16 @@
 
 Layout of this file, top to bottom: the ``@triton.jit`` kernels, the Python launchers (input
 checks, block and chunk sizes, contiguity), then the public functions with the exact signatures
-of ``fastppo.reference`` (none of these ops is differentiable, so there is no autograd.Function).
+of ``fastppo.reference``. ``kl_penalty`` is differentiable in both inputs (``_KLPenalty``, with a
+Triton backward kernel); ``shape_rewards``, ``gae``, ``masked_whiten`` and ``compute_advantages``
+run on rollout data and return tensors that never require grad.
+
+NaN and masks (TRUST_SPEC.md): a position is valid where ``mask != 0``; every loaded value is
+selected with ``tl.where(valid, x, 0)`` before any arithmetic, so NaN/inf at masked positions
+never reach an output or the whitening statistics, while NaN at a valid position flows through
+the scan and the statistics as it would in float64 PyTorch. No result depends on what
+``tl.maximum``/``tl.minimum`` do with NaN (PTX ``max.f32`` drops it): float max/min are
+``propagate_nan=ALL`` (``max.NaN.f32``) or explicit selects.
 
 How the reverse GAE scan is split over programs
 -----------------------------------------------
@@ -54,9 +63,9 @@ ESTIMATOR_IDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 
 # Summary planes of the workspace, each of B * NC float32 (one entry per row and chunk);
 # constexpr so that the kernels may read them as globals.
-_N, _U, _V, _MP, _MW, _CPP, _CPW, _CWW = (tl.constexpr(i) for i in range(8))
-_PLANES = tl.constexpr(8)
-_N_PLANES = 8  # the same number, for the host
+_N, _U, _V, _MP, _MW, _CPP, _CPW, _CWW, _SP = (tl.constexpr(i) for i in range(9))
+_PLANES = tl.constexpr(9)
+_N_PLANES = 9  # the same number, for the host
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,8 +86,28 @@ def _kl_estimate(lp, ref, clamp_val, EST: tl.constexpr, CLAMP: tl.constexpr):
     else:
         kl = tl.exp(-d) + d - 1.0
     if CLAMP:
-        kl = tl.minimum(tl.maximum(kl, -clamp_val), clamp_val)
+        # Explicit selects, not tl.minimum/tl.maximum: PTX min/max.f32 return the non-NaN operand,
+        # and torch.clamp(NaN) is NaN (a comparison with NaN is False, so NaN passes through).
+        kl = tl.where(kl < -clamp_val, -clamp_val, tl.where(kl > clamp_val, clamp_val, kl))
     return kl
+
+
+@triton.jit
+def _fmax(a, b):
+    """max(a, b) that returns NaN when either is NaN, on the GPU too (PTX max.NaN.f32)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _pow2_scale(a):
+    """The power of two 2^e <= a < 2^(e+1) of a >= 0 (its exponent bits; exact); 1 for 0 or denormal a.
+
+    Dividing by it is exact and leaves |a| / 2^e < 2, so scaled sums of squares cannot overflow
+    float32 and the scale multiplies back without rounding. inf and NaN give inf, which turns
+    what it scales into NaN (only reachable with inf or NaN at a valid position).
+    """
+    e = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(e > 0.0, e, 1.0)
 
 
 @triton.jit
@@ -89,6 +118,45 @@ def _kl_kernel(lp_ptr, ref_ptr, out_ptr, N, clamp_val, EST: tl.constexpr, CLAMP:
     lp = tl.load(lp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, _kl_estimate(lp, ref, clamp_val, EST, CLAMP), mask=ok)
+
+
+@triton.jit
+def _kl_bwd_kernel(lp_ptr, ref_ptr, g_ptr, glp_ptr, gref_ptr, N, clamp_val,
+                   EST: tl.constexpr, CLAMP: tl.constexpr, GRAD_LP: tl.constexpr, GRAD_REF: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Gradients of kl_penalty, written as PyTorch autograd of the reference formula computes them.
+
+    With d = lp - ref and g the incoming gradient: clamp passes g where -c <= kl <= c (0 elsewhere,
+    NaN kl included, as torch.clamp's backward); then dkl/dd is 1 (k1), sign(d) (abs; 0 at 0 and
+    at NaN, as torch.sign), d (k2) or 1 - exp(-d) (k3, as g - g * exp(-d)). d/dref = -d/dlp.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    lp = tl.load(lp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    d = lp - ref
+    if CLAMP:
+        kl = _kl_estimate(lp, ref, clamp_val, EST, False)
+        g = tl.where((kl >= -clamp_val) & (kl <= clamp_val), g, 0.0)
+    if EST == 0:
+        gd = g
+    elif EST == 1:
+        gd = g * ((d > 0.0).to(tl.float32) - (d < 0.0).to(tl.float32))
+    elif EST == 2:
+        gd = g * d
+    else:
+        gd = g - g * tl.exp(-d)
+    if GRAD_LP:
+        tl.store(glp_ptr + offs, gd, mask=ok)
+    if GRAD_REF:
+        tl.store(gref_ptr + offs, -gd, mask=ok)
+
+
+@triton.jit
+def _max_nan_combine(a, b):
+    return _fmax(a, b)
 
 
 @triton.jit
@@ -105,7 +173,7 @@ def _gae_combine(h1, f1, d1, u1, v1, h2, f2, d2, u2, v2):
     take2 = h2 > 0.0
     f = tl.where(take2, f2 + d2 * u1, f1)
     d = tl.where(take2, d2 * v1, d1)
-    return tl.maximum(h1, h2), f, d, u2 + v2 * u1, v1 * v2
+    return _fmax(h1, h2), f, d, u2 + v2 * u1, v1 * v2
 
 
 @triton.jit
@@ -179,24 +247,34 @@ def _later_chunks(rows, row_ok, c, NC, NCB: tl.constexpr):
 @triton.jit
 def _finish_stats(ws_ptr, score_ptr, B, NC, P, eps,
                   MODE: tl.constexpr, FIN_B: tl.constexpr, FIN_C: tl.constexpr):
-    """Global mean and scale of the whitening, from every chunk's summary (one program)."""
+    """Global mean and scale of the whitening, from every chunk's summary (one program).
+
+    Every chunk's moments are combined in units of a running power of two S (exact scaling):
+    S covers the chunk means, spreads and carries, so no square overflows float32 even at
+    |x| ~ 1e30; when a tile needs a larger S, the running sums are rescaled (like an online
+    softmax). NaN at a valid position reaches the sums (and so every output); masked positions
+    and empty chunks never do (they enter as exact zeros).
+    """
     i = tl.arange(0, FIN_C)
     c_in = NC - 1 - i  # column i computes the carry into chunk c_in ...
     c_src = NC - i  # ... so it scans the maps of chunks NC-1 .. c_in+1 (shifted by one column)
     acc_n = 0.0
-    acc_mean = 0.0
-    acc_m2 = 0.0
+    acc_mean = 0.0  # in units of acc_s
+    acc_m2 = 0.0  # in units of acc_s ** 2
+    acc_s = 1.0
     for r0 in range(0, B, FIN_B):
         rows = r0 + tl.arange(0, FIN_B)
         row_ok = rows < B
         in_ok = row_ok[:, None] & (c_in >= 0)[None, :]
         base = rows[:, None] * NC + tl.maximum(c_in, 0)[None, :]
         n = tl.load(ws_ptr + _N * P + base, mask=in_ok, other=0.0, cache_modifier=".cg")
+        has = n > 0.0
         mp = tl.load(ws_ptr + _MP * P + base, mask=in_ok, other=0.0, cache_modifier=".cg")
+        sp = tl.load(ws_ptr + _SP * P + base, mask=in_ok, other=1.0, cache_modifier=".cg")
         cpp = tl.load(ws_ptr + _CPP * P + base, mask=in_ok, other=0.0, cache_modifier=".cg")
         if MODE == 2:
-            mean_a = mp
-            m2_a = cpp
+            mean_a = tl.where(has, mp, 0.0)
+            mag = _fmax(tl.abs(mean_a), sp)
         else:
             src_ok = row_ok[:, None] & (c_src < NC)[None, :] & (c_src >= 0)[None, :]
             src = rows[:, None] * NC + tl.minimum(tl.maximum(c_src, 0), NC - 1)[None, :]
@@ -208,27 +286,53 @@ def _finish_stats(ws_ptr, score_ptr, B, NC, P, eps,
                 X = U + V * x_end[:, None]
             else:
                 X = U
+            # A chunk with no valid position contributes nothing, whatever its carry holds
+            # (e.g. the NaN score of a row without a valid token).
+            X = tl.where(has, X, 0.0)
             mw = tl.load(ws_ptr + _MW * P + base, mask=in_ok, other=0.0, cache_modifier=".cg")
+            mean_a = tl.where(has, mp + X * mw, 0.0)
+            # S covers |mean A|, sp and |X|; |w - mean w| <= 1 (w is a product of gamma * lam <= 1),
+            # so every scaled term below stays O(CHUNK).
+            mag = _fmax(_fmax(tl.abs(mean_a), sp), tl.abs(X))
+        mag = tl.where(has, mag, 0.0)
+        s_tile = _pow2_scale(tl.reduce(tl.reduce(mag, 1, _max_nan_combine), 0, _max_nan_combine)) * 2.0
+        s_new = _fmax(s_tile, acc_s)
+        rescale = acc_s / s_new
+        acc_mean = acc_mean * rescale
+        acc_m2 = acc_m2 * (rescale * rescale)
+        acc_s = s_new
+        q = sp / s_new
+        mean_s = mean_a / s_new
+        if MODE == 2:
+            m2_a = tl.where(has, q * q * cpp, 0.0)
+        else:
             cpw = tl.load(ws_ptr + _CPW * P + base, mask=in_ok, other=0.0, cache_modifier=".cg")
             cww = tl.load(ws_ptr + _CWW * P + base, mask=in_ok, other=0.0, cache_modifier=".cg")
-            has = n > 0.0
-            mean_a = tl.where(has, mp + X * mw, 0.0)
-            m2_a = tl.where(has, tl.maximum(cpp + X * (2.0 * cpw + X * cww), 0.0), 0.0)
+            xs = X / s_new
+            m2_a = q * q * cpp + xs * (2.0 * q * cpw + xs * cww)
+            # Rounding can leave a tiny negative sum; a NaN must stay NaN (a select, not a max).
+            m2_a = tl.where(has, tl.where(m2_a < 0.0, 0.0, m2_a), 0.0)
         # Exact parallel combination of the tile's chunks, then Chan's update of the running total.
         tn = tl.sum(tl.sum(n, axis=1), axis=0)
-        tmean = tl.sum(tl.sum(n * mean_a, axis=1), axis=0) / tl.maximum(tn, 1.0)
-        dev = tl.where(n > 0.0, mean_a - tmean, 0.0)
+        tmean = tl.sum(tl.sum(n * mean_s, axis=1), axis=0) / _fmax(tn, 1.0)
+        dev = tl.where(has, mean_s - tmean, 0.0)
         tm2 = tl.sum(tl.sum(m2_a + n * dev * dev, axis=1), axis=0)
         tot = acc_n + tn
         delta = tmean - acc_mean
-        frac = tn / tl.maximum(tot, 1.0)
+        frac = tn / _fmax(tot, 1.0)
         acc_mean = acc_mean + delta * frac
         acc_m2 = acc_m2 + tm2 + delta * delta * acc_n * frac
         acc_n = tot
-    var = acc_m2 / tl.maximum(acc_n - 1.0, 1.0)
+    var_s = acc_m2 / _fmax(acc_n - 1.0, 1.0)
+    # var = var_s * S^2 may overflow float32 (|x| > ~1e19): then 1 / sqrt(var + eps) is taken as
+    # 1 / (S * sqrt(var_s + eps / S^2)); otherwise directly, so that var = 0 gives 1 / sqrt(eps).
+    var = (var_s * acc_s) * acc_s
+    direct = 1.0 / tl.sqrt(var + eps)
+    scaled = 1.0 / (acc_s * tl.sqrt(var_s + (eps / acc_s) / acc_s))
+    inv_std = tl.where(var < 1e30, direct, scaled)
     # Fewer than two valid positions: no variance, so no scaling (DESIGN.md).
-    scale = tl.where(acc_n >= 2.0, 1.0 / tl.sqrt(var + eps), 1.0)
-    mean = tl.where(acc_n > 0.0, acc_mean, 0.0)
+    scale = tl.where(acc_n >= 2.0, inv_std, 1.0)
+    mean = tl.where(acc_n > 0.0, acc_mean * acc_s, 0.0)
     tl.store(ws_ptr + _PLANES * P, mean)
     tl.store(ws_ptr + _PLANES * P + 1, scale)
     tl.store(ws_ptr + _PLANES * P + 2, acc_n)
@@ -245,9 +349,10 @@ def _summary_kernel(
 ):
     """Launch 1: per (row, chunk) summary; with STATS, the last program reduces them globally.
 
-    Writes the planes of ``ws`` ([8, B * NC] float32): valid count, chunk map (u, v), and for
-    STATS the mean of p and w and the centred sums pp, pw, ww over the chunk's valid positions
-    (A = p + w * X_in). The finisher writes (mean, scale, count) at ``ws[8 * B * NC:]``.
+    Writes the planes of ``ws`` ([9, B * NC] float32): valid count, chunk map (u, v), and for
+    STATS the mean of p and w, the power of two sp of max |p - mean p| and the centred sums
+    pp / sp^2, pw / sp, ww over the chunk's valid positions (A = p + w * X_in). The finisher
+    writes (mean, scale, count) at ``ws[9 * B * NC:]``.
     """
     c_idx, rows, row_ok, t, inb = _tile_coords(B, T, NC, BLOCK_B, CHUNK)
     valid = _load_valid(mask_ptr, rows, t, stride_m, inb)
@@ -265,17 +370,22 @@ def _summary_kernel(
         p = _load_tile(a_ptr, rows, t, stride_a, inb)
         w = p
     if STATS:
-        # Two passes over registers: centred sums, never sum-of-squares minus squared sum.
-        n1 = tl.maximum(n, 1.0)
+        # Two passes over registers: centred sums, never sum-of-squares minus squared sum. The
+        # centred values are divided by a power of two sp (exact) before squaring, so that
+        # |x| ~ 1e30 cannot overflow; the finisher multiplies sp back.
+        n1 = _fmax(n, 1.0)
         mp = tl.sum(tl.where(valid, p, 0.0), axis=1) / n1
         cp = tl.where(valid, p - mp[:, None], 0.0)
+        sp = _pow2_scale(tl.reduce(tl.abs(cp), 1, _max_nan_combine))
+        cps = cp / sp[:, None]
         tl.store(ws_ptr + _MP * P + entry, mp, mask=row_ok)
-        tl.store(ws_ptr + _CPP * P + entry, tl.sum(cp * cp, axis=1), mask=row_ok)
+        tl.store(ws_ptr + _SP * P + entry, sp, mask=row_ok)
+        tl.store(ws_ptr + _CPP * P + entry, tl.sum(cps * cps, axis=1), mask=row_ok)
         if MODE != 2:
             mw = tl.sum(tl.where(valid, w, 0.0), axis=1) / n1
             cw = tl.where(valid, w - mw[:, None], 0.0)
             tl.store(ws_ptr + _MW * P + entry, mw, mask=row_ok)
-            tl.store(ws_ptr + _CPW * P + entry, tl.sum(cp * cw, axis=1), mask=row_ok)
+            tl.store(ws_ptr + _CPW * P + entry, tl.sum(cps * cw, axis=1), mask=row_ok)
             tl.store(ws_ptr + _CWW * P + entry, tl.sum(cw * cw, axis=1), mask=row_ok)
         # Make every thread's stores visible before taking a ticket; the last ticket reduces.
         tl.debug_barrier()
@@ -308,10 +418,12 @@ def _finalize_kernel(
         mean = tl.load(ws_ptr + _PLANES * P)
         scale = tl.load(ws_ptr + _PLANES * P + 1)
         count = tl.load(ws_ptr + _PLANES * P + 2)
+        valid = _load_valid(mask_ptr, rows, t, stride_m, inb)
         y = (x - mean) * scale
         if not SHIFT_MEAN:
             y = y + mean
-        _store_tile(out0_ptr, rows, t, T, tl.where(count > 0.0, y, 0.0), inb)
+        # Masked positions are 0 whatever x holds there (NaN and inf included).
+        _store_tile(out0_ptr, rows, t, T, tl.where(valid, tl.where(count > 0.0, y, 0.0), 0.0), inb)
     else:
         valid = _load_valid(mask_ptr, rows, t, stride_m, inb)
         r, kl = _rewards_tile(a_ptr, b_ptr, rows, t, stride_a, stride_b, inb, valid, kl_coef, clamp_val, MODE, EST, CLAMP)
@@ -515,6 +627,48 @@ def kl_penalty_launch(logprobs, ref_logprobs, estimator="k1", *, clamp=None, blo
     return out
 
 
+def kl_penalty_backward_launch(logprobs, ref_logprobs, grad_out, estimator="k1", *, clamp=None,
+                               grad_logprobs=True, grad_ref=True, block: int = 1024):
+    """Gradients (d/dlogprobs, d/dref_logprobs) of ``kl_penalty``, each in its input's dtype, or None."""
+    lp = logprobs.contiguous()
+    ref = ref_logprobs.contiguous()
+    g = grad_out.contiguous()
+    glp = new_output(lp.shape, lp.dtype, lp.device) if grad_logprobs else None
+    gref = new_output(ref.shape, ref.dtype, ref.device) if grad_ref else None
+    n = lp.numel()
+    if n == 0 or not (grad_logprobs or grad_ref):
+        return glp, gref
+    block = triton.next_power_of_2(int(block))
+    _kl_bwd_kernel[(triton.cdiv(n, block),)](
+        lp, ref, g, glp if glp is not None else g, gref if gref is not None else g,
+        n, float(clamp) if clamp is not None else 0.0,
+        EST=ESTIMATOR_IDS[estimator], CLAMP=clamp is not None,
+        GRAD_LP=bool(grad_logprobs), GRAD_REF=bool(grad_ref), BLOCK=block, num_warps=4,
+    )
+    return glp, gref
+
+
+class _KLPenalty(torch.autograd.Function):
+    """kl_penalty with a Triton backward: differentiable in logprobs and ref_logprobs."""
+
+    @staticmethod
+    def forward(ctx, logprobs, ref_logprobs, estimator, clamp):
+        ctx.save_for_backward(logprobs, ref_logprobs)
+        ctx.estimator = estimator
+        ctx.clamp = clamp
+        return kl_penalty_launch(logprobs, ref_logprobs, estimator, clamp=clamp)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logprobs, ref_logprobs = ctx.saved_tensors
+        need_lp, need_ref = ctx.needs_input_grad[:2]
+        glp, gref = kl_penalty_backward_launch(
+            logprobs, ref_logprobs, grad_out, ctx.estimator, clamp=ctx.clamp,
+            grad_logprobs=need_lp, grad_ref=need_ref,
+        )
+        return glp, gref, None, None
+
+
 def advantages_launch(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, estimator="k1",
                       gamma=1.0, lam=0.95, whiten=True, chunk=None, rows=None):
     """compute_advantages in two launches; returns (advantages, returns, rewards, kl) float32 [B, T]."""
@@ -562,37 +716,72 @@ def _is_f64(*tensors) -> bool:
     return output_dtype(*tensors) == torch.float64
 
 
+def _empty_outputs(n: int, like: torch.Tensor, *tensors) -> list[torch.Tensor] | None:
+    """Zero-filled outputs when [B, T] has no element (T = 0 or B = 0): nothing to launch."""
+    if like.numel() != 0:
+        return None
+    return [torch.zeros(like.shape, dtype=output_dtype(*tensors), device=like.device) for _ in range(n)]
+
+
+# These four ops run on rollout data: their outputs never carry a gradient, on either backend,
+# whether or not the inputs require one (the float64 path runs the reference under no_grad).
+
+
 def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
-    """Per-token KL estimate, float32 of the input shape; see ``fastppo.reference.kl_penalty``."""
+    """Per-token KL estimate, float32 of the input shape; see ``fastppo.reference.kl_penalty``.
+
+    Differentiable in both inputs (a Triton backward kernel through ``_KLPenalty``).
+    """
     if _is_f64(logprobs, ref_logprobs):
         return reference.kl_penalty.raw(logprobs, ref_logprobs, estimator, clamp=clamp)
+    if torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad):
+        return _KLPenalty.apply(logprobs, ref_logprobs, estimator, clamp)
     return kl_penalty_launch(logprobs, ref_logprobs, estimator, clamp=clamp)
 
 
+@torch.no_grad()
 def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1"):
-    """(rewards, kl), float32 [B, T]; see ``fastppo.reference.shape_rewards``."""
+    """(rewards, kl), float32 [B, T]; see ``fastppo.reference.shape_rewards``. No gradient."""
+    empty = _empty_outputs(2, logprobs, scores, logprobs, ref_logprobs)
+    if empty is not None:
+        return tuple(empty)
     if _is_f64(scores, logprobs, ref_logprobs):
         return reference.shape_rewards.raw(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
     return shape_rewards_launch(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
 
 
+@torch.no_grad()
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=False):
-    """(advantages, returns), float32 [B, T]; see ``fastppo.reference.gae``."""
+    """(advantages, returns), float32 [B, T]; see ``fastppo.reference.gae``. No gradient."""
+    empty = _empty_outputs(2, rewards, rewards, values)
+    if empty is not None:
+        return tuple(empty)
     if _is_f64(rewards, values):
         return reference.gae.raw(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
     return gae_launch(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
 
 
+@torch.no_grad()
 def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
-    """Whitened x, float32 of x's shape; see ``fastppo.reference.masked_whiten``."""
+    """Whitened x, float32 of x's shape; see ``fastppo.reference.masked_whiten``. No gradient."""
+    empty = _empty_outputs(1, x, x)
+    if empty is not None:
+        return empty[0]
     if _is_f64(x):
         return reference.masked_whiten.raw(x, mask, shift_mean=shift_mean, eps=eps)
     return masked_whiten_launch(x, mask, shift_mean=shift_mean, eps=eps)
 
 
+@torch.no_grad()
 def compute_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, estimator="k1",
                        gamma=1.0, lam=0.95, whiten=True):
-    """(advantages, returns, rewards, kl), float32 [B, T]; see ``fastppo.reference.compute_advantages``."""
+    """(advantages, returns, rewards, kl), float32 [B, T]; see ``fastppo.reference.compute_advantages``.
+
+    No gradient.
+    """
+    empty = _empty_outputs(4, logprobs, scores, logprobs, ref_logprobs, values)
+    if empty is not None:
+        return tuple(empty)
     if _is_f64(scores, logprobs, ref_logprobs, values):
         return reference.compute_advantages.raw(
             scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef, estimator=estimator,

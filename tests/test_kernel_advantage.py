@@ -1,7 +1,8 @@
-"""Triton kernels of the advantage pass (kernels/advantage.py) against the float64 reference.
+"""Triton kernels of the advantage pass (kernels/advantage.py) against a float64 ground truth.
 
-Every kernel output is compared with ``fastppo.reference.<op>.raw`` run in float64 on the very
-same (already rounded) inputs, outputs poisoned with NaN so that an element the kernel never
+Every kernel output is compared with the float64 ground truth of ``test_trust_advantage.py``
+(written from DESIGN.md's formulas, independent of ``fastppo.reference``) on the very same
+(already rounded) inputs, NaN-aware, outputs poisoned with NaN so that an element the kernel never
 writes fails. Tolerances (atol, rtol), the same for fp32 and bf16 inputs since the kernels read
 the rounded inputs exactly and compute and store in float32:
 
@@ -20,9 +21,9 @@ import pytest
 import torch
 
 import fastppo
-from fastppo import reference
 from fastppo.kernels import advantage as K
 from fastppo.testing import assert_close, random_mask
+from test_trust_advantage import check, gt_advantages, gt_gae, gt_kl, gt_shape_rewards, gt_whiten
 
 ELEMENTWISE = (2e-5, 2e-5)
 SCAN = (1e-4, 1e-4)
@@ -41,7 +42,7 @@ def _check_all(got, want, tol, names):
     assert len(got) == len(want)
     for g, w, name in zip(got, want, names):
         assert g.dtype == torch.float32, f"{name}: dtype {g.dtype}"
-        assert_close(g.cpu(), w, tol, name)
+        check(g.cpu(), w, tol, name)
 
 
 def _chunked_mask(B, T, gen):
@@ -66,7 +67,7 @@ def test_kl_penalty(rng, run_kernel, kernel_device, dtype, estimator):
     lp = _randn((3, 5, 7), rng, dtype, shift=-1.0)
     ref = _randn((3, 5, 7), rng, dtype, shift=-1.0)
     got = run_kernel(fastppo.kl_penalty, *_to(kernel_device, lp, ref), estimator)
-    want = reference.kl_penalty.raw(lp.double(), ref.double(), estimator)
+    want = gt_kl(lp.double(), ref.double(), estimator)
     _check_all([got], [want], ELEMENTWISE, [f"kl {estimator}"])
 
 
@@ -75,7 +76,7 @@ def test_kl_penalty_clamp_and_odd_block(rng, run_kernel, kernel_device, estimato
     lp = _randn((2, 37), rng, scale=3.0)
     ref = _randn((2, 37), rng, scale=3.0)
     got = run_kernel(K.kl_penalty_launch, *_to(kernel_device, lp, ref), estimator, clamp=0.5, block=16)
-    want = reference.kl_penalty.raw(lp.double(), ref.double(), estimator, clamp=0.5)
+    want = gt_kl(lp.double(), ref.double(), estimator, clamp=0.5)
     _check_all([got], [want], ELEMENTWISE, ["kl clamp"])
 
 
@@ -83,7 +84,7 @@ def test_kl_penalty_strided_and_empty(rng, run_kernel, kernel_device):
     full = _randn((4, 9), rng)
     lp, ref = full[:, :-1], full[:, 1:]  # non-contiguous views
     got = run_kernel(fastppo.kl_penalty, *_to(kernel_device, lp, ref), "k2")
-    _check_all([got], [reference.kl_penalty.raw(lp.double(), ref.double(), "k2")], ELEMENTWISE, ["kl strided"])
+    _check_all([got], [gt_kl(lp.double(), ref.double(), "k2")], ELEMENTWISE, ["kl strided"])
     empty = torch.zeros(3, 0)
     got = run_kernel(fastppo.kl_penalty, *_to(kernel_device, empty, empty))
     assert got.shape == (3, 0) and got.dtype == torch.float32
@@ -103,7 +104,7 @@ def test_shape_rewards(rng, run_kernel, kernel_device, dtype, estimator):
     mask = random_mask(B, T, rng)
     args = _to(kernel_device, scores, lp, ref, mask)
     got = run_kernel(fastppo.shape_rewards, *args, kl_coef=0.1, estimator=estimator)
-    want = reference.shape_rewards.raw(scores.double(), lp.double(), ref.double(), mask, kl_coef=0.1, estimator=estimator)
+    want = gt_shape_rewards(scores.double(), lp.double(), ref.double(), mask, kl_coef=0.1, estimator=estimator)
     _check_all(got, want, ELEMENTWISE, ["rewards", "kl"])
 
 
@@ -119,7 +120,7 @@ def test_shape_rewards_last_token_across_chunks(rng, run_kernel, kernel_device, 
     mask[3] = False  # no valid position: no score anywhere
     m = mask.float() if float_mask else mask
     got = run_kernel(K.shape_rewards_launch, *_to(kernel_device, scores, lp, ref, m), kl_coef=0.05, estimator="k3", chunk=4, rows=2)
-    want = reference.shape_rewards.raw(scores.double(), lp.double(), ref.double(), mask, kl_coef=0.05, estimator="k3")
+    want = gt_shape_rewards(scores.double(), lp.double(), ref.double(), mask, kl_coef=0.05, estimator="k3")
     _check_all(got, want, ELEMENTWISE, ["rewards", "kl"])
     assert bool((got[0][3].cpu() == 0).all())
 
@@ -135,7 +136,7 @@ def _gae_case(rng, run_kernel, kernel_device, B, T, *, gamma, lam, whiten, mask=
         mask = random_mask(B, T, rng)
     fn = K.gae_launch if launch else fastppo.gae
     got = run_kernel(fn, *_to(kernel_device, r, v, mask), gamma=gamma, lam=lam, whiten=whiten, **launch)
-    want = reference.gae.raw(r.double(), v.double(), mask, gamma=gamma, lam=lam, whiten=whiten)
+    want = gt_gae(r.double(), v.double(), mask, gamma=gamma, lam=lam, whiten=whiten)
     _check_all(got, want, SCAN, ["advantages", "returns"])
     return got
 
@@ -176,7 +177,7 @@ def test_gae_padding_layouts(rng, run_kernel, kernel_device):
     mask[6] = True  # full; row 5 and 7 empty
     r, v = _randn((B, T), rng), _randn((B, T), rng)
     got = run_kernel(K.gae_launch, *_to(kernel_device, r, v, mask.to(torch.float16)), gamma=0.97, lam=0.9, chunk=4)
-    want = reference.gae.raw(r.double(), v.double(), mask, gamma=0.97, lam=0.9)
+    want = gt_gae(r.double(), v.double(), mask, gamma=0.97, lam=0.9)
     _check_all(got, want, SCAN, ["advantages", "returns"])
     for out in got:
         assert bool((out.cpu()[~mask] == 0).all())
@@ -212,7 +213,7 @@ def test_gae_masked_garbage_does_not_leak(rng, run_kernel, kernel_device):
     r_bad = torch.where(mask, r, float("nan"))
     v_bad = torch.where(mask, v, float("inf"))
     got = run_kernel(K.gae_launch, *_to(kernel_device, r_bad, v_bad, mask), gamma=0.99, lam=0.95, whiten=True, chunk=4)
-    want = reference.gae.raw(r.double(), v.double(), mask, gamma=0.99, lam=0.95, whiten=True)
+    want = gt_gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95, whiten=True)
     _check_all(got, want, SCAN, ["advantages", "returns"])
 
 
@@ -246,7 +247,7 @@ def test_masked_whiten(rng, run_kernel, kernel_device, dtype, shift_mean):
     x = _randn((6, 13), rng, dtype, scale=3.0, shift=2.0)
     mask = random_mask(6, 13, rng)
     got = run_kernel(fastppo.masked_whiten, *_to(kernel_device, x, mask), shift_mean=shift_mean)
-    want = reference.masked_whiten.raw(x.double(), mask, shift_mean=shift_mean)
+    want = gt_whiten(x.double(), mask, shift_mean=shift_mean)
     _check_all([got], [want], SCAN, ["whitened"])
 
 
@@ -258,7 +259,7 @@ def test_masked_whiten_few_valid(rng, run_kernel, kernel_device, n_valid, shift_
     mask = torch.zeros(3, 7, dtype=torch.bool)
     mask.view(-1)[torch.randperm(21, generator=rng)[:n_valid]] = True
     got = run_kernel(fastppo.masked_whiten, *_to(kernel_device, x, mask.int()), shift_mean=shift_mean)
-    want = reference.masked_whiten.raw(x.double(), mask, shift_mean=shift_mean)
+    want = gt_whiten(x.double(), mask, shift_mean=shift_mean)
     _check_all([got], [want], SCAN, ["whitened"])
     assert bool(torch.isfinite(got.cpu()).all())
 
@@ -268,7 +269,7 @@ def test_masked_whiten_shapes_and_chunks(rng, run_kernel, kernel_device, shape):
     x = _randn(shape, rng, scale=2.0)
     mask = torch.rand(shape, generator=rng) < 0.7
     got = run_kernel(K.masked_whiten_launch, *_to(kernel_device, x, mask), eps=1e-6, chunk=4, rows=2)
-    want = reference.masked_whiten.raw(x.double(), mask, eps=1e-6)
+    want = gt_whiten(x.double(), mask, eps=1e-6)
     _check_all([got], [want], SCAN, ["whitened"])
 
 
@@ -277,7 +278,7 @@ def test_masked_whiten_large_offset_is_stable(rng, run_kernel, kernel_device):
     x = _randn((4, 24), rng, shift=1000.0)
     mask = _chunked_mask(4, 24, rng)
     got = run_kernel(K.masked_whiten_launch, *_to(kernel_device, x, mask), chunk=4)
-    want = reference.masked_whiten.raw(x.double(), mask)
+    want = gt_whiten(x.double(), mask)
     # The inputs' own float32 rounding (6e-5 at 1e3) bounds what any float32 kernel can reach.
     _check_all([got], [want], (3e-4, 3e-4), ["whitened"])
 
@@ -295,7 +296,7 @@ def _advantages_case(rng, run_kernel, kernel_device, B, T, *, dtype=torch.float3
     launch = {k: kwargs.pop(k) for k in ("chunk", "rows") if k in kwargs}
     fn = K.advantages_launch if launch else fastppo.compute_advantages
     got = run_kernel(fn, *_to(kernel_device, scores, lp, ref, v, mask), **kwargs, **launch)
-    want = reference.compute_advantages.raw(scores.double(), lp.double(), ref.double(), v.double(), mask, **kwargs)
+    want = gt_advantages(scores.double(), lp.double(), ref.double(), v.double(), mask, **kwargs)
     _check_all(got, want, SCAN, ["advantages", "returns", "rewards", "kl"])
     return got
 
@@ -370,7 +371,7 @@ def test_compute_advantages_never_syncs_on_gpu(rng):
             got_w = fastppo.masked_whiten(dev[1], dev[4])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    want = reference.compute_advantages.raw(scores.double(), lp.double(), ref.double(), v.double(), mask, kl_coef=0.05)
+    want = gt_advantages(scores.double(), lp.double(), ref.double(), v.double(), mask, kl_coef=0.05)
     _check_all(got, want, SCAN, ["advantages", "returns", "rewards", "kl"])
-    _check_all(got_gae, reference.gae.raw(v.double(), v.double(), mask, whiten=True), SCAN, ["advantages", "returns"])
-    _check_all([got_w], [reference.masked_whiten.raw(lp.double(), mask)], SCAN, ["whitened"])
+    _check_all(got_gae, gt_gae(v.double(), v.double(), mask, whiten=True), SCAN, ["advantages", "returns"])
+    _check_all([got_w], [gt_whiten(lp.double(), mask)], SCAN, ["whitened"])
