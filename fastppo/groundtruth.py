@@ -98,7 +98,8 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
         if clamp is not None:
             # Past r = 700 float64's exp overflows, and the clamp's zero gradient would meet
             # 0 * inf = NaN; the estimate there (> 1e300) is clamped whatever the exact value.
-            r = torch.clamp(r, max=700.0)
+            # (Finite r only: a NaN or inf input keeps autograd's NaN gradient.)
+            r = torch.where(torch.isfinite(r) & (r > 700.0), 700.0, r)
         kl = torch.expm1(r) - r
     if clamp is not None:
         kl = torch.clamp(kl, -clamp, clamp)

@@ -199,7 +199,9 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
             # exp(r) - r - 1 >= r^2 / 2, so past r = sqrt(2 clamp) the estimate is clamped anyway.
             # Capping r there first keeps exp from overflowing float32 (at r > 88), whose
             # backward would turn the clamp's zero gradient into 0 * inf = NaN.
-            r = torch.clamp(r, max=math.sqrt(2.0 * clamp) + 1.0)
+            # (A where(), not clamp(): a NaN or inf r keeps autograd's NaN gradient.)
+            cap = math.sqrt(2.0 * clamp) + 1.0
+            r = torch.where(torch.isfinite(r) & (r > cap), cap, r)
         kl = torch.exp(r) - r - 1.0
     if clamp is not None:
         kl = kl.clamp(-clamp, clamp)

@@ -137,9 +137,6 @@ def _kl_bwd_kernel(lp_ptr, ref_ptr, g_ptr, glp_ptr, gref_ptr, N, clamp_val,
     ref = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     d = lp - ref
-    if CLAMP:
-        kl = _kl_estimate(lp, ref, clamp_val, EST, False)
-        g = tl.where((kl >= -clamp_val) & (kl <= clamp_val), g, 0.0)
     if EST == 0:
         gd = g
     elif EST == 1:
@@ -148,6 +145,14 @@ def _kl_bwd_kernel(lp_ptr, ref_ptr, g_ptr, glp_ptr, gref_ptr, N, clamp_val,
         gd = g * d
     else:
         gd = g - g * tl.exp(-d)
+    if CLAMP:
+        # Where the clamp holds, autograd multiplies a zero gradient into the derivative. For a
+        # finite d that is exactly 0, even where float32's exp(-d) overflows (k3 at d < -88,
+        # whose float64 derivative is finite): select 0 rather than compute 0 * inf = NaN. For a
+        # NaN or infinite d keep autograd's product (NaN in, NaN out).
+        kl = _kl_estimate(lp, ref, clamp_val, EST, False)
+        finite_d = tl.abs(d) < float("inf")
+        gd = tl.where((kl >= -clamp_val) & (kl <= clamp_val), gd, tl.where(finite_d, 0.0, 0.0 * gd))
     if GRAD_LP:
         tl.store(glp_ptr + offs, gd, mask=ok)
     if GRAD_REF:
