@@ -125,7 +125,7 @@ class TorchFolds:
     floor_always = False
 
     @staticmethod
-    def fold_fwd(z, labels, c0, m, s, t, zl, bias_c, inv_temp, with_entropy, floor):
+    def fold_fwd(z, labels, c0, V, m, s, t, zl, bias_c, inv_temp, with_entropy, floor):
         C = z.shape[1]
         local = labels - c0
         inside = (local >= 0) & (local < C)
@@ -148,7 +148,7 @@ class TorchFolds:
         m.copy_(m_new)
 
     @staticmethod
-    def dlogits(z, labels, c0, m, logs, ent, glp, gent, bias_c, inv_temp, floor, out_dtype):
+    def dlogits(z, labels, c0, V, m, logs, ent, glp, gent, bias_c, inv_temp, floor, out_dtype):
         """d logits of the tile (``z`` holds the tile's logits and is reused)."""
         C = z.shape[1]
         logp = z.sub_(m.unsqueeze(1))
@@ -209,7 +209,7 @@ def forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_size, fo
             r1 = min(r0 + rows, Nv)
             z = _tile_logits(h_mm[r0:r1], w_c, b_c, folds.bias_in_mm)
             folds.fold_fwd(
-                z, labels[r0:r1], c0, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor
+                z, labels[r0:r1], c0, V, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor
             )
     return m, s, t, zl
 
@@ -255,7 +255,7 @@ def backward_pass(h, weight, bias, labels, m, logs, ent, glp, gent, inv_temp, ch
             h_t = h_mm[r0:r1]
             z = _tile_logits(h_t, w_c, b_c, folds.bias_in_mm)
             g = folds.dlogits(
-                z, labels[r0:r1], c0, m[r0:r1], logs[r0:r1], None if ent is None else ent[r0:r1],
+                z, labels[r0:r1], c0, V, m[r0:r1], logs[r0:r1], None if ent is None else ent[r0:r1],
                 None if glp is None else glp[r0:r1], None if gent is None else gent[r0:r1],
                 b_c, inv_temp, floor, g_dtype,
             )
