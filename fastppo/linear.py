@@ -342,8 +342,9 @@ class LinearLogprob(torch.autograd.Function):
             if g is None:
                 return None
             g = g.reshape(N)
-            # Masked rows' incoming gradients (even NaN) are never read.
-            return (g.index_select(0, idx) if idx is not None else g).to(m.dtype)
+            # Masked rows' incoming gradients (even NaN) are never read. contiguous(): the
+            # gradient of a .sum() arrives as an expanded (stride 0) tensor.
+            return (g.index_select(0, idx) if idx is not None else g).to(m.dtype).contiguous()
 
         dh, dw, db = backward_pass(
             h, weight, bias, lab, m, logs, ent, pick(glp), pick(gent), ctx.inv_temp, ctx.chunk_size,
