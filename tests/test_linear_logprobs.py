@@ -156,18 +156,21 @@ def check(backend, run_kernel, gen, hidden, weight, labels, *, bias=None, temper
     (d_logits,) = torch.autograd.grad(want, t_z, [c for _, c in cots])
     want_grads = torch.autograd.grad(t_logits, t_leaves, d_logits)
     atol, rtol = TOL[dtype]
-    extra = [0.0] * 3
+    # Every path forms d logits G in some dtype before the gradient matmuls; rounding G (unit u,
+    # a few ulps in float32, one rounding to bf16/fp16 for the Triton path's cuBLAS operand, as
+    # in the full-logits path) moves d hidden by up to u * |G| @ |W|, d weight by u * |G|.T @ |h|
+    # and d bias by u * sum |G|. With a large common logit offset (a weight column of 100) these
+    # exceed the elementwise tolerance where the exact gradient cancels to ~0 (sum_v G = 0).
     if backend == "triton" and dtype in (torch.bfloat16, torch.float16):
-        # The Triton path hands cuBLAS d logits in the input dtype (as the full-logits path does):
-        # rounding them (unit u) moves d hidden by up to u * |G| @ |W|, d weight by u * |G|.T @ |h|
-        # and d bias by u * sum |G|. With a large common logit offset these exceed the elementwise
-        # tolerance where the exact gradient cancels to ~0 (sum_v G = 0 per row).
         u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-        G = d_logits.abs().nan_to_num(0.0)
-        h64 = hidden.reshape(-1, hidden.shape[-1]).double().abs()
-        if mask is not None:
-            h64 = torch.where((mask.reshape(-1) != 0)[:, None], h64, 0.0)
-        extra = [u * (G @ weight.double().abs()).reshape(hidden.shape), u * (G.T @ h64), u * G.sum(0)]
+    else:
+        u = 8 * 2.0**-24
+    G = d_logits.abs().nan_to_num(0.0)
+    h64 = hidden.reshape(-1, hidden.shape[-1]).double().abs()
+    if mask is not None:
+        h64 = torch.where((mask.reshape(-1) != 0)[:, None], h64, 0.0)
+    h64 = h64.nan_to_num(0.0)
+    extra = [u * (G @ weight.double().abs()).reshape(hidden.shape), u * (G.T @ h64), u * G.sum(0)]
     for name, g, wg, leaf, ex in zip(("d hidden", "d weight", "d bias"), got_grads, want_grads, leaves, extra):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
         nan_aware_close(g, wg, (atol + ex, rtol), f"{backend} {name}")
