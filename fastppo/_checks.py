@@ -323,3 +323,59 @@ def ppo_loss(
     _number("value_clip", value_clip, low=0.0, allow_none=True)
     _number("vf_coef", vf_coef)
     _number("ent_coef", ent_coef)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_logprobs (issue 10): the fused LM head
+# --------------------------------------------------------------------------------------------
+
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def linear_logprobs(
+    hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False, mask=None, chunk_size=None
+) -> None:
+    _float_tensor("hidden", hidden)
+    _float_tensor("weight", weight)
+    _is_tensor("labels", labels)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] or [N, H], got shape {_shape(hidden)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H] (an LM head's nn.Linear weight), got shape {_shape(weight)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have a vocabulary dimension V >= 1, got shape {_shape(weight)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has shape {_shape(weight)} but hidden has H = {hidden.shape[-1]}; expected weight of "
+            f"shape [V, {hidden.shape[-1]}]"
+        )
+    if labels.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels have shape {_shape(labels)} but hidden {_shape(hidden)} needs labels of shape "
+            f"[{', '.join(str(s) for s in hidden.shape[:-1])}]"
+        )
+    if bias is not None:
+        _float_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (one per row of weight), got shape {_shape(bias)}")
+    _same_device([("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)])
+    _same_dtype([("hidden", hidden), ("weight", weight), ("bias", bias)])
+    if mask is not None:
+        _mask("mask", mask, labels, "labels")
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy must be True or False, got {return_entropy!r}")
+    _number("temperature", temperature, low=0.0, low_open=True)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+    if value_checks_enabled() and labels.numel() > 0:
+        valid = labels if mask is None else labels[mask != 0]
+        if valid.numel() > 0:
+            lo, hi = int(valid.min()), int(valid.max())
+            vocab = weight.shape[0]
+            if lo < 0 or hi >= vocab:
+                raise ValueError(
+                    f"labels must lie in [0, {vocab}) (the rows of weight) at valid positions, "
+                    f"got values from {lo} to {hi}"
+                )

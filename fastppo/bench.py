@@ -427,3 +427,56 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# linear_logprobs (issue 10). Appended as its own block (the cases above are being edited in
+# parallel); fold it into build_cases / _peer when merging. The op is matmul bound: the
+# GB/s and % roofline columns count only the bytes of its inputs and outputs.
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(N, H, device=device, generator=gen, dtype=torch.float32).to(dtype)
+        weight = (torch.randn(V, H, device=device, generator=gen, dtype=torch.float32) / H**0.5).to(dtype)
+        labels = torch.randint(0, V, (N,), device=device, generator=gen)
+        leaves = [hidden.requires_grad_(), weight.requires_grad_()] if mode == "fwd+bwd" else []
+        return (hidden, weight, labels), {"return_entropy": True}, leaves
+
+    e = _esize(dtype)
+    inputs = (N * H + V * H) * e + N * 8
+    floor = inputs + N * 8 + ((inputs + (N * H + V * H) * e) if mode == "fwd+bwd" else 0)
+    return BenchCase("linear_logprobs", mode, f"N={N} H={H} V={V}", dtype, make, floor,
+                     impls=("torch", "triton", "chunked"))
+
+
+_build_cases_without_linear = build_cases
+
+
+def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:  # noqa: F811 - extends the cases above
+    cases = _build_cases_without_linear(on_gpu, quick)
+    if on_gpu:
+        grid = [(N, H, V) for N in (4096, 16384) for H in (896, 4096) for V in (32000, 151936)]
+        dtype = torch.bfloat16
+    else:
+        grid = [(256, 256, 32000)]
+        dtype = torch.float32
+    if quick:
+        grid = grid[:1]
+    for N, H, V in grid:
+        for mode in ("fwd", "fwd+bwd"):
+            cases.append(_linear_case(N, H, V, dtype, mode))
+    return cases
+
+
+_peer_without_linear = _peer
+
+
+def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:  # noqa: F811
+    if impl == "chunked":
+        from . import linear
+
+        return linear.linear_logprobs, "chunked PyTorch path (auto on CPU)"
+    return _peer_without_linear(case, impl)

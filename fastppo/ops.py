@@ -181,3 +181,34 @@ def ppo_loss(
     _checks.ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, **kwargs)
     impl = pick("ppo_loss", logprobs.device)
     return impl(logprobs, old_logprobs, advantages, values, old_values, returns, mask, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_logprobs (issue 10): its ``auto`` backend has a CPU fast path of its own
+# --------------------------------------------------------------------------------------------
+
+from ._dispatch import current_backend  # noqa: E402
+
+
+@_doc("linear_logprobs")
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+):
+    kwargs = dict(bias=bias, temperature=temperature, return_entropy=return_entropy, mask=mask, chunk_size=chunk_size)
+    _checks.linear_logprobs(hidden, weight, labels, **kwargs)
+    if current_backend() == "auto" and hidden.device.type != "cuda":
+        # Not the full-logits reference: CPU users get the chunked path's memory saving too.
+        from . import linear
+
+        impl = linear.linear_logprobs
+    else:
+        impl = pick("linear_logprobs", hidden.device)
+    return impl(hidden, weight, labels, **kwargs)

@@ -35,6 +35,7 @@ __all__ = [
     "compute_advantages",
     "ppo_loss",
     "compute_dtype",
+    "linear_logprobs",
 ]
 
 
@@ -569,3 +570,69 @@ def ppo_loss(
         "value_clipfrac": vf_stats["clipfrac"],
     }
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities straight from hidden states (the fused LM head, issue 10)
+# --------------------------------------------------------------------------------------------
+
+
+@_validated(_checks.linear_logprobs)
+def linear_logprobs(
+    hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False, mask=None, chunk_size=None
+):
+    """``logprobs_from_logits(hidden @ weight.T + bias, labels, ...)``: log-probs from hidden states.
+
+    logits[t] = hidden[t] @ weight.T + bias                   (an LM head; tied embeddings too)
+    z[t]      = (logits[t] - max_v logits[t, v]) / temperature
+    logprob   = z[t, labels[t]] - log(sum_v exp(z[t, v]))
+    entropy   = log(sum_v exp(z[t, v])) - sum_v p[t, v] z[t, v],   p = softmax(z[t])
+
+    This reference builds the full ``[N, V]`` logits (in float32, float64 for float64 inputs);
+    ``fastppo.linear_logprobs`` gives the same numbers in vocabulary chunks without them.
+
+    Args:
+        hidden: ``[B, T, H]`` or ``[N, H]`` float32 / bfloat16 / float16.
+        weight: ``[V, H]`` of the same dtype (``lm_head.weight``, or the input embedding's
+            weight for tied embeddings).
+        labels: integer, shape ``hidden.shape[:-1]``, aligned with ``hidden`` (the hidden state
+            at position t scores ``labels[t]``).
+        bias: optional ``[V]``.
+        temperature: > 0; the logits are divided by it.
+        return_entropy: also return the entropy.
+        mask: optional bool or 0/1 of the shape of ``labels`` (valid where ``mask != 0``): masked
+            rows give 0 and get 0 gradient whatever they hold.
+        chunk_size: vocabulary columns per chunk for the chunked paths; the reference ignores it.
+
+    Returns:
+        float32 log-probs of the shape of ``labels``, or ``(logprobs, entropy)``. Differentiable
+        in ``hidden``, ``weight`` and ``bias``.
+    """
+    dtype = compute_dtype(hidden, weight, bias)
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    h = hidden.reshape(-1, H)
+    # Out-of-range labels only get here with FASTPPO_VALUE_CHECKS=0; clamped so nothing reads
+    # outside the vocabulary (the value is then meaningless).
+    lab = labels.reshape(-1).long().clamp(0, V - 1)
+    if mask is not None:
+        valid = mask.reshape(-1) != 0
+        # Masked rows may hold anything (NaN, inf); they never reach the matmul.
+        h = torch.where(valid.unsqueeze(1), h, 0.0)
+    logits = h.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    # The row max first, then the temperature: exact for logits of magnitude 1e4.
+    z = (logits - logits.detach().amax(-1, keepdim=True)) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    lp = torch.gather(z, -1, lab.unsqueeze(-1)).squeeze(-1) - lse
+    p = torch.exp(z - lse.unsqueeze(-1))
+    # A -inf logit has p = 0 and adds nothing; zeroed so that 0 * -inf is not NaN.
+    ent = lse - (p * z.masked_fill(torch.isneginf(z), 0.0)).sum(-1)
+    if mask is not None:
+        lp = torch.where(valid, lp, 0.0)
+        ent = torch.where(valid, ent, 0.0)
+    lp = lp.reshape(labels.shape)
+    if return_entropy:
+        return lp, ent.reshape(labels.shape)
+    return lp

@@ -483,3 +483,47 @@ def main(args) -> int:
             json.dump(payload, fh, indent=1, default=str)
         print(f"wrote {args.json}")
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------
+# linear_logprobs (issue 10). Appended as its own block (the grid above is being edited in
+# parallel); fold _linear_cases into build_cases when merging.
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_case(N, H, V, *, bias, masked, temperature, chunk_size):
+    def make(gen, dtype):
+        hidden = _randn((N, H), gen, dtype)
+        weight = _randn((V, H), gen, dtype, scale=1.0 / math.sqrt(H) * 2.0)
+        labels = torch.randint(0, V, (N,), generator=gen)
+        kwargs = {"temperature": temperature, "return_entropy": True, "chunk_size": chunk_size}
+        if bias:
+            kwargs["bias"] = _randn((V,), gen, dtype)
+        if masked:
+            kwargs["mask"] = random_mask(N // 8, 8, gen).reshape(N)
+        return (hidden, weight, labels), kwargs
+
+    return make
+
+
+def _linear_cases(large: bool) -> list[Case]:
+    if large:
+        shapes = [(4096, 896, 151936, True, True, 0.7, None), (16384, 4096, 32000, False, False, 1.0, None)]
+    else:
+        # Chunks that do not divide V, so every call folds several chunks, the last one partial.
+        shapes = [(40, 33, 517, True, True, 0.7, 100), (24, 16, 203, False, False, 1.0, 64)]
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for N, H, V, bias, masked, temp, chunk in shapes:
+            desc = f"N={N} H={H} V={V}" + (" bias" if bias else "") + (" masked" if masked else "") + f" T={temp}"
+            grad = (0, 1, "bias") if bias else (0, 1)
+            make = _linear_case(N, H, V, bias=bias, masked=masked, temperature=temp, chunk_size=chunk)
+            cases.append(Case("linear_logprobs", desc, dtype, make, grad=grad))
+    return cases
+
+
+_build_cases_without_linear = build_cases
+
+
+def build_cases(large: bool) -> list[Case]:  # noqa: F811 - extends the grid above
+    return _build_cases_without_linear(large) + _linear_cases(large)

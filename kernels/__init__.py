@@ -23,4 +23,5 @@ KERNEL_OPS: dict[str, str] = {
     "aggregate": "ppo_loss:aggregate",
     "logprobs_from_logits": "logprob:logprobs_from_logits",
     "entropy_from_logits": "logprob:entropy_from_logits",
+    "linear_logprobs": "linear_logprob:linear_logprobs",
 }

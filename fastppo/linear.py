@@ -1,0 +1,387 @@
+"""Chunked ``linear_logprobs``: log-probs and entropy from hidden states, never the ``[N, V]`` logits.
+
+This module holds the algorithm shared by both fast paths, and the CPU path itself (plain
+PyTorch; ``FASTPPO_BACKEND=auto`` uses it for tensors that are not on a GPU). The CUDA path
+(``fastppo.kernels.linear_logprob``) runs the very same loops and swaps in Triton kernels for
+the two per-chunk steps (``fold_fwd`` and ``dlogits`` below). Imports torch only, never triton.
+
+Forward, for the valid rows only (masked rows are compacted away before any matmul):
+
+    for each vocabulary chunk c = [c0, c1) of ``chunk`` columns:
+        for each tile of at most ``WORKSPACE_ELEMENTS // chunk`` rows:
+            z = h_tile @ W[c0:c1].T (+ b[c0:c1])            one matmul, float32 accumulation
+            fold z into each row's running max m, sum s = sum exp((z - m) / T),
+            entropy sum t = sum exp((z - m) / T) * (z - m) / T and label logit z_label
+
+    logprob = (z_label - m) / T - log s,    entropy = log s - t / s
+
+Backward recomputes each tile's z, forms d logits in place from the saved per-row (m, log s, H)
+
+    d z = ((onehot(label) - p) * g_logprob - p * (log p + H) * g_entropy) / T,
+    log p = (z - m) / T - log s
+
+and accumulates d hidden += d z @ W[c0:c1] (float32, ``[N_valid, H]``), d W[c0:c1] = d z.T @ h
+(written once per chunk; a float32 ``[chunk, H]`` accumulator only when the rows take several
+tiles and the weight is not float32) and d b[c0:c1] = sum d z. The workspace is a few
+``[rows, chunk]`` tiles, O(N * chunk + V * H), never O(N * V).
+
+Numerics as in ``kernels/logprob.py``: the row max is subtracted before the temperature, the
+entropy is accumulated relative to the running max, and -inf logits (a -inf bias entry) are
+floored so that 0 * -inf never makes a NaN. A NaN anywhere in a valid row's logits reaches its
+sums, so that row's outputs are NaN; masked rows are never read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["linear_logprobs", "DEFAULT_CHUNK", "WORKSPACE_ELEMENTS"]
+
+# Vocabulary columns per chunk when ``chunk_size`` is None, per device type.
+DEFAULT_CHUNK = {"cuda": 4096, "cpu": 4096}
+# Elements of one [rows, chunk] logits tile: rows per tile = WORKSPACE_ELEMENTS // chunk.
+# CUDA: 256 MB of float32, so that 16384 tokens x 4096 columns is one tile (one cuBLAS call per
+# chunk). CPU: 32 MB. Smaller, cache-sized tiles looked better on paper but lose badly in
+# practice: every PyTorch op on a tile is one OpenMP fork-join, and on a loaded machine each
+# join waits for a descheduled thread (2 KB-row tiles of 2 MB ran ~30x slower per element).
+WORKSPACE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}
+
+# Floor for -inf exponents: exp(-1e30) is 0 and 0 * -1e30 is 0, not NaN; NaN stays NaN.
+_FLOOR = -1e30
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def chunk_plan(device: torch.device, V: int, chunk_size: int | None) -> tuple[int, int]:
+    """(vocabulary columns per chunk, rows per tile) for this device."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    chunk = max(1, min(int(chunk_size or DEFAULT_CHUNK[kind]), V))
+    rows = max(1, WORKSPACE_ELEMENTS[kind] // chunk)
+    return chunk, rows
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Matmuls: float32 accumulation and a float32 (or float64) result whatever the input dtype
+# --------------------------------------------------------------------------------------------
+
+_OUT_DTYPE_MM: bool | None = None  # does torch.mm(..., out_dtype=) work on this install?
+
+
+def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` with float32 accumulation into a float32 result (``acc += a @ b`` if given).
+
+    Operands in float32/float64 use plain mm/addmm. bf16/fp16 operands on CUDA use cuBLAS with
+    an fp32 output (``torch.mm(out_dtype=...)``, torch >= 2.8); on older torch the product is
+    rounded to the operand dtype first (one rounding per chunk). On CPU they are upcast (the
+    products of two bf16 numbers are exact in float32, so this is the same math).
+    """
+    global _OUT_DTYPE_MM
+    if a.dtype in _HALF:
+        if a.is_cuda:
+            out = None
+            if _OUT_DTYPE_MM is not False:
+                try:
+                    out = torch.mm(a, b, out_dtype=torch.float32)
+                    _OUT_DTYPE_MM = True
+                except (TypeError, RuntimeError, NotImplementedError):
+                    _OUT_DTYPE_MM = False
+            if out is None:
+                out = torch.mm(a, b).float()
+        else:
+            out = torch.mm(a.float(), b.float())
+        if acc is None:
+            return out
+        return acc.add_(out)
+    if acc is None:
+        return torch.mm(a, b)
+    return acc.addmm_(a, b)
+
+
+def _tile_logits(h_t, w_c, b_c, bias_in_mm):
+    """z = h_t @ w_c.T (+ b_c when ``bias_in_mm``) in the compute dtype."""
+    if bias_in_mm and b_c is not None:
+        return torch.addmm(b_c, h_t, w_c.t())
+    return mm_acc(h_t, w_c.t())
+
+
+# --------------------------------------------------------------------------------------------
+# The two per-chunk steps, in PyTorch (the CPU path). The Triton module has the same two.
+# --------------------------------------------------------------------------------------------
+
+
+class TorchFolds:
+    """Per-chunk steps of the CPU path. ``z`` is a private tile and is overwritten."""
+
+    # The bias is added by the matmul (addmm); the Triton kernels add it themselves.
+    bias_in_mm = True
+    # d logits are formed in the compute dtype (the CPU matmuls run in it).
+    half_dlogits = False
+    # -inf logits need an extra clamp pass here; only taken when the bias holds a -inf.
+    floor_always = False
+
+    @staticmethod
+    def fold_fwd(z, labels, c0, V, m, s, t, zl, bias_c, inv_temp, with_entropy, floor):
+        C = z.shape[1]
+        local = labels - c0
+        inside = (local >= 0) & (local < C)
+        picked = z.gather(1, local.clamp(0, C - 1).unsqueeze(1)).squeeze(1)
+        zl.copy_(torch.where(inside, picked, zl))
+        m_new = torch.maximum(m, z.amax(1))  # torch.maximum propagates NaN
+        # An all -inf prefix keeps m = -inf; shifting by 0 avoids -inf - -inf = NaN.
+        shift = torch.where(m_new == -math.inf, 0.0, m_new)
+        alpha = torch.exp((m - shift) * inv_temp)
+        d = z.sub_(shift.unsqueeze(1))  # the max first, then the temperature
+        if inv_temp != 1.0:
+            d.mul_(inv_temp)
+        if floor:
+            d.clamp_(min=_FLOOR)
+        e = torch.exp(d)
+        if with_entropy:
+            step = torch.where(m == -math.inf, 0.0, (shift - m) * inv_temp)
+            t.copy_(alpha * (t - s * step) + torch.linalg.vecdot(e, d))
+        s.copy_(s * alpha + e.sum(1))
+        m.copy_(m_new)
+
+    @staticmethod
+    def dlogits(z, labels, c0, V, m, logs, ent, glp, gent, bias_c, inv_temp, floor, out_dtype):
+        """d logits of the tile (``z`` holds the tile's logits and is reused)."""
+        C = z.shape[1]
+        logp = z.sub_(m.unsqueeze(1))
+        if inv_temp != 1.0:
+            logp.mul_(inv_temp)
+        logp.sub_(logs.unsqueeze(1))
+        if floor:
+            logp.clamp_(min=_FLOOR)
+        p = torch.exp(logp)
+        # d z / T = p * (a * log p + b) (+ g_logprob / T at the label), with
+        # a = -g_entropy / T and b = -(g_logprob + g_entropy * H) / T.
+        if gent is not None:
+            a = gent * (-inv_temp)
+            b = (gent * ent if glp is None else glp + gent * ent) * (-inv_temp)
+            torch.addcmul(b.unsqueeze(1), logp, a.unsqueeze(1), out=logp)
+            g = p.mul_(logp)
+        else:
+            g = p.mul_((glp * (-inv_temp)).unsqueeze(1))
+        if glp is not None:
+            local = labels - c0
+            inside = (local >= 0) & (local < C)
+            hit = torch.where(inside, glp * inv_temp, 0.0)
+            g.scatter_add_(1, local.clamp(0, C - 1).unsqueeze(1), hit.unsqueeze(1))
+        return g
+
+
+# --------------------------------------------------------------------------------------------
+# The shared driver: chunks over the vocabulary, tiles over the rows
+# --------------------------------------------------------------------------------------------
+
+
+def _operands(h, weight, bias):
+    """Operands as the matmuls want them: upcast on CPU (no half matmul there), as-is on CUDA."""
+    cdt = compute_dtype(h, weight, bias)
+    upcast = not h.is_cuda and h.dtype != cdt
+    h_mm = h.to(cdt) if upcast else h
+    bias_c = None if bias is None else bias.to(cdt)
+    return cdt, upcast, h_mm, bias_c
+
+
+def forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_size, folds, floor):
+    """Per-row (m, s, t, z_label) of the compacted rows ``h`` [Nv, H] (``labels`` clamped)."""
+    Nv = h.shape[0]
+    V = weight.shape[0]
+    cdt, upcast, h_mm, bias_c = _operands(h, weight, bias)
+    m = torch.full((Nv,), -math.inf, dtype=cdt, device=h.device)
+    s = torch.zeros(Nv, dtype=cdt, device=h.device)
+    t = torch.zeros(Nv, dtype=cdt, device=h.device)
+    zl = torch.zeros(Nv, dtype=cdt, device=h.device)
+    if Nv == 0:
+        return m, s, t, zl
+    chunk, rows = chunk_plan(h.device, V, chunk_size)
+    for c0 in range(0, V, chunk):
+        c1 = min(c0 + chunk, V)
+        w_c = weight[c0:c1].to(cdt) if upcast else weight[c0:c1]
+        b_c = None if bias_c is None else bias_c[c0:c1]
+        for r0 in range(0, Nv, rows):
+            r1 = min(r0 + rows, Nv)
+            z = _tile_logits(h_mm[r0:r1], w_c, b_c, folds.bias_in_mm)
+            folds.fold_fwd(
+                z, labels[r0:r1], c0, V, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor
+            )
+    return m, s, t, zl
+
+
+def finalize(m, s, t, zl, inv_temp, with_entropy):
+    """(logprob, entropy or None, log s) per row from the running sums."""
+    log_s = torch.log(s)
+    logprob = (zl - m) * inv_temp - log_s
+    entropy = log_s - t / s if with_entropy else None
+    return logprob, entropy, log_s
+
+
+def backward_pass(h, weight, bias, labels, m, logs, ent, glp, gent, inv_temp, chunk_size, folds, floor,
+                  need_h, need_w, need_b):
+    """(d h [Nv, H] float32 or None, d weight or None, d bias float32 or None)."""
+    Nv, H = h.shape
+    V = weight.shape[0]
+    cdt, upcast, h_mm, bias_c = _operands(h, weight, bias)
+    dh = torch.zeros(Nv, H, dtype=cdt, device=h.device) if need_h else None
+    dw = None
+    if need_w:
+        dw = (torch.zeros if Nv == 0 else torch.empty)(weight.shape, dtype=weight.dtype, device=weight.device)
+    db = torch.zeros(V, dtype=cdt, device=h.device) if need_b else None
+    if Nv == 0:
+        return dh, dw, db
+    chunk, rows = chunk_plan(h.device, V, chunk_size)
+    n_tiles = -(-Nv // rows)
+    # Triton path, bf16/fp16: d logits in the weight's dtype, the operand cuBLAS wants (on CPU,
+    # under the interpreter, the same rounding happens and the matmuls upcast again).
+    g_dtype = weight.dtype if (folds.half_dlogits and weight.dtype in _HALF) else cdt
+    for c0 in range(0, V, chunk):
+        c1 = min(c0 + chunk, V)
+        w_c = weight[c0:c1].to(cdt) if upcast else weight[c0:c1]
+        b_c = None if bias_c is None else bias_c[c0:c1]
+        dw_c = None
+        if need_w:
+            # float32 weight: accumulate in dW itself. Otherwise one tile writes dW[c0:c1] straight
+            # from the matmul; several tiles share one float32 [chunk, H] accumulator.
+            direct = dw.dtype == cdt
+            dw_c = dw[c0:c1] if direct else (torch.zeros(c1 - c0, H, dtype=cdt, device=h.device) if n_tiles > 1 else None)
+        for i, r0 in enumerate(range(0, Nv, rows)):
+            r1 = min(r0 + rows, Nv)
+            h_t = h_mm[r0:r1]
+            z = _tile_logits(h_t, w_c, b_c, folds.bias_in_mm)
+            g = folds.dlogits(
+                z, labels[r0:r1], c0, V, m[r0:r1], logs[r0:r1], None if ent is None else ent[r0:r1],
+                None if glp is None else glp[r0:r1], None if gent is None else gent[r0:r1],
+                b_c, inv_temp, floor, g_dtype,
+            )
+            if need_h:
+                mm_acc(g, w_c if g.dtype == w_c.dtype else w_c.to(g.dtype), dh[r0:r1])
+            if need_b:
+                db[c0:c1] += g.sum(0, dtype=cdt)
+            if need_w:
+                h_g = h_t if h_t.dtype == g.dtype else h_t.to(g.dtype)
+                if dw_c is None:  # one tile, weight not in the compute dtype: one write
+                    dw[c0:c1] = torch.mm(g.t(), h_g) if g.is_cuda else mm_acc(g.t(), h_g)
+                elif i == 0 and dw_c.dtype == dw.dtype:
+                    torch.mm(g.t(), h_g, out=dw_c)
+                else:
+                    mm_acc(g.t(), h_g, dw_c)
+        if need_w and dw_c is not None and dw_c.dtype != dw.dtype:
+            dw[c0:c1] = dw_c
+    return dh, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd glue, shared by the CPU path and the Triton path (``folds`` picks the chunk steps)
+# --------------------------------------------------------------------------------------------
+
+
+def _valid_index(mask, n_rows):
+    if mask is None:
+        return None
+    return (mask.reshape(n_rows) != 0).nonzero().squeeze(1)
+
+
+def _has_neg_inf(bias):
+    # Only a -inf bias entry makes a -inf logit in a finite row (a non-finite hidden or weight
+    # makes the row NaN whatever we do, as in plain PyTorch).
+    return bias is not None and bool(torch.isneginf(bias).any())
+
+
+class LinearLogprob(torch.autograd.Function):
+    """Outputs: the log-probs ``[N]`` and, with ``with_entropy``, the entropy ``[N]``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, folds, floor):
+        H = hidden.shape[-1]
+        V = weight.shape[0]
+        flat = hidden.reshape(-1, H)
+        N = flat.shape[0]
+        lab = labels.reshape(N)
+        idx = _valid_index(mask, N)
+        if idx is not None:
+            h, lab = flat.index_select(0, idx), lab.index_select(0, idx)
+        else:
+            h = flat
+        # Out-of-range labels (FASTPPO_VALUE_CHECKS=0) must not read out of bounds.
+        lab = lab.long().clamp(0, V - 1)
+        m, s, t, zl = forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, folds, floor)
+        lp_v, ent_v, logs = finalize(m, s, t, zl, inv_temp, with_entropy)
+        out_dtype = compute_dtype(hidden, weight, bias)
+        if idx is not None:
+            lp = torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, idx, lp_v.to(out_dtype))
+            ent = None if ent_v is None else torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, idx, ent_v.to(out_dtype))
+        else:
+            lp, ent = lp_v.to(out_dtype), None if ent_v is None else ent_v.to(out_dtype)
+        # The compacted rows are gathered again in backward rather than held twice in memory.
+        ctx.save_for_backward(hidden, weight, bias, lab, idx, m, logs, ent_v)
+        ctx.inv_temp, ctx.with_entropy, ctx.chunk_size, ctx.folds, ctx.floor = inv_temp, with_entropy, chunk_size, folds, floor
+        ctx.set_materialize_grads(False)
+        return (lp, ent) if with_entropy else lp
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, weight, bias, lab, idx, m, logs, ent = ctx.saved_tensors
+        glp = grads[0]
+        gent = grads[1] if ctx.with_entropy else None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        nothing = (None,) * 10
+        if (glp is None and gent is None) or not (need_h or need_w or need_b):
+            return nothing
+        H = hidden.shape[-1]
+        N = hidden.numel() // H if H else math.prod(hidden.shape[:-1])
+        flat = hidden.reshape(N, H)
+        h = flat.index_select(0, idx) if idx is not None else flat
+
+        def pick(g):
+            if g is None:
+                return None
+            g = g.reshape(N)
+            # Masked rows' incoming gradients (even NaN) are never read. contiguous(): the
+            # gradient of a .sum() arrives as an expanded (stride 0) tensor.
+            return (g.index_select(0, idx) if idx is not None else g).to(m.dtype).contiguous()
+
+        dh, dw, db = backward_pass(
+            h, weight, bias, lab, m, logs, ent, pick(glp), pick(gent), ctx.inv_temp, ctx.chunk_size,
+            ctx.folds, ctx.floor, need_h, need_w, need_b,
+        )
+        dhidden = None
+        if need_h:
+            if idx is not None:
+                dhidden = torch.zeros(N, H, dtype=hidden.dtype, device=hidden.device)
+                dhidden.index_copy_(0, idx, dh.to(hidden.dtype))
+            else:
+                dhidden = dh.to(hidden.dtype)
+            dhidden = dhidden.view(hidden.shape)
+        return dhidden, dw, None if db is None else db.to(bias.dtype), None, None, None, None, None, None, None
+
+
+def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chunk_size, folds):
+    """Apply :class:`LinearLogprob` and shape the outputs like ``labels``."""
+    out = LinearLogprob.apply(
+        hidden, weight, bias, labels, mask, 1.0 / float(temperature), return_entropy, chunk_size, folds,
+        folds.floor_always or _has_neg_inf(bias),
+    )
+    if return_entropy:
+        lp, ent = out
+        return lp.view(labels.shape), ent.view(labels.shape)
+    return out.view(labels.shape)
+
+
+def linear_logprobs(
+    hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False, mask=None, chunk_size=None
+):
+    """Chunked PyTorch ``linear_logprobs`` (arguments already validated): the CPU fast path.
+
+    Same numbers as ``fastppo.reference.linear_logprobs`` with a workspace of a few
+    ``[rows, chunk]`` tiles instead of the ``[N, V]`` logits. Works on any device.
+    """
+    return run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
+               mask=mask, chunk_size=chunk_size, folds=TorchFolds)
