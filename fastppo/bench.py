@@ -126,6 +126,24 @@ def _loss_case(tokens: int, dtype: torch.dtype) -> BenchCase:
     return BenchCase("ppo_loss", "fwd+bwd", f"B*T={tokens}", dtype, make, floor)
 
 
+def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
+    """linear_logprobs is matmul bound: the GB/s and % roofline columns count only the bytes of
+    its inputs and outputs (the logits it never writes are the point)."""
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(N, H, device=device, generator=gen, dtype=torch.float32).to(dtype)
+        weight = (torch.randn(V, H, device=device, generator=gen, dtype=torch.float32) / H**0.5).to(dtype)
+        labels = torch.randint(0, V, (N,), device=device, generator=gen)
+        leaves = [hidden.requires_grad_(), weight.requires_grad_()] if mode == "fwd+bwd" else []
+        return (hidden, weight, labels), {"return_entropy": True}, leaves
+
+    e = _esize(dtype)
+    inputs = (N * H + V * H) * e + N * 8
+    floor = inputs + N * 8 + ((inputs + (N * H + V * H) * e) if mode == "fwd+bwd" else 0)
+    return BenchCase("linear_logprobs", mode, f"N={N} H={H} V={V}", dtype, make, floor,
+                     impls=("torch", "triton", "chunked"))
+
+
 def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
     if on_gpu:
         Ns, Vs, dtypes = (4096, 16384), (32000, 128256, 151936), (torch.bfloat16, torch.float32)
@@ -149,6 +167,13 @@ def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
     for tokens in loss_tokens:
         for dtype in (torch.float32, torch.bfloat16) if on_gpu else (torch.float32,):
             cases.append(_loss_case(tokens, dtype))
+    if on_gpu:
+        linear_grid = [(N, H, V) for N in (4096, 16384) for H in (896, 4096) for V in (32000, 151936)]
+    else:
+        linear_grid = [(256, 256, 32000)]
+    for N, H, V in linear_grid[:1] if quick else linear_grid:
+        for mode in ("fwd", "fwd+bwd"):
+            cases.append(_linear_case(N, H, V, torch.bfloat16 if on_gpu else torch.float32, mode))
     return cases
 
 
@@ -198,6 +223,10 @@ def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:
     """(function with the op's signature, or None) and a note saying why not."""
     if impl == "row-loop":
         return _row_loop_logprobs, ""
+    if impl == "chunked":
+        from . import linear
+
+        return linear.linear_logprobs, "chunked PyTorch path (auto on CPU)"
     if impl == "torch-vectorized":
         if case.op == "gae":
             return _vectorized_gae, ""
@@ -428,55 +457,3 @@ def _git_commit() -> str:
     except OSError:
         return "unknown"
 
-
-# --------------------------------------------------------------------------------------------
-# linear_logprobs (issue 10). Appended as its own block (the cases above are being edited in
-# parallel); fold it into build_cases / _peer when merging. The op is matmul bound: the
-# GB/s and % roofline columns count only the bytes of its inputs and outputs.
-# --------------------------------------------------------------------------------------------
-
-
-def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
-    def make(device):
-        gen = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(N, H, device=device, generator=gen, dtype=torch.float32).to(dtype)
-        weight = (torch.randn(V, H, device=device, generator=gen, dtype=torch.float32) / H**0.5).to(dtype)
-        labels = torch.randint(0, V, (N,), device=device, generator=gen)
-        leaves = [hidden.requires_grad_(), weight.requires_grad_()] if mode == "fwd+bwd" else []
-        return (hidden, weight, labels), {"return_entropy": True}, leaves
-
-    e = _esize(dtype)
-    inputs = (N * H + V * H) * e + N * 8
-    floor = inputs + N * 8 + ((inputs + (N * H + V * H) * e) if mode == "fwd+bwd" else 0)
-    return BenchCase("linear_logprobs", mode, f"N={N} H={H} V={V}", dtype, make, floor,
-                     impls=("torch", "triton", "chunked"))
-
-
-_build_cases_without_linear = build_cases
-
-
-def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:  # noqa: F811 - extends the cases above
-    cases = _build_cases_without_linear(on_gpu, quick)
-    if on_gpu:
-        grid = [(N, H, V) for N in (4096, 16384) for H in (896, 4096) for V in (32000, 151936)]
-        dtype = torch.bfloat16
-    else:
-        grid = [(256, 256, 32000)]
-        dtype = torch.float32
-    if quick:
-        grid = grid[:1]
-    for N, H, V in grid:
-        for mode in ("fwd", "fwd+bwd"):
-            cases.append(_linear_case(N, H, V, dtype, mode))
-    return cases
-
-
-_peer_without_linear = _peer
-
-
-def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:  # noqa: F811
-    if impl == "chunked":
-        from . import linear
-
-        return linear.linear_logprobs, "chunked PyTorch path (auto on CPU)"
-    return _peer_without_linear(case, impl)

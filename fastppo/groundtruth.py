@@ -80,6 +80,19 @@ def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False):
     return ent.reshape(logits.shape[:-1])
 
 
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False, mask=None, chunk_size=None):
+    """The full float64 logits ``hidden @ weight.T + bias``, then the log-prob ground truth."""
+    H = hidden.shape[-1]
+    logits = hidden.reshape(-1, H).to(F64) @ weight.to(F64).T
+    if bias is not None:
+        logits = logits + bias.to(F64)
+    lab = labels.reshape(-1)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    out = logprobs_from_logits(logits, lab, temperature=temperature, return_entropy=True, mask=flat_mask)
+    lp, ent = (o.reshape(labels.shape) for o in out)
+    return (lp, ent) if return_entropy else lp
+
+
 # --------------------------------------------------------------------------------------------
 # KL, shaping, GAE, whitening
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ from .testing import TOL, errors, random_mask, select_ops, triton_version, withi
 FWD_TOL = (1e-4, 1e-4)
 
 
+# Ops whose ``auto`` backend on CPU tensors is neither the kernel nor the reference (the chunked
+# PyTorch path of linear_logprobs): verify gets an ``auto`` row for them too.
+AUTO_HAS_OWN_CPU_PATH = ("linear_logprobs",)
+
+
 @dataclasses.dataclass
 class Case:
     op: str
@@ -264,6 +269,37 @@ def _nan_policy_case(B, T):
     return make
 
 
+def _linear_case(N, H, V, *, bias, masked, temperature, chunk_size):
+    def make(gen, dtype):
+        hidden = _randn((N, H), gen, dtype)
+        weight = _randn((V, H), gen, dtype, scale=1.0 / math.sqrt(H) * 2.0)
+        labels = torch.randint(0, V, (N,), generator=gen)
+        kwargs = {"temperature": temperature, "return_entropy": True, "chunk_size": chunk_size}
+        if bias:
+            kwargs["bias"] = _randn((V,), gen, dtype)
+        if masked:
+            kwargs["mask"] = random_mask(N // 8, 8, gen).reshape(N)
+        return (hidden, weight, labels), kwargs
+
+    return make
+
+
+def _linear_cases(large: bool) -> list[Case]:
+    if large:
+        shapes = [(4096, 896, 151936, True, True, 0.7, None), (16384, 4096, 32000, False, False, 1.0, None)]
+    else:
+        # Chunks that do not divide V, so every call folds several chunks, the last one partial.
+        shapes = [(40, 33, 517, True, True, 0.7, 100), (24, 16, 203, False, False, 1.0, 64)]
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for N, H, V, bias, masked, temp, chunk in shapes:
+            desc = f"N={N} H={H} V={V}" + (" bias" if bias else "") + (" masked" if masked else "") + f" T={temp}"
+            grad = (0, 1, "bias") if bias else (0, 1)
+            make = _linear_case(N, H, V, bias=bias, masked=masked, temperature=temp, chunk_size=chunk)
+            cases.append(Case("linear_logprobs", desc, dtype, make, grad=grad))
+    return cases
+
+
 def build_cases(large: bool) -> list[Case]:
     """The verification grid: GPU-sized shapes when ``large``, interpreter-sized otherwise."""
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
@@ -306,6 +342,7 @@ def build_cases(large: bool) -> list[Case]:
         cases.append(Case("ppo_loss", f"{B}x{T} 1e4 poisoned", dtype, _poisoned_ppo_case(B, T), grad=(0, 3, "entropy"), note="extreme", scaled=True))
         cases.append(Case("compute_advantages", f"{B}x{T} 1e4 poisoned", dtype, _poisoned_advantages_case(B, T), note="extreme", scaled=True))
         cases.append(Case("policy_loss", f"{B}x{T} NaN at a valid token", dtype, _nan_policy_case(B, T), grad=(0,), note="extreme"))
+    cases += _linear_cases(large)
     # GAE in float32 only: its inputs are usually float32, and its long scans are the point.
     for b, t in ((B, T), long_rows):
         for gamma, lam, whiten in ((1.0, 0.95, False), (0.99, 1.0, True), (0.9, 0.0, False)):
@@ -375,6 +412,8 @@ def run_case(case: Case, device: str, gen: torch.Generator) -> list[Row]:
         )
 
     impls = (["triton"] if _dispatch.has_kernel(case.op) else []) + ["torch"]
+    if case.op in AUTO_HAS_OWN_CPU_PATH and device == "cpu":
+        impls.append("auto")
     dtype_name = str(case.dtype).replace("torch.", "")
     rows = []
     for impl in impls:
@@ -484,46 +523,3 @@ def main(args) -> int:
         print(f"wrote {args.json}")
     return 1 if failed else 0
 
-
-# --------------------------------------------------------------------------------------------
-# linear_logprobs (issue 10). Appended as its own block (the grid above is being edited in
-# parallel); fold _linear_cases into build_cases when merging.
-# --------------------------------------------------------------------------------------------
-
-
-def _linear_case(N, H, V, *, bias, masked, temperature, chunk_size):
-    def make(gen, dtype):
-        hidden = _randn((N, H), gen, dtype)
-        weight = _randn((V, H), gen, dtype, scale=1.0 / math.sqrt(H) * 2.0)
-        labels = torch.randint(0, V, (N,), generator=gen)
-        kwargs = {"temperature": temperature, "return_entropy": True, "chunk_size": chunk_size}
-        if bias:
-            kwargs["bias"] = _randn((V,), gen, dtype)
-        if masked:
-            kwargs["mask"] = random_mask(N // 8, 8, gen).reshape(N)
-        return (hidden, weight, labels), kwargs
-
-    return make
-
-
-def _linear_cases(large: bool) -> list[Case]:
-    if large:
-        shapes = [(4096, 896, 151936, True, True, 0.7, None), (16384, 4096, 32000, False, False, 1.0, None)]
-    else:
-        # Chunks that do not divide V, so every call folds several chunks, the last one partial.
-        shapes = [(40, 33, 517, True, True, 0.7, 100), (24, 16, 203, False, False, 1.0, 64)]
-    cases = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for N, H, V, bias, masked, temp, chunk in shapes:
-            desc = f"N={N} H={H} V={V}" + (" bias" if bias else "") + (" masked" if masked else "") + f" T={temp}"
-            grad = (0, 1, "bias") if bias else (0, 1)
-            make = _linear_case(N, H, V, bias=bias, masked=masked, temperature=temp, chunk_size=chunk)
-            cases.append(Case("linear_logprobs", desc, dtype, make, grad=grad))
-    return cases
-
-
-_build_cases_without_linear = build_cases
-
-
-def build_cases(large: bool) -> list[Case]:  # noqa: F811 - extends the grid above
-    return _build_cases_without_linear(large) + _linear_cases(large)

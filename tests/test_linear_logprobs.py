@@ -401,9 +401,9 @@ _H = torch.zeros(2, 3, 4)
 _W = torch.zeros(5, 4)
 _L = torch.zeros(2, 3, dtype=torch.long)
 BAD = [
-    (lambda op: op.linear_logprobs(None, _W, _L), "hidden must be a torch.Tensor"),
-    (lambda op: op.linear_logprobs(_H, None, _L), "weight must be a torch.Tensor"),
-    (lambda op: op.linear_logprobs(_H, _W, None), "labels must be a torch.Tensor"),
+    (lambda op: op.linear_logprobs(None, _W, _L), "hidden is required"),
+    (lambda op: op.linear_logprobs(_H, None, _L), "weight is required"),
+    (lambda op: op.linear_logprobs(_H, _W, None), "labels is required"),
     (lambda op: op.linear_logprobs(torch.zeros(4), _W, _L), "hidden must be [B, T, H] or [N, H]"),
     (lambda op: op.linear_logprobs(_H, torch.zeros(5, 3), _L), "expected weight of shape [V, 4]"),
     (lambda op: op.linear_logprobs(_H, torch.zeros(5, 4, 1), _L), "weight must be [V, H]"),

@@ -112,6 +112,7 @@ def _required_tensor_calls():
         "value_loss": ((z, z, z, m), {}),
         "aggregate": ((z, m), {}),
         "ppo_loss": ((z, z, z, z, z, z, m), {}),
+        "linear_logprobs": ((torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long)), {}),
     }
     for op, (args, kwargs) in full.items():
         names = [p.name for p in inspect.signature(getattr(ref, op)).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
