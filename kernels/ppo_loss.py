@@ -117,20 +117,15 @@ def _clipped_value_err(v, oldv, ret, vclip):
 
     The band test uses v - old and the clipped error (old - R) +- clip, both exact-ish where
     v, old and R are close (Sterbenz), instead of rounding old +- clip at |old| ~ 1e4 first.
-    Inside the band the value is v - R itself (no rounding tie ever counts as clipped). Where
-    v - old is NaN (a NaN or two equal infinities) the literal torch.clamp formula takes over,
-    so NaN and inf come out exactly as float64 PyTorch gives them.
+    Inside the band the value is v - R itself (no rounding tie ever counts as clipped).
+    Where v - old is NaN, torch.clamp gives: NaN for a NaN old (here old itself), NaN for a NaN
+    v (here v - R), and v for v = old = +-inf (here v - R, in the band): selects, no clamp.
     """
     step = v - oldv
-    diff = v - ret
     base = oldv - ret
-    lo = oldv - vclip
-    hi = oldv + vclip
-    cdiff = tl.where(step > vclip, base + vclip, tl.where(step < -vclip, base - vclip, diff))
-    in_band = (step >= -vclip) & (step <= vclip)
-    is_nan = step != step
-    cdiff = tl.where(is_nan, _clamp_nan(v, lo, hi) - ret, cdiff)
-    in_band = tl.where(is_nan, (v >= lo) & (v <= hi), in_band)
+    cdiff = tl.where(step > vclip, base + vclip,
+                     tl.where(step < -vclip, base - vclip, tl.where(oldv != oldv, oldv, v - ret)))
+    in_band = ((step >= -vclip) & (step <= vclip)) | (v == oldv)
     return cdiff, in_band
 
 

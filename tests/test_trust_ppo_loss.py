@@ -432,6 +432,17 @@ def test_value_clip_ties_and_band_edges(run_kernel, kernel_device, rng):
     assert stats["clipfrac"].item() == pytest.approx(1 / 6)  # only the clipped-larger token
 
 
+def test_value_clip_with_equal_infinities_and_nans(run_kernel, kernel_device, rng):
+    """v = old = +-inf (v - old is NaN; torch.clamp(inf, inf, inf) = inf), v NaN, old NaN."""
+    inf, nan = float("inf"), float("nan")
+    v = torch.tensor([[inf, -inf, nan, 0.5, 0.5, 0.5]])
+    old = torch.tensor([[inf, -inf, 0.0, nan, inf, -inf]])
+    R = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0, 1.0]])
+    t = {"values": v.to(kernel_device), "old_values": old.to(kernel_device), "returns": R.to(kernel_device)}
+    mask = torch.ones(1, 6, dtype=torch.bool, device=kernel_device)
+    _compare(run_kernel, t, mask, op="value", grads=("values",), clip=0.25, agg="token-sum")
+
+
 # --------------------------------------------------------------------------------------------
 # 6. Empty inputs: T = 0 and B = 0
 # --------------------------------------------------------------------------------------------
