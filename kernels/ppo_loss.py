@@ -6,6 +6,7 @@ All four ops are one fused objective with some terms switched off at compile tim
 
     P[t] = policy term (clipped surrogate, optional dual clip, optional is_weights)
     V[t] = 0.5 * max((v - R)^2, (v_clipped - R)^2)        (the value loss's 0.5 folded in)
+           v_clipped = clamp(v, old - clip, old + clip)
     X[t] = any [B, T] tensor: the entropy (x_coef = -ent_coef) or aggregate's loss_mat (x_coef = 1)
 
 Forward: ONE launch. Every program reads a [BLOCK_R, BLOCK_T] tile of the inputs once, computes
@@ -14,6 +15,12 @@ rows with a valid token) to its own slot of a scratch table. The program that fi
 (an atomic ticket tells it so) folds the table in a fixed order (so the loss is bitwise
 reproducible), applies the aggregation mode and writes the 0-d loss and the statistics, plus
 the per-token gradient scale the backward needs. Nothing synchronises with the host.
+
+Trust rules (issue 9): a position is valid where mask != 0; masked positions are replaced by 0
+right after the load, before any arithmetic, so whatever they hold never reaches an output or
+a gradient; NaN / inf at a valid position give what float64 PyTorch (autograd included) gives,
+never depending on PTX max/min dropping NaN; a required input given as None is a ValueError;
+B = 0 or T = 0 gives a 0 loss and 0 statistics without a launch.
 
 Backward: ONE launch that recomputes the per-token terms from the inputs (cheaper than storing
 them) and writes d logprobs, d values and d X in their inputs' dtypes.
@@ -58,10 +65,68 @@ STAT_NAMES = ("policy_loss", "value_loss", "entropy", "clipfrac", "clipfrac_lowe
 # --------------------------------------------------------------------------------------------
 
 
+# NaN rule: a NaN at a valid position must come out as NaN, exactly as float64 PyTorch gives.
+# Plain tl.maximum / tl.minimum lower to PTX max.f32 / min.f32, which return the non-NaN operand
+# (and the interpreter's fmax agrees), so every max/min/clamp goes through these three (the ones
+# on counts too, which are never NaN: then the sm_90 PTX holds no non-propagating max/min at all,
+# which tests/test_trust_ppo_loss.py checks).
+
+
 @triton.jit
-def _tie_split(a, b):
-    """d max(a, b) / d a as autograd of torch.maximum takes it: 1, 0.5 on a tie, 0."""
-    return tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
+def _max_nan(a, b):
+    """torch.maximum: NaN if either operand is NaN (PTX max.NaN.f32)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    """torch.minimum: NaN if either operand is NaN (PTX min.NaN.f32)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp_nan(x, lo, hi):
+    """torch.clamp(x, lo, hi) = min(max(x, lo), hi), NaN if any operand is NaN."""
+    return _min_nan(_max_nan(x, lo), hi)
+
+
+@triton.jit
+def _max_grads(g, a, b):
+    """(d/da, d/db) of max(a, b) for an upstream g, as torch.maximum's autograd gives them:
+
+        where(a == b, g / 2, g).masked_fill(a < b, 0)   (and the mirror for b)
+
+    The loser gets an exact 0 (a select, not g * 0: g may be inf); when a or b is NaN no
+    comparison holds and BOTH get g.
+    """
+    half = g * 0.5
+    ga = tl.where(a == b, half, tl.where(a < b, 0.0, g))
+    gb = tl.where(a == b, half, tl.where(a > b, 0.0, g))
+    return ga, gb
+
+
+@triton.jit
+def _min_grad(g, a, b):
+    """d/da of min(a, b) for an upstream g, as torch.minimum's autograd gives it."""
+    return tl.where(a == b, g * 0.5, tl.where(a > b, 0.0, g))
+
+
+@triton.jit
+def _clipped_value_err(v, oldv, ret, vclip):
+    """(clamp(v, old - clip, old + clip) - R, lo <= v <= hi), evaluated accurately.
+
+    The band test uses v - old and the clipped error (old - R) +- clip, both exact-ish where
+    v, old and R are close (Sterbenz), instead of rounding old +- clip at |old| ~ 1e4 first.
+    Inside the band the value is v - R itself (no rounding tie ever counts as clipped).
+    Where v - old is NaN, torch.clamp gives: NaN for a NaN old (here old itself), NaN for a NaN
+    v (here v - R), and v for v = old = +-inf (here v - R, in the band): selects, no clamp.
+    """
+    step = v - oldv
+    base = oldv - ret
+    cdiff = tl.where(step > vclip, base + vclip,
+                     tl.where(step < -vclip, base - vclip, tl.where(oldv != oldv, oldv, v - ret)))
+    in_band = ((step >= -vclip) & (step <= vclip)) | (v == oldv)
+    return cdiff, in_band
 
 
 @triton.jit
@@ -77,7 +142,7 @@ def _ppo_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, w_ptr,          # policy inputs   [B, T]
     v_ptr, oldv_ptr, ret_ptr,                 # value inputs    [B, T]
     x_ptr,                                    # extra term      [B, T]
-    mask_ptr,                                 # [B, T] bool (as uint8) or 0/1 numbers
+    mask_ptr,                                 # [B, T] any dtype (bool as uint8); valid where != 0
     part_ptr,                                 # [P, NPART] f32 scratch: one slot per program
     row_part_ptr,                             # [4, NCB, B] f32 scratch: per-row partials (split rows)
     row_inv_ptr,                              # [B] f32 out: 1 / max(row count, 1)  (seq-mean-token-mean)
@@ -110,17 +175,17 @@ def _ppo_fwd_kernel(
         lp = _load_valid(lp_ptr, offs, inb, valid)
         old = _load_valid(old_ptr, offs, inb, valid)
         adv = _load_valid(adv_ptr, offs, inb, valid)
-        log_ratio = tl.minimum(tl.maximum(lp - old, -20.0), 20.0)
+        log_ratio = _clamp_nan(lp - old, -20.0, 20.0)
         ratio = tl.exp(log_ratio)
         unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)
-        pt = tl.maximum(unclipped, clipped)
+        clipped = -adv * _clamp_nan(ratio, 1.0 - clip_lo, 1.0 + clip_hi)
+        pt = _max_nan(unclipped, clipped)
         tl.store(slot + 5, tl.sum(tl.sum(tl.where(valid & (clipped > unclipped), 1.0, 0.0), 1), 0))
         if DUAL:
             lower = -adv * dual_c
             neg = adv < 0
             tl.store(slot + 6, tl.sum(tl.sum(tl.where(valid & neg & (pt > lower), 1.0, 0.0), 1), 0))
-            pt = tl.where(neg, tl.minimum(pt, lower), pt)
+            pt = tl.where(neg, _min_nan(pt, lower), pt)
         else:
             tl.store(slot + 6, 0.0)
         if HAS_W:
@@ -140,14 +205,10 @@ def _ppo_fwd_kernel(
         err = (v - ret) * (v - ret)
         if VCLIP:
             oldv = _load_valid(oldv_ptr, offs, inb, valid)
-            step = v - oldv
-            # Inside the clip v_clipped is v itself; old + (v - old) rounded in float32 is not,
-            # and would count spurious "clipped is larger" tokens.
-            in_range = (step >= -vclip) & (step <= vclip)
-            v_clipped = tl.where(in_range, v, oldv + tl.minimum(tl.maximum(step, -vclip), vclip))
-            err_clipped = (v_clipped - ret) * (v_clipped - ret)
+            cdiff, _ = _clipped_value_err(v, oldv, ret, vclip)
+            err_clipped = cdiff * cdiff
             tl.store(slot + 8, tl.sum(tl.sum(tl.where(valid & (err_clipped > err), 1.0, 0.0), 1), 0))
-            err = tl.maximum(err, err_clipped)
+            err = _max_nan(err, err_clipped)
         else:
             tl.store(slot + 8, 0.0)
         vt = tl.where(valid, 0.5 * err, 0.0)
@@ -180,11 +241,11 @@ def _ppo_fwd_kernel(
         has = row_cnt > 0
         tl.store(slot + 4, tl.sum(has.to(tl.float32), 0))
         if AGG == 2:
-            inv = 1.0 / tl.maximum(row_cnt, 1.0)
+            inv = 1.0 / _max_nan(row_cnt, 1.0)
             tl.store(row_inv_ptr + rows, inv, mask=row_ok)
-            tl.store(slot + 0, tl.sum(tl.where(has, p_row / tl.maximum(row_cnt, 1.0), 0.0), 0))
-            tl.store(slot + 1, tl.sum(tl.where(has, v_row / tl.maximum(row_cnt, 1.0), 0.0), 0))
-            tl.store(slot + 2, tl.sum(tl.where(has, x_row / tl.maximum(row_cnt, 1.0), 0.0), 0))
+            tl.store(slot + 0, tl.sum(tl.where(has, p_row / _max_nan(row_cnt, 1.0), 0.0), 0))
+            tl.store(slot + 1, tl.sum(tl.where(has, v_row / _max_nan(row_cnt, 1.0), 0.0), 0))
+            tl.store(slot + 2, tl.sum(tl.where(has, x_row / _max_nan(row_cnt, 1.0), 0.0), 0))
         else:
             tl.store(slot + 0, tl.sum(p_row, 0))
             tl.store(slot + 1, tl.sum(v_row, 0))
@@ -242,7 +303,7 @@ def _ppo_fwd_kernel(
                     has = cnt > 0
                     nr_acc += has.to(tl.float32)
                     if AGG == 2:
-                        denom = tl.maximum(cnt, 1.0)
+                        denom = _max_nan(cnt, 1.0)
                         tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
                         ap += tl.where(has, rsp / denom, 0.0)
                         av += tl.where(has, rsv / denom, 0.0)
@@ -252,15 +313,15 @@ def _ppo_fwd_kernel(
                     s_p = tl.sum(ap, 0)
                     s_v = tl.sum(av, 0)
                     s_x = tl.sum(ax, 0)
-        inv_n = 1.0 / tl.maximum(count, 1.0)
+        inv_n = 1.0 / _max_nan(count, 1.0)
         if AGG == 0:
             scale = inv_n
         elif AGG == 1:
             scale = inv_n * 0.0 + 1.0
         elif AGG == 4:
-            scale = (1.0 / tl.maximum(n_rows, 1.0)) * inv_T
+            scale = (1.0 / _max_nan(n_rows, 1.0)) * inv_T
         else:
-            scale = 1.0 / tl.maximum(n_rows, 1.0)
+            scale = 1.0 / _max_nan(n_rows, 1.0)
         p_loss = s_p * scale
         v_loss = s_v * scale
         x_agg = s_x * scale
@@ -314,24 +375,24 @@ def _ppo_bwd_kernel(
         lp = _load_valid(lp_ptr, offs, inb, valid)
         old = _load_valid(old_ptr, offs, inb, valid)
         adv = _load_valid(adv_ptr, offs, inb, valid)
+        # Autograd of the float64 reference formula, step by step, so that NaN and inf at a
+        # valid position give what PyTorch gives: clamp passes the gradient where
+        # lo <= x <= hi (never for NaN: a where, not a product), max/min split it as torch does.
         raw = lp - old
-        ratio = tl.exp(tl.minimum(tl.maximum(raw, -20.0), 20.0))
+        ratio = tl.exp(_clamp_nan(raw, -20.0, 20.0))
         lo = 1.0 - clip_lo
         hi = 1.0 + clip_hi
         unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
-        g_unc = _tie_split(unclipped, clipped)
-        # clamp passes the gradient on the closed interval, as torch.clamp's backward does.
-        in_range = ((ratio >= lo) & (ratio <= hi)).to(tl.float32)
-        d = -adv * (g_unc + (1.0 - g_unc) * in_range)
-        if DUAL:
-            pt = tl.maximum(unclipped, clipped)
-            lower = -adv * dual_c
-            d = d * tl.where(adv < 0, _tie_split(lower, pt), 1.0)
+        clipped = -adv * _clamp_nan(ratio, lo, hi)
+        gp = g_tok
         if HAS_W:
-            d = d * _load_valid(w_ptr, offs, inb, valid)
-        in_log_range = (raw >= -20.0) & (raw <= 20.0)
-        dlp = tl.where(in_log_range, g_tok * d * ratio, 0.0)
+            gp = gp * _load_valid(w_ptr, offs, inb, valid)
+        if DUAL:
+            pt = _max_nan(unclipped, clipped)
+            gp = tl.where(adv < 0, _min_grad(gp, pt, -adv * dual_c), gp)
+        g_unc, g_clp = _max_grads(gp, unclipped, clipped)
+        d_ratio = g_unc * -adv + tl.where((ratio >= lo) & (ratio <= hi), g_clp * -adv, 0.0)
+        dlp = tl.where((raw >= -20.0) & (raw <= 20.0), d_ratio * ratio, 0.0)
         tl.store(dlp_ptr + offs, dlp.to(dlp_ptr.dtype.element_ty), mask=inb)
 
     if HAS_V:
@@ -340,15 +401,16 @@ def _ppo_bwd_kernel(
         diff = v - ret
         if VCLIP:
             oldv = _load_valid(oldv_ptr, offs, inb, valid)
-            step = v - oldv
-            in_range = (step >= -vclip) & (step <= vclip)
-            cdiff = tl.where(in_range, v, oldv + tl.minimum(tl.maximum(step, -vclip), vclip)) - ret
-            g_unc = _tie_split(diff * diff, cdiff * cdiff)
-            # 0.5 * d/dv (.)^2 = (.); the clamp passes the gradient on the closed interval.
-            dd = g_unc * diff + (1.0 - g_unc) * in_range.to(tl.float32) * cdiff
+            cdiff, in_band = _clipped_value_err(v, oldv, ret, vclip)
+            # 0.5 * d/dv (.)^2 = (.); the clamp passes the gradient where lo <= v <= hi. Inside
+            # the band the two errors tie exactly and the halves add up to diff.
+            g_unc, g_clp = _max_grads(g_tok, diff * diff, cdiff * cdiff)
+            dd = g_unc * diff + tl.where(in_band, g_clp * cdiff, 0.0)
         else:
             dd = diff
-        tl.store(dv_ptr + offs, (g_tok * vf_coef * dd).to(dv_ptr.dtype.element_ty), mask=inb)
+        if not VCLIP:
+            dd = g_tok * dd
+        tl.store(dv_ptr + offs, (vf_coef * dd).to(dv_ptr.dtype.element_ty), mask=inb)
 
     if HAS_X:
         tl.store(dx_ptr + offs, (g_tok * x_coef).to(dx_ptr.dtype.element_ty), mask=inb)
@@ -435,14 +497,47 @@ def _ticket(device: torch.device) -> torch.Tensor:
 
 
 def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as the kernels load it. They test `m != 0` (an unordered compare for floats:
+    2, 0.5, -1 and NaN are valid, 0 and -0 are not), so only bf16 masks need a host-side pass."""
+    if mask.dtype == torch.bfloat16:
+        # The interpreter cannot compare a bf16 block (triton 3.9: "cannot reshape array");
+        # a rare mask dtype, so one cheap elementwise op on the host.
+        mask = mask != 0
     mask = mask.contiguous()
     # Triton loads bool as i1 from byte storage inconsistently across versions; bytes are safe.
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def _contig(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    """The tensor made contiguous, or a stand-in pointer for an input the kernel never reads."""
-    return fallback if t is None else t.contiguous()
+# Names of the [B, T] inputs in the order the kernels take them (the launchers' `inputs`).
+_INPUT_NAMES = ("logprobs", "old_logprobs", "advantages", "is_weights", "values", "old_values", "returns", "x")
+
+
+def _required(cfg: Config) -> tuple[bool, ...]:
+    """Which of the _INPUT_NAMES inputs the kernels read under this configuration."""
+    return (cfg.has_p, cfg.has_p, cfg.has_p, cfg.has_p and cfg.has_w, cfg.has_v, cfg.has_v and cfg.vclip, cfg.has_v, cfg.has_x)
+
+
+def _kernel_args(inputs, cfg: Config, stand_in: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs made contiguous; an input the kernel never reads becomes a stand-in pointer.
+
+    A None where the configuration reads the tensor raises ValueError: the kernel must never
+    read another tensor's memory in place of a missing input.
+    """
+    args = []
+    for name, t, needed in zip(_INPUT_NAMES, inputs, _required(cfg)):
+        if t is None:
+            if needed:
+                raise ValueError(f"{name} is required by this loss but was given as None")
+            t = stand_in
+        args.append(t.contiguous())
+    return args
+
+
+def _require(**tensors) -> None:
+    """ValueError for a required argument given as None (before any dtype dispatch)."""
+    for name, t in tensors.items():
+        if t is None:
+            raise ValueError(f"{name} is required, got None (expected a [B, T] tensor)")
 
 
 def _fused_forward(inputs, mask, cfg: Config):
@@ -450,14 +545,14 @@ def _fused_forward(inputs, mask, cfg: Config):
 
     Args:
         inputs: (lp, old, adv, w, v, oldv, ret, x), each a [B, T] tensor or None.
-        mask: [B, T] bool or 0/1.
+        mask: [B, T] of any dtype; a position is valid where mask != 0 (a count, never a weight).
     Returns:
         (loss [] f32, stats [7] f32, scale [1] f32, row_inv [B] f32 or a stand-in, tiling).
     """
     B, T = mask.shape
     device = mask.device
     m = _mask_arg(mask)
-    args = [_contig(t, m) for t in inputs]
+    args = _kernel_args(inputs, cfg, m)
     til = _tiling(B, T)
     split = til.grid_t > 1
     n_prog = til.grid_r * til.grid_t
@@ -493,11 +588,11 @@ def _fused_backward(inputs, mask, grad, scale, row_inv, cfg: Config, til: Tiling
     dlp = new_output((B, T), lp.dtype, device) if want_p else None
     dv = new_output((B, T), v.dtype, device) if want_v else None
     dx = new_output((B, T), x.dtype, device) if want_x else None
-    args = [_contig(t, m) for t in (lp, old, adv, w, v, oldv, ret)]
+    args = _kernel_args(inputs, cfg, m)[:7]
     grad = grad.to(torch.float32).contiguous()
     _ppo_bwd_kernel[(til.grid_r, til.grid_t)](
         *args, m, grad, scale, row_inv,
-        _contig(dlp, m), _contig(dv, m), _contig(dx, m),
+        *(m if d is None else d for d in (dlp, dv, dx)),
         B, T,
         cfg.clip_lo, cfg.clip_hi, cfg.dual_c, cfg.vclip_value, cfg.vf_coef, cfg.x_coef,
         HAS_P=want_p, HAS_W=cfg.has_w, DUAL=cfg.dual, HAS_V=want_v, VCLIP=cfg.vclip,
@@ -525,7 +620,16 @@ class _FusedLoss(torch.autograd.Function):
         # Contiguous once here, so the backward reuses these instead of copying again.
         inputs = tuple(None if t is None else t.contiguous() for t in (lp, old, adv, w, v, oldv, ret, x))
         mask = mask.contiguous()
-        loss, stats, scale, row_inv, til = _fused_forward(inputs, mask, cfg)
+        if mask.numel() == 0:
+            # B = 0 or T = 0: nothing to launch (a grid of 0 programs would write nothing).
+            # Every aggregation of no token is 0, and so is every statistic.
+            _kernel_args(inputs, cfg, mask)  # the same None check as a launch
+            loss = torch.zeros((), dtype=torch.float32, device=mask.device)
+            stats = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=mask.device)
+            scale = row_inv = torch.zeros(1, dtype=torch.float32, device=mask.device)
+            til = None
+        else:
+            loss, stats, scale, row_inv, til = _fused_forward(inputs, mask, cfg)
         ctx.mark_non_differentiable(stats)
         ctx.cfg, ctx.til = cfg, til
         ctx.n_inputs = len(inputs)
@@ -544,6 +648,9 @@ class _FusedLoss(torch.autograd.Function):
         )
         if not any(need):
             return (None,) * 10
+        if ctx.til is None:  # empty: gradients of shape [B, 0] (or [0, T])
+            dlp, dv, dx = (torch.zeros_like(t) if n else None for t, n in zip((lp, v, x), need))
+            return dlp, dv, dx, None, None, None, None, None, None, None
         dlp, dv, dx = _fused_backward(inputs, mask, grad_loss, scale, row_inv, ctx.cfg, ctx.til, need)
         return dlp, dv, dx, None, None, None, None, None, None, None
 
@@ -558,10 +665,9 @@ def _fused(lp=None, v=None, x=None, old=None, adv=None, w=None, oldv=None, ret=N
 
 
 def _use_reference(*tensors: torch.Tensor | None) -> bool:
-    # float64 is the tests' ground-truth dtype, not a kernel dtype; an empty batch has nothing
-    # to launch (and T = 0 has the reference's own answer).
-    present = [t for t in tensors if t is not None]
-    return any(t.dtype == torch.float64 for t in present) or present[0].numel() == 0
+    # float64 is the tests' ground-truth dtype, not a kernel dtype. Empty inputs (B = 0 or
+    # T = 0) stay on the kernel path, which answers them without a launch.
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
 def policy_loss(
@@ -580,11 +686,12 @@ def policy_loss(
 
     Args:
         logprobs, old_logprobs, advantages, is_weights (optional): ``[B, T]`` fp32/bf16/fp16.
-        mask: ``[B, T]`` bool or 0/1.
+        mask: ``[B, T]`` any dtype, valid where ``!= 0``.
     Returns:
         ``(loss, stats)``: 0-d float32 loss (differentiable in ``logprobs``) and detached 0-d
         float32 ``clipfrac``, ``clipfrac_lower``, ``approx_kl``.
     """
+    _require(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     if _use_reference(logprobs, old_logprobs, advantages, is_weights):
         return reference.policy_loss.raw(
             logprobs, old_logprobs, advantages, mask,
@@ -604,10 +711,11 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean")
     """Kernel of ``fastppo.value_loss`` (formulas in ``fastppo.reference.value_loss``).
 
     Args:
-        values, old_values, returns: ``[B, T]`` fp32/bf16/fp16; mask: ``[B, T]`` bool or 0/1.
+        values, old_values, returns: ``[B, T]`` fp32/bf16/fp16; mask: ``[B, T]`` any dtype, valid where ``!= 0``.
     Returns:
         ``(loss, {"clipfrac": ...})``: 0-d float32, loss differentiable in ``values``.
     """
+    _require(values=values, old_values=old_values, returns=returns, mask=mask)
     if _use_reference(values, old_values, returns):
         return reference.value_loss.raw(values, old_values, returns, mask, clip=clip, agg=agg)
     cfg = Config(
@@ -620,6 +728,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean")
 
 def aggregate(loss_mat, mask, agg="token-mean"):
     """Kernel of ``fastppo.aggregate``: ``[B, T]`` fp32/bf16/fp16 -> 0-d float32 (differentiable)."""
+    _require(loss_mat=loss_mat, mask=mask)
     if _use_reference(loss_mat):
         return reference.aggregate.raw(loss_mat, mask, agg)
     cfg = Config(
@@ -653,11 +762,15 @@ def ppo_loss(
 
     Args:
         logprobs, old_logprobs, advantages, values, old_values, returns, entropy (optional),
-        is_weights (optional): ``[B, T]`` fp32/bf16/fp16; mask: ``[B, T]`` bool or 0/1.
+        is_weights (optional): ``[B, T]`` fp32/bf16/fp16; mask: ``[B, T]`` any dtype, valid where ``!= 0``.
     Returns:
         ``(loss, stats)``: 0-d float32 loss, differentiable in ``logprobs``, ``values`` and
         ``entropy``; detached 0-d float32 stats named as in ``fastppo.reference.ppo_loss``.
     """
+    _require(
+        logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
+        values=values, old_values=old_values, returns=returns, mask=mask,
+    )
     tensors = (logprobs, old_logprobs, advantages, values, old_values, returns, entropy, is_weights)
     if _use_reference(*tensors):
         return reference.ppo_loss.raw(
