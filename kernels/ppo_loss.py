@@ -467,13 +467,15 @@ class Tiling(NamedTuple):
 
 
 def _tiling(B: int, T: int) -> Tiling:
-    # Enough programs to fill a GPU (~2 per SM on an H100) before tiles grow, up to 4096
-    # tokens each; rows longer than a tile split across programs.
+    # Enough programs to fill a GPU (~2 per SM on an H100) before tiles grow, up to 2048
+    # tokens each; rows longer than a tile split across programs. 8 tokens per thread at most:
+    # 16 (4096-token tiles on 8 warps) needed up to 255 registers and spilled 48 B in the fullest
+    # forward configuration (offline sm_90 compile, benchmarks/NOTES.md).
     n = B * T
-    tile = min(4096, max(256, triton.next_power_of_2(max(1, n // 264))))
+    tile = min(2048, max(256, triton.next_power_of_2(max(1, n // 264))))
     block_t = _BLOCK_OVERRIDE.get("block_t") or min(triton.next_power_of_2(T), tile)
     block_r = _BLOCK_OVERRIDE.get("block_r") or max(1, min(tile // block_t, triton.next_power_of_2(B)))
-    num_warps = max(1, min(8, (block_r * block_t) // 512))
+    num_warps = max(1, min(8, (block_r * block_t) // 256))
     return Tiling(block_r, block_t, triton.cdiv(B, block_r), triton.cdiv(T, block_t), num_warps)
 
 
@@ -563,7 +565,8 @@ def _fused_forward(inputs, mask, cfg: Config):
     loss = new_output((), f32, device)
     stats = new_output((len(STAT_NAMES),), f32, device)
     scale = new_output((1,), f32, device)
-    block_p = _BLOCK_OVERRIDE.get("block_p") or min(256, triton.next_power_of_2(n_prog))
+    # The finisher folds BLOCK_P partial rows of 16 floats: more than 32 per warp spill on one warp.
+    block_p = _BLOCK_OVERRIDE.get("block_p") or min(256, 32 * til.num_warps, triton.next_power_of_2(n_prog))
     block_rb = _BLOCK_OVERRIDE.get("block_rb") or min(1024, triton.next_power_of_2(B))
     _ppo_fwd_kernel[(til.grid_r, til.grid_t)](
         *args, m,
