@@ -96,6 +96,11 @@ class PPOConfig:
     """``auto``: flash_attention_2 when flash-attn is installed and on a GPU, else sdpa."""
     bf16: bool | None = None
     """Autocast to bfloat16; None: on when the device is CUDA with bf16 support."""
+    fused_head: bool = True
+    """Log-probs from the last hidden state at the response positions through
+    ``fastppo.linear_logprobs``: the ``[B, L, V]`` logits are never built. Models whose head is not
+    a plain linear layer (a logit softcap or scale) fall back to their logits with a notice;
+    ``false`` always uses the logits."""
     num_threads: int = 0
     """CPU threads for torch (``torch.set_num_threads``, process-wide); 0 leaves torch's default.
     Small models run fastest on one thread, and far faster than on many when cores are shared."""

@@ -89,20 +89,76 @@ def reference_policy(actor: nn.Module, reference: nn.Module | None) -> Iterator[
             yield actor
 
 
+# Config attributes of causal LMs whose logits are not the plain ``hidden @ lm_head.weight.T``:
+# a final-logit softcap (Gemma 2/3) or a scale on the logits (Cohere, Granite). Their log-probs go
+# through the model's own logits.
+_NOT_A_PLAIN_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_noticed: set[str] = set()
+
+
+def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(backbone, output embedding) when the log-probs can come from the last hidden state through
+    ``fastppo.linear_logprobs``, else None (after a one-line notice saying why).
+
+    Any ``AutoModelForCausalLM`` (or a peft model around one) whose head is a plain ``nn.Linear``
+    qualifies, tied embeddings included; a LoRA adapter on the head itself, a logit softcap or a
+    logit scale do not.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    reason = None
+    if backbone is None or not isinstance(backbone, nn.Module):
+        reason = "no backbone under its base_model_prefix"
+    elif type(head) is not nn.Linear:
+        reason = f"its output embedding is a {type(head).__name__}, not a plain nn.Linear"
+    else:
+        for name in _NOT_A_PLAIN_HEAD:
+            value = getattr(config, name, None)
+            if value not in (None, 1.0, 1):
+                reason = f"its config sets {name}={value}"
+                break
+    if reason is None:
+        return backbone, head
+    key = f"{type(base).__name__}: {reason}"
+    if key not in _noticed:
+        _noticed.add(key)
+        import sys
+
+        print(f"fastppo: {type(base).__name__} log-probs go through the full logits ({reason})", file=sys.stderr)
+    return None
+
+
 def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
-                      prompt_width: int, mask: torch.Tensor, temperature: float
+                      prompt_width: int, mask: torch.Tensor, temperature: float, fused: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy of the response tokens under ``model``.
 
+    With ``fused`` (and a model :func:`fused_head` accepts) the LM head is applied only at the
+    response positions, through ``fastppo.linear_logprobs``: the ``[B, L, V]`` logits never exist.
+    Otherwise the model's own logits, sliced to the response.
+
     Args: seq/attn/pos ``[B, P + R]``; mask ``[B, R]`` bool. Returns two float32 ``[B, R]``
-    tensors, 0 at masked positions. Logits at position t score token t + 1, hence the shift.
+    tensors, 0 at masked positions. The state at position t scores token t + 1, hence the shift.
     """
     import fastppo
 
+    labels = seq[:, prompt_width:]
+    parts = fused_head(model) if fused else None
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+        hidden = hidden[:, prompt_width - 1 : -1]
+        # Under autocast the hidden states are bf16 while the head's weight is float32; the logits
+        # path multiplies them in bf16 too.
+        weight = head.weight.to(hidden.dtype)
+        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        return fastppo.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                       return_entropy=True, mask=mask)
     logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).logits
     logits = logits[:, prompt_width - 1 : -1]
-    return fastppo.logprobs_from_logits(logits, seq[:, prompt_width:], temperature=temperature,
-                                        return_entropy=True, mask=mask)
+    return fastppo.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,10 +197,13 @@ class TokenScorer(nn.Module):
     def head(self) -> nn.Linear:
         return _split_head(self.model)[1]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``[B, stop - start]`` float32 scores of positions ``start:stop`` (all by default): the
+        head reads only those hidden states (the critic asks for the response positions only)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
-        return self.head(hidden)[..., 0].float()
+        return self.head(hidden[:, start:stop])[..., 0].float()
 
     def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                    last: torch.Tensor) -> torch.Tensor:

@@ -320,10 +320,10 @@ class PPOTrainer:
         with torch.no_grad(), autocast(dev, self.bf16):
             for rows in torch.arange(cfg.batch_size, device=dev).split(cfg.micro_batch_size):
                 s_, a_, p_, m_ = seq[rows], attn[rows], pos[rows], mask[rows]
-                lp, ent = response_logprobs(self.actor, s_, a_, p_, width, m_, cfg.temperature)
+                lp, ent = response_logprobs(self.actor, s_, a_, p_, width, m_, cfg.temperature, cfg.fused_head)
                 with reference_policy(self.actor, self.reference) as ref:
-                    rlp, _ = response_logprobs(ref, s_, a_, p_, width, m_, cfg.temperature)
-                v = self.critic(s_, a_, p_)[:, width - 1:-1]
+                    rlp, _ = response_logprobs(ref, s_, a_, p_, width, m_, cfg.temperature, cfg.fused_head)
+                v = self.critic(s_, a_, p_, width - 1, -1)
                 old_logprobs.append(lp)
                 entropy.append(ent)
                 ref_logprobs.append(rlp)
@@ -403,8 +403,8 @@ class PPOTrainer:
         m = mask[micro]
         with autocast(self.device, self.bf16):
             logprobs, entropy = response_logprobs(self.actor, seq[micro], attn[micro], pos[micro], width, m,
-                                                  cfg.temperature)
-            values = self.critic(seq[micro], attn[micro], pos[micro])[:, width - 1:-1]
+                                                  cfg.temperature, cfg.fused_head)
+            values = self.critic(seq[micro], attn[micro], pos[micro], width - 1, -1)
         values = torch.where(m, values, 0.0)
         return fastppo.ppo_loss(
             logprobs, old_logprobs[micro], advantages[micro], values, old_values[micro], returns[micro], m,
