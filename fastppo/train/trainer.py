@@ -157,6 +157,9 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
         if device.type != "cuda":
             raise ConfigError("attn_implementation (--attn-implementation) flash_attention_2 needs a CUDA device; "
                               "use auto, sdpa or eager")
+    if config.bf16 and device.type != "cuda":
+        raise ConfigError(f"bf16 (--bf16) needs a CUDA device, and the run is on {device.type}; leave it unset "
+                          "(auto) or pass --no-bf16")
     model_configs = {}
     if config.model is not None:
         model_configs["model"] = _need_model_dir(config.model, "model")
