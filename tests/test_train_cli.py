@@ -391,24 +391,23 @@ def _threads():
     torch.set_num_threads(n)
 
 
-def _in_process(argv: list[str], capsys) -> tuple[int, str]:
+def _in_process(argv: list[str], capture) -> tuple[int, str]:
     from fastppo.cli import main as cli_main
 
-    capsys.readouterr()
+    capture.readouterr()
     try:
         rc = cli_main(argv)
     except SystemExit as exc:  # argparse
         rc = exc.code
-    return rc, capsys.readouterr().err
+    return rc, capture.readouterr().err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_and_exit_2(case, runs, capsys):
+def test_bad_input_gives_one_line_and_exit_2(case, runs, capfd):
     cid, argv, expected = case
     p = runs
-    rc, err = _in_process([a.format(**p) for a in argv], capsys)
+    rc, err = _in_process([a.format(**p) for a in argv], capfd)
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    # Resuming past a planted payload warns about it once before the error line.
     assert rc == 2, (cid, rc, err)
     assert len(lines) == 1, (cid, err)
     assert "Traceback" not in err
@@ -434,6 +433,18 @@ def test_every_bad_input_as_a_subprocess(runs):
     with ThreadPoolExecutor(2) as ex:
         results = list(ex.map(lambda c: run_case(c, runs, sys.executable), CASES))
     assert [r for r in results if not r["clean"]] == []
+
+
+def test_a_fresh_run_over_old_checkpoints_warns(runs, tmp_path, capsys):
+    import shutil
+
+    import fastppo
+
+    out = str(tmp_path / "again")
+    shutil.copytree(runs["good_run"], out)
+    with fastppo.use_backend("torch"):
+        rc, err = _in_process([a.format(**runs) for a in T("--output-dir", out)], capsys)
+    assert rc == 0 and "holds checkpoints of an earlier run (newest: step-00000001)" in err
 
 
 def test_debug_shows_the_traceback(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -161,6 +162,14 @@ def _run(config: PPOConfig) -> int:
         print(f"resumed from {trainer.resumed_from} at iteration {trainer.step}")
     elif config.resume:
         print(f"--resume: no checkpoint under {config.output_dir}/checkpoints yet; starting from iteration 0")
+    else:
+        from .checkpoint import latest_checkpoint
+
+        stale = latest_checkpoint(config.output_dir)
+        if stale:
+            print(f"fastppo train: warning: {config.output_dir} holds checkpoints of an earlier run (newest: "
+                  f"{os.path.basename(stale)}); this run starts from iteration 0 and replaces metrics.jsonl and "
+                  "the checkpoints it reaches; pass --resume to continue instead", file=sys.stderr)
     summary = trainer.train()
     hist = summary["history"]
     if hist:

@@ -30,6 +30,12 @@ def load_prompts(path: str, column: str) -> list[Any]:
         raise ConfigError(f"dataset {path!r} is empty; expected one prompt per row in a {column!r} column")
     if fmt != "parquet":
         _need_utf8(path)
+    if fmt == "csv":
+        with open(path, encoding="utf-8") as f:
+            if sum(1 for _, line in zip(range(2), (ln for ln in f if ln.strip()))) < 2:
+                raise ConfigError(f"dataset {path!r} has no rows (only a header?); expected one prompt per row")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error before raising it
     try:
         ds = datasets.load_dataset(fmt, data_files=path, split="train")
     except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a file they cannot parse
@@ -38,6 +44,8 @@ def load_prompts(path: str, column: str) -> list[Any]:
             cause = cause.__cause__ or cause.__context__
         why = " ".join(str(cause).split())[:200] or type(cause).__name__
         raise ConfigError(f"dataset {path!r} cannot be read as {path.rsplit('.', 1)[-1].upper()} ({why})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if column not in ds.column_names:
         raise ConfigError(f"dataset {path!r} has no column {column!r}; its columns are {ds.column_names} "
                           "(choose one with --prompt-column)")
