@@ -229,8 +229,8 @@ def test_resume_continues_with_same_state(tmp_path):
     wb = AutoModelForCausalLM.from_pretrained(cut / "checkpoints" / "step-00000004" / "actor").state_dict()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
-    sa = torch.load(straight / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=False)
-    sb = torch.load(cut / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=False)
+    sa = torch.load(straight / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(cut / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
     assert sa["step"] == sb["step"] == 4
     assert sa["scheduler"] == sb["scheduler"]
 

@@ -1,4 +1,4 @@
-"""Checkpoints that a crash can never leave half-written.
+"""Checkpoints that a crash can never leave half-written, and that can never run code when read.
 
 ``OUTPUT_DIR/checkpoints/step-00000012/`` holds
 
@@ -6,60 +6,210 @@
   ``peft.PeftModel.from_pretrained(base, path)`` loads back) and the tokenizer;
 * ``critic/``: ``save_pretrained`` of the critic, an ``AutoModelForSequenceClassification``;
 * ``trainer_state.pt``: step, optimizer, scheduler, KL coefficient, prompt sampler, and every
-  random generator, so a resumed run draws the same numbers the uninterrupted run would have;
+  random generator, so a resumed run draws the same numbers the uninterrupted run would have.
+  Only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None): it is
+  read with ``torch.load(weights_only=True)``, which refuses anything else, so a planted pickle
+  payload is rejected instead of run. Weights are read from safetensors files only;
+* ``fingerprint.json``: what the run must share with a run that resumes it (every option that
+  changes the experiment, the model configs and a hash of the prompts);
 * ``config.yaml``: the configuration that wrote it.
 
-Everything is written into a hidden temporary directory next to the final one and then renamed;
-a rename within one filesystem is atomic, so a directory named ``step-*`` is always complete.
+Everything is written into a hidden temporary directory next to the final one, every file and
+directory in it is fsync'ed, and it is then renamed; a rename within one filesystem is atomic,
+so a directory named ``step-*`` is always complete. ``--resume`` still checks each checkpoint
+as it reads it and falls back to the newest one that reads back whole.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import sys
 from typing import Any
 
 import torch
 
+from .config import ConfigError
+
 _NAME = re.compile(r"^step-(\d+)$")
+_OLD = re.compile(r"^(?:\.old-(step-\d+)-\d+|(step-\d+)\.old-\d+)$")  # the second: written by fastppo 0.1
+STATE = "trainer_state.pt"
+FINGERPRINT = "fingerprint.json"
+FORMAT = 2  # trainer_state.pt layout; 1 (fastppo 0.1) was a pickle with numpy arrays, never read again
+
+# Options a resumed run may change: how long and where it runs, not what it computes.
+RUNTIME_OPTIONS = frozenset({
+    "iterations", "resume", "output_dir", "save_every", "progress", "plot", "device", "attn_implementation",
+    "bf16", "num_threads", "model", "critic_model", "reward_model", "dataset"})  # paths: their contents count
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that does not read back whole (truncated, empty or missing files)."""
 
 
 def checkpoint_root(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
+def _tidy(root: str) -> None:
+    """Drop what crashed writes left behind; put back a checkpoint a crash left renamed aside."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(".tmp-step-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif (m := _OLD.match(name)):
+            final = os.path.join(root, m.group(1) or m.group(2))
+            if os.path.exists(final):
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # the crash came between the two renames of a same-step save: the old one is the good one
+                os.rename(path, final)
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint directories under ``output_dir``, newest first."""
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
-        return None
+        return []
+    _tidy(root)
     steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _NAME.match(name))]
-    return os.path.join(root, max(steps)[1]) if steps else None
+    return [os.path.join(root, name) for _, name in sorted(steps, reverse=True)]
 
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = checkpoints(output_dir)
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------------------------------
+# random generators, as tensors and plain values
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, key, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     except ImportError:  # pragma: no cover
         pass
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        s = state["numpy"]
+        np.random.set_state((s["name"], s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprint: what a resumed run must share with the run that wrote the checkpoint
+
+def _model_identity(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"):
+        data.pop(key, None)
+    # Two fine-tunes of one base share a config.json: a cheap sample of the weight files tells them apart.
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin")):
+            file = os.path.join(path, name)
+            size = os.path.getsize(file)
+            digest.update(f"{name}:{size}:".encode())
+            with open(file, "rb") as f:
+                digest.update(f.read(1 << 16))
+                f.seek(max(0, size - (1 << 16)))
+                digest.update(f.read(1 << 16))
+    return {"config": data, "weights_sample_sha256": digest.hexdigest()}
+
+
+def fingerprint(config, model_path: str, prompts: list[Any]) -> dict[str, Any]:
+    """JSON-able description of the experiment: options, model configs, prompts."""
+    options = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_OPTIONS}
+    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    critic_path = config.critic_model or config.reward_model or model_path
+    return {"options": json.loads(json.dumps(options, default=str)), "actor": _model_identity(model_path),
+            "critic": _model_identity(critic_path), "reward_model": _model_identity(config.reward_model),
+            "prompts": {"count": len(prompts), "sha256": digest}}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for name in sorted(set(old.get("options", {})) | set(new["options"])):
+        a, b = old.get("options", {}).get(name, "unset"), new["options"].get(name, "unset")
+        if a != b:
+            out.append(f"{name} is {b!r} now, was {a!r}")
+    for role in ("actor", "critic", "reward_model"):
+        a, b = old.get(role) or {}, new[role] or {}
+        if a != b:
+            ca, cb = a.get("config") or {}, b.get("config") or {}
+            keys = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+            what = (f"config.json: {', '.join(keys[:4])}" if keys else "its weights" if a and b else
+                    "given now" if b else "not given now")
+            out.append(f"the {role.replace('_', ' ')} model differs ({what})")
+    if old.get("prompts") != new["prompts"]:
+        out.append(f"the prompts differ ({new['prompts']['count']} now, {old.get('prompts', {}).get('count')} then)")
+    return out
+
+
+def check_fingerprint(path: str, expected: dict[str, Any]) -> bool:
+    """Raise ``ConfigError`` when ``path`` was written by a different experiment; False if it has none."""
+    try:
+        with open(os.path.join(path, FINGERPRINT), encoding="utf-8") as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(found, dict):
+        return False
+    diff = _differences(found, expected)
+    if diff:
+        more = f" (and {len(diff) - 2} more)" if len(diff) > 2 else ""
+        raise ConfigError(
+            f"--resume: {path} was written by a different run: {'; '.join(diff[:2])}{more}; resume with the "
+            "options, models and prompts it was written with, or choose another --output-dir")
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+def _fsync(path: str, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # pragma: no cover - platforms that cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - filesystems without fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(top: str) -> None:
+    """fsync every file, then every directory bottom-up, under ``top`` (``top`` included)."""
+    for dirpath, _, files in os.walk(top, topdown=False):
+        for name in files:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath, directory=True)
 
 
 def save(trainer, step: int) -> str:
@@ -68,49 +218,150 @@ def save(trainer, step: int) -> str:
 
     root = checkpoint_root(trainer.config.output_dir)
     os.makedirs(root, exist_ok=True)
+    _tidy(root)
     final = os.path.join(root, f"step-{step:08d}")
-    # Leftovers of writes that crashed; one run writes into one output_dir at a time.
-    for name in os.listdir(root):
-        if name.startswith(".tmp-step-"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
     trainer.actor.save_pretrained(os.path.join(tmp, "actor"))
     trainer.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
     trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
-    torch.save(trainer.state_dict(), os.path.join(tmp, "trainer_state.pt"))
+    torch.save(trainer.state_dict(), os.path.join(tmp, STATE))
+    with open(os.path.join(tmp, FINGERPRINT), "w", encoding="utf-8") as f:
+        json.dump(trainer.fingerprint, f, indent=1, sort_keys=True)
     with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(trainer.config.to_dict(), f, sort_keys=False)
+    fsync_tree(tmp)
     if os.path.exists(final):
-        # Same step saved twice (a resumed run ending where it started): swap, then drop the old.
-        old = final + f".old-{os.getpid()}"
+        # Same step saved twice (a run resumed from an older checkpoint reaching a step that an
+        # unusable checkpoint holds): move the old one aside, put the new one in, drop the old.
+        # A crash in between leaves `.old-step-N-PID`, which _tidy puts back as step-N.
+        old = os.path.join(root, f".old-step-{step:08d}-{os.getpid()}")
         os.rename(final, old)
         os.rename(tmp, final)
+        _fsync(root, directory=True)
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
+    _fsync(root, directory=True)
     return final
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+_STATE_KEYS = ("format", "step", "optimizer", "scheduler", "kl_coef", "sampler", "shuffle_gen", "rng")
+
+
+def _read_state(path: str) -> dict[str, Any]:
+    file = os.path.join(path, STATE)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{STATE} is missing")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, or a pickle holding anything but tensors and plain values
+        why = " ".join(str(exc).split())[:160]
+        raise CheckpointError(f"{STATE} cannot be read safely (truncated, or it holds more than tensors and plain "
+                              f"values; nothing in it was run): {type(exc).__name__}: {why}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{STATE} is not a fastppo checkpoint of format {FORMAT}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{STATE} lacks {missing}")
+    return state
+
+
+def _read_model(cls, directory: str, what: str) -> dict[str, torch.Tensor]:
+    from transformers.utils import logging as hf_logging
+
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{what}/ is missing")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(directory, dtype=torch.float32, use_safetensors=True,
+                                          output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - missing, empty or truncated weights, a broken config.json
+        raise CheckpointError(f"{what}/ cannot be loaded: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+    if bad:
+        raise CheckpointError(f"{what}/ does not hold the whole model: {bad}")
+    return model.state_dict()
+
+
+def read(trainer, path: str) -> dict[str, Any]:
+    """Everything in ``path``, checked and in memory; raises ``CheckpointError`` if any part is unusable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    state = _read_state(path)
+    actor_dir = os.path.join(path, "actor")
+    if trainer.config.lora_r > 0:
+        from peft import get_peft_model_state_dict
+
+        adapter = os.path.join(actor_dir, "adapter_model.safetensors")
+        if not os.path.isfile(adapter):
+            raise CheckpointError("actor/ holds no LoRA adapter (was it written with lora_r=0?)")
+        try:
+            actor = load_file(adapter)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"actor/adapter_model.safetensors cannot be read: {exc}") from None
+        want = get_peft_model_state_dict(trainer.actor)
+        if set(actor) != set(want) or any(actor[k].shape != want[k].shape for k in want):
+            raise CheckpointError("actor/ holds an adapter that does not fit this LoRA configuration")
+    else:
+        actor = _read_model(AutoModelForCausalLM, actor_dir, "actor")
+    critic = _read_model(AutoModelForSequenceClassification, os.path.join(path, "critic"), "critic")
+    return {"actor": actor, "critic": critic, "state": state}
+
+
+def apply(trainer, loaded: dict[str, Any]) -> int:
+    if trainer.config.lora_r > 0:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.actor, {k: v.to(trainer.device) for k, v in loaded["actor"].items()})
+    else:
+        trainer.actor.load_state_dict(loaded["actor"])
+    trainer.critic.model.load_state_dict(loaded["critic"])
+    trainer.load_state_dict(loaded["state"])
+    return int(loaded["state"]["step"])
 
 
 def load(trainer, path: str) -> int:
     """Restore weights, optimizer, scheduler and generators from ``path``; returns its step."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    return apply(trainer, read(trainer, path))
 
-    actor_dir = os.path.join(path, "actor")
-    if trainer.config.lora_r > 0:
-        from peft import set_peft_model_state_dict
 
-        adapter = os.path.join(actor_dir, "adapter_model.safetensors")
-        if not os.path.isfile(adapter):
-            raise FileNotFoundError(f"checkpoint {path!r} holds no LoRA adapter; was it written with lora_r=0?")
-        result = set_peft_model_state_dict(trainer.actor, load_file(adapter, device=str(trainer.device)))
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"adapter in {path!r} does not fit this LoRA config: {result.unexpected_keys[:5]}")
-    else:
-        saved = AutoModelForCausalLM.from_pretrained(actor_dir, dtype=torch.float32)
-        trainer.actor.load_state_dict(saved.state_dict())
-    saved_critic = AutoModelForSequenceClassification.from_pretrained(os.path.join(path, "critic"), dtype=torch.float32)
-    trainer.critic.model.load_state_dict(saved_critic.state_dict())
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    trainer.load_state_dict(state)
-    return int(state["step"])
+def precheck(trainer, candidates: list[str]) -> None:
+    """Before any weights load: refuse a directory whose newest readable fingerprint differs."""
+    for path in candidates:
+        if check_fingerprint(path, trainer.fingerprint):
+            return
+
+
+def resume(trainer, candidates: list[str]) -> str | None:
+    """Load the newest usable checkpoint of ``candidates`` (newest first), warning about each one
+    skipped; ``ConfigError`` if there are some and none is usable. Returns the path loaded."""
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            if not check_fingerprint(path, trainer.fingerprint):  # ConfigError when it differs
+                raise CheckpointError(f"{FINGERPRINT} is missing or unreadable")
+            loaded = read(trainer, path)
+            try:
+                trainer.step = apply(trainer, loaded)
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+                raise CheckpointError(f"its state does not fit this run: {type(exc).__name__}: "
+                                      f"{' '.join(str(exc).split())[:160]}") from None
+        except CheckpointError as exc:
+            skipped.append(f"{os.path.basename(path)}: {exc}")
+            continue
+        for line in skipped:  # only when falling back; a refusal says it all in its one line
+            print(f"fastppo train: warning: skipped checkpoint {line}; resuming from {os.path.basename(path)}",
+                  file=sys.stderr, flush=True)
+        return path
+    if skipped:
+        raise ConfigError(f"--resume: no usable checkpoint under {os.path.dirname(candidates[0])} "
+                          f"({'; '.join(skipped)}); remove them to start over, or choose another --output-dir")
+    return None

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
 from typing import Any
 
-from .config import ConfigError, PPOConfig, field_docs, field_types, load_file
+from .config import (AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, ConfigError, PPOConfig, field_docs,
+                     field_types, load_file)
+
+_CHOICES = {"loss_agg": AGG_MODES, "kl_estimator": ESTIMATORS, "lr_schedule": LR_SCHEDULES,
+            "attn_implementation": ATTN_IMPLEMENTATIONS}
 
 _NONE = object()  # "--value-clip none": unset an option, distinct from "flag not given"
 
@@ -22,14 +27,29 @@ def _scalar(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+_EXPECT = {int: "a whole number", float: "a number", str: "text"}
+
+
 def _parser_for(base: Any, nullable: bool):
     def parse(text: str):
         if nullable and text.lower() in ("none", "null"):
             return _NONE
-        return base(text)
+        try:
+            return base(text)
+        except ValueError:
+            also = " or none" if nullable else ""
+            raise argparse.ArgumentTypeError(f"expected {_EXPECT.get(base, base.__name__)}{also}, got {text!r}") from None
 
-    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    parse.__name__ = base.__name__
     return parse
+
+
+def _show_default(value: Any, base: Any = None) -> str:
+    if value is None:
+        return "auto" if base is bool else "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -39,11 +59,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "a rule-based reward shipped with fastppo). Options come from --config FILE (YAML or TOML) "
                     "and are overridden by flags; 'none' unsets an optional value.")
     t.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) file of options")
+    t.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    from . import builtin
+
     docs = field_docs()
+    plain = PPOConfig()
+    task = builtin.default_config()  # what a run without --model starts from
     for name, tp in field_types().items():
         base, nullable = _scalar(tp)
         flag = "--" + name.replace("_", "-")
-        help_text = docs.get(name, "") + (f" (default: {PPOConfig.__dataclass_fields__[name].default})")
+        a, b = getattr(plain, name), getattr(task, name)
+        default = (f"default: {_show_default(a, base)}" if a == b else
+                   f"default: {_show_default(b, base)} for the built-in task (no --model), "
+                   f"{_show_default(a, base)} with --model")
+        choices = _CHOICES.get(name)
+        help_text = docs.get(name, "") + (f" One of: {', '.join(choices)}." if choices else "") + f" ({default})"
         if base is bool:
             t.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -63,6 +93,8 @@ def resolve_config(args: argparse.Namespace) -> PPOConfig:
             data[name] = None if value is _NONE else value
     if data.get("model") is None:
         base = builtin.default_config().to_dict()
+        if data.get("reward_model") is not None:
+            base["reward"] = None  # the built-in task's reward gives way to a reward model
         base.update(data)
         data = base
     return PPOConfig.from_dict(data)
@@ -84,16 +116,43 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(args: argparse.Namespace) -> int:
+    debug = getattr(args, "debug", False)
+    try:
+        config = resolve_config(args)
+        config.check()  # before transformers is imported or any model loads
+    except ConfigError as exc:
+        if debug:
+            raise
+        print(f"fastppo train: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        return _run(config)
+    except ConfigError as exc:
+        if debug:
+            raise
+        print(f"fastppo train: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastppo train: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - not a known bad input: one line, the traceback on --debug
+        if debug:
+            raise
+        print(f"fastppo train: failed: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _run(config: PPOConfig) -> int:
     from .trainer import PPOTrainer
 
     _quiet_libraries()
-    try:
-        config = resolve_config(args)
-        trainer = PPOTrainer(config)
-    except ConfigError as exc:
-        print(f"fastppo train: error: {exc}", file=sys.stderr)
-        return 2
+    trainer = PPOTrainer(config)
     n_train = sum(p.numel() for p in trainer.actor.parameters() if p.requires_grad)
     what = "built-in task (tiny Llama, sentiment reward)" if config.model is None else config.model
     reward = config.reward_model or config.reward or "sentiment"
@@ -103,6 +162,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"resumed from {trainer.resumed_from} at iteration {trainer.step}")
     elif config.resume:
         print(f"--resume: no checkpoint under {config.output_dir}/checkpoints yet; starting from iteration 0")
+    else:
+        from .checkpoint import latest_checkpoint
+
+        stale = latest_checkpoint(config.output_dir)
+        if stale:
+            print(f"fastppo train: warning: {config.output_dir} holds checkpoints of an earlier run (newest: "
+                  f"{os.path.basename(stale)}); this run starts from iteration 0 and replaces metrics.jsonl and "
+                  "the checkpoints it reaches; pass --resume to continue instead", file=sys.stderr)
     summary = trainer.train()
     hist = summary["history"]
     if hist:

@@ -7,7 +7,10 @@ can still change one value of it without editing the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,11 +123,15 @@ class PPOConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PPOConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**data)
+        import difflib
+
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]}?" if close else "fastppo train --help lists them"
+                raise ConfigError(f"unknown config option {key!r} ({hint})")
+        return cls(**coerce_numbers(data))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,14 +141,54 @@ class PPOConfig:
 
     # ---------------------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise ``ConfigError`` for values that cannot work; needs no file or model."""
-        def positive(name: str) -> None:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        """Raise ``ConfigError`` for values that cannot work; needs no file or model.
 
-        for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "mini_batch_size",
-                     "micro_batch_size", "learning_rate", "temperature", "max_prompt_length"):
-            positive(name)
+        Every option is checked for its type (``True`` is no integer, ``"8"`` no number) and its
+        range (NaN and inf are never accepted), and the message names the option, what was given
+        and what is expected.
+        """
+        for name, tp in field_types().items():
+            _check_type(name, tp, getattr(self, name))
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a mapping of names to values, got {_show(self.extra)}")
+
+        for name in ("iterations", "batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
+                     "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha"):
+            _at_least(self, name, 1, "an integer >= 1")
+        for name in ("lora_r", "warmup_steps", "save_every", "num_threads"):
+            _at_least(self, name, 0, "an integer >= 0")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"{_opt('seed')} must be an integer in [0, 2**63), got {self.seed}")
+        for name, why in (("learning_rate", ""), ("temperature", ""), ("max_grad_norm", ""),
+                          ("critic_learning_rate", " or none (then learning_rate is used)"),
+                          ("kl_target", " or none (a fixed KL coefficient)"),
+                          ("score_clip", " or none (scores are not clamped)"),
+                          ("value_clip", " or none (no value clipping)"),
+                          ("clip_high", " or none (then clip_low is used)")):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{_opt(name)} must be a finite number > 0{why}, got {value}")
+        for name in ("weight_decay", "vf_coef", "kl_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{_opt(name)} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{_opt(name)} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.clip_low < 1:
+            raise ConfigError(f"{_opt('clip_low')} must be in (0, 1) (the ratio is clipped to "
+                              f"[1 - clip_low, 1 + clip_high]), got {self.clip_low}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(f"{_opt('dual_clip')} must be > 1 or none (no dual clip), got {self.dual_clip}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{_opt('top_p')} must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{_opt('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("loss_agg", AGG_MODES), ("kl_estimator", ESTIMATORS),
+                              ("attn_implementation", ATTN_IMPLEMENTATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_opt(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not DEVICE.match(self.device):
+            raise ConfigError(f"{_opt('device')} must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
@@ -149,42 +196,130 @@ class PPOConfig:
             raise ConfigError(
                 f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
                 f"({self.micro_batch_size})")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.lr_schedule not in ("constant", "linear"):
-            raise ConfigError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise ConfigError(f"kl_target must be > 0 or unset, got {self.kl_target}")
-        if self.lora_r < 0:
-            raise ConfigError(f"lora_r must be >= 0, got {self.lora_r}")
-        if self.save_every < 0:
-            raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        if self.lora_r > 0 and not lora_targets(self.lora_target_modules):
+            raise ConfigError(f"{_opt('lora_target_modules')} must be all-linear or comma-separated module names "
+                              f"such as q_proj,v_proj; got {self.lora_target_modules!r}")
+        for name in ("output_dir", "prompt_column"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{_opt(name)} must not be empty")
+        for name in ("model", "reward_model", "critic_model", "dataset", "reward"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"{_opt(name)} must not be empty (leave it unset instead)")
         if self.reward_model is not None and self.reward is not None:
             raise ConfigError("give either reward_model or reward (a built-in reward name), not both")
+
+
+LR_SCHEDULES = ("constant", "linear")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
+ESTIMATORS = ("k1", "abs", "k2", "k3")  # as fastppo.kl_penalty; kept here so a config check imports no torch
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def lora_targets(text: str) -> list[str] | str:
+    """``all-linear``, or the module names of a comma-separated list ([] when there is none)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in text.split(",")]
+    if any(not t or not re.fullmatch(r"[A-Za-z0-9_.]+", t) for t in names):
+        return []
+    return names
+
+
+def _opt(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _at_least(cfg: "PPOConfig", name: str, low: int, what: str) -> None:
+    if getattr(cfg, name) < low:
+        raise ConfigError(f"{_opt(name)} must be {what}, got {getattr(cfg, name)}")
+
+
+def _check_type(name: str, tp: Any, value: Any) -> None:
+    args = typing.get_args(tp)
+    nullable = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if value is None:
+        if nullable:
+            return
+        raise ConfigError(f"{_opt(name)} must be set ({_KIND[base]}); it cannot be none")
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        also = " or none" if nullable else ""
+        raise ConfigError(f"{_opt(name)} must be {_KIND[base]}{also}, got {_show(value)}")
+
+
+_KIND = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; turn such strings into floats for float options."""
+    hints = field_types()
+    out = dict(data)
+    for name, value in data.items():
+        tp = hints.get(name)
+        if isinstance(value, str) and tp is not None and float in (typing.get_args(tp) or (tp,)):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
     """The option mapping of a ``.yaml``/``.yml`` or ``.toml`` file (dashes in names become underscores)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} is not a file")
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".yaml", ".yml"):
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    elif ext == ".toml":
+    if ext not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"config file {path!r}: expected a .yaml, .yml or .toml file, got {ext or 'no extension'!r}")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror or exc}") from None
+    if ext == ".toml":
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib  # type: ignore[no-redef]
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
     else:
-        raise ConfigError(f"config file {path!r}: expected a .yaml, .yml or .toml file, got {ext or 'no extension'!r}")
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path!r} is not valid YAML{at}: {problem}") from None
+        if data is None:
+            data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r}: expected a mapping of option names to values, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {path!r}: option names must be text, got {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

@@ -25,14 +25,59 @@ def load_prompts(path: str, column: str) -> list[Any]:
 
     if not os.path.isfile(path):
         raise ConfigError(f"dataset file {path!r} does not exist")
-    ds = datasets.load_dataset(dataset_format(path), data_files=path, split="train")
+    fmt = dataset_format(path)
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"dataset {path!r} is empty; expected one prompt per row in a {column!r} column")
+    if fmt != "parquet":
+        _need_utf8(path)
+    if fmt == "csv":
+        with open(path, encoding="utf-8") as f:
+            if sum(1 for _, line in zip(range(2), (ln for ln in f if ln.strip()))) < 2:
+                raise ConfigError(f"dataset {path!r} has no rows (only a header?); expected one prompt per row")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error before raising it
+    try:
+        ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a file they cannot parse
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own words
+            cause = cause.__cause__ or cause.__context__
+        why = " ".join(str(cause).split())[:200] or type(cause).__name__
+        raise ConfigError(f"dataset {path!r} cannot be read as {path.rsplit('.', 1)[-1].upper()} ({why})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if column not in ds.column_names:
         raise ConfigError(f"dataset {path!r} has no column {column!r}; its columns are {ds.column_names} "
                           "(choose one with --prompt-column)")
-    rows = list(ds[column])
+    try:
+        rows = list(ds[column])
+    except Exception as exc:  # noqa: BLE001 - pyarrow reports bad cells only when they are read
+        raise ConfigError(f"dataset {path!r}: column {column!r} cannot be read ({' '.join(str(exc).split())[:200]})") from None
     if not rows:
-        raise ConfigError(f"dataset {path!r} has no rows")
+        raise ConfigError(f"dataset {path!r} has no rows (only a header?); expected one prompt per row")
+    for i, p in enumerate(rows):
+        ok = isinstance(p, str) or (isinstance(p, list) and p and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in p))
+        if not ok:
+            raise ConfigError(f"dataset {path!r}, row {i + 1}: column {column!r} holds {p!r:.60}; expected text or "
+                              "a list of chat messages {'role': ..., 'content': ...}")
     return rows
+
+
+def _need_utf8(path: str) -> None:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+                done += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"dataset {path!r} is not valid UTF-8 text (near byte {done + exc.start}); save it as "
+                          "UTF-8") from None
 
 
 def prompt_text(prompt: Any) -> str:

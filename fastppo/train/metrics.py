@@ -70,10 +70,16 @@ class MetricsLog:
         if keep_up_to is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_up_to]
-            with open(path, "w", encoding="utf-8") as f:
+            # A run killed mid-write leaves a cut-off last line: it is dropped with the lines past
+            # the checkpoint. Rewritten through a temporary file, so a crash here loses nothing.
+            kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= keep_up_to]
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
                 for r in kept:
                     f.write(json.dumps(r) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -87,8 +93,17 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of ``metrics.jsonl``; lines that are not a JSON object (a write cut off by a crash) are skipped."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,9 +22,15 @@ from .config import ConfigError, PPOConfig
 def pick_device(config: PPOConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(config.device)
+    try:
+        dev = torch.device(config.device)
+    except RuntimeError:
+        raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N; got {config.device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {config.device!r} asked for, but torch sees no CUDA device")
+        raise ConfigError(f"device (--device) {config.device!r} asked for, but torch sees no CUDA device; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device (--device) {config.device!r}: torch sees only {torch.cuda.device_count()} CUDA "
+                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -66,10 +72,10 @@ def load_actor(config: PPOConfig, path: str, device: torch.device, attn: str) ->
     if config.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = config.lora_target_modules
-        target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        from .config import lora_targets
+
         lora = LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
-                          lora_dropout=config.lora_dropout, target_modules=target_modules)
+                          lora_dropout=config.lora_dropout, target_modules=lora_targets(config.lora_target_modules))
         actor = get_peft_model(actor, lora)
     else:
         reference = copy.deepcopy(actor).eval().requires_grad_(False)

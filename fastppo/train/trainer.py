@@ -14,6 +14,8 @@ One iteration:
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
 import random
@@ -26,7 +28,7 @@ import torch
 import fastppo
 
 from . import builtin, checkpoint
-from .config import ConfigError, PPOConfig
+from .config import ConfigError, PPOConfig, lora_targets
 from .data import PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts, prompt_text
 from .metrics import MetricsLog, explained_variance, masked_mean, peak_memory_mb, plot_metrics, read_metrics
 from .models import (autocast, load_actor, load_critic, load_reward_model, pick_attention, pick_device,
@@ -57,11 +59,77 @@ class KLController:
 # --------------------------------------------------------------------------------------------
 # validation: everything that can be checked without loading weights
 
-def _need_model_dir(path: str, what: str) -> None:
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _need_model_dir(path: str, what: str):
+    """The model's ``PretrainedConfig``; ``ConfigError`` unless ``path`` is a loadable model directory."""
+    from transformers import AutoConfig
+
     if not os.path.isdir(path):
         raise ConfigError(f"{what} {path!r} does not exist (expected a directory written by save_pretrained)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
         raise ConfigError(f"{what} {path!r} has no config.json; is it a transformers model directory?")
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{what} {path!r}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ConfigError(f"{what} {path!r}: config.json must be a JSON object with a model_type (as "
+                          "save_pretrained writes it)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - unknown model_type, values transformers rejects
+        raise ConfigError(f"{what} {path!r}: config.json is not a configuration transformers can load "
+                          f"({' '.join(str(exc).split())[:200]})") from None
+    if not any(os.path.isfile(os.path.join(path, w)) for w in _WEIGHTS):
+        raise ConfigError(f"{what} {path!r} holds no weights (expected one of {', '.join(_WEIGHTS)})")
+    return config
+
+
+def _context_length(model_config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(model_config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def _check_lora_targets(config: PPOConfig, model_config, where: str) -> None:
+    """Every LoRA target must name a linear/embedding/conv module of the actor (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    targets = lora_targets(config.lora_target_modules)
+    if targets == "all-linear":
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except Exception as exc:  # noqa: BLE001 - not a causal LM architecture
+        raise ConfigError(f"model {where!r} cannot be built as a causal LM ({' '.join(str(exc).split())[:200]})") from None
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}
+    for t in targets:
+        if t.rsplit(".", 1)[-1] not in names:
+            raise ConfigError(f"lora_target_modules (--lora-target-modules): {t!r} is not a linear layer of {where!r}; "
+                              f"choose from {', '.join(sorted(names))}, or all-linear")
+
+
+def _check_output_dir(path: str) -> None:
+    """``output_dir`` must be a writable directory or creatable as one."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"output_dir (--output-dir) {path!r}: {probe!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir (--output-dir) {path!r}: no permission to write in {probe!r}")
 
 
 def _vocab_mismatch(a, b) -> str | None:
@@ -77,11 +145,24 @@ def _vocab_mismatch(a, b) -> str | None:
 def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
     """Raise ``ConfigError`` for anything that would fail later: bad values, missing files,
     a reward model or critic that does not share the actor's tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config.check()
+    _check_output_dir(config.output_dir)
+    device = pick_device(config)
+    if config.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attn_implementation (--attn-implementation) flash_attention_2 needs the flash-attn "
+                              "package (pip install 'fastppo[flash]'); use auto, sdpa or eager")
+        if device.type != "cuda":
+            raise ConfigError("attn_implementation (--attn-implementation) flash_attention_2 needs a CUDA device; "
+                              "use auto, sdpa or eager")
+    if config.bf16 and device.type != "cuda":
+        raise ConfigError(f"bf16 (--bf16) needs a CUDA device, and the run is on {device.type}; leave it unset "
+                          "(auto) or pass --no-bf16")
+    model_configs = {}
     if config.model is not None:
-        _need_model_dir(config.model, "model")
+        model_configs["model"] = _need_model_dir(config.model, "model")
         if reward_fn is None and config.reward_model is None and config.reward is None:
             raise ConfigError(f"model {config.model!r} needs a reward: pass reward_model (a sequence-classification "
                               "model directory), reward (a built-in reward name) or a reward function")
@@ -90,20 +171,38 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
     if config.reward is not None and config.reward not in builtin.REWARDS:
         raise ConfigError(f"unknown built-in reward {config.reward!r}; choose one of {sorted(builtin.REWARDS)}")
     if config.dataset is not None:
-        if not os.path.isfile(config.dataset):
+        if not os.path.exists(config.dataset):
             raise ConfigError(f"dataset file {config.dataset!r} does not exist")
+        if not os.path.isfile(config.dataset):
+            raise ConfigError(f"dataset {config.dataset!r} is not a file")
         dataset_format(config.dataset)
     elif config.model is not None:
         raise ConfigError(f"model {config.model!r} needs prompts: pass dataset (a .jsonl/.json/.csv/.parquet file)")
     for path, what in ((config.reward_model, "reward_model"), (config.critic_model, "critic_model")):
         if path is not None:
-            _need_model_dir(path, what)
+            model_configs[what] = _need_model_dir(path, what)
+    if config.model is None:
+        model_configs["model"] = builtin.build_model_config()
+    need = config.max_prompt_length + config.max_new_tokens
+    for what, mc in model_configs.items():
+        ctx = _context_length(mc)
+        if ctx is not None and need > ctx:
+            where = "the built-in model" if what == "model" and config.model is None else f"{what} {getattr(config, what)!r}"
+            raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) + max_new_tokens ({config.max_new_tokens}) "
+                              f"= {need} tokens exceeds the context of {where} ({ctx} positions); lower "
+                              "--max-prompt-length or --max-new-tokens")
+    if config.lora_r > 0:
+        _check_lora_targets(config, model_configs["model"], config.model or "the built-in model")
     if config.reward_model is not None:
-        n = getattr(AutoConfig.from_pretrained(config.reward_model), "num_labels", 1)
+        n = getattr(model_configs["reward_model"], "num_labels", 1)
         if n != 1:
             raise ConfigError(f"reward_model {config.reward_model!r} has num_labels={n}; expected 1 (a scalar score)")
     if config.model is not None:
-        actor_tok = AutoTokenizer.from_pretrained(config.model)
+        try:
+            actor_tok = AutoTokenizer.from_pretrained(config.model)
+        except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files
+            raise ConfigError(f"model {config.model!r}: cannot load its tokenizer "
+                              f"({' '.join(str(exc).split())[:200]})") from None
         if actor_tok.eos_token_id is None:
             raise ConfigError(f"the tokenizer of {config.model!r} has no EOS token; generation could never stop")
         for path, what in ((config.reward_model, "reward_model"), (config.critic_model, "critic_model")):
@@ -165,6 +264,9 @@ class PPOTrainer:
         self.prompts = raw
         self.prompt_ids = encode_prompts(self.tokenizer, raw, cfg.max_prompt_length)
         self.sampler = PromptSampler(len(raw), cfg.seed)
+        self.fingerprint = checkpoint.fingerprint(cfg, self.model_path, raw)
+        candidates = checkpoint.checkpoints(cfg.output_dir) if cfg.resume else []
+        checkpoint.precheck(self, candidates)  # a different run's directory is refused before any weights load
 
         self.actor, self.reference = load_actor(cfg, self.model_path, self.device, attn)
         critic_path = cfg.critic_model or cfg.reward_model or self.model_path
@@ -191,12 +293,8 @@ class PPOTrainer:
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
-        self.resumed_from: str | None = None
-        if cfg.resume:
-            path = checkpoint.latest_checkpoint(cfg.output_dir)
-            if path is not None:
-                self.step = checkpoint.load(self, path)
-                self.resumed_from = path
+        # Newest usable checkpoint; unusable ones (truncated, empty, missing parts) are skipped with a warning.
+        self.resumed_from: str | None = checkpoint.resume(self, candidates)
 
     # ----------------------------------------------------------------------------------------
     def _lr_factor(self, update: int) -> float:
@@ -208,7 +306,7 @@ class PPOTrainer:
         return 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"format": checkpoint.FORMAT, "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "kl_coef": self.kl.value, "sampler": self.sampler.state_dict(),
                 "shuffle_gen": self.shuffle_gen.get_state(), "rng": checkpoint.rng_state(),
                 "config": self.config.to_dict()}
