@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import base64
 import gzip
 import hashlib
 import importlib
@@ -45,7 +46,7 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable
 
-INSPECT_VERSION = "1"
+INSPECT_VERSION = "2"
 
 # --------------------------------------------------------------------------------------------
 # Hardware the model predicts for (per SM limits from the CUDA occupancy tables)
@@ -117,7 +118,7 @@ VOCABS = (32000, 50257, 128256, 151936)
 ADV_SHAPES = ((512, 4096), (2048, 1024), (8, 262144))
 LOSS_SHAPES = ((64, 1024), (1024, 2048))
 LOGPROB_ROWS = 16384  # tokens per logprob batch the waves are reported for (stand-in: 16 rows)
-_DT = {"bfloat16": "bf16", "float32": "fp32"}
+_DT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
 
 def _op(module: str, name: str):
@@ -190,20 +191,67 @@ def _loss_case(B: int, T: int) -> Callable[[], None]:
     return run
 
 
-def _linear_case(V: int) -> Callable[[], None]:
+def _loss_sweep_case(B: int, T: int, aggs: tuple[str, ...]) -> Callable[[], None]:
+    """The fullest ppo_loss (importance weights, dual clip, value clip, entropy) per aggregation."""
+
     def run():
         import torch
 
-        n, h = 16, 32
-        hidden = torch.zeros(n, h, dtype=torch.bfloat16, requires_grad=True)
-        weight = torch.zeros(V, h, dtype=torch.bfloat16, requires_grad=True)
-        labels = torch.zeros(n, dtype=torch.long)
-        _backward(*_op("linear_logprob", "linear_logprobs")(hidden, weight, labels, return_entropy=True))
+        def t(grad=False):
+            return torch.zeros(B, T, dtype=torch.float32, requires_grad=grad)
+
+        mask = torch.ones(B, T, dtype=torch.bool)
+        for how in aggs:
+            loss, _ = _op("ppo_loss", "ppo_loss")(t(True), t(), t(), t(True), t(), t(), mask, entropy=t(True),
+                                                  ent_coef=0.01, dual_clip=3.0, is_weights=t(), agg=how)
+            _backward(loss)
 
     return run
 
 
-def build_cases(families: Iterable[str] = FAMILIES) -> list[Case]:
+def _advantage_sweep_case(B: int, T: int) -> Callable[[], None]:
+    def run():
+        import torch
+
+        f = torch.float32
+        lp, ref, vals = (torch.zeros(B, T, dtype=f) for _ in range(3))
+        mask = torch.ones(B, T, dtype=torch.bool)
+        scores = torch.zeros(B, dtype=f)
+        _op("advantage", "compute_advantages")(scores, lp, ref, vals, mask, kl_coef=0.05)
+        _op("advantage", "gae")(lp, vals, mask)
+        _op("advantage", "masked_whiten")(lp, mask)
+
+    return run
+
+
+def _linear_case(V: int, dtype_name: str = "bfloat16", bias: bool = False) -> Callable[[], None]:
+    def run():
+        import torch
+
+        dtype = getattr(torch, dtype_name)
+        n, h = 16, 32
+        hidden = torch.zeros(n, h, dtype=dtype, requires_grad=True)
+        weight = torch.zeros(V, h, dtype=dtype, requires_grad=True)
+        b = torch.zeros(V, dtype=dtype) if bias else None
+        labels = torch.zeros(n, dtype=torch.long)
+        mask = torch.ones(n, dtype=torch.bool)
+        _backward(*_op("linear_logprob", "linear_logprobs")(hidden, weight, labels, bias=b, return_entropy=True,
+                                                           mask=mask))
+
+    return run
+
+
+# More shapes for CI (``--all-configs``): every tile, chunk and block ladder step the launchers
+# have, beyond the issue's representative shapes.
+SWEEP_VOCABS = ((1000, "bfloat16"), (151936, "float16"))
+SWEEP_ADV_SHAPES = ((1, 1 << 20), (8, 32768), (8192, 128))
+SWEEP_LOSS_SHAPES = ((128, 4096), (8192, 1), (256, 512), (512, 1024))
+SWEEP_AGGS = ("token-mean", "seq-mean-token-mean")
+OTHER_AGGS = ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def build_cases(families: Iterable[str] = FAMILIES, all_configs: bool = False) -> list[Case]:
+    """The representative shapes of issue 12, plus (``all_configs``) the CI sweep."""
     families = set(families)
     cases: list[Case] = []
     if "logprob" in families:
@@ -223,6 +271,22 @@ def build_cases(families: Iterable[str] = FAMILIES) -> list[Case]:
             # Programs: one per row of a 16384-row tile (the CUDA workspace at 4096 columns).
             per_row = {"_fold_fwd_kernel": 16384, "_dlogits_kernel": 16384}
             cases.append(Case("linear", f"16384xH->{V} bf16", _linear_case(V), per_row))
+    if not all_configs:
+        return cases
+    if "logprob" in families:
+        for V, dt in SWEEP_VOCABS:
+            per_row = {"_logprob_fwd_kernel": LOGPROB_ROWS, "_logprob_bwd_kernel": LOGPROB_ROWS}
+            cases.append(Case("logprob", f"{LOGPROB_ROWS}x{V} {_DT.get(dt, dt)}", _logprob_case(V, dt), per_row))
+    if "advantage" in families:
+        for B, T in SWEEP_ADV_SHAPES:
+            cases.append(Case("advantage", f"{B}x{T}", _advantage_sweep_case(B, T)))
+    if "loss" in families:
+        for B, T in SWEEP_LOSS_SHAPES:
+            cases.append(Case("loss", f"{B}x{T} full", _loss_sweep_case(B, T, SWEEP_AGGS)))
+        cases.append(Case("loss", "64x1024 full", _loss_sweep_case(64, 1024, OTHER_AGGS)))
+    if "linear" in families:
+        cases.append(Case("linear", "16xH->151936 fp32 bias", _linear_case(151936, "float32", True)))
+        cases.append(Case("linear", "16xH->50257 fp16 bias", _linear_case(50257, "float16", True)))
     return cases
 
 
@@ -309,8 +373,8 @@ _ALIGN_ARGS = {"stride_t", "stride_b", "grad_stride_t", "grad_stride_b", "V", "s
                "stride_a", "stride_v", "stride_m", "n_cols"}
 
 
-def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress: Callable[[str], None] | None = None
-            ) -> list[Launch]:
+def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress: Callable[[str], None] | None = None,
+            all_configs: bool = False) -> list[Launch]:
     """Run every case's ops with Triton's launch path intercepted; returns the distinct launches.
 
     Must run in a process where ``TRITON_INTERPRET`` is unset (the kernels must be JITFunctions).
@@ -379,7 +443,7 @@ def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress:
         from fastppo import _dispatch
 
         with _dispatch.use_backend("triton"):
-            for case in build_cases(families):
+            for case in build_cases(families, all_configs):
                 if progress:
                     progress(f"capture {case.family} {case.shape}")
                 current["case"] = case
@@ -651,11 +715,15 @@ def compile_one(item: dict) -> dict:
     figures never needs a recompile.
     """
     cache = item.get("cache_file")
+    want_sass = item.get("sass", True)
     if cache and os.path.exists(cache):
         try:
             with gzip.open(cache, "rt") as f:
                 out = json.load(f)
             out["cached"] = True
+            if out.get("sass") is None and _needs_sass(out, want_sass) and out.get("cubin"):
+                out["sass"] = _disassemble(base64.b64decode(out["cubin"]))
+                _write_cache(cache, out)
             return out
         except (OSError, ValueError, EOFError):
             pass
@@ -677,20 +745,32 @@ def compile_one(item: dict) -> dict:
         out.update({
             "compiled": True,
             "ptx": k.asm["ptx"],
-            "sass": _disassemble(cubin),
+            "cubin": base64.b64encode(cubin).decode(),
             "resources": _resource_usage(cubin),
             "metadata_shared": int(getattr(k.metadata, "shared", 0) or 0),
         })
+        out["sass"] = _disassemble(cubin) if _needs_sass(out, want_sass) else None
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         out["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
     out["compile_seconds"] = round(time.time() - t0, 2)
     if cache and out["compiled"]:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = cache + f".{os.getpid()}.tmp"
-        with gzip.open(tmp, "wt") as f:
-            json.dump(out, f)
-        os.replace(tmp, cache)
+        _write_cache(cache, out)
     return out
+
+
+def _needs_sass(out: dict, want_sass: bool) -> bool:
+    # Without the SASS figures (CI's --no-sass) the SASS is still read when the cubin has stack
+    # or local memory: only the SASS tells a hot-loop spill from a tail one.
+    use = out.get("resources") or {}
+    return want_sass or bool(use.get("STACK") or use.get("LOCAL"))
+
+
+def _write_cache(path: str, out: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".{os.getpid()}.tmp"
+    with gzip.open(tmp, "wt") as f:
+        json.dump({k: v for k, v in out.items() if k != "cached"}, f)
+    os.replace(tmp, path)
 
 
 def read_compiled(out: dict, num_warps: int, elements: int) -> dict:
@@ -724,7 +804,8 @@ def _elements(kernel: str, constants: list[tuple[tuple, Any]], arg_names: list[s
 
 
 def inspect_kernels(targets: Iterable[str] = ("sm_90",), families: Iterable[str] = FAMILIES, jobs: int | None = None,
-                    cache_dir: str | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
+                    cache_dir: str | None = None, progress: Callable[[str], None] | None = None,
+                    all_configs: bool = False, one_per_constexpr: bool = False, sass: bool = True) -> list[dict]:
     """Capture, compile and read every configuration; one row (a dict) per (configuration, target).
 
     Runs in this process, which must not have ``TRITON_INTERPRET`` set (``run`` re-executes).
@@ -734,7 +815,17 @@ def inspect_kernels(targets: Iterable[str] = ("sm_90",), families: Iterable[str]
     rows: list[dict] = []
     items: list[tuple[dict, dict]] = []
     for target in targets:
-        launches = capture(target, families, progress)
+        launches = capture(target, families, progress, all_configs)
+        if one_per_constexpr:
+            # One launch per (kernel, constexprs, warps): dtype and alignment variants share one.
+            merged: dict[tuple, Launch] = {}
+            for la in launches:
+                k = (la.kernel, repr(la.constants), la.options["num_warps"], la.options["num_stages"])
+                if k in merged:
+                    merged[k].shapes += [sh for sh in la.shapes if sh not in merged[k].shapes]
+                else:
+                    merged[k] = la
+            launches = list(merged.values())
         for la in launches:
             fn = getattr(importlib.import_module(la.module), la.kernel)
             item = {
@@ -742,7 +833,7 @@ def inspect_kernels(targets: Iterable[str] = ("sm_90",), families: Iterable[str]
                 "constants": [[list(p), v] for p, v in la.constants],
                 "attrs": [[list(p), v] for p, v in la.attrs.items()], "options": la.options,
                 "target": target, "elements": _elements(la.kernel, la.constants, fn.arg_names),
-                "cache_file": os.path.join(cache_dir, f"{la.key}.json.gz") if cache_dir else None,
+                "cache_file": os.path.join(cache_dir, f"{la.key}.json.gz") if cache_dir else None, "sass": sass,
             }
             row = {"kernel": la.kernel, "family": la.family, "config": la.config, "shapes": la.shapes,
                    "target": target, "triton": triton.__version__, "num_warps": la.options["num_warps"],
@@ -878,6 +969,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile processes (default: CPU count)")
     p.add_argument("--cache-dir", default=None, help="result cache (default: $FASTPPO_CACHE_DIR or ~/.cache/fastppo/inspect)")
     p.add_argument("--no-cache", action="store_true", help="recompile everything, read and write no cache")
+    p.add_argument("--all-configs", action="store_true",
+                   help="also the CI sweep: every tile/chunk/block step and flag set the launchers have")
+    p.add_argument("--one-per-constexpr", action="store_true",
+                   help="compile one configuration per distinct constexpr/warp combination (what CI does)")
+    p.add_argument("--no-sass", action="store_true",
+                   help="skip disassembly unless a cubin has stack/local memory (faster; figures from PTX)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 
 
@@ -895,6 +992,12 @@ def _argv(args) -> list[str]:
         out.append("--no-cache")
     if args.quiet:
         out.append("--quiet")
+    if args.all_configs:
+        out.append("--all-configs")
+    if args.one_per_constexpr:
+        out.append("--one-per-constexpr")
+    if args.no_sass:
+        out.append("--no-sass")
     return out
 
 
@@ -923,7 +1026,8 @@ def main(args) -> int:
     import triton
 
     t0 = time.time()
-    rows = inspect_kernels(targets, families, args.jobs, cache_dir, progress)
+    rows = inspect_kernels(targets, families, args.jobs, cache_dir, progress, args.all_configs, args.one_per_constexpr,
+                           not args.no_sass)
     print(f"fastppo inspect: Triton {triton.__version__}, offline compile for {', '.join(targets)} "
           f"({', '.join(HARDWARE[t].name for t in targets)}); no GPU needed. {time.time() - t0:.0f} s")
     print(format_table(rows))
