@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=_positive_int, default=None,
                    help="timed repetitions per measurement, >= 1 (default: 100 on a GPU, 5 on a CPU)")
 
+    from .inspect import add_arguments as add_inspect_arguments
+
+    add_inspect_arguments(sub.add_parser("inspect", help="compile every kernel configuration offline, print static figures"))
     from .train.cli import add_parser as add_train_parser
 
     add_train_parser(sub)
@@ -108,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench
 
         return bench.main(args)
+    if args.command == "inspect":
+        from . import inspect
+
+        return inspect.main(args)
     if args.command == "train":
         from .train import cli as train_cli
 

@@ -1,0 +1,144 @@
+"""``fastppo inspect`` in CI: every kernel configuration the launchers pick compiles for sm_90 with
+the installed Triton, nothing spills in a hot loop, and no kernel's PTX holds a NaN-dropping
+``max.f32`` / ``min.f32``.
+
+The compile runs in a subprocess without ``TRITON_INTERPRET`` (conftest sets it for the
+interpreter tests), over the representative shapes plus the CI sweep (``--all-configs``), one
+configuration per distinct constexpr/block/warp combination (``--one-per-constexpr``). Results
+are cached under ``FASTPPO_CACHE_DIR`` (default ``~/.cache/fastppo/inspect``) by kernel source
+hash, so a rerun without kernel changes takes seconds; a cold run about 2-3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastppo import inspect as fi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = {
+    "_logprob_fwd_kernel", "_logprob_bwd_kernel", "_kl_kernel", "_kl_bwd_kernel", "_summary_kernel",
+    "_finalize_kernel", "_ppo_fwd_kernel", "_ppo_bwd_kernel", "_fold_fwd_kernel", "_dlogits_kernel",
+}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    pytest.importorskip("triton.backends.compiler")
+    pytest.importorskip("triton.knobs")
+    out = tmp_path_factory.mktemp("inspect") / "rows.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "fastppo.inspect", "--all-configs", "--one-per-constexpr", "--no-sass", "--json", str(out), "-q"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    print(proc.stdout[-20000:])
+    assert out.exists(), f"inspect wrote no JSON (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
+    with open(out) as f:
+        return json.load(f)
+
+
+def _name(r):
+    return f"{r['kernel']} {r['config']} {r['shapes']}"
+
+
+def test_every_configuration_compiles_for_sm90(rows):
+    assert {r["kernel"] for r in rows} >= KERNELS
+    failed = [f"{_name(r)}: {r.get('error')}" for r in rows if not r["compiled"]]
+    assert not failed, "\n".join(failed)
+    for r in rows:
+        assert r["target"] == "sm_90"
+        for key in ("kernel", "config", "target", "triton", "registers", "spill_bytes", "ctas_per_sm",
+                    "widest_load_bytes", "instructions_per_element", "compiled", "error"):
+            assert key in r, (key, _name(r))
+        assert r["registers"] and r["ctas_per_sm"] >= 1, _name(r)
+
+
+def test_no_spill_in_a_hot_loop(rows):
+    hot = [f"{_name(r)}: {r['hot_spill_instructions']} local loads/stores in the hot {r['hot_region']}"
+           for r in rows if r["compiled"] and r["hot_spill_instructions"]]
+    assert not hot, "\n".join(hot)
+    # Stack or local memory anywhere else must be a known tail spill, with its reason.
+    tail = []
+    for r in rows:
+        if r["compiled"] and r["spill_bytes"]:
+            known = [why for (k, part), why in fi.KNOWN_TAIL_SPILLS.items() if k == r["kernel"] and part in r["config"]]
+            if not known:
+                tail.append(f"{_name(r)}: {r['spill_bytes']} B of stack/local outside the hot loop")
+    assert not tail, "\n".join(tail)
+
+
+def test_no_nan_dropping_max_min_in_any_ptx(rows):
+    bad = [f"{_name(r)}: {r['nan_dropping_minmax']}" for r in rows if r["compiled"] and r["nan_dropping_minmax"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_hot_loads_are_wide_where_rows_are_aligned(rows):
+    # The streaming kernels load 16 bytes per instruction when the row length is a multiple of 16.
+    for r in rows:
+        if r["kernel"] in ("_logprob_fwd_kernel", "_logprob_bwd_kernel", "_fold_fwd_kernel", "_kl_kernel") \
+                and "unaligned" not in r["config"] and r["elements_per_pass"] >= 256:
+            assert r["widest_load_bytes"] == 16, _name(r)
+
+
+# ---- pure functions (no compile) ----------------------------------------------------------------
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/              @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   FADD R8, R4, R5 ;
+        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0040*/                   STL [R1], R8 ;
+        /*0050*/              @P1 BRA `(.L_x_1) ;
+        /*0060*/                   STG.E.U16 desc[UR4][R2.64], R8 ;
+        /*0070*/                   ATOMG.E.ADD.STRONG.GPU PT, R9, desc[UR4][R2.64], R10 ;
+        /*0080*/                   LDL R8, [R1] ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_sass_analysis_finds_the_loop_its_loads_and_its_spills():
+    a = fi.analyze("", SASS, num_warps=4, elements=512)
+    assert a["isa"] == "sass" and a["hot_region"] == "loop" and a["hot_instructions"] == 5
+    assert a["widest_load_bytes"] == 16 and a["widest_store_bytes"] == 0
+    assert a["barriers_per_iteration"] == 1
+    assert a["hot_spill_instructions"] == 1 and a["tail_spill_instructions"] == 1
+    assert a["instructions_per_element"] == pytest.approx(5 * 4 / 512, abs=1e-3)
+
+
+def test_ptx_fallback_and_nan_dropping_detection():
+    ptx = """.entry k(
+)
+{
+$L__BB0_1:
+	ld.global.v4.b32 	{%r1, %r2, %r3, %r4}, [%rd1];
+	max.NaN.f32 	%f1, %f2, %f3;
+	@%p1 bra 	$L__BB0_1;
+	st.global.b16 	[%rd2], %rs1;
+	max.f32 	%f4, %f5, %f6;
+	ret;
+}"""
+    a = fi.analyze(ptx, None, num_warps=1, elements=128)
+    assert a["isa"] == "ptx" and a["hot_region"] == "loop" and a["widest_load_bytes"] == 16
+    assert a["nan_dropping_minmax"] == ["max.f32"]
+
+
+def test_occupancy_h100():
+    hw = fi.HARDWARE["sm_90"]
+    assert fi.occupancy(hw, 32, 0, 8)[0] == 8  # warps: 64 / 8
+    assert fi.occupancy(hw, 128, 0, 8)[0] == 2  # registers: 65536 / (128 * 256)
+    assert fi.occupancy(hw, 255, 0, 4)[0] == 2  # 255 -> 256 per thread, 8192 per warp
+    assert fi.occupancy(hw, 32, 100 * 1024, 4)[0] == 2  # shared memory
+
+
+def test_cli_registers_inspect():
+    from fastppo.cli import build_parser
+
+    args = build_parser().parse_args(["inspect", "--target", "sm_80", "--json", "x.json", "--ops", "loss"])
+    assert args.command == "inspect" and args.target == "sm_80" and args.json == "x.json"
