@@ -961,12 +961,18 @@ def summary(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def _positive_jobs(text: str) -> int:
+    from .cli import _positive_int
+
+    return _positive_int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="sm_90", metavar="SM[,SM]",
                    help="GPU architectures to compile for: sm_90 (H100, default), sm_80 (A100), or both")
     p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list to FILE")
     p.add_argument("--ops", metavar="FAMILY[,...]", help=f"only these kernel families ({', '.join(FAMILIES)})")
-    p.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    p.add_argument("--jobs", "-j", type=_positive_jobs, default=None, help="parallel compile processes, >= 1 (default: CPU count)")
     p.add_argument("--cache-dir", default=None, help="result cache (default: $FASTPPO_CACHE_DIR or ~/.cache/fastppo/inspect)")
     p.add_argument("--no-cache", action="store_true", help="recompile everything, read and write no cache")
     p.add_argument("--all-configs", action="store_true",
