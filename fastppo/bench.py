@@ -58,6 +58,16 @@ class Result:
     peak_mem_mb: float | None
     speedup_vs_torch: float | None
     note: str = ""
+    # linear_logprobs only (left out of the other ops' JSON rows): matmul-bound columns.
+    tflops: float | None = None  # the two matmuls' FLOPs (2NHV fwd, 6NHV fwd+bwd) over the time
+    pct_matmul_peak: float | None = None  # tflops over matmul_tflops
+    matmul_tflops: float | None = None  # a plain torch.mm of the same [N,H]x[H,V] shape, same run
+    time_vs_logits: float | None = None  # median time over the logits path's
+    mem_vs_logits: float | None = None  # peak memory over the logits path's
+    mem_method: str | None = None  # "cuda-allocator" or "peak-rss-subprocess"
+
+
+LINEAR_FIELDS = ("tflops", "pct_matmul_peak", "matmul_tflops", "time_vs_logits", "mem_vs_logits", "mem_method")
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +137,10 @@ def _loss_case(tokens: int, dtype: torch.dtype) -> BenchCase:
 
 
 def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
-    """linear_logprobs is matmul bound: the GB/s and % roofline columns count only the bytes of
-    its inputs and outputs (the logits it never writes are the point)."""
+    """linear_logprobs is matmul bound: its columns are TFLOP/s over the two matmul FLOPs and the
+    percent of a plain torch.mm of the same shape timed in the same run (``linear_flops``). The
+    byte floor kept in the JSON counts only its inputs and outputs (the logits it never writes
+    are the point)."""
     def make(device):
         gen = torch.Generator(device=device).manual_seed(0)
         hidden = torch.randn(N, H, device=device, generator=gen, dtype=torch.float32).to(dtype)
@@ -140,8 +152,31 @@ def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> Bench
     e = _esize(dtype)
     inputs = (N * H + V * H) * e + N * 8
     floor = inputs + N * 8 + ((inputs + (N * H + V * H) * e) if mode == "fwd+bwd" else 0)
-    return BenchCase("linear_logprobs", mode, f"N={N} H={H} V={V}", dtype, make, floor,
-                     impls=("torch", "triton", "chunked"))
+    return BenchCase("linear_logprobs", mode, f"N={N} H={H} V={V}", dtype, make, floor, impls=LINEAR_IMPLS)
+
+
+# fastppo: the public op (auto: Triton folds + cuBLAS on CUDA, the chunked PyTorch path on CPU);
+# chunked: the PyTorch chunked path forced (on CUDA too); logits: hidden @ weight.T then
+# fastppo.logprobs_from_logits (the baseline of the ratios); torch: the full-logits reference;
+# then the peers.
+LINEAR_IMPLS = ("fastppo", "chunked", "logits", "torch", "trl", "liger", "liger-flce", "verl")
+
+
+def linear_dims(case: BenchCase) -> tuple[int, int, int]:
+    dims = dict(part.split("=") for part in case.shape.split())
+    return int(dims["N"]), int(dims["H"]), int(dims["V"])
+
+
+def linear_flops(case: BenchCase) -> float:
+    """The two matmul FLOPs: 2*N*H*V forward; 3x that with the backward (d hidden and d weight).
+    A backward that recomputes the logits does 8*N*H*V; the floor stays 6*N*H*V."""
+    N, H, V = linear_dims(case)
+    return 2.0 * N * H * V * (3 if case.mode == "fwd+bwd" else 1)
+
+
+# linear_logprobs on a CPU: the CPU paths at a smaller N (each implementation in a fresh process).
+CPU_LINEAR_GRID = ((1024, 256, 32000),)
+CPU_LINEAR_QUICK = (256, 256, 32000)
 
 
 def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
@@ -170,8 +205,10 @@ def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
     if on_gpu:
         linear_grid = [(N, H, V) for N in (4096, 16384) for H in (896, 4096) for V in (32000, 151936)]
     else:
-        linear_grid = [(256, 256, 32000)]
-    for N, H, V in linear_grid[:1] if quick else linear_grid:
+        linear_grid = list(CPU_LINEAR_GRID)
+    if quick:
+        linear_grid = [CPU_LINEAR_QUICK] if not on_gpu else linear_grid[:1]
+    for N, H, V in linear_grid:
         for mode in ("fwd", "fwd+bwd"):
             cases.append(_linear_case(N, H, V, torch.bfloat16 if on_gpu else torch.float32, mode))
     return cases
@@ -276,9 +313,115 @@ def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:
     raise KeyError(impl)
 
 
+def _installed(module: str) -> bool:
+    """Whether the top-level package of ``module`` is installed, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _linear_impl(impl: str, on_gpu: bool) -> tuple[Callable | None, str]:
+    """linear_logprobs implementations, each with the signature (hidden, weight, labels, **kw)
+    and returning (logprobs, entropy) or logprobs alone (the peers without entropy)."""
+    import fastppo
+
+    if impl == "torch.mm":  # the matmul peak: one [N, H] x [H, V] product, nothing else
+
+        def mm(hidden, weight, labels, **_):
+            return torch.mm(hidden, weight.t())
+
+        return mm, "plain torch.mm of the same shape: the peak"
+    if impl == "fastppo":
+
+        def fused(hidden, weight, labels, **kw):
+            with fastppo.use_backend("auto"):
+                return fastppo.linear_logprobs(hidden, weight, labels, **kw)
+
+        return fused, ("Triton folds + cuBLAS per vocabulary chunk" if on_gpu
+                       else "chunked PyTorch path (auto on CPU)")
+    if impl == "chunked":
+        if not on_gpu:
+            return None, "same as fastppo on CPU"
+        from . import linear
+
+        return linear.linear_logprobs, "chunked PyTorch path forced on CUDA"
+    if impl == "logits":
+
+        def logits_path(hidden, weight, labels, **kw):
+            with fastppo.use_backend("auto"):
+                return fastppo.logprobs_from_logits(hidden @ weight.t(), labels, **kw)
+
+        return logits_path, ("hidden @ weight.T, then the Triton logprobs_from_logits" if on_gpu
+                             else "hidden @ weight.T, then logprobs_from_logits")
+    if impl == "torch":
+        return reference.linear_logprobs.raw, "full-logits reference (float32 logits)"
+    if impl == "trl":
+        # TRL >= 1.16: trl.kernels.ChunkedLogProbFunction (cuBLAS tiles + a Triton fold on CUDA,
+        # the same loops with torch folds elsewhere), at the chunk width its trainer uses.
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+        except Exception:
+            return None, "trl >= 1.16 not installed (pip install fastppo[bench])"
+        try:
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+        except Exception:
+            chunk = 32768
+
+        def trl_fn(hidden, weight, labels, *, temperature=1.0, return_entropy=True, **_):
+            outputs = ("entropy",) if return_entropy else ()
+            lp, ent, *_rest = ChunkedLogProbFunction.apply(hidden, weight, None, labels, float(temperature), chunk,
+                                                           None, 1.0, outputs)
+            return (lp, ent) if return_entropy else lp
+
+        return trl_fn, f"trl.kernels.ChunkedLogProbFunction, chunk {chunk}" + ("" if on_gpu else ", torch folds on CPU")
+    if impl == "liger":
+        # Liger's fused linear PPO losses get their log-probs from this (chunked torch, no entropy).
+        try:
+            from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+        except Exception:
+            return None, "liger-kernel not installed (pip install fastppo[bench])"
+
+        def liger_fn(hidden, weight, labels, *, temperature=1.0, **_):
+            return LigerFusedLinearPPOBase.chunk_forward(hidden[None], weight, labels[None],
+                                                         temperature=temperature)[0]
+
+        return liger_fn, "LigerFusedLinearPPOBase.chunk_forward: chunked torch, log-prob only, no entropy"
+    if impl == "liger-flce":
+        if not _installed("liger_kernel"):
+            return None, "liger-kernel not installed (pip install fastppo[bench])"
+        if not on_gpu:
+            return None, "Liger fused linear cross entropy is Triton: GPU only"
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def liger_flce(hidden, weight, labels, **_):
+            return -liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+
+        return liger_flce, "fused linear cross entropy (reduction=none): log-prob only, no entropy"
+    if impl == "verl":
+        if not _installed("verl"):
+            return None, "verl not installed"
+        if not on_gpu:
+            return None, "verl linear_cross_entropy is Triton/CUDA only (asserts hidden.is_cuda)"
+        try:
+            from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+        except Exception as exc:
+            return None, f"verl linear_cross_entropy not importable: {type(exc).__name__}"
+
+        def verl_fn(hidden, weight, labels, *, temperature=1.0, **_):
+            return linear_cross_entropy(hidden, weight, labels, float(temperature), "none")
+
+        return verl_fn, "verl.utils.kernel.linear_cross_entropy (log-probs and token entropy)"
+    raise KeyError(impl)
+
+
 def _implementation(case: BenchCase, impl: str, on_gpu: bool) -> tuple[Callable | None, str]:
     import fastppo
 
+    if case.op == "linear_logprobs":
+        return _linear_impl(impl, on_gpu)
     if impl == "torch":
         return getattr(reference, case.op).raw, ""
     if impl == "torch.compile":
