@@ -176,7 +176,7 @@ def linear_flops(case: BenchCase) -> float:
 
 # linear_logprobs on a CPU: the CPU paths at a smaller N (each implementation in a fresh process).
 CPU_LINEAR_GRID = ((1024, 256, 32000),)
-CPU_LINEAR_QUICK = (256, 256, 32000)
+CPU_LINEAR_QUICK = (256, 128, 8192)
 
 
 def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
@@ -518,6 +518,199 @@ def run_case(case: BenchCase, impl: str, on_gpu: bool, bandwidth: float, reps: i
     return Result(case.op, case.mode, case.shape, dtype_name, impl, ms, gbps, 100 * gbps * 1e9 / bandwidth, peak, None, note)
 
 
+# --------------------------------------------------------------------------------------------
+# linear_logprobs: matmul-bound columns, and peak memory per implementation
+# --------------------------------------------------------------------------------------------
+
+MiB = 1024**2
+CPU_MEM_METHOD = "peak-rss-subprocess"
+CPU_MEM_NOTE = ("peak MB on CPU: the rise of the peak resident set (VmHWM, reset through /proc/self/clear_refs) "
+                "over one call, in a fresh process per implementation, inputs excluded, gradients included")
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _measure_linear_cpu(N: int, H: int, V: int, dtype: str, mode: str, impl: str, reps: int) -> dict:
+    """In a fresh process: a call at a small shape first (pages in the library code, starts the
+    thread pool), then the first call at full size for the peak memory, then ``reps`` timed."""
+    fn, note = _linear_impl(impl, on_gpu=False)
+    if fn is None:
+        return {"skip": note}
+    small = _linear_case(min(N, 64), H, min(V, 2048), getattr(torch, dtype), mode)
+    args, kwargs, leaves = small.make("cpu")
+    _step(fn, args, kwargs, leaves, mode)()
+    del args, kwargs, leaves
+    case = _linear_case(N, H, V, getattr(torch, dtype), mode)
+    args, kwargs, leaves = case.make("cpu")
+    run = _step(fn, args, kwargs, leaves, mode)
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # VmHWM := the current resident set
+        base = _proc_status("VmRSS")
+    except OSError:
+        base = None
+    run()
+    extra = (_proc_status("VmHWM") - base) / MiB if base is not None else None
+    times = []
+    for _ in range(max(reps, 1)):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "extra_peak_mb": extra, "note": note,
+            "threads": torch.get_num_threads()}
+
+
+_MARK = "@@fastppo-bench "
+
+
+def _fork_server() -> None:
+    """``python -c 'from fastppo.bench import _fork_server; _fork_server()'``: import torch,
+    fastppo and the peers once, then for each JSON spec read from stdin fork a fresh process that
+    measures it (its own peak RSS), and answer one marked JSON line. The server itself never runs
+    a torch op, so forking it is safe (no thread pool yet)."""
+    import importlib
+
+    for mod in ("trl.kernels", "trl.trainer.utils", "liger_kernel.chunked_loss.fused_linear_ppo"):
+        if _installed(mod):
+            try:
+                importlib.import_module(mod)
+            except Exception:
+                pass  # the child says why
+    for line in sys.stdin:
+        spec = json.loads(line)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the measuring process
+            os.close(r)
+            try:
+                out = _measure_linear_cpu(**spec)
+            except BaseException as exc:  # reported in the table, never fatal
+                out = {"error": f"{type(exc).__name__}: {str(exc)[:80]}"}
+            with os.fdopen(w, "w") as fh:
+                fh.write(json.dumps(out))
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            text = fh.read()
+        _, status = os.waitpid(pid, 0)
+        if not text:
+            code = os.waitstatus_to_exitcode(status)
+            text = json.dumps({"error": f"process died ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)};"
+                                        " out of memory?)"})
+        sys.stdout.write(_MARK + text + "\n")
+        sys.stdout.flush()
+
+
+_SERVER = None
+
+
+def _run_linear_cpu(case: BenchCase, impl: str, reps: int) -> dict:
+    """Measure one implementation in a fresh process forked from the fork server."""
+    global _SERVER
+    import tempfile
+
+    N, H, V = linear_dims(case)
+    spec = dict(N=N, H=H, V=V, dtype=str(case.dtype).replace("torch.", ""), mode=case.mode, impl=impl, reps=reps)
+    if _SERVER is None or _SERVER.poll() is not None:
+        log = tempfile.TemporaryFile(mode="w+")
+        _SERVER = subprocess.Popen([sys.executable, "-c", "from fastppo.bench import _fork_server; _fork_server()"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        _SERVER.log = log
+    _SERVER.stdin.write(json.dumps(spec) + "\n")
+    _SERVER.stdin.flush()
+    for line in _SERVER.stdout:
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    _SERVER.log.seek(0)
+    tail = _SERVER.log.read().strip().splitlines()[-1:] or ["no output"]
+    _SERVER = None
+    return {"error": f"fork server died: {tail[0][:100]}"}
+
+
+def _stop_fork_server() -> None:
+    global _SERVER
+    if _SERVER is not None:
+        _SERVER.stdin.close()
+        _SERVER.wait()
+        _SERVER.log.close()
+        _SERVER = None
+
+
+_MATMUL_PEAK: dict = {}
+
+
+def matmul_peak(case: BenchCase, on_gpu: bool, reps: int) -> tuple[float | None, float | None]:
+    """(ms, TFLOP/s) of a plain ``torch.mm`` [N, H] x [H, V] in the case's dtype, timed in this
+    run; measured once per shape."""
+    N, H, V = linear_dims(case)
+    key = (N, H, V, case.dtype)
+    if key not in _MATMUL_PEAK:
+        fwd = _linear_case(N, H, V, case.dtype, "fwd")
+        if on_gpu:
+            r = run_case(fwd, "torch.mm", True, 1.0, reps)
+            ms = r.median_ms
+        else:
+            ms = _run_linear_cpu(fwd, "torch.mm", reps).get("median_ms")
+        _MATMUL_PEAK[key] = (ms, 2.0 * N * H * V / (ms * 1e-3) / 1e12 if ms else None)
+    return _MATMUL_PEAK[key]
+
+
+def run_linear_case(case: BenchCase, on_gpu: bool, bandwidth: float, reps: int, progress=None) -> list[Result]:
+    """Every implementation of one linear_logprobs case, with the matmul-peak columns and the
+    time and memory ratios against the logits path."""
+    dtype_name = str(case.dtype).replace("torch.", "")
+    _, peak_tflops = matmul_peak(case, on_gpu, reps)
+    flops = linear_flops(case)
+    rows = []
+    for impl in case.impls:
+        if on_gpu:
+            r = run_case(case, impl, True, bandwidth, reps)
+            r.mem_method = "cuda-allocator"
+        else:
+            out = _run_linear_cpu(case, impl, reps)
+            ms = out.get("median_ms")
+            note = out.get("skip") or out.get("error") or out.get("note", "")
+            gbps = case.bytes_floor / (ms * 1e-3) / 1e9 if ms else None
+            r = Result(case.op, case.mode, case.shape, dtype_name, impl, ms, gbps,
+                       100 * gbps * 1e9 / bandwidth if gbps else None, out.get("extra_peak_mb"), None, note,
+                       mem_method=CPU_MEM_METHOD if ms else None)
+        if r.median_ms:
+            r.tflops = flops / (r.median_ms * 1e-3) / 1e12
+            r.matmul_tflops = peak_tflops
+            if peak_tflops:
+                r.pct_matmul_peak = 100 * r.tflops / peak_tflops
+        rows.append(r)
+        if progress:
+            progress.update()
+    base = next((r for r in rows if r.impl == "logits" and r.median_ms), None)
+    ref = next((r.median_ms for r in rows if r.impl == "torch" and r.median_ms), None)
+    for r in rows:
+        if ref and r.median_ms:
+            r.speedup_vs_torch = ref / r.median_ms
+        if base and r.median_ms:
+            r.time_vs_logits = r.median_ms / base.median_ms
+            if base.peak_mem_mb and r.peak_mem_mb is not None:
+                r.mem_vs_logits = r.peak_mem_mb / base.peak_mem_mb
+    return rows
+
+
+LINEAR_HEADER = (f"{'op':<22} {'mode':<7} {'shape':<22} {'dtype':<8} {'impl':<11} {'median ms':>10} {'TFLOP/s':>8} "
+                 f"{'% mm':>6} {'peak MB':>9} {'t/logits':>8} {'mem/logits':>10}  note")
+
+
+def _linear_line(r: Result) -> str:
+    ratio = lambda x: (_fmt(x, "7.2f") + "x") if x is not None else _fmt(None, "8")  # noqa: E731
+    return (f"{r.op:<22} {r.mode:<7} {r.shape:<22} {r.dtype:<8} {r.impl:<11} {_fmt(r.median_ms, '10.3f')} "
+            f"{_fmt(r.tflops, '8.3f')} {_fmt(r.pct_matmul_peak, '6.1f')} {_fmt(r.peak_mem_mb, '9.1f')} "
+            f"{ratio(r.time_vs_logits)} {ratio(r.mem_vs_logits).rjust(10)}  {r.note}")
+
+
 def _fmt(x, spec):
     width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
     return format(x, spec) if x is not None else "-".rjust(width)
@@ -532,6 +725,7 @@ def main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     reps = args.reps or (100 if on_gpu else 5)
+    linear_reps = args.reps or (100 if on_gpu else 3)  # seconds per call on a CPU
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"fastppo bench on {device_name}")
     if not on_gpu:
@@ -540,8 +734,6 @@ def main(args) -> int:
     print(f"measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s (the roofline below)")
     header = (f"{'op':<22} {'mode':<7} {'shape':<18} {'dtype':<8} {'impl':<16} {'median ms':>10} {'GB/s':>8} "
               f"{'% roof':>7} {'peak MB':>9} {'speedup':>8}  note")
-    print(header)
-    print("-" * len(header))
     results: list[Result] = []
     try:
         from tqdm import tqdm
@@ -550,7 +742,29 @@ def main(args) -> int:
                         disable=not sys.stderr.isatty())
     except ImportError:  # pragma: no cover - tqdm is a dependency
         progress = None
+    table = None
     for case in cases:
+        linear = case.op == "linear_logprobs"
+        if table != linear:  # the header of the table this case belongs to
+            if progress:
+                progress.clear()
+            if linear:
+                if table is not None:
+                    print()
+                print("linear_logprobs: TFLOP/s over the two matmuls (2NHV fwd, 6NHV fwd+bwd); % mm: of a plain "
+                      "torch.mm of the same [N,H]x[H,V] timed in this run; ratios against the logits path")
+                print(CPU_MEM_NOTE if not on_gpu else "peak MB: CUDA allocator peak above the inputs")
+            print(LINEAR_HEADER if linear else header)
+            print("-" * len(LINEAR_HEADER if linear else header))
+            table = linear
+        if linear:
+            rows = run_linear_case(case, on_gpu, bandwidth, linear_reps, progress)
+            if progress:
+                progress.clear()
+            for r in rows:
+                print(_linear_line(r), flush=True)
+            results += rows
+            continue
         rows = []
         for impl in case.impls:
             rows.append(run_case(case, impl, on_gpu, bandwidth, reps))
@@ -568,6 +782,7 @@ def main(args) -> int:
         results += rows
     if progress:
         progress.close()
+    _stop_fork_server()
     if args.json:
         path = Path(args.json) if args.json != "auto" else _default_json_path(device_name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -579,11 +794,25 @@ def main(args) -> int:
             "torch": torch.__version__,
             "triton": triton_version(),
             "copy_bandwidth_gbps": bandwidth / 1e9,
-            "results": [dataclasses.asdict(r) for r in results],
+            "results": [_row(r) for r in results],
         }
+        if _MATMUL_PEAK:
+            payload["matmul_peaks"] = [
+                {"shape": f"N={N} H={H} V={V}", "dtype": str(dt).replace("torch.", ""), "median_ms": ms, "tflops": tf}
+                for (N, H, V, dt), (ms, tf) in _MATMUL_PEAK.items()
+            ]
+            payload["linear_mem_method"] = "cuda-allocator" if on_gpu else CPU_MEM_METHOD
         path.write_text(json.dumps(payload, indent=1))
         print(f"wrote {path}")
     return 0
+
+
+def _row(r: Result) -> dict:
+    row = dataclasses.asdict(r)
+    if r.op != "linear_logprobs":  # the other ops' rows keep their fields
+        for key in LINEAR_FIELDS:
+            row.pop(key)
+    return row
 
 
 def _default_json_path(device_name: str) -> Path:
