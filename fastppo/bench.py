@@ -176,7 +176,7 @@ def linear_flops(case: BenchCase) -> float:
 
 # linear_logprobs on a CPU: the CPU paths at a smaller N (each implementation in a fresh process).
 CPU_LINEAR_GRID = ((1024, 256, 32000),)
-CPU_LINEAR_QUICK = (256, 128, 8192)
+CPU_LINEAR_QUICK = (128, 128, 8192)
 
 
 def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
@@ -365,10 +365,9 @@ def _linear_impl(impl: str, on_gpu: bool) -> tuple[Callable | None, str]:
             from trl.kernels import ChunkedLogProbFunction
         except Exception:
             return None, "trl >= 1.16 not installed (pip install fastppo[bench])"
-        try:
-            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
-        except Exception:
-            chunk = 32768
+        # The width TRL's fused LM head uses (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in 1.16;
+        # not imported: it pulls in the whole trainer stack).
+        chunk = 32768
 
         def trl_fn(hidden, weight, labels, *, temperature=1.0, return_entropy=True, **_):
             outputs = ("entropy",) if return_entropy else ()
@@ -576,6 +575,7 @@ def _fork_server() -> None:
     a torch op, so forking it is safe (no thread pool yet)."""
     import importlib
 
+    # trl.trainer.utils: TRL's backward imports it on its first call.
     for mod in ("trl.kernels", "trl.trainer.utils", "liger_kernel.chunked_loss.fused_linear_ppo"):
         if _installed(mod):
             try:
@@ -718,6 +718,7 @@ def _fmt(x, spec):
 
 def main(args) -> int:
     on_gpu = torch.cuda.is_available()
+    _MATMUL_PEAK.clear()  # peaks of this run only
     cases = build_cases(on_gpu, args.quick)
     try:
         cases = select_ops(cases, args.ops)
