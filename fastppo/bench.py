@@ -677,7 +677,7 @@ def run_linear_case(case: BenchCase, on_gpu: bool, bandwidth: float, reps: int, 
     for impl in case.impls:
         if on_gpu:
             r = run_case(case, impl, True, bandwidth, reps)
-            r.mem_method = "cuda-allocator"
+            r.mem_method = "cuda-allocator" if r.median_ms else None
         else:
             out = _run_linear_cpu(case, impl, reps)
             ms = out.get("median_ms")
