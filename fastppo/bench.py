@@ -9,6 +9,12 @@ The byte floor of an op is what it must move at the least: every input read once
 written once (forward), plus the re-read of the inputs and the write of the gradients for the
 backward pass. It is stated per case in ``BenchCase.bytes_floor``; benchmarks/NOTES.md derives them.
 
+linear_logprobs is matmul bound and has a table of its own: median time, TFLOP/s over the two
+matmul FLOPs (2NHV forward, 6NHV with the backward), the percent of a plain ``torch.mm`` of the
+same [N, H] x [H, V] timed in the same run, the peak memory (CUDA allocator above the inputs; on
+a CPU the rise of the peak RSS in a fresh process per implementation) and the time and memory
+ratios against the logits path (``hidden @ weight.T`` then ``logprobs_from_logits``).
+
 Kernel timings need a GPU: on a CPU-only machine the command times the references (and CPU
 peers) on small shapes and says so.
 """
