@@ -12,7 +12,8 @@ CASES = bench.build_cases(ON_GPU, quick=not ON_GPU)
 PARAMS = [
     pytest.param(case, impl, id=f"{case.op}-{case.mode}-{case.shape.replace(' ', '-')}-{str(case.dtype)[6:]}-{impl}")
     for case in CASES
-    for impl in case.impls
+    # linear_logprobs: also a plain torch.mm of the same shape, the matmul peak of this run
+    for impl in (("torch.mm",) if case.op == "linear_logprobs" and case.mode == "fwd" else ()) + case.impls
 ]
 
 
@@ -33,4 +34,6 @@ def test_bench(benchmark, case, impl):
             torch.cuda.synchronize()
 
     benchmark.extra_info.update(bytes_floor=case.bytes_floor, dtype=str(case.dtype), shape=case.shape)
+    if case.op == "linear_logprobs":  # matmul bound: TFLOP/s = flops / time
+        benchmark.extra_info.update(flops=bench.linear_flops(case))
     benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=1)

@@ -9,6 +9,12 @@ The byte floor of an op is what it must move at the least: every input read once
 written once (forward), plus the re-read of the inputs and the write of the gradients for the
 backward pass. It is stated per case in ``BenchCase.bytes_floor``; benchmarks/NOTES.md derives them.
 
+linear_logprobs is matmul bound and has a table of its own: median time, TFLOP/s over the two
+matmul FLOPs (2NHV forward, 6NHV with the backward), the percent of a plain ``torch.mm`` of the
+same [N, H] x [H, V] timed in the same run, the peak memory (CUDA allocator above the inputs; on
+a CPU the rise of the peak RSS in a fresh process per implementation) and the time and memory
+ratios against the logits path (``hidden @ weight.T`` then ``logprobs_from_logits``).
+
 Kernel timings need a GPU: on a CPU-only machine the command times the references (and CPU
 peers) on small shapes and says so.
 """
@@ -58,6 +64,16 @@ class Result:
     peak_mem_mb: float | None
     speedup_vs_torch: float | None
     note: str = ""
+    # linear_logprobs only (left out of the other ops' JSON rows): matmul-bound columns.
+    tflops: float | None = None  # the two matmuls' FLOPs (2NHV fwd, 6NHV fwd+bwd) over the time
+    pct_matmul_peak: float | None = None  # tflops over matmul_tflops
+    matmul_tflops: float | None = None  # a plain torch.mm of the same [N,H]x[H,V] shape, same run
+    time_vs_logits: float | None = None  # median time over the logits path's
+    mem_vs_logits: float | None = None  # peak memory over the logits path's
+    mem_method: str | None = None  # "cuda-allocator" or "peak-rss-subprocess"
+
+
+LINEAR_FIELDS = ("tflops", "pct_matmul_peak", "matmul_tflops", "time_vs_logits", "mem_vs_logits", "mem_method")
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +143,10 @@ def _loss_case(tokens: int, dtype: torch.dtype) -> BenchCase:
 
 
 def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
-    """linear_logprobs is matmul bound: the GB/s and % roofline columns count only the bytes of
-    its inputs and outputs (the logits it never writes are the point)."""
+    """linear_logprobs is matmul bound: its columns are TFLOP/s over the two matmul FLOPs and the
+    percent of a plain torch.mm of the same shape timed in the same run (``linear_flops``). The
+    byte floor kept in the JSON counts only its inputs and outputs (the logits it never writes
+    are the point)."""
     def make(device):
         gen = torch.Generator(device=device).manual_seed(0)
         hidden = torch.randn(N, H, device=device, generator=gen, dtype=torch.float32).to(dtype)
@@ -140,8 +158,31 @@ def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> Bench
     e = _esize(dtype)
     inputs = (N * H + V * H) * e + N * 8
     floor = inputs + N * 8 + ((inputs + (N * H + V * H) * e) if mode == "fwd+bwd" else 0)
-    return BenchCase("linear_logprobs", mode, f"N={N} H={H} V={V}", dtype, make, floor,
-                     impls=("torch", "triton", "chunked"))
+    return BenchCase("linear_logprobs", mode, f"N={N} H={H} V={V}", dtype, make, floor, impls=LINEAR_IMPLS)
+
+
+# fastppo: the public op (auto: Triton folds + cuBLAS on CUDA, the chunked PyTorch path on CPU);
+# chunked: the PyTorch chunked path forced (on CUDA too); logits: hidden @ weight.T then
+# fastppo.logprobs_from_logits (the baseline of the ratios); torch: the full-logits reference;
+# then the peers.
+LINEAR_IMPLS = ("fastppo", "chunked", "logits", "torch", "trl", "liger", "liger-flce", "verl")
+
+
+def linear_dims(case: BenchCase) -> tuple[int, int, int]:
+    dims = dict(part.split("=") for part in case.shape.split())
+    return int(dims["N"]), int(dims["H"]), int(dims["V"])
+
+
+def linear_flops(case: BenchCase) -> float:
+    """The two matmul FLOPs: 2*N*H*V forward; 3x that with the backward (d hidden and d weight).
+    A backward that recomputes the logits does 8*N*H*V; the floor stays 6*N*H*V."""
+    N, H, V = linear_dims(case)
+    return 2.0 * N * H * V * (3 if case.mode == "fwd+bwd" else 1)
+
+
+# linear_logprobs on a CPU: the CPU paths at a smaller N (each implementation in a fresh process).
+CPU_LINEAR_GRID = ((1024, 256, 32000), (256, 256, 151936))
+CPU_LINEAR_QUICK = (128, 128, 8192)
 
 
 def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
@@ -170,8 +211,10 @@ def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
     if on_gpu:
         linear_grid = [(N, H, V) for N in (4096, 16384) for H in (896, 4096) for V in (32000, 151936)]
     else:
-        linear_grid = [(256, 256, 32000)]
-    for N, H, V in linear_grid[:1] if quick else linear_grid:
+        linear_grid = list(CPU_LINEAR_GRID)
+    if quick:
+        linear_grid = [CPU_LINEAR_QUICK] if not on_gpu else linear_grid[:1]
+    for N, H, V in linear_grid:
         for mode in ("fwd", "fwd+bwd"):
             cases.append(_linear_case(N, H, V, torch.bfloat16 if on_gpu else torch.float32, mode))
     return cases
@@ -276,9 +319,120 @@ def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:
     raise KeyError(impl)
 
 
+def _installed(module: str) -> bool:
+    """Whether the top-level package of ``module`` is installed, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _linear_impl(impl: str, on_gpu: bool) -> tuple[Callable | None, str]:
+    """linear_logprobs implementations, each with the signature (hidden, weight, labels, **kw)
+    and returning (logprobs, entropy) or logprobs alone (the peers without entropy)."""
+    import fastppo
+
+    if impl == "torch.mm":  # the matmul peak: one [N, H] x [H, V] product, nothing else
+        out = {}
+
+        def mm(hidden, weight, labels, **_):
+            # Into a buffer kept across calls: on a CPU a fresh [N, V] output is mostly page faults.
+            key = (hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device)
+            if key not in out:
+                out.clear()
+                out[key] = torch.empty(key[0], key[1], dtype=key[2], device=key[3])
+            return torch.mm(hidden, weight.t(), out=out[key])
+
+        return mm, "plain torch.mm of the same shape into a reused output: the peak"
+    if impl == "fastppo":
+
+        def fused(hidden, weight, labels, **kw):
+            with fastppo.use_backend("auto"):
+                return fastppo.linear_logprobs(hidden, weight, labels, **kw)
+
+        return fused, ("Triton folds + cuBLAS per vocabulary chunk" if on_gpu
+                       else "chunked PyTorch path (auto on CPU)")
+    if impl == "chunked":
+        if not on_gpu:
+            return None, "same as fastppo on CPU"
+        from . import linear
+
+        return linear.linear_logprobs, "chunked PyTorch path forced on CUDA"
+    if impl == "logits":
+
+        def logits_path(hidden, weight, labels, **kw):
+            with fastppo.use_backend("auto"):
+                return fastppo.logprobs_from_logits(hidden @ weight.t(), labels, **kw)
+
+        return logits_path, ("hidden @ weight.T, then the Triton logprobs_from_logits" if on_gpu
+                             else "hidden @ weight.T, then logprobs_from_logits")
+    if impl == "torch":
+        return reference.linear_logprobs.raw, "full-logits reference (float32 logits)"
+    if impl == "trl":
+        # TRL >= 1.16: trl.kernels.ChunkedLogProbFunction (cuBLAS tiles + a Triton fold on CUDA,
+        # the same loops with torch folds elsewhere), at the chunk width its trainer uses.
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+        except Exception:
+            return None, "trl >= 1.16 not installed (pip install fastppo[bench])"
+        # The width TRL's fused LM head uses (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in 1.16;
+        # not imported: it pulls in the whole trainer stack).
+        chunk = 32768
+
+        def trl_fn(hidden, weight, labels, *, temperature=1.0, return_entropy=True, **_):
+            outputs = ("entropy",) if return_entropy else ()
+            lp, ent, *_rest = ChunkedLogProbFunction.apply(hidden, weight, None, labels, float(temperature), chunk,
+                                                           None, 1.0, outputs)
+            return (lp, ent) if return_entropy else lp
+
+        return trl_fn, f"trl.kernels.ChunkedLogProbFunction, chunk {chunk}" + ("" if on_gpu else ", torch folds on CPU")
+    if impl == "liger":
+        # Liger's fused linear PPO losses get their log-probs from this (chunked torch, no entropy).
+        try:
+            from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+        except Exception:
+            return None, "liger-kernel not installed (pip install fastppo[bench])"
+
+        def liger_fn(hidden, weight, labels, *, temperature=1.0, **_):
+            return LigerFusedLinearPPOBase.chunk_forward(hidden[None], weight, labels[None],
+                                                         temperature=temperature)[0]
+
+        return liger_fn, "LigerFusedLinearPPOBase.chunk_forward: chunked torch, log-prob only, no entropy"
+    if impl == "liger-flce":
+        if not _installed("liger_kernel"):
+            return None, "liger-kernel not installed (pip install fastppo[bench])"
+        if not on_gpu:
+            return None, "Liger fused linear cross entropy is Triton: GPU only"
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def liger_flce(hidden, weight, labels, **_):
+            return -liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+
+        return liger_flce, "fused linear cross entropy (reduction=none): log-prob only, no entropy"
+    if impl == "verl":
+        if not _installed("verl"):
+            return None, "verl not installed"
+        if not on_gpu:
+            return None, "verl linear_cross_entropy is Triton/CUDA only (asserts hidden.is_cuda)"
+        try:
+            from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+        except Exception as exc:
+            return None, f"verl linear_cross_entropy not importable: {type(exc).__name__}"
+
+        def verl_fn(hidden, weight, labels, *, temperature=1.0, **_):
+            return linear_cross_entropy(hidden, weight, labels, float(temperature), "none")
+
+        return verl_fn, "verl.utils.kernel.linear_cross_entropy (log-probs and token entropy)"
+    raise KeyError(impl)
+
+
 def _implementation(case: BenchCase, impl: str, on_gpu: bool) -> tuple[Callable | None, str]:
     import fastppo
 
+    if case.op == "linear_logprobs":
+        return _linear_impl(impl, on_gpu)
     if impl == "torch":
         return getattr(reference, case.op).raw, ""
     if impl == "torch.compile":
@@ -375,6 +529,200 @@ def run_case(case: BenchCase, impl: str, on_gpu: bool, bandwidth: float, reps: i
     return Result(case.op, case.mode, case.shape, dtype_name, impl, ms, gbps, 100 * gbps * 1e9 / bandwidth, peak, None, note)
 
 
+# --------------------------------------------------------------------------------------------
+# linear_logprobs: matmul-bound columns, and peak memory per implementation
+# --------------------------------------------------------------------------------------------
+
+MiB = 1024**2
+CPU_MEM_METHOD = "peak-rss-subprocess"
+CPU_MEM_NOTE = ("peak MB on CPU: the rise of the peak resident set (VmHWM, reset through /proc/self/clear_refs) "
+                "over one call, in a fresh process per implementation, inputs excluded, gradients included")
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _measure_linear_cpu(N: int, H: int, V: int, dtype: str, mode: str, impl: str, reps: int) -> dict:
+    """In a fresh process: a call at a small shape first (pages in the library code, starts the
+    thread pool), then the first call at full size for the peak memory, then ``reps`` timed."""
+    fn, note = _linear_impl(impl, on_gpu=False)
+    if fn is None:
+        return {"skip": note}
+    small = _linear_case(min(N, 64), H, min(V, 2048), getattr(torch, dtype), mode)
+    args, kwargs, leaves = small.make("cpu")
+    _step(fn, args, kwargs, leaves, mode)()
+    del args, kwargs, leaves
+    case = _linear_case(N, H, V, getattr(torch, dtype), mode)
+    args, kwargs, leaves = case.make("cpu")
+    run = _step(fn, args, kwargs, leaves, mode)
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # VmHWM := the current resident set
+        base = _proc_status("VmRSS")
+    except OSError:
+        base = None
+    run()
+    extra = (_proc_status("VmHWM") - base) / MiB if base is not None else None
+    times = []
+    for _ in range(max(reps, 1)):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "extra_peak_mb": extra, "note": note,
+            "threads": torch.get_num_threads()}
+
+
+_MARK = "@@fastppo-bench "
+
+
+def _fork_server() -> None:
+    """``python -c 'from fastppo.bench import _fork_server; _fork_server()'``: import torch,
+    fastppo and the peers once, then for each JSON spec read from stdin fork a fresh process that
+    measures it (its own peak RSS), and answer one marked JSON line. The server itself never runs
+    a torch op, so forking it is safe (no thread pool yet)."""
+    import importlib
+
+    # trl.trainer.utils: TRL's backward imports it on its first call.
+    for mod in ("trl.kernels", "trl.trainer.utils", "liger_kernel.chunked_loss.fused_linear_ppo"):
+        if _installed(mod):
+            try:
+                importlib.import_module(mod)
+            except Exception:
+                pass  # the child says why
+    for line in sys.stdin:
+        spec = json.loads(line)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the measuring process
+            os.close(r)
+            try:
+                out = _measure_linear_cpu(**spec)
+            except BaseException as exc:  # reported in the table, never fatal
+                out = {"error": f"{type(exc).__name__}: {str(exc)[:80]}"}
+            with os.fdopen(w, "w") as fh:
+                fh.write(json.dumps(out))
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            text = fh.read()
+        _, status = os.waitpid(pid, 0)
+        if not text:
+            code = os.waitstatus_to_exitcode(status)
+            text = json.dumps({"error": f"process died ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)};"
+                                        " out of memory?)"})
+        sys.stdout.write(_MARK + text + "\n")
+        sys.stdout.flush()
+
+
+_SERVER = None
+
+
+def _run_linear_cpu(case: BenchCase, impl: str, reps: int) -> dict:
+    """Measure one implementation in a fresh process forked from the fork server."""
+    global _SERVER
+    import tempfile
+
+    N, H, V = linear_dims(case)
+    spec = dict(N=N, H=H, V=V, dtype=str(case.dtype).replace("torch.", ""), mode=case.mode, impl=impl, reps=reps)
+    if _SERVER is None or _SERVER.poll() is not None:
+        log = tempfile.TemporaryFile(mode="w+")
+        _SERVER = subprocess.Popen([sys.executable, "-c", "from fastppo.bench import _fork_server; _fork_server()"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        _SERVER.log = log
+    _SERVER.stdin.write(json.dumps(spec) + "\n")
+    _SERVER.stdin.flush()
+    for line in _SERVER.stdout:
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    _SERVER.log.seek(0)
+    tail = _SERVER.log.read().strip().splitlines()[-1:] or ["no output"]
+    _SERVER = None
+    return {"error": f"fork server died: {tail[0][:100]}"}
+
+
+def _stop_fork_server() -> None:
+    global _SERVER
+    if _SERVER is not None:
+        _SERVER.stdin.close()
+        _SERVER.wait()
+        _SERVER.log.close()
+        _SERVER = None
+
+
+_MATMUL_PEAK: dict = {}
+
+
+def matmul_peak(case: BenchCase, on_gpu: bool, reps: int) -> tuple[float | None, float | None]:
+    """(ms, TFLOP/s) of a plain ``torch.mm`` [N, H] x [H, V] in the case's dtype, timed in this
+    run; measured once per shape."""
+    N, H, V = linear_dims(case)
+    key = (N, H, V, case.dtype)
+    if key not in _MATMUL_PEAK:
+        fwd = _linear_case(N, H, V, case.dtype, "fwd")
+        if on_gpu:
+            r = run_case(fwd, "torch.mm", True, 1.0, reps)
+            ms = r.median_ms
+        else:
+            ms = _run_linear_cpu(fwd, "torch.mm", reps).get("median_ms")
+        _MATMUL_PEAK[key] = (ms, 2.0 * N * H * V / (ms * 1e-3) / 1e12 if ms else None)
+    return _MATMUL_PEAK[key]
+
+
+def run_linear_case(case: BenchCase, on_gpu: bool, bandwidth: float, reps: int, progress=None) -> list[Result]:
+    """Every implementation of one linear_logprobs case, with the matmul-peak columns and the
+    time and memory ratios against the logits path."""
+    dtype_name = str(case.dtype).replace("torch.", "")
+    _, peak_tflops = matmul_peak(case, on_gpu, reps)
+    flops = linear_flops(case)
+    rows = []
+    for impl in case.impls:
+        if on_gpu:
+            r = run_case(case, impl, True, bandwidth, reps)
+            r.mem_method = "cuda-allocator" if r.median_ms else None
+        else:
+            out = _run_linear_cpu(case, impl, reps)
+            ms = out.get("median_ms")
+            note = out.get("skip") or out.get("error") or out.get("note", "")
+            gbps = case.bytes_floor / (ms * 1e-3) / 1e9 if ms else None
+            r = Result(case.op, case.mode, case.shape, dtype_name, impl, ms, gbps,
+                       100 * gbps * 1e9 / bandwidth if gbps else None, out.get("extra_peak_mb"), None, note,
+                       mem_method=CPU_MEM_METHOD if ms else None)
+        if r.median_ms:
+            r.tflops = flops / (r.median_ms * 1e-3) / 1e12
+            r.matmul_tflops = peak_tflops
+            if peak_tflops:
+                r.pct_matmul_peak = 100 * r.tflops / peak_tflops
+        rows.append(r)
+        if progress:
+            progress.update()
+    base = next((r for r in rows if r.impl == "logits" and r.median_ms), None)
+    ref = next((r.median_ms for r in rows if r.impl == "torch" and r.median_ms), None)
+    for r in rows:
+        if ref and r.median_ms:
+            r.speedup_vs_torch = ref / r.median_ms
+        if base and r.median_ms:
+            r.time_vs_logits = r.median_ms / base.median_ms
+            if base.peak_mem_mb and r.peak_mem_mb is not None:
+                r.mem_vs_logits = r.peak_mem_mb / base.peak_mem_mb
+    return rows
+
+
+LINEAR_HEADER = (f"{'op':<22} {'mode':<7} {'shape':<22} {'dtype':<8} {'impl':<11} {'median ms':>10} {'TFLOP/s':>8} "
+                 f"{'% mm':>6} {'peak MB':>9} {'t/logits':>8} {'mem/logits':>10}  note")
+
+
+def _linear_line(r: Result) -> str:
+    ratio = lambda x: (_fmt(x, "7.2f") + "x") if x is not None else _fmt(None, "8")  # noqa: E731
+    return (f"{r.op:<22} {r.mode:<7} {r.shape:<22} {r.dtype:<8} {r.impl:<11} {_fmt(r.median_ms, '10.3f')} "
+            f"{_fmt(r.tflops, '8.3f')} {_fmt(r.pct_matmul_peak, '6.1f')} {_fmt(r.peak_mem_mb, '9.1f')} "
+            f"{ratio(r.time_vs_logits)} {ratio(r.mem_vs_logits).rjust(10)}  {r.note}")
+
+
 def _fmt(x, spec):
     width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
     return format(x, spec) if x is not None else "-".rjust(width)
@@ -382,6 +730,7 @@ def _fmt(x, spec):
 
 def main(args) -> int:
     on_gpu = torch.cuda.is_available()
+    _MATMUL_PEAK.clear()  # peaks of this run only
     cases = build_cases(on_gpu, args.quick)
     try:
         cases = select_ops(cases, args.ops)
@@ -389,6 +738,7 @@ def main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     reps = args.reps or (100 if on_gpu else 5)
+    linear_reps = args.reps or (100 if on_gpu else 2)  # on a CPU a call takes seconds; total ~2 min
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"fastppo bench on {device_name}")
     if not on_gpu:
@@ -397,8 +747,6 @@ def main(args) -> int:
     print(f"measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s (the roofline below)")
     header = (f"{'op':<22} {'mode':<7} {'shape':<18} {'dtype':<8} {'impl':<16} {'median ms':>10} {'GB/s':>8} "
               f"{'% roof':>7} {'peak MB':>9} {'speedup':>8}  note")
-    print(header)
-    print("-" * len(header))
     results: list[Result] = []
     try:
         from tqdm import tqdm
@@ -407,7 +755,29 @@ def main(args) -> int:
                         disable=not sys.stderr.isatty())
     except ImportError:  # pragma: no cover - tqdm is a dependency
         progress = None
+    table = None
     for case in cases:
+        linear = case.op == "linear_logprobs"
+        if table != linear:  # the header of the table this case belongs to
+            if progress:
+                progress.clear()
+            if linear:
+                if table is not None:
+                    print()
+                print("linear_logprobs: TFLOP/s over the two matmuls (2NHV fwd, 6NHV fwd+bwd); % mm: of a plain "
+                      "torch.mm of the same [N,H]x[H,V] timed in this run; ratios against the logits path")
+                print(CPU_MEM_NOTE if not on_gpu else "peak MB: CUDA allocator peak above the inputs")
+            print(LINEAR_HEADER if linear else header)
+            print("-" * len(LINEAR_HEADER if linear else header))
+            table = linear
+        if linear:
+            rows = run_linear_case(case, on_gpu, bandwidth, linear_reps, progress)
+            if progress:
+                progress.clear()
+            for r in rows:
+                print(_linear_line(r), flush=True)
+            results += rows
+            continue
         rows = []
         for impl in case.impls:
             rows.append(run_case(case, impl, on_gpu, bandwidth, reps))
@@ -425,6 +795,7 @@ def main(args) -> int:
         results += rows
     if progress:
         progress.close()
+    _stop_fork_server()
     if args.json:
         path = Path(args.json) if args.json != "auto" else _default_json_path(device_name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -436,11 +807,25 @@ def main(args) -> int:
             "torch": torch.__version__,
             "triton": triton_version(),
             "copy_bandwidth_gbps": bandwidth / 1e9,
-            "results": [dataclasses.asdict(r) for r in results],
+            "results": [_row(r) for r in results],
         }
+        if _MATMUL_PEAK:
+            payload["matmul_peaks"] = [
+                {"shape": f"N={N} H={H} V={V}", "dtype": str(dt).replace("torch.", ""), "median_ms": ms, "tflops": tf}
+                for (N, H, V, dt), (ms, tf) in _MATMUL_PEAK.items()
+            ]
+            payload["linear_mem_method"] = "cuda-allocator" if on_gpu else CPU_MEM_METHOD
         path.write_text(json.dumps(payload, indent=1))
         print(f"wrote {path}")
     return 0
+
+
+def _row(r: Result) -> dict:
+    row = dataclasses.asdict(r)
+    if r.op != "linear_logprobs":  # the other ops' rows keep their fields
+        for key in LINEAR_FIELDS:
+            row.pop(key)
+    return row
 
 
 def _default_json_path(device_name: str) -> Path:
