@@ -290,9 +290,9 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
             if estimator == "rloo":
                 if n == 1:
                     row_adv[b] = s[b]
-                else:  # the mean of the other members, literally
-                    others = torch.cat([picked[:i], picked[i + 1:]])
-                    row_adv[b] = s[b] - others.mean()
+                else:  # the leave-one-out baseline: the others' sum over n - 1 (verl's form: an
+                    # inf score makes its whole group NaN, inf - inf, like any other estimator)
+                    row_adv[b] = s[b] - (picked.sum() - s[b]) / (n - 1)
             elif estimator == "grpo" and norm_by_std:
                 row_adv[b] = (s[b] - mean) / (std + eps)
             else:
