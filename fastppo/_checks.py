@@ -379,3 +379,39 @@ def linear_logprobs(
                     f"labels must lie in [0, {vocab}) (the rows of weight) at valid positions, "
                     f"got values from {lo} to {hi}"
                 )
+
+
+# --------------------------------------------------------------------------------------------
+# Critic-free advantages (issue 11, item 5)
+# --------------------------------------------------------------------------------------------
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=True, eps=1e-6) -> None:
+    _float_tensor("scores", scores)
+    _is_tensor("mask", mask)
+    if mask.dtype.is_complex:
+        raise ValueError(f"mask must be a bool or real tensor (valid where mask != 0), got {mask.dtype}")
+    _token_2d("mask", mask)
+    B = mask.shape[0]
+    if scores.shape != mask.shape[:1]:
+        raise ValueError(f"scores must be [B] = [{B}] (one score per row of mask), got shape {_shape(scores)}")
+    _same_device([("scores", scores), ("mask", mask)])
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer (responses per prompt), got {group_size!r}")
+    if B % group_size != 0:
+        raise ValueError(
+            f"group_size must divide the batch: B = {B} rows is not a whole number of groups of {group_size}"
+        )
+    _choice("group estimator", estimator, GROUP_ESTIMATORS)
+    if not isinstance(norm_by_std, bool):
+        raise ValueError(f"norm_by_std must be True or False, got {norm_by_std!r}")
+    _number("eps", eps, low=0.0, low_open=True)
+
+
+def reinforce_pp_advantages(rewards, mask, *, gamma=1.0) -> None:
+    _float_tensor("rewards", rewards)
+    _token_2d("rewards", rewards)
+    _mask("mask", mask, rewards, "rewards")
+    _number("gamma", gamma, low=0.0, high=1.0)

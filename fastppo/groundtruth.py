@@ -262,3 +262,54 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
         "value_clipfrac": vf_stats["clipfrac"],
     }
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Critic-free advantages (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=True, eps=1e-6):
+    valid = _valid(mask)
+    B = valid.shape[0]
+    s = scores.to(F64)
+    row_adv = torch.zeros(B, dtype=F64, device=s.device)
+    for start in range(0, B, group_size):
+        # Group members: the rows of this prompt that have at least one valid token.
+        members = [b for b in range(start, start + group_size) if bool(valid[b].any())]
+        if not members:
+            continue
+        picked = s[members]
+        if len(members) == 1:
+            mean, std = torch.zeros((), dtype=F64), torch.ones((), dtype=F64)
+        else:
+            mean, std = picked.mean(), picked.std(unbiased=True)
+        n = len(members)
+        for i, b in enumerate(members):
+            if estimator == "rloo":
+                if n == 1:
+                    row_adv[b] = s[b]
+                else:  # the leave-one-out baseline: the others' sum over n - 1 (verl's form: an
+                    # inf score makes its whole group NaN, inf - inf, like any other estimator)
+                    row_adv[b] = s[b] - (picked.sum() - s[b]) / (n - 1)
+            elif estimator == "grpo" and norm_by_std:
+                row_adv[b] = (s[b] - mean) / (std + eps)
+            else:
+                row_adv[b] = s[b] - mean
+    return torch.where(valid, row_adv.unsqueeze(1), 0.0)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
+    valid = _valid(mask)
+    r, ok = rewards.to(F64).tolist(), valid.tolist()
+    returns = [[0.0] * len(row) for row in r]
+    for b in range(len(r)):
+        running = 0.0
+        for t in reversed(range(len(r[b]))):
+            if ok[b][t]:  # masked positions are skipped, never read
+                running = r[b][t] + gamma * running
+                returns[b][t] = running
+    ret = torch.tensor(returns, dtype=F64).reshape(rewards.shape).to(rewards.device)
+    return masked_whiten(ret, mask), ret

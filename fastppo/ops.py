@@ -212,3 +212,29 @@ def linear_logprobs(
     else:
         impl = pick("linear_logprobs", hidden.device)
     return impl(hidden, weight, labels, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Critic-free advantages (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+@_doc("group_advantages")
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    mask: torch.Tensor,
+    *,
+    estimator: str = "grpo",
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    kwargs = dict(estimator=estimator, norm_by_std=norm_by_std, eps=eps)
+    _checks.group_advantages(scores, group_size, mask, **kwargs)
+    return pick("group_advantages", scores.device)(scores, group_size, mask, **kwargs)
+
+
+@_doc("reinforce_pp_advantages")
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0):
+    _checks.reinforce_pp_advantages(rewards, mask, gamma=gamma)
+    return pick("reinforce_pp_advantages", rewards.device)(rewards, mask, gamma=gamma)

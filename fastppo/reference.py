@@ -36,6 +36,8 @@ __all__ = [
     "ppo_loss",
     "compute_dtype",
     "linear_logprobs",
+    "group_advantages",
+    "reinforce_pp_advantages",
 ]
 
 
@@ -636,3 +638,106 @@ def linear_logprobs(
     if return_entropy:
         return lp, ent.reshape(labels.shape)
     return lp
+
+
+# --------------------------------------------------------------------------------------------
+# Critic-free advantages: GRPO, Dr. GRPO, RLOO and REINFORCE++ (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+@_validated(_checks.group_advantages)
+@torch.no_grad()
+def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=True, eps=1e-6):
+    """Outcome advantages from the scores of K responses to one prompt, broadcast over the tokens.
+
+    Layout: consecutive rows form a group, rows ``g*K .. g*K+K-1`` are the K = ``group_size``
+    responses to prompt g (``B`` must be a multiple of K). A row with no valid token is not a
+    member of its group (its score, whatever it holds, NaN included, is ignored) and its output
+    row is 0. With the n members s_1 .. s_n of a group:
+
+        mean = sum_j s_j / n
+        std  = sqrt(sum_j (s_j - mean)^2 / (n - 1))              (unbiased, as torch.std)
+
+        grpo:     a_i = (s_i - mean) / (std + eps)                (norm_by_std=True)
+                  a_i =  s_i - mean                               (norm_by_std=False)
+        dr_grpo:  a_i =  s_i - mean                               (Dr. GRPO: no std division)
+        rloo:     a_i =  s_i - mean_{j != i} s_j  =  (s_i - mean) * n / (n - 1)
+
+        out[b, t] = a_b at valid t (mask != 0), 0 elsewhere.
+
+    A group with a single member has no baseline (verl's rule): mean 0 and std 1, so grpo gives
+    s / (1 + eps) and dr_grpo and rloo give s. ``norm_by_std`` is read by ``grpo`` only (verl's
+    ``norm_adv_by_std_in_grpo``); ``eps`` by ``grpo`` with std only. These are the numbers of
+    verl 0.9.1's ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage`` with
+    ``index`` = row // K and the score summed from the token rewards.
+
+    Worked example, one group of K = 4 with scores 1, 0, 0, 1: mean 0.5, std = sqrt(1/3) = 0.577;
+    grpo gives +0.866, -0.866, -0.866, +0.866; dr_grpo +0.5, -0.5, -0.5, +0.5; rloo compares each
+    with the mean of the other three (1/3, 2/3, 2/3, 1/3): +0.667, -0.667, -0.667, +0.667.
+
+    A NaN or inf score of a member makes its whole group NaN (and only its group). Rollout
+    data: the output carries no gradient.
+
+    Args:
+        scores: ``[B]`` float, one scalar reward per response.
+        group_size: K, responses per prompt; a positive integer dividing B.
+        mask: ``[B, T]`` bool or 0/1 (valid where ``mask != 0``).
+    Returns:
+        float32 ``[B, T]`` advantages.
+    """
+    dtype = compute_dtype(scores)
+    valid = valid_positions(mask)
+    B = valid.shape[0]
+    member = valid.any(dim=1).view(-1, group_size)  # [G, K]: rows with a valid token
+    s = torch.where(member, scores.to(dtype).view(-1, group_size), 0.0)
+    n = member.to(dtype).sum(dim=1, keepdim=True)
+    mean = s.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centered = torch.where(member, s - mean, 0.0)
+    std = (centered.square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    several = n >= 2
+    if estimator == "rloo":
+        adv = torch.where(several, (s - mean) * n / (n - 1).clamp(min=1), s)
+    else:
+        adv = torch.where(several, s - mean, s)  # a lone member: mean 0
+        if estimator == "grpo" and norm_by_std:
+            adv = adv / (torch.where(several, std, 1.0) + eps)  # a lone member: std 1
+    adv = torch.where(member, adv, 0.0).reshape(B, 1)
+    return torch.where(valid, adv, 0.0)
+
+
+@_validated(_checks.reinforce_pp_advantages)
+@torch.no_grad()
+def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
+    """REINFORCE++: the discounted return-to-go of the token rewards, whitened over the batch.
+
+    Walking t = T-1 ... 0 over the valid positions only (a masked gap is skipped: the running
+    return carries across it undiscounted, verl's rule for observation tokens):
+
+        R[t]  = rewards[t] + gamma * R(next valid)              (R(next valid) = 0 at the end)
+        A     = masked_whiten(R, mask)                           (batch mean, unbiased var, eps 1e-8)
+
+    ``rewards`` are the KL-shaped token rewards (``shape_rewards``: -kl_coef * kl at every valid
+    token plus the score at the last). This is ``gae`` with values 0 and lam = 1, whitened.
+
+    Worked example (gamma = 1): two rows of rewards [0, 1] and [0, 3] give returns [1, 1] and
+    [3, 3]; mean 2, unbiased std sqrt(4/3) = 1.155, advantages -0.866 and +0.866.
+
+    Masked positions of both outputs are 0 whatever the rewards hold there. verl 0.9.1's
+    ``compute_reinforce_plus_plus_outcome_advantage`` gives the same numbers. Rollout data: the
+    outputs carry no gradient.
+
+    Args:
+        rewards: ``[B, T]`` float token rewards.
+        mask: ``[B, T]`` bool or 0/1.
+    Returns:
+        ``(advantages, returns)``, both float32 ``[B, T]``.
+    """
+    dtype = compute_dtype(rewards)
+    valid = valid_positions(mask)
+    r = torch.where(valid, rewards.to(dtype), 0.0)  # masked positions are never read
+    returns = torch.zeros_like(r)
+    running = torch.zeros(r.shape[0], dtype=dtype, device=r.device)
+    for t in reversed(range(r.shape[1])):
+        running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(valid[:, t], running, 0.0)
+    return masked_whiten.raw(returns, valid), returns

@@ -130,6 +130,20 @@ def _gae_case(B, T, gamma, lam, whiten):
     return make
 
 
+def _group_case(B, T, K, estimator):
+    def make(gen, dtype):
+        return (_randn((B,), gen, dtype), K, random_mask(B, T, gen)), {"estimator": estimator}
+
+    return make
+
+
+def _reinforce_pp_case(B, T, gamma):
+    def make(gen, dtype):
+        return (_randn((B, T), gen, dtype), random_mask(B, T, gen)), {"gamma": gamma}
+
+    return make
+
+
 def _whiten_case(B, T, shift_mean):
     def make(gen, dtype):
         x = _randn((B, T), gen, dtype, 3.0) + 1.5
@@ -343,6 +357,9 @@ def build_cases(large: bool) -> list[Case]:
         cases.append(Case("compute_advantages", f"{B}x{T} 1e4 poisoned", dtype, _poisoned_advantages_case(B, T), note="extreme", scaled=True))
         cases.append(Case("policy_loss", f"{B}x{T} NaN at a valid token", dtype, _nan_policy_case(B, T), grad=(0,), note="extreme"))
     cases += _linear_cases(large)
+    for est in ("grpo", "dr_grpo", "rloo"):
+        cases.append(Case("group_advantages", f"{B}x{T} K=2 {est}", torch.float32, _group_case(B, T, 2, est)))
+    cases.append(Case("reinforce_pp_advantages", f"{B}x{T} g=0.99", torch.float32, _reinforce_pp_case(B, T, 0.99)))
     # GAE in float32 only: its inputs are usually float32, and its long scans are the point.
     for b, t in ((B, T), long_rows):
         for gamma, lam, whiten in ((1.0, 0.95, False), (0.99, 1.0, True), (0.9, 0.0, False)):

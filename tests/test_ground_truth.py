@@ -81,6 +81,12 @@ class Inputs:
             x[self.nan_at] = float("nan")
         return x
 
+    def with_nan_score(self, s: torch.Tensor) -> torch.Tensor:
+        if self.nan_at is not None:
+            s = s.clone()
+            s[self.nan_at[0]] = float("nan")
+        return s
+
     def logits(self) -> torch.Tensor:
         x = torch.randn(*self.shape, V, generator=self.gen) * (self.scale if self.scenario == "extreme" else 4.0)
         if self.scenario == "extreme":
@@ -135,6 +141,10 @@ def make_case(op: str, inp: Inputs):
         v = (old_v.float() + 0.3 * torch.randn(inp.shape, generator=inp.gen)).to(inp.dtype)
         kwargs = {"entropy": inp.tokens(2.0).abs(), "dual_clip": 3.0, "ent_coef": 0.01, "agg": "token-mean"}
         return [lp, old, inp.with_nan(inp.tokens()), v, old_v, inp.tokens(), m], kwargs, [0, 3, "entropy"]
+    if op == "group_advantages":  # B = 5: one group of five (rows with no valid token are no members)
+        return [inp.with_nan_score(inp.scores()), 5, m], {"estimator": "grpo", "eps": 1e-4}, []
+    if op == "reinforce_pp_advantages":
+        return [inp.with_nan(inp.tokens()), m], {"gamma": 0.99}, []
     raise AssertionError(op)
 
 
@@ -150,9 +160,11 @@ OPS = (
     "value_loss",
     "aggregate",
     "ppo_loss",
+    "group_advantages",
+    "reinforce_pp_advantages",
 )
 # Ops whose outputs carry the inputs' scale (see the module docstring).
-SCALED = {"kl_penalty", "shape_rewards", "gae", "compute_advantages", "policy_loss", "value_loss", "aggregate", "ppo_loss"}
+SCALED = {"reinforce_pp_advantages", "kl_penalty", "shape_rewards", "gae", "compute_advantages", "policy_loss", "value_loss", "aggregate", "ppo_loss"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,10 +113,14 @@ def _required_tensor_calls():
         "aggregate": ((z, m), {}),
         "ppo_loss": ((z, z, z, z, z, z, m), {}),
         "linear_logprobs": ((torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long)), {}),
+        "group_advantages": ((torch.zeros(2), 1, m), {}),
+        "reinforce_pp_advantages": ((z, m), {}),
     }
     for op, (args, kwargs) in full.items():
         names = [p.name for p in inspect.signature(getattr(ref, op)).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
         for i, name in enumerate(names[: len(args)]):
+            if not isinstance(args[i], torch.Tensor):  # group_size: an int, not a tensor
+                continue
             yield pytest.param(op, args, kwargs, i, name, id=f"{op}-{name}")
 
 

@@ -1,0 +1,210 @@
+"""Triton kernels for the critic-free advantages: GRPO, Dr. GRPO, RLOO and REINFORCE++.
+
+Layout of this file, top to bottom: the ``@triton.jit`` kernels, the Python launchers, then the
+public functions with the exact signatures of ``fastppo.reference``. Both ops run on rollout data
+and return tensors that never require grad.
+
+``group_advantages`` is three launches, none of which waits for the host:
+
+1. ``_row_member_kernel`` (grid over tiles of rows): does row b have a valid token? (int32 [B]);
+2. ``_group_stats_kernel`` (one program per group of K consecutive rows): mean and unbiased std of
+   the members' scores (two passes over the K scores: the centred sum of squares, not
+   E[x^2] - E[x]^2), then each row's scalar advantage (0 for a non-member) into float32 [B];
+3. ``_broadcast_kernel`` (grid over [rows, T] tiles): out[b, t] = a_b where mask != 0, else 0.
+
+Only launch 3 and the mask read of launch 1 touch [B, T] data; launch 2 is O(B).
+
+``reinforce_pp_advantages`` is GAE with values 0 and lam = 1, whitened: it reuses the chunked
+reverse scan of ``kernels/advantage.py`` (two launches, with the batch whitening statistics
+reduced on the device).
+
+NaN and masks (TRUST_SPEC.md): a position is valid where ``mask != 0`` (a NaN mask entry is
+valid); scores of non-member rows and rewards at masked positions are selected away with
+``tl.where`` before any arithmetic. A NaN score of a member flows through the group's sums into
+every member of that group and no other. No float max/min is used on data.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastppo import reference
+
+from ._common import new_output, output_dtype
+from .advantage import _empty_outputs, _is_f64, gae_launch
+
+EST_GRPO = 0  # (s - mean) / (std + eps)
+EST_CENTER = 1  # s - mean: dr_grpo, and grpo with norm_by_std=False
+EST_RLOO = 2  # (s - mean) * n / (n - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_member_kernel(mask_ptr, member_ptr, B, T, stride_m, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.arange(0, BLOCK_T)
+    r64 = rows[:, None].to(tl.int64)
+    # OR-accumulate the tile over T; one reduction (an integer max) after the loop.
+    found = tl.zeros([BLOCK_B, BLOCK_T], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + cols
+        inb = row_ok[:, None] & (t[None, :] < T)
+        m = tl.load(mask_ptr + r64 * stride_m + t[None, :], mask=inb, other=0)
+        found = found | ((m != 0) & inb).to(tl.int32)  # NaN != 0: a NaN mask entry is valid
+    tl.store(member_ptr + rows, tl.max(found, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _group_stats_kernel(scores_ptr, member_ptr, adv_ptr, K, eps, EST: tl.constexpr, BLOCK_K: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * K
+    ks = tl.arange(0, BLOCK_K)
+    # Pass 1: members and the sum of their scores.
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    count = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        inb = k < K
+        member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
+        s = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32)
+        total += tl.where(member, s, 0.0)  # a non-member's score (NaN, inf) is never read
+        count += member.to(tl.int32)
+    n = tl.sum(count, axis=0).to(tl.float32)
+    several = n >= 2.0
+    mean = tl.sum(total, axis=0) / tl.where(n >= 1.0, n, 1.0)
+    # Pass 2: the centred sum of squares (unbiased variance, as torch.std).
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        inb = k < K
+        member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
+        s = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32)
+        d = tl.where(member, s - mean, 0.0)
+        sq += d * d
+    n_minus_1 = tl.where(several, n - 1.0, 1.0)
+    std = tl.sqrt(tl.sum(sq, axis=0) / n_minus_1)
+    # A lone member has no baseline (verl): mean 0, std 1.
+    base_mean = tl.where(several, mean, 0.0)
+    # Pass 3: each row's advantage.
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        inb = k < K
+        member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
+        s = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32)
+        s = tl.where(member, s, 0.0)
+        if EST == 0:
+            a = (s - base_mean) / (tl.where(several, std, 1.0) + eps)
+        elif EST == 1:
+            a = s - base_mean
+        else:
+            a = tl.where(several, (s - mean) * n / n_minus_1, s)
+        tl.store(adv_ptr + base + k, tl.where(member, a, 0.0), mask=inb)
+
+
+@triton.jit
+def _broadcast_kernel(adv_ptr, mask_ptr, out_ptr, B, T, stride_m, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < B
+    inb = row_ok[:, None] & (t[None, :] < T)
+    r64 = rows[:, None].to(tl.int64)
+    a = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
+    m = tl.load(mask_ptr + r64 * stride_m + t[None, :], mask=inb, other=0)
+    out = tl.where(m != 0, a[:, None], 0.0)
+    tl.store(out_ptr + r64 * T + t[None, :], out, mask=inb)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+_TILE = 4096  # [rows, T] elements per program of launches 1 and 3
+
+
+def _mask_rows(mask: torch.Tensor) -> torch.Tensor:
+    """The mask with unit stride along T (bool viewed as uint8: the kernels test ``!= 0``)."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    if mask.shape[1] > 1 and mask.stride(1) != 1:
+        mask = mask.contiguous()
+    return mask
+
+
+def _tile(B: int, T: int) -> tuple[int, int]:
+    block_t = min(max(triton.next_power_of_2(T), 16), 1024)
+    block_b = max(1, min(triton.next_power_of_2(B), _TILE // block_t))
+    return block_b, block_t
+
+
+def estimator_id(estimator: str, norm_by_std: bool) -> int:
+    if estimator == "rloo":
+        return EST_RLOO
+    if estimator == "grpo" and norm_by_std:
+        return EST_GRPO
+    return EST_CENTER
+
+
+def group_advantages_launch(scores, group_size, mask, *, estimator="grpo", norm_by_std=True, eps=1e-6,
+                            block_k: int | None = None):
+    """Three launches (members, group statistics, broadcast); float32 [B, T]."""
+    B, T = mask.shape
+    device = mask.device
+    m = _mask_rows(mask)
+    stride_m = m.stride(0) if B > 1 else max(T, 1)
+    scores = scores.contiguous()
+    G = B // group_size
+    block_b, block_t = _tile(B, T)
+    warps = 4 if block_b * block_t <= 1024 else 8
+    member = torch.empty(B, dtype=torch.int32, device=device)  # scratch, fully written by launch 1
+    _row_member_kernel[(triton.cdiv(B, block_b),)](m, member, B, T, stride_m, BLOCK_B=block_b, BLOCK_T=block_t,
+                                                   num_warps=warps)
+    if block_k is None:
+        block_k = min(triton.next_power_of_2(group_size), 1024)
+    row_adv = torch.empty(B, dtype=torch.float32, device=device)  # scratch, fully written by launch 2
+    _group_stats_kernel[(G,)](scores, member, row_adv, group_size, float(eps),
+                              EST=estimator_id(estimator, norm_by_std), BLOCK_K=block_k,
+                              num_warps=4 if block_k <= 512 else 8)
+    out = new_output((B, T), torch.float32, device)
+    _broadcast_kernel[(triton.cdiv(B, block_b), triton.cdiv(T, block_t))](
+        row_adv, m, out, B, T, stride_m, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=warps
+    )
+    return out
+
+
+def reinforce_pp_launch(rewards, mask, *, gamma=1.0):
+    """REINFORCE++ as the chunked GAE pass with V = 0, lam = 1, whitened; (advantages, returns)."""
+    zeros = torch.zeros_like(rewards)
+    return gae_launch(rewards, zeros, mask, gamma=gamma, lam=1.0, whiten=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops (the reference signatures; inputs already validated by fastppo.ops)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=True, eps=1e-6):
+    """float32 [B, T]; see ``fastppo.reference.group_advantages``. No gradient."""
+    if mask.numel() == 0:
+        return torch.zeros(mask.shape, dtype=output_dtype(scores), device=mask.device)
+    if _is_f64(scores):
+        return reference.group_advantages.raw(scores, group_size, mask, estimator=estimator,
+                                              norm_by_std=norm_by_std, eps=eps)
+    return group_advantages_launch(scores, group_size, mask, estimator=estimator, norm_by_std=norm_by_std, eps=eps)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
+    """(advantages, returns), float32 [B, T]; see ``fastppo.reference.reinforce_pp_advantages``."""
+    empty = _empty_outputs(2, rewards, rewards)
+    if empty is not None:
+        return tuple(empty)
+    if _is_f64(rewards):
+        return reference.reinforce_pp_advantages.raw(rewards, mask, gamma=gamma)
+    return reinforce_pp_launch(rewards, mask, gamma=gamma)
