@@ -165,6 +165,11 @@ def _advantage_case(B: int, T: int) -> Callable[[], None]:
         _op("advantage", "shape_rewards")(scores, lp, ref, mask, kl_coef=0.05)
         lpg = lp.clone().requires_grad_(True)
         _backward(_op("advantage", "kl_penalty")(lpg, ref, "k3"))
+        # The critic-free estimators (kernels/group_advantage.py): groups of 8 responses.
+        if B % 8 == 0:
+            for est in ("grpo", "dr_grpo", "rloo"):
+                _op("group_advantage", "group_advantages")(scores, 8, mask, estimator=est)
+        _op("group_advantage", "reinforce_pp_advantages")(rew, mask)
 
     return run
 
