@@ -1,4 +1,4 @@
-"""The ``fastppo`` command: ``verify``, ``bench`` and ``train``."""
+"""The ``fastppo`` command: ``verify``, ``bench``, ``inspect``, ``train`` and ``plot``."""
 
 from __future__ import annotations
 
@@ -97,12 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_parser as add_train_parser
 
     add_train_parser(sub)
+    p = sub.add_parser("plot", help="draw the metrics of one or more `fastppo train` runs, overlaid, into one image",
+                       description="Overlay the metrics.jsonl of each RUN_DIR in one figure (score and KL first), "
+                                   "one colour per run, the legend naming the run directories.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directory of a fastppo train run")
+    p.add_argument("-o", "--output", metavar="FILE", type=_json_file(parents=False),
+                   help="image to write, .png, .pdf or .svg (default: RUN_DIR/metrics.png for one run, "
+                        "runs.png in the current directory for several)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `fastppo train` prints how to resume
     if args.command == "verify":
         from . import verify
 
@@ -115,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import inspect
 
         return inspect.main(args)
+    if args.command == "plot":
+        from .train import cli as train_cli
+
+        return train_cli.plot_main(args)
     if args.command == "train":
         from .train import cli as train_cli
 

@@ -9,11 +9,11 @@ import types
 import typing
 from typing import Any
 
-from .config import (AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, ConfigError, PPOConfig, field_docs,
+from .config import (AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, REPORT_TO, ConfigError, PPOConfig, field_docs,
                      field_types, load_file)
 
 _CHOICES = {"loss_agg": AGG_MODES, "kl_estimator": ESTIMATORS, "lr_schedule": LR_SCHEDULES,
-            "attn_implementation": ATTN_IMPLEMENTATIONS}
+            "attn_implementation": ATTN_IMPLEMENTATIONS, "report_to": REPORT_TO}
 
 _NONE = object()  # "--value-clip none": unset an option, distinct from "flag not given"
 
@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"fastppo train: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     try:
-        return _run(config)
+        return _run(config, getattr(args, "argv", None))
     except ConfigError as exc:
         if debug:
             raise
@@ -148,7 +148,38 @@ def main(args: argparse.Namespace) -> int:
         return 1
 
 
-def _run(config: PPOConfig) -> int:
+def _program() -> str:
+    """How this process was started: ``fastppo``, or ``python -m fastppo`` with this interpreter."""
+    import shlex
+    import shutil
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "fastppo":
+        found = shutil.which("fastppo")
+        if found and os.path.exists(argv0) and os.path.samefile(found, argv0):
+            return "fastppo"
+        return shlex.quote(argv0)
+    if os.path.basename(argv0) == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m fastppo"
+    return "fastppo"
+
+
+def resume_command(config: PPOConfig, argv: list[str] | None) -> str:
+    """The command that continues this run: its own arguments plus ``--resume``."""
+    import shlex
+
+    if argv is None:  # not started from the command line: the options that find the run
+        argv = ["train", "--output-dir", config.output_dir]
+    argv = list(argv)
+    if "--resume" not in argv or "--no-resume" in argv[argv.index("--resume"):]:
+        argv.append("--resume")
+    return f"{_program()} {shlex.join(argv)}"
+
+
+_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports a process it killed
+
+
+def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
     from .trainer import PPOTrainer
 
     _quiet_libraries()
@@ -171,6 +202,12 @@ def _run(config: PPOConfig) -> int:
                   f"{os.path.basename(stale)}); this run starts from iteration 0 and replaces metrics.jsonl and "
                   "the checkpoints it reaches; pass --resume to continue instead", file=sys.stderr)
     summary = trainer.train()
+    if summary.get("interrupted"):
+        print(f"fastppo train: stopped by {summary['interrupted']} after iteration {trainer.step} of "
+              f"{config.iterations}; metrics: {summary['metrics']}; checkpoint: {summary['checkpoint']}",
+              file=sys.stderr)
+        print(f"fastppo train: resume with: {resume_command(config, argv)}", file=sys.stderr)
+        return _EXIT[summary["interrupted"]]
     hist = summary["history"]
     if hist:
         k = min(5, len(hist))
@@ -181,7 +218,56 @@ def _run(config: PPOConfig) -> int:
               f"(mean of first {k}: {first:.3f}, of last {k}: {last:.3f}); {len(hist)} iterations in {total:.0f}s")
     print(f"metrics: {summary['metrics']}")
     if summary["plot"]:
-        note = "" if summary["plot_renderer"] == "matplotlib" else " (install matplotlib for titled panels)"
-        print(f"plot: {summary['plot']}{note}")
+        print(f"plot: {summary['plot']}")
+    if config.report_to == "tensorboard":
+        from .report import tensorboard_dir
+
+        print(f"tensorboard: tensorboard --logdir {tensorboard_dir(config.output_dir)}")
     print(f"checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+_IMAGE_TYPES = (".png", ".pdf", ".svg")
+
+
+def plot_main(args: argparse.Namespace) -> int:
+    """``fastppo plot RUN_DIR [RUN_DIR...] [-o FILE]``: bad input is one line on stderr and exit 2."""
+    from .metrics import plot_runs, read_metrics
+
+    def fail(message: str) -> int:
+        print(f"fastppo plot: error: {message}", file=sys.stderr)
+        return 2
+
+    runs = []
+    for run in args.runs:
+        if not os.path.exists(run):
+            return fail(f"run directory {run!r} does not exist")
+        if not os.path.isdir(run):
+            return fail(f"{run!r} is not a directory (expected the output directory of a fastppo train run)")
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return fail(f"{run!r} holds no metrics.jsonl (is it the output_dir of a fastppo train run?)")
+        try:
+            rows = read_metrics(path)
+        except OSError as exc:
+            return fail(f"cannot read {path!r}: {exc.strerror or exc}")
+        rows = [r for r in rows if isinstance(r.get("step"), (int, float))]
+        if not rows:
+            return fail(f"{path!r} holds no iteration yet")
+        runs.append((os.path.normpath(run), rows))
+    output = args.output or (os.path.join(args.runs[0], "metrics.png") if len(args.runs) == 1 else "runs.png")
+    if os.path.splitext(output)[1].lower() not in _IMAGE_TYPES:
+        return fail(f"output {output!r} must end in {', '.join(_IMAGE_TYPES)}")
+    if os.path.isdir(output):
+        return fail(f"output {output!r} is a directory; expected a file name")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
+        return fail(f"no permission to write {output!r}")
+    if len(runs) == 1:
+        runs = [("", runs[0][1])] if args.output is None else runs
+    try:
+        plot_runs(runs, output)
+    except OSError as exc:
+        return fail(f"cannot write {output!r}: {exc.strerror or exc}")
+    print(f"plot: {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return 0

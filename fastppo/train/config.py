@@ -109,6 +109,10 @@ class PPOConfig:
     Small models run fastest on one thread, and far faster than on many when cores are shared."""
     progress: bool = True
     plot: bool = True
+    """Draw ``output_dir/metrics.png`` at the end of the run (matplotlib)."""
+    report_to: str = "none"
+    """Also log every metrics.jsonl field as a scalar per iteration: ``tensorboard`` (event files in
+    ``output_dir/tensorboard``), ``wandb`` (offline mode when there is no network) or ``none``."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form values a custom reward function may read; ignored by the trainer."""
@@ -187,6 +191,15 @@ class PPOConfig:
                               ("attn_implementation", ATTN_IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_opt(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"{_opt('report_to')} must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}")
+        if self.report_to != "none":
+            from .report import missing_package
+
+            missing = missing_package(self.report_to)
+            if missing:
+                raise ConfigError(f"{_opt('report_to')} {self.report_to} needs the {missing} package: "
+                                  f"pip install 'fastppo[{self.report_to}]' (or --report-to none)")
         if not DEVICE.match(self.device):
             raise ConfigError(f"{_opt('device')} must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.batch_size % self.mini_batch_size:
@@ -213,6 +226,7 @@ LR_SCHEDULES = ("constant", "linear")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 ESTIMATORS = ("k1", "abs", "k2", "k3")  # as fastppo.kl_penalty; kept here so a config check imports no torch
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REPORT_TO = ("none", "tensorboard", "wandb")
 DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
-import zlib
 from typing import Any
 
 import torch
@@ -109,73 +107,76 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # plotting
 
-def plot_metrics(rows: list[dict[str, Any]], path: str) -> str:
-    """Draw the ``PLOTTED`` series against ``step`` into a PNG; returns which renderer drew it.
+# (key, panel title, y-axis label with units); the score and KL panels first.
+PANELS = [
+    ("score_mean", "Score (reward per response)", "score (reward units)"),
+    ("kl", "KL to the reference policy", "KL (nats per sequence)"),
+    ("reward_mean", "KL-shaped reward", "reward per sequence"),
+    ("entropy", "Policy entropy", "entropy (nats per token)"),
+    ("policy_loss", "Policy loss (clipped surrogate)", "loss"),
+    ("value_loss", "Value loss", "loss"),
+    ("clipfrac", "Clipped fraction (policy ratio)", "fraction of tokens"),
+    ("approx_kl", "Approx. KL old -> new policy", "KL (nats per token)"),
+    ("explained_variance", "Critic explained variance", "1 - Var[R - V] / Var[R]"),
+    ("response_length", "Response length", "tokens"),
+    ("tokens_per_s", "Throughput", "response tokens per second"),
+    ("peak_memory_mb", "Peak memory", "MiB"),
+]
+PLOTTED = [key for key, _, _ in PANELS]
 
-    matplotlib when importable (titled, labelled panels); otherwise a small built-in rasteriser
-    writes the same 3x3 grid of line panels (in ``PLOTTED`` order, no text) so that a run always
-    ends with a picture.
+
+def plot_metrics(rows: list[dict[str, Any]], path: str) -> None:
+    """Draw ``output_dir/metrics.png``: one titled, labelled panel per ``PANELS`` entry against the iteration."""
+    plot_runs([("", rows)], path)
+
+
+def plot_runs(runs: list[tuple[str, list[dict[str, Any]]]], path: str) -> None:
+    """Overlay several runs, ``[(label, rows), ...]``, in one figure (a legend when labels are given).
+
+    The score panel shows the mean with a band of one standard deviation across responses when
+    ``score_std`` is there; missing and non-finite values leave gaps.
     """
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _plot_builtin(rows, path)
-        return "builtin"
-    fig, axes = plt.subplots(3, 3, figsize=(13, 9))
-    for ax, key in zip(axes.flat, PLOTTED):
-        xs = [r["step"] for r in rows if r.get(key) is not None]
-        ys = [r[key] for r in rows if r.get(key) is not None]
-        ax.plot(xs, ys, color="tab:blue")
-        ax.set_title(key)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 3
+    nrows = math.ceil(len(PANELS) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(15, 3.4 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title, ylabel) in zip(axes.flat, PANELS):
+        for n, (label, rows) in enumerate(runs):
+            pts = [(r["step"], r[key], r.get("score_std")) for r in rows
+                   if isinstance(r.get("step"), (int, float)) and _finite(r.get(key))]
+            color = colors[n % len(colors)]
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            ax.plot(xs, ys, color=color, linewidth=1.6, marker="o" if len(pts) < 30 else None, markersize=3,
+                    label=label or None)
+            if key == "score_mean" and pts and all(_finite(p[2]) for p in pts):
+                ax.fill_between(xs, [y - p[2] for y, p in zip(ys, pts)], [y + p[2] for y, p in zip(ys, pts)],
+                                color=color, alpha=0.15, linewidth=0)
+        ax.set_title(title + (" (band: ±1 std)" if key == "score_mean" else ""), fontsize=11)
         ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return "matplotlib"
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
+    labels = [label for label, _ in runs if label]
+    if labels:
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="upper center", ncol=min(len(labels), 4), frameon=False,
+                   bbox_to_anchor=(0.5, 1.0), fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.4 * nrows) * math.ceil(len(labels) / 4)))
+    else:
+        fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
-def _plot_builtin(rows: list[dict[str, Any]], path: str, panel: tuple[int, int] = (300, 200)) -> None:
-    pw, ph = panel
-    width, height = pw * 3, ph * 3
-    img = bytearray(b"\xff" * (width * height * 3))
-
-    def put(x: int, y: int, rgb: tuple[int, int, int]) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            img[i:i + 3] = bytes(rgb)
-
-    def line(x0: int, y0: int, x1: int, y1: int, rgb: tuple[int, int, int]) -> None:
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for k in range(n + 1):
-            put(round(x0 + (x1 - x0) * k / n), round(y0 + (y1 - y0) * k / n), rgb)
-
-    for idx, key in enumerate(PLOTTED):
-        ox, oy = (idx % 3) * pw, (idx // 3) * ph
-        left, right, top, bottom = ox + 10, ox + pw - 10, oy + 10, oy + ph - 10
-        for a, b in (((left, top), (right, top)), ((right, top), (right, bottom)),
-                     ((right, bottom), (left, bottom)), ((left, bottom), (left, top))):
-            line(*a, *b, (160, 160, 160))
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if not pts:
-            continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
-        xspan, yspan = (xhi - xlo) or 1, (yhi - ylo) or 1
-        scr = [(left + 2 + (x - xlo) / xspan * (right - left - 4),
-                bottom - 2 - (y - ylo) / yspan * (bottom - top - 4)) for x, y in pts]
-        for (a, b), (c, d) in zip(scr, scr[1:] or scr):
-            line(round(a), round(b), round(c), round(d), (31, 119, 180))
-
-    raw = b"".join(b"\x00" + bytes(img[y * width * 3:(y + 1) * width * 3]) for y in range(height))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    with open(path, "wb") as f:
-        f.write(png)
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -522,34 +522,47 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run the remaining iterations; returns ``{"history", "first_score", "last_score", ...}``."""
+        """Run the remaining iterations; returns ``{"history", "first_score", "last_score", ...}``.
+
+        SIGINT (Ctrl-C) or SIGTERM during a run lets the current iteration finish and be logged,
+        writes a checkpoint and returns early with ``"interrupted"`` set to the signal's name
+        (a second signal stops at once, without a checkpoint). Handlers are only installed when
+        called from the main thread, and the previous ones are put back on return.
+        """
         from tqdm.auto import tqdm
+
+        from .report import open_reporter
 
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         log = MetricsLog(metrics_path, keep_up_to=self.step if self.resumed_from else None)
+        reporter = open_reporter(cfg, first_step=self.step + 1)
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not cfg.progress, desc="ppo",
                    unit="it", dynamic_ncols=True, file=sys.stderr)
         last_ckpt = self.resumed_from
+        stop = _StopOnSignal()
         try:
-            while self.step < cfg.iterations:
-                row = self.iteration()
-                log.write(row)
-                bar.update(1)
-                bar.set_postfix(score=f"{row['score_mean']:.3f}", kl=f"{row['kl']:.3f}",
-                                len=f"{row['response_length']:.1f}")
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.iterations:
-                    last_ckpt = self.save_checkpoint()
+            with stop:
+                while self.step < cfg.iterations and not stop.signal:
+                    row = self.iteration()
+                    log.write(row)
+                    reporter.log(row)
+                    bar.update(1)
+                    bar.set_postfix(score=f"{row['score_mean']:.3f}", kl=f"{row['kl']:.3f}",
+                                    len=f"{row['response_length']:.1f}")
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.iterations:
+                        last_ckpt = self.save_checkpoint()
+                if last_ckpt is None or not last_ckpt.endswith(f"step-{self.step:08d}"):
+                    last_ckpt = self.save_checkpoint()  # atomic: a second signal here leaves no half checkpoint
         finally:
             bar.close()
-        if last_ckpt is None or not last_ckpt.endswith(f"step-{self.step:08d}"):
-            last_ckpt = self.save_checkpoint()
+            reporter.close()
         history = read_metrics(metrics_path)
-        plot_path, renderer = None, None
+        plot_path = None
         if cfg.plot and history:
             plot_path = os.path.join(cfg.output_dir, "metrics.png")
-            renderer = plot_metrics(history, plot_path)
+            plot_metrics(history, plot_path)
         return {
             "history": history,
             "first_score": history[0]["score_mean"] if history else float("nan"),
@@ -557,5 +570,43 @@ class PPOTrainer:
             "checkpoint": last_ckpt,
             "metrics": metrics_path,
             "plot": plot_path,
-            "plot_renderer": renderer,
+            "interrupted": stop.signal if self.step < cfg.iterations else None,
         }
+
+
+class _StopOnSignal:
+    """Within ``with``: the first SIGINT/SIGTERM sets ``signal`` (its name); the second raises KeyboardInterrupt."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = name
+        print(f"\nfastppo train: {name} received: finishing this iteration and writing a checkpoint "
+              "(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name)
+                self._previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+        self._previous.clear()
+        return False
