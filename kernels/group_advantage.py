@@ -33,7 +33,7 @@ import triton.language as tl
 from fastppo import reference
 
 from ._common import new_output, output_dtype
-from .advantage import _empty_outputs, _is_f64, gae_launch
+from .advantage import _as_rows, _empty_outputs, _is_f64, gae_launch
 
 EST_GRPO = 0  # (s - mean) / (std + eps)
 EST_CENTER = 1  # s - mean: dr_grpo, and grpo with norm_by_std=False
@@ -127,15 +127,6 @@ def _broadcast_kernel(adv_ptr, mask_ptr, out_ptr, B, T, stride_m, BLOCK_B: tl.co
 _TILE = 4096  # [rows, T] elements per program of launches 1 and 3
 
 
-def _mask_rows(mask: torch.Tensor) -> torch.Tensor:
-    """The mask with unit stride along T (bool viewed as uint8: the kernels test ``!= 0``)."""
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    if mask.shape[1] > 1 and mask.stride(1) != 1:
-        mask = mask.contiguous()
-    return mask
-
-
 def _tile(B: int, T: int) -> tuple[int, int]:
     block_t = min(max(triton.next_power_of_2(T), 16), 1024)
     block_b = max(1, min(triton.next_power_of_2(B), _TILE // block_t))
@@ -155,7 +146,7 @@ def group_advantages_launch(scores, group_size, mask, *, estimator="grpo", norm_
     """Three launches (members, group statistics, broadcast); float32 [B, T]."""
     B, T = mask.shape
     device = mask.device
-    m = _mask_rows(mask)
+    m = _as_rows(mask)  # unit stride along T; bool viewed as uint8 (the kernels test != 0)
     stride_m = m.stride(0) if B > 1 else max(T, 1)
     scores = scores.contiguous()
     G = B // group_size
