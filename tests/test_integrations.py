@@ -441,14 +441,20 @@ class OpenRLHFFormulas:
         return adv, adv + values
 
 
+_OPENRLHF_LOSS: list = []
+
+
 def load_openrlhf_loss():
     """OpenRLHF's real ``openrlhf.models.loss`` module, or skip.
 
     ``openrlhf/models/__init__.py`` pulls in the actor (flash-attn, deepspeed) and
     ``models/utils.py`` imports deepspeed without using it in the losses, so the package init is
     bypassed and a bare ``deepspeed`` stands in when the real one is absent. sys.modules is put
-    back afterwards; the loaded module keeps working on its own.
+    back afterwards; the loaded module keeps working on its own. Loaded once per session: a
+    second load would re-import the torch modules the clean-up dropped, which torch refuses.
     """
+    if _OPENRLHF_LOSS:
+        return _OPENRLHF_LOSS[0]
     spec = importlib.util.find_spec("openrlhf")
     if spec is None:
         pytest.skip("openrlhf is not installed (pip install --no-deps openrlhf)")
@@ -461,7 +467,8 @@ def load_openrlhf_loss():
             sys.modules[name] = pkg
         if importlib.util.find_spec("deepspeed") is None:
             sys.modules["deepspeed"] = types.ModuleType("deepspeed")
-        return importlib.import_module("openrlhf.models.loss")
+        _OPENRLHF_LOSS.append(importlib.import_module("openrlhf.models.loss"))
+        return _OPENRLHF_LOSS[0]
     except ImportError as exc:
         pytest.skip(f"openrlhf.models.loss cannot be imported here: {exc}")
     finally:
@@ -523,7 +530,7 @@ def test_openrlhf_policy_loss_without_mask(openrlhf_peer, rng):
 
 def test_openrlhf_policy_loss_rejects_what_it_does_not_do():
     with pytest.raises(ValueError, match="ppo"):
-        fo.PolicyLoss(policy_loss_type="gspo")
+        fo.PolicyLoss(policy_loss_type="dapo")
     with pytest.raises(ValueError, match="dual_clip"):
         fo.PolicyLoss(dual_clip=0.5)
     with pytest.raises(ValueError, match="clip"):

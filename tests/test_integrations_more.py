@@ -30,6 +30,15 @@ from test_integrations import (
 )
 
 
+def assert_same(actual, expected, what):
+    """Equal values, NaN where the peer has NaN, inf where it has inf (no torch.testing: it
+    imports torch.distributed, which the OpenRLHF loader's sys.modules clean-up trips over)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan), (what, actual, expected)
+    assert torch.allclose(actual[~nan], expected[~nan], rtol=1e-6, atol=1e-6), (what, actual, expected)
+
+
 @pytest.fixture
 def verl():
     from fastppo.integrations import verl as fv
@@ -77,8 +86,7 @@ def test_verl_kl_penalty_edges(verl):
     lp = torch.tensor([float("-inf"), 0.0, float("nan"), -100.0])
     ref = torch.tensor([0.0, float("-inf"), 0.0, 0.0])
     for name in ("low_var_kl", "k3", "k3+"):
-        ours, peer = fv.kl_penalty(lp, ref, name), core_algos.kl_penalty(lp, ref, name)
-        torch.testing.assert_close(ours, peer, equal_nan=True, msg=name)
+        assert_same(fv.kl_penalty(lp, ref, name), core_algos.kl_penalty(lp, ref, name), name)
     for name in ("full", "k4"):
         with pytest.raises(NotImplementedError):
             core_algos.kl_penalty(lp, ref, name)
@@ -223,3 +231,91 @@ def test_verl_install_everything_round_trip(verl, monkeypatch):
     with pytest.raises(ValueError, match="FASTPPO_VERL_INSTALL"):
         fv._install_on_import()
     assert not any(fv.installed().values())
+
+
+# =============================================================================================
+# OpenRLHF: GSPO and compute_approx_kl
+# =============================================================================================
+
+
+@pytest.fixture(scope="module")
+def openrlhf_loss():
+    return load_openrlhf_loss()
+
+
+GSPO_SETTINGS = [
+    dict(policy_loss_type="gspo"),
+    dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),
+    dict(policy_loss_type="gspo", clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, token_level_loss=True),
+    dict(policy_loss_type="gspo", is_correction_level="token", is_correction_threshold=(0.5, 2.0)),
+]
+GSPO_INFOS = [{}, {"dp_size": 2, "batch_num_tokens": 50.0, "global_batch_size": 11.0}]
+
+
+@pytest.mark.parametrize("setting", range(len(GSPO_SETTINGS)))
+@pytest.mark.parametrize("info", range(len(GSPO_INFOS)))
+def test_openrlhf_gspo(openrlhf_loss, rng, setting, info):
+    old, lp, adv, mask = policy_inputs(rng, spread=0.3)
+    # GSPO's advantages are per sequence; token-varying ones work the same way.
+    adv[1:] = adv[1:, :1]
+    rollout = old + randn(rng, *old.shape, scale=0.3)
+    kwargs = GSPO_SETTINGS[setting]
+    ours_fn, peer_fn = fo.PolicyLoss(**kwargs), openrlhf_loss.PolicyLoss(**kwargs)
+    ours_in, peer_in = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    mask_f = mask.float()  # OpenRLHF's GSPO multiplies by the mask
+    ours = ours_fn(ours_in, old, adv, action_mask=mask, rollout_log_probs=rollout, **GSPO_INFOS[info])
+    peer = peer_fn(peer_in, old, adv, action_mask=mask_f, rollout_log_probs=rollout, **GSPO_INFOS[info])
+    for name, a, b in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), ours, peer):
+        if b is None:
+            assert a is None, name
+        else:
+            assert_close(a.detach(), b.detach(), name)
+    assert peer[1] > 0, "the inputs should clip some sequences"
+    ours[0].backward()
+    peer[0].backward()
+    assert_close(ours_in.grad, peer_in.grad, "grad")
+
+
+def test_openrlhf_gspo_needs_rollout_with_correction(rng):
+    old, lp, adv, mask = policy_inputs(rng)
+    loss_fn = fo.PolicyLoss(policy_loss_type="gspo", is_correction_level="token")
+    with pytest.raises(ValueError, match="rollout_log_probs"):
+        loss_fn(lp, old, adv, action_mask=mask)
+
+
+@pytest.fixture(scope="module")
+def openrlhf_approx_kl(openrlhf_loss):
+    # openrlhf.models.utils, reached through a function the loss module imported from it.
+    return openrlhf_loss.masked_mean.__globals__["compute_approx_kl"]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_openrlhf_compute_approx_kl(openrlhf_approx_kl, rng, estimator, unbiased, with_old):
+    lp, base = kl_inputs(rng)
+    lp[0, 3], base[0, 3] = -13.0, 0.0  # past k1's clamp of 10 and k3's bound of -10
+    old = lp + randn(rng, *lp.shape, scale=1.5) if with_old else None
+    ours_in, peer_in = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    ours = fo.compute_approx_kl(ours_in, base, old, kl_estimator=estimator, unbiased_gradient=unbiased)
+    peer = openrlhf_approx_kl(peer_in, base, old, kl_estimator=estimator, unbiased_gradient=unbiased)
+    assert ours.dtype == peer.dtype == torch.float32
+    assert_close(ours.detach(), peer.detach(), estimator)
+    mask = mask_with_edges(rng, *lp.shape)
+    # As OpenRLHF's consumers use it: a masked mean over the response tokens.
+    (torch.where(mask, ours, 0.0).sum() / mask.sum()).backward()
+    (torch.where(mask, peer, 0.0).sum() / mask.sum()).backward()
+    assert_close(ours_in.grad, peer_in.grad, f"{estimator} grad")
+
+
+def test_openrlhf_compute_approx_kl_edges(openrlhf_approx_kl):
+    lp = torch.tensor([float("-inf"), 0.0, float("nan"), -100.0], dtype=torch.float64)
+    base = torch.tensor([0.0, float("-inf"), 0.0, 0.0], dtype=torch.float64)
+    for estimator in ("k1", "k2", "k3"):
+        assert_same(
+            fo.compute_approx_kl(lp, base, kl_estimator=estimator),
+            openrlhf_approx_kl(lp, base, kl_estimator=estimator),
+            estimator,
+        )
+    with pytest.raises(ValueError, match="kl_estimator"):
+        fo.compute_approx_kl(lp, base, kl_estimator="k4")
