@@ -9,12 +9,16 @@
   dp_size, batch_num_tokens, global_batch_size)`` -> the loss.
 * ``get_advantages_and_returns(values, rewards, action_mask, gamma, lambd)`` ->
   ``(advantages, returns)``.
+* ``compute_approx_kl(log_probs, log_probs_base, log_probs_old, kl_estimator, unbiased_gradient)``:
+  k1 / k2 / k3 with OpenRLHF's clamps, by ``fastppo.kl_penalty``.
 
 ``patch()`` / ``unpatch()`` put them into OpenRLHF's modules (the actor and critic build their
 losses from names imported from ``openrlhf.models``; the experience maker calls its own
 ``get_advantages_and_returns`` method).
 
-Only ``policy_loss_type="ppo"`` is provided (GSPO's sequence-level ratio is not fastppo's loss).
+``policy_loss_type`` is ``"ppo"`` or ``"gspo"`` (the sequence-level ratio of GSPO fed to
+``fastppo.policy_loss`` as a per-token log-ratio; fastppo clamps it to [-20, 20], OpenRLHF does
+not, which differs only for a sequence whose mean log-ratio is beyond 20).
 Where OpenRLHF gives NaN (an all-masked batch), these give 0.
 """
 
@@ -30,7 +34,10 @@ import torch.nn as nn
 import fastppo
 from fastppo.integrations import _global_aggregate, _promote
 
-__all__ = ["PolicyLoss", "ValueLoss", "get_advantages_and_returns", "patch", "unpatch"]
+__all__ = ["PolicyLoss", "ValueLoss", "compute_approx_kl", "get_advantages_and_returns", "patch", "unpatch"]
+
+# OpenRLHF's cap on the importance weight of the unbiased KL gradient (openrlhf.models.utils).
+KL_IS_WEIGHT_CLIP = 10.0
 
 
 def _mask_or_ones(action_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -53,7 +60,10 @@ class PolicyLoss(nn.Module):
         clip_eps_low, clip_eps_high: the ratio is clipped to [1 - low, 1 + high].
         dual_clip: c > 1 bounds the loss of tokens with negative advantage by -A * c; None: off.
         token_level_loss: mean over all valid tokens (True) or mean of per-sequence means.
-        policy_loss_type: ``"ppo"`` only.
+        policy_loss_type: ``"ppo"`` or ``"gspo"`` (GSPO, arXiv 2507.18071: every token of a
+            sequence gets the ratio exp(mean over its valid tokens of log_probs - old_log_probs),
+            or of log_probs - rollout_log_probs when the correction is on, in which case GSPO
+            applies no correction weights, as in OpenRLHF; the loss is always per sequence).
         is_correction_level: ``"off"``, ``"token"`` or ``"seq"``: reweight (or drop) tokens by
             the train/rollout probability ratio exp(old - rollout), gated by a statistic per
             token or per sequence.
@@ -76,11 +86,8 @@ class PolicyLoss(nn.Module):
         is_correction_threshold: Any = (0.5, 5.0),
     ) -> None:
         super().__init__()
-        if policy_loss_type != "ppo":
-            raise ValueError(
-                f"fastppo's PolicyLoss implements policy_loss_type='ppo' only, got {policy_loss_type!r}; "
-                "keep OpenRLHF's own PolicyLoss for it"
-            )
+        if policy_loss_type not in ("ppo", "gspo"):
+            raise ValueError(f"policy_loss_type must be ppo or gspo, got {policy_loss_type!r}")
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
         for name, value, allowed in (
@@ -100,7 +107,8 @@ class PolicyLoss(nn.Module):
         self.clip_eps_low = clip_eps_low
         self.clip_eps_high = clip_eps_high
         self.dual_clip = dual_clip
-        self.token_level_loss = token_level_loss
+        # GSPO's loss is per sequence whatever token_level_loss says (OpenRLHF's rule).
+        self.token_level_loss = token_level_loss and policy_loss_type != "gspo"
         self.policy_loss_type = policy_loss_type
         self.is_correction_level = is_correction_level
         self.is_correction_mode = is_correction_mode
@@ -177,13 +185,27 @@ class PolicyLoss(nn.Module):
         )
         mask = _mask_or_ones(action_mask, log_probs)
         weights = vllm_kl = filter_ratio = None
-        if self.is_correction_level != "off":
+        ratio_lp, ratio_old = log_probs, old_log_probs
+        if self.policy_loss_type == "gspo":
+            if self.is_correction_level != "off":
+                if rollout_log_probs is None:
+                    raise ValueError("gspo with is_correction_level != 'off' needs rollout_log_probs, got None")
+                base = rollout_log_probs
+            else:
+                base = old_log_probs
+            # One log-ratio per sequence, the mean over its valid tokens, at each of its tokens:
+            # fastppo.policy_loss(seq_log_ratio, 0, ...) is then GSPO's loss with gradients
+            # through the mean. where(), not OpenRLHF's product with the mask: garbage at masked
+            # positions stays out (a NaN there would make OpenRLHF's whole row NaN).
+            ratio_lp = _row_mean(log_probs - base, mask).expand_as(log_probs)
+            ratio_old = torch.zeros_like(ratio_lp)
+        elif self.is_correction_level != "off":
             weights, filter_ratio, vllm_kl = self._correction(old_log_probs, rollout_log_probs, mask)
 
         def run(agg: str):
             return fastppo.policy_loss(
-                log_probs,
-                old_log_probs,
+                ratio_lp,
+                ratio_old,
                 advantages,
                 mask,
                 clip_low=float(self.clip_eps_low),
@@ -205,6 +227,44 @@ class PolicyLoss(nn.Module):
         # OpenRLHF reports the KL of the raw log-ratio; fastppo's approx_kl is of the clamped one.
         ppo_kl = fastppo.aggregate((old_log_probs - log_probs).detach(), mask, "token-mean")
         return loss, stats["clipfrac"], ppo_kl, vllm_kl, filter_ratio
+
+
+def compute_approx_kl(
+    log_probs: torch.Tensor,
+    log_probs_base: torch.Tensor,
+    log_probs_old: torch.Tensor | None = None,
+    kl_estimator: str = "k1",
+    unbiased_gradient: bool = False,
+) -> torch.Tensor:
+    """OpenRLHF's ``compute_approx_kl`` computed by ``fastppo.kl_penalty``.
+
+    With d = log_probs - log_probs_base in float32: ``k1`` d, ``k2`` d^2 / 2, ``k3``
+    exp(-d') + d' - 1 with d' = max(d, -10); every estimate clamped to [-10, 10].
+    ``unbiased_gradient``: the same value with the gradient of w * d^2 / 2, w = exp(log_probs -
+    log_probs_old) capped at 10 and detached (1 without ``log_probs_old``).
+
+    Args:
+        log_probs: ``[B, T]`` (or any shape) current log-probs, differentiable.
+        log_probs_base: the reference log-probs; log_probs_old: the rollout log-probs or None.
+    Returns:
+        float32 estimate of the input shape (OpenRLHF computes in float32 too).
+    """
+    if kl_estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"Unknown kl_estimator: {kl_estimator!r}; expected k1, k2 or k3")
+    log_ratio = log_probs.float() - log_probs_base.float()
+    zeros = torch.zeros_like(log_ratio)
+    # OpenRLHF bounds k3's log-ratio below at -10 before exp (fastppo's k3 clamps only the
+    # estimate): done here so that log_probs = -inf gives OpenRLHF's 10, not NaN.
+    d = log_ratio.clamp(min=-10) if kl_estimator == "k3" else log_ratio
+    value = fastppo.kl_penalty(d, zeros, kl_estimator, clamp=10.0)
+    if not unbiased_gradient:
+        return value
+    if log_probs_old is None:
+        w = 1.0
+    else:
+        w = (log_probs.float() - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP).detach()
+    surrogate = w * fastppo.kl_penalty(log_ratio, zeros, "k2")
+    return value.detach() + surrogate - surrogate.detach()
 
 
 class ValueLoss(nn.Module):
@@ -311,14 +371,19 @@ _TARGETS = (
     ("openrlhf.models", "ValueLoss", ValueLoss),
     ("openrlhf.trainer.ray.ppo_actor", "PolicyLoss", PolicyLoss),
     ("openrlhf.trainer.ray.ppo_critic", "ValueLoss", ValueLoss),
+    ("openrlhf.models.utils", "compute_approx_kl", compute_approx_kl),
+    ("openrlhf.trainer.ray.ppo_actor", "compute_approx_kl", compute_approx_kl),
+    ("openrlhf.trainer.ppo_utils.experience_maker", "compute_approx_kl", compute_approx_kl),
 )
 
 
 def patch(*, gae: bool = True) -> None:
-    """Swap OpenRLHF's ``PolicyLoss`` / ``ValueLoss`` (and GAE) for fastppo's (idempotent).
+    """Swap OpenRLHF's ``PolicyLoss`` / ``ValueLoss``, ``compute_approx_kl`` (and GAE) for
+    fastppo's (idempotent).
 
-    Patches the classes in ``openrlhf.models`` and in the already-imported actor and critic
-    modules (which imported them by name), and, with ``gae``,
+    Patches the classes in ``openrlhf.models``, ``compute_approx_kl`` in ``openrlhf.models.utils``,
+    and both in the already-imported actor, critic and experience-maker modules (which imported
+    them by name), and, with ``gae``,
     ``RemoteExperienceMaker.get_advantages_and_returns``. Call it before the actor and critic
     are built, in every process that builds them.
     """

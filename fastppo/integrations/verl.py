@@ -14,14 +14,31 @@ Three functions with verl's signatures and verl's numbers:
 * ``compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode,
   dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)`` -> ``(vf_loss, vf_clipfrac)``.
 
+Opt-in takeovers of more of verl (``install(vanilla=True, kl_penalty=True, agg_loss=True,
+estimators=True)``), each with verl's signature and numbers:
+
+* ``vanilla``: ``compute_policy_loss_fastppo`` also as ``loss_mode=vanilla``;
+* ``kl_penalty(logprob, ref_logprob, kl_penalty)`` / ``kl_penalty_forward``: verl's names
+  ``kl``/``k1``, ``abs``, ``mse``/``k2``, ``low_var_kl``/``k3`` (log-ratio clamped to [-20, 20],
+  estimate to [-10, 10]) and the ``+`` straight-through variants (k2's gradient);
+* ``agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+  loss_scale_factor)`` by ``fastppo.aggregate``;
+* ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage`` (any ``index``
+  grouping, uneven groups included) by ``fastppo.group_advantages`` and
+  ``compute_reinforce_plus_plus_outcome_advantage`` by ``fastppo.reinforce_pp_advantages``,
+  registered as verl's ``grpo``, ``rloo`` and ``reinforce_plus_plus``.
+
 ``install()`` registers the policy loss as ``loss_mode=fastppo`` and swaps the GAE and value loss
-in everywhere verl looks them up; ``uninstall()`` undoes it. Importing this module installs it
+(and whatever of the above it is asked for) in everywhere verl looks them up; ``uninstall()``
+undoes all of it. Importing this module installs it
 when verl is importable, which is how verl's ``external_lib`` hook (and
 ``VERL_USE_EXTERNAL_MODULES``) use it: ``FASTPPO_VERL_INSTALL=loss`` limits that to the policy
 loss, ``FASTPPO_VERL_INSTALL=0`` turns it off.
 
 Where verl fails, these do not: an all-masked batch gives a loss of 0 (verl: NaN) and fewer than
-two valid tokens whiten as ``x - mean`` unscaled (verl raises ``ValueError``).
+two valid tokens whiten as ``x - mean`` unscaled (verl raises ``ValueError``); both hold for
+``agg_loss`` and REINFORCE++ too. ``agg_loss`` counts mask entries (``mask != 0``) where verl
+would weigh by a fractional mask (verl passes 0/1 masks), and returns float32.
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 
 import fastppo
@@ -41,11 +59,17 @@ from fastppo.reference import compute_dtype
 
 __all__ = [
     "LOSS_NAME",
+    "agg_loss",
     "compute_gae_advantage_return",
+    "compute_grpo_outcome_advantage",
     "compute_policy_loss_fastppo",
+    "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_rloo_outcome_advantage",
     "compute_value_loss",
     "install",
     "installed",
+    "kl_penalty",
+    "kl_penalty_forward",
     "uninstall",
 ]
 
@@ -246,17 +270,225 @@ def _value_clipfrac(vpreds, returns, values, mask, clip) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# KL penalty, agg_loss and the critic-free estimators
+# --------------------------------------------------------------------------------------------
+
+# verl's kl_penalty names -> fastppo's estimators.
+_KL_NAMES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """verl's ``kl_penalty_forward`` computed by ``fastppo.kl_penalty``.
+
+    With d = logprob - ref_logprob: ``kl``/``k1`` d, ``abs`` |d|, ``mse``/``k2`` d^2 / 2,
+    ``low_var_kl``/``k3`` exp(-d') + d' - 1 clamped to [-10, 10] with d' = clamp(d, -20, 20).
+    ``full`` and unknown names raise ``NotImplementedError``, as in verl.
+
+    Returns the elementwise estimate, float32 (float64 for float64 inputs), any shape.
+    """
+    if kl_penalty == "full":
+        raise NotImplementedError("kl_penalty='full' needs the full distributions; verl does not implement it either")
+    estimator = _KL_NAMES.get(kl_penalty)
+    if estimator is None:
+        # verl raises NotImplementedError here (not fastppo's ValueError): callers may rely on it.
+        raise NotImplementedError(f"unknown kl_penalty {kl_penalty!r}; expected one of {', '.join(_KL_NAMES)}")
+    logprob, ref_logprob = _promote(logprob, ref_logprob)
+    if estimator != "k3":
+        return fastppo.kl_penalty(logprob, ref_logprob, estimator)
+    # verl clamps the log-ratio to [-20, 20] before exp, fastppo's k3 only the estimate: clamp d
+    # here and hand it over against a zero reference (exact: clamp(-r) = -clamp(r)). This keeps
+    # verl's 10 (not NaN) at logprob = -inf, and the clamp's zero gradient past +-20.
+    d = (logprob - ref_logprob).clamp(-20.0, 20.0)
+    return fastppo.kl_penalty(d, torch.zeros_like(d), "k3", clamp=10.0)
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """verl's ``kl_penalty``: ``kl_penalty_forward`` and, for a name ending in ``+`` (``k1+``,
+    ``k3+``, ...), the straight-through estimator: the forward value of the named estimator with
+    the gradient of k2 = d^2 / 2 (the unbiased KL gradient). ``k2+``/``mse`` are k2 itself.
+    """
+    straight_through = kl_penalty.endswith("+")
+    forward = kl_penalty_forward(logprob, ref_logprob, kl_penalty[:-1] if straight_through else kl_penalty)
+    if not straight_through or kl_penalty in ("mse", "k2"):
+        return forward
+    backward = fastppo.kl_penalty(*_promote(logprob, ref_logprob), "k2")
+    # verl's expression, evaluated in verl's order (an inf backward score gives NaN, as in verl).
+    return backward - backward.detach() + forward.detach()
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    loss_scale_factor: Any = None,
+) -> torch.Tensor:
+    """verl's ``agg_loss`` computed by ``fastppo.aggregate`` (with verl's global-batch scaling).
+
+    Args:
+        loss_mat: ``[B, T]`` per-token loss (differentiable).
+        loss_mask: ``[B, T]`` bool or 0/1.
+        loss_agg_mode: one of verl's five modes; ``dp_size``, ``batch_num_tokens``,
+            ``global_batch_size``, ``loss_scale_factor`` as in verl.
+    Returns:
+        the 0-d float32 loss (0 for an all-masked batch, where verl's local modes give NaN).
+    """
+
+    def run(agg: str):
+        return fastppo.aggregate(loss_mat, loss_mask, agg), {}
+
+    loss, _ = _global_aggregate(
+        run,
+        loss_mask,
+        loss_agg_mode,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+    )
+    return loss
+
+
+def _group_slots(index: Any, batch: int) -> tuple[np.ndarray, int, int]:
+    """Lay verl's arbitrary ``index`` grouping out as fastppo's consecutive groups of K.
+
+    verl groups rows by equal ``index`` entries (uids), in any order and of any sizes; fastppo
+    wants ``G`` blocks of ``K`` consecutive rows. Row ``b`` goes to slot ``group * K + rank``
+    (K = the largest group); unused slots are padding rows with no valid token, which are not
+    group members. Host-side numpy only (``index`` is a host array in verl).
+
+    Returns ``(slots [B] int64, G, K)``.
+    """
+    ids = np.asarray(index)
+    if ids.shape != (batch,):
+        raise ValueError(f"index must have one entry per row, shape ({batch},), got shape {ids.shape}")
+    if batch == 0:
+        return np.zeros(0, dtype=np.int64), 0, 1
+    _, group = np.unique(ids, return_inverse=True)
+    group = group.reshape(-1).astype(np.int64)
+    counts = np.bincount(group)
+    K = int(counts.max())
+    order = np.argsort(group, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(batch, dtype=np.int64)
+    rank[order] = np.arange(batch) - starts[group[order]]
+    return group * K + rank, len(counts), K
+
+
+def _outcome_advantages(token_level_rewards, response_mask, index, estimator, norm_by_std, eps):
+    """verl's outcome estimators: score = row sum of the token rewards, advantages per ``index``
+    group by ``fastppo.group_advantages``, broadcast as ``a * response_mask``."""
+    # verl sums every position of the row (its token rewards are 0 outside the mask anyway) and
+    # counts every row as a group member, valid tokens or not; fastppo's mask would drop empty
+    # rows from their group, so membership is handed over as an all-member [G*K, 1] mask.
+    scores = token_level_rewards.sum(dim=-1)
+    B = scores.shape[0]
+    slots, G, K = _group_slots(index, B)
+    slots = torch.as_tensor(slots, device=scores.device)
+    padded = scores.new_zeros(G * K).index_copy(0, slots, scores)
+    member = torch.zeros(G * K, 1, dtype=torch.bool, device=scores.device).index_fill(0, slots, True)
+    per_row = fastppo.group_advantages(padded, K, member, estimator=estimator, norm_by_std=norm_by_std, eps=eps)
+    per_row = per_row[:, 0].index_select(0, slots)
+    # verl multiplies by the mask (not fastppo's where()): a NaN score spreads over its whole row,
+    # masked positions included, exactly as in verl.
+    advantages = per_row.unsqueeze(-1) * response_mask
+    return advantages, advantages
+
+
+@torch.no_grad()
+def compute_grpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's GRPO (``algorithm.adv_estimator=grpo``) computed by ``fastppo.group_advantages``.
+
+    s_b = sum_t token_level_rewards[b, t]; per group of rows with the same ``index`` entry:
+    (s - mean) / (std + epsilon) (unbiased std), or s - mean without ``norm_adv_by_std_in_grpo``
+    (Dr. GRPO); a group of one gets mean 0 and std 1. Returns ``(advantages, advantages)``,
+    ``[B, T]`` = a_b * response_mask, float32.
+    """
+    return _outcome_advantages(token_level_rewards, response_mask, index, "grpo", bool(norm_adv_by_std_in_grpo), float(epsilon))
+
+
+@torch.no_grad()
+def compute_rloo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's RLOO (``algorithm.adv_estimator=rloo``) computed by ``fastppo.group_advantages``.
+
+    Per ``index`` group of n > 1 rows: s_i - mean of the others = (s_i - mean) * n / (n - 1);
+    a group of one keeps s. ``epsilon`` and ``config`` are unused, as in verl. Returns
+    ``(advantages, advantages)``, ``[B, T]`` = a_b * response_mask, float32.
+    """
+    return _outcome_advantages(token_level_rewards, response_mask, index, "rloo", True, 1e-6)
+
+
+@torch.no_grad()
+def compute_reinforce_plus_plus_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's REINFORCE++ (``algorithm.adv_estimator=reinforce_plus_plus``) computed by
+    ``fastppo.reinforce_pp_advantages`` with ``gamma = config.gamma``.
+
+    Returns-to-go over the valid tokens (a masked gap carries the running return unchanged),
+    whitened over the batch; both outputs 0 at masked positions, as in verl. Returns
+    ``(advantages, returns)``, ``[B, T]`` float32.
+    """
+    if config is None:
+        raise ValueError("REINFORCE++ needs verl's algorithm config (gamma), got config=None")
+    gamma = _cfg(config, "gamma")
+    if gamma is None:
+        raise ValueError("the algorithm config has no gamma; verl's REINFORCE++ requires one")
+    (rewards,) = _promote(token_level_rewards)
+    return fastppo.reinforce_pp_advantages(rewards, response_mask, gamma=_as_float(gamma))
+
+
+# --------------------------------------------------------------------------------------------
 # Installing into verl
 # --------------------------------------------------------------------------------------------
 
-# (module name, attribute) -> verl's original object, for uninstall().
+# (module name, attribute) or (registry, key) -> verl's original object, for uninstall().
 _saved: dict[tuple[str, str], Any] = {}
 _registered_names: set[str] = set()
 
-_SWAPS = {
-    "gae": ("compute_gae_advantage_return", compute_gae_advantage_return),
-    "value_loss": ("compute_value_loss", compute_value_loss),
+# The parts install() can take over: the core_algos functions (attribute, replacement) ...
+_SWAPS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "gae": (("compute_gae_advantage_return", compute_gae_advantage_return),),
+    "value_loss": (("compute_value_loss", compute_value_loss),),
+    "vanilla": (("compute_policy_loss_vanilla", compute_policy_loss_fastppo),),
+    "kl_penalty": (("kl_penalty", kl_penalty), ("kl_penalty_forward", kl_penalty_forward)),
+    "agg_loss": (("agg_loss", agg_loss),),
+    "estimators": (
+        ("compute_grpo_outcome_advantage", compute_grpo_outcome_advantage),
+        ("compute_rloo_outcome_advantage", compute_rloo_outcome_advantage),
+        ("compute_reinforce_plus_plus_outcome_advantage", compute_reinforce_plus_plus_outcome_advantage),
+    ),
 }
+# ... and their registry entries (registry attribute of core_algos, key, replacement).
+_REGISTRY_SWAPS: dict[str, tuple[tuple[str, str, Any], ...]] = {
+    "gae": (("ADV_ESTIMATOR_REGISTRY", "gae", compute_gae_advantage_return),),
+    "vanilla": (("POLICY_LOSS_REGISTRY", "vanilla", compute_policy_loss_fastppo),),
+    "estimators": (
+        ("ADV_ESTIMATOR_REGISTRY", "grpo", compute_grpo_outcome_advantage),
+        ("ADV_ESTIMATOR_REGISTRY", "rloo", compute_rloo_outcome_advantage),
+        ("ADV_ESTIMATOR_REGISTRY", "reinforce_plus_plus", compute_reinforce_plus_plus_outcome_advantage),
+    ),
+}
+PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators")
 
 
 def _swap_everywhere(attr: str, replacement: Any, original: Any) -> None:
@@ -273,7 +505,17 @@ def _swap_everywhere(attr: str, replacement: Any, original: Any) -> None:
             setattr(module, attr, replacement)
 
 
-def install(*, policy_loss: bool = True, gae: bool = True, value_loss: bool = True, name: str = LOSS_NAME) -> None:
+def install(
+    *,
+    policy_loss: bool = True,
+    gae: bool = True,
+    value_loss: bool = True,
+    vanilla: bool = False,
+    kl_penalty: bool = False,
+    agg_loss: bool = False,
+    estimators: bool = False,
+    name: str = LOSS_NAME,
+) -> None:
     """Put fastppo into verl (idempotent).
 
     * ``policy_loss``: register ``compute_policy_loss_fastppo`` as ``name`` with verl's
@@ -282,29 +524,39 @@ def install(*, policy_loss: bool = True, gae: bool = True, value_loss: bool = Tr
       advantage-estimator registry (``algorithm.adv_estimator=gae`` then runs fastppo).
     * ``value_loss``: replace ``core_algos.compute_value_loss`` and the copies that verl's
       modules imported by name (``verl.workers.utils.losses``).
+    * ``vanilla``: ``compute_policy_loss_fastppo`` also as ``loss_mode=vanilla`` (verl's default).
+    * ``kl_penalty``: replace ``kl_penalty`` and ``kl_penalty_forward`` (the KL reward penalty
+      and the actor's KL loss).
+    * ``agg_loss``: replace ``agg_loss`` (every verl loss is reduced by it).
+    * ``estimators``: replace GRPO, RLOO and REINFORCE++ and their registry entries (``grpo``,
+      ``rloo``, ``reinforce_plus_plus``).
 
+    Every function is swapped in ``core_algos`` and in the verl modules that imported it by name.
     Raises ImportError when verl's ``core_algos`` cannot be imported.
     """
     core_algos = importlib.import_module(_CORE_ALGOS)
     if policy_loss:
         core_algos.register_policy_loss(name)(compute_policy_loss_fastppo)
         _registered_names.add(name)
-    for wanted, key in ((gae, "gae"), (value_loss, "value_loss")):
-        if not wanted:
+    wanted = dict(gae=gae, value_loss=value_loss, vanilla=vanilla, kl_penalty=kl_penalty,
+                  agg_loss=agg_loss, estimators=estimators)
+    for part, on in wanted.items():
+        if not on:
             continue
-        attr, ours = _SWAPS[key]
-        original = _saved.get((_CORE_ALGOS, attr), getattr(core_algos, attr))
-        if original is not ours:
-            _swap_everywhere(attr, ours, original)
-    if gae:
-        registry = core_algos.ADV_ESTIMATOR_REGISTRY
-        if registry.get("gae") is not compute_gae_advantage_return:
-            _saved.setdefault((_CORE_ALGOS, "ADV_ESTIMATOR_REGISTRY['gae']"), registry.get("gae"))
-            registry["gae"] = compute_gae_advantage_return
+        for attr, ours in _SWAPS[part]:
+            original = _saved.get((_CORE_ALGOS, attr), getattr(core_algos, attr))
+            if original is not ours:
+                _swap_everywhere(attr, ours, original)
+        for registry_name, key, ours in _REGISTRY_SWAPS.get(part, ()):
+            registry = getattr(core_algos, registry_name)
+            if registry.get(key) is not ours:
+                # Written directly: register_adv_est refuses to overwrite a registered name.
+                _saved.setdefault((registry_name, key), registry.get(key))
+                registry[key] = ours
 
 
 def uninstall() -> None:
-    """Undo ``install()``: verl's own GAE, value loss and registry entries come back."""
+    """Undo ``install()``: verl's own functions and registry entries come back."""
     core_algos = sys.modules.get(_CORE_ALGOS)
     if core_algos is None:
         _saved.clear()
@@ -314,47 +566,71 @@ def uninstall() -> None:
         if core_algos.POLICY_LOSS_REGISTRY.get(name) is compute_policy_loss_fastppo:
             del core_algos.POLICY_LOSS_REGISTRY[name]
     _registered_names.clear()
-    registry_key = (_CORE_ALGOS, "ADV_ESTIMATOR_REGISTRY['gae']")
-    if registry_key in _saved:
-        original = _saved.pop(registry_key)
-        if core_algos.ADV_ESTIMATOR_REGISTRY.get("gae") is compute_gae_advantage_return:
-            core_algos.ADV_ESTIMATOR_REGISTRY["gae"] = original
-    for attr, ours in _SWAPS.values():
-        original = _saved.get((_CORE_ALGOS, attr))
-        if original is None:
-            continue
-        # Catch modules imported after install(): they copied our function, not verl's.
-        for name, module in list(sys.modules.items()):
-            if module is not None and (name == "verl" or name.startswith("verl.")):
-                if getattr(module, attr, None) is ours:
-                    setattr(module, attr, original)
+    for swaps in _REGISTRY_SWAPS.values():
+        for registry_name, key, ours in swaps:
+            if (registry_name, key) not in _saved:
+                continue
+            original = _saved.pop((registry_name, key))
+            registry = getattr(core_algos, registry_name)
+            if registry.get(key) is ours:
+                if original is None:
+                    del registry[key]
+                else:
+                    registry[key] = original
+    for swaps in _SWAPS.values():
+        for attr, ours in swaps:
+            original = _saved.get((_CORE_ALGOS, attr))
+            if original is None:
+                continue
+            # Catch modules imported after install(): they copied our function, not verl's.
+            for name, module in list(sys.modules.items()):
+                if module is not None and (name == "verl" or name.startswith("verl.")):
+                    if getattr(module, attr, None) is ours:
+                        setattr(module, attr, original)
     _saved.clear()
 
 
 def installed() -> dict[str, bool]:
-    """Which parts of fastppo are in verl right now (``policy_loss``, ``gae``, ``value_loss``)."""
+    """Which parts of fastppo are in verl right now (the keys of ``PARTS``)."""
     core_algos = sys.modules.get(_CORE_ALGOS)
     if core_algos is None:
-        return {"policy_loss": False, "gae": False, "value_loss": False}
-    return {
-        "policy_loss": core_algos.POLICY_LOSS_REGISTRY.get(LOSS_NAME) is compute_policy_loss_fastppo,
-        "gae": core_algos.compute_gae_advantage_return is compute_gae_advantage_return,
-        "value_loss": core_algos.compute_value_loss is compute_value_loss,
-    }
+        return dict.fromkeys(PARTS, False)
+    state = {"policy_loss": core_algos.POLICY_LOSS_REGISTRY.get(LOSS_NAME) is compute_policy_loss_fastppo}
+    for part in PARTS[1:]:
+        state[part] = all(getattr(core_algos, attr, None) is ours for attr, ours in _SWAPS[part]) and all(
+            getattr(core_algos, registry_name).get(key) is ours
+            for registry_name, key, ours in _REGISTRY_SWAPS.get(part, ())
+        )
+    return state
 
 
 def _install_on_import() -> None:
-    """verl's ``external_lib`` hook only imports a module, so the import has to do the work."""
+    """verl's ``external_lib`` hook only imports a module, so the import has to do the work.
+
+    ``FASTPPO_VERL_INSTALL``: ``all`` (default: the loss, GAE and value loss), ``loss``,
+    ``full`` (every part), ``0``, or a comma-separated list of ``PARTS``.
+    """
     mode = os.environ.get("FASTPPO_VERL_INSTALL", "all").strip().lower()
     if mode in ("0", "off", "none", "false", "no"):
         return
-    if mode not in ("all", "1", "on", "true", "yes", "loss"):
-        raise ValueError(f"FASTPPO_VERL_INSTALL must be all, loss or 0, got {mode!r}")
+    if mode in ("all", "1", "on", "true", "yes"):
+        parts = {"policy_loss", "gae", "value_loss"}
+    elif mode == "loss":
+        parts = {"policy_loss"}
+    elif mode == "full":
+        parts = set(PARTS)
+    else:
+        parts = {p.strip() for p in mode.split(",") if p.strip()}
+        unknown = parts - set(PARTS)
+        if unknown or not parts:
+            raise ValueError(
+                f"FASTPPO_VERL_INSTALL must be all, loss, full, 0 or a comma-separated list of "
+                f"{', '.join(PARTS)}; got {mode!r}"
+            )
     if importlib.util.find_spec("verl") is None:
         return
     try:
-        only_loss = mode == "loss"
-        install(gae=not only_loss, value_loss=not only_loss)
+        install(**{part: part in parts for part in PARTS})
     except Exception as exc:  # noqa: BLE001
         # verl is present but its core cannot load (a missing dependency): leave verl alone
         # rather than make fastppo unimportable; install() called by hand raises instead.
