@@ -72,6 +72,33 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _lse_update(x, m, s, t, scale2, WITH_ENTROPY: tl.constexpr):
+    """One online log-sum-exp step over the float32 block ``x``: returns the new (m, s, t)."""
+    neg_inf = float("-inf")
+    # NaN-propagating row max: a NaN logit makes m, and with it every output of the row, NaN.
+    m_new = _max_nan(m, tl.reduce(x, 0, _max_nan))
+    # An all -inf prefix keeps m = -inf; shifting by 0 then avoids exp(-inf - -inf) = NaN.
+    shift = tl.where(m_new == neg_inf, 0.0, m_new)
+    alpha = tl.exp2((m - shift) * scale2)
+    # Subtract the max before scaling by 1/T: x - shift is exact for x near the max, while
+    # x * (1/T) at |x| ~ 1e4 would already carry an absolute error of ~1e-3.
+    # The floor turns -inf (a -inf logit, a padded lane) into a finite exponent whose 2^d
+    # is 0 in float32 anyway, so e * d below is 0 instead of 0 * -inf = NaN, with one max
+    # per element rather than a compare and a select. The max propagates NaN (x NaN, or
+    # x = +inf = shift, where PyTorch's log_softmax gives NaN too) into s and t.
+    d = _max_nan((x - shift) * scale2, -256.0)
+    e = tl.exp2(d)
+    if WITH_ENTROPY:
+        # t tracks sum e * d; moving the max rescales by alpha and subtracts
+        # s * (m_new - m) * scale2. While m is still -inf, s = t = 0 and the step must not
+        # be inf.
+        step = tl.where(m == neg_inf, 0.0, (shift - m) * scale2)
+        t = alpha * (t - s * step) + tl.sum(e * d, axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
+    return m_new, s, t
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -84,15 +111,26 @@ def _logprob_fwd_kernel(
     stride_b,
     stride_t,
     V,
+    ptr_off,
     inv_temp,
     HAS_MASK: tl.constexpr,
     WITH_LOGPROB: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     BLOCK: tl.constexpr,
+    PEEL: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    """One program per row. Writes logprob / entropy (if asked) and the row's (max, log-sum)."""
+    """One program per row. Writes logprob / entropy (if asked) and the row's (max, log-sum).
+
+    ``PEEL``: row starts are not all 16-byte aligned (V or a stride not a multiple of ``VEC`` =
+    16 bytes / element size, or a misaligned data pointer: ``ptr_off`` elements past a 16-byte
+    boundary). The row is then split into a head of h < VEC columns up to the next 16-byte
+    boundary, a body of a multiple of VEC columns from that boundary (16-byte loads), and a tail
+    of < VEC columns; head and tail go through one small masked block before the body loop.
+    """
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    row_off = (row // T) * stride_b + (row % T) * stride_t
+    base = logits_ptr + row_off
     n_cols = V
     if HAS_MASK:
         valid = tl.load(valid_ptr + row) != 0
@@ -111,30 +149,26 @@ def _logprob_fwd_kernel(
     # Exponents in base 2: log2(e) / T folded into one scale saves a multiply per element over
     # tl.exp (which lowers to ex2 of x * log2(e) anyway); s and t are kept in base-2 units.
     scale2 = inv_temp * 1.4426950408889634
-    for start in range(0, n_cols, BLOCK):
+    if PEEL:
+        # Columns up to the next 16-byte boundary (ptr_off + row_off + head = 0 mod VEC).
+        head = (VEC - (ptr_off + row_off) % VEC) % VEC
+        head = tl.minimum(head, n_cols).to(tl.int32)
+        n_body = ((n_cols - head) // VEC) * VEC
+        # Truly 16-byte aligned (an element-aligned pointer plus a VEC multiple of elements).
+        body = tl.multiple_of(base + head, 16)
+        # Head lanes [0, VEC), tail lanes [VEC, 2 VEC); never more than n_cols columns.
+        lane = tl.arange(0, 2 * VEC)
+        ecol = tl.where(lane < VEC, lane, head + n_body + lane - VEC)
+        emask = tl.where(lane < VEC, lane < head, ecol < n_cols)
+        xe = tl.load(base + ecol, mask=emask, other=neg_inf).to(tl.float32)
+        m, s, t = _lse_update(xe, m, s, t, scale2, WITH_ENTROPY)
+    else:
+        n_body = n_cols
+        body = base
+    for start in range(0, n_body, BLOCK):
         cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=neg_inf).to(tl.float32)
-        # NaN-propagating row max: a NaN logit makes m, and with it every output of the row, NaN.
-        m_new = _max_nan(m, tl.reduce(x, 0, _max_nan))
-        # An all -inf prefix keeps m = -inf; shifting by 0 then avoids exp(-inf - -inf) = NaN.
-        shift = tl.where(m_new == neg_inf, 0.0, m_new)
-        alpha = tl.exp2((m - shift) * scale2)
-        # Subtract the max before scaling by 1/T: x - shift is exact for x near the max, while
-        # x * (1/T) at |x| ~ 1e4 would already carry an absolute error of ~1e-3.
-        # The floor turns -inf (a -inf logit, a padded lane) into a finite exponent whose 2^d
-        # is 0 in float32 anyway, so e * d below is 0 instead of 0 * -inf = NaN, with one max
-        # per element rather than a compare and a select. The max propagates NaN (x NaN, or
-        # x = +inf = shift, where PyTorch's log_softmax gives NaN too) into s and t.
-        d = _max_nan((x - shift) * scale2, -256.0)
-        e = tl.exp2(d)
-        if WITH_ENTROPY:
-            # t tracks sum e * d; moving the max rescales by alpha and subtracts
-            # s * (m_new - m) * scale2. While m is still -inf, s = t = 0 and the step must not
-            # be inf.
-            step = tl.where(m == neg_inf, 0.0, (shift - m) * scale2)
-            t = alpha * (t - s * step) + tl.sum(e * d, axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        x = tl.load(body + cols, mask=cols < n_body, other=neg_inf).to(tl.float32)
+        m, s, t = _lse_update(x, m, s, t, scale2, WITH_ENTROPY)
 
     if HAS_MASK:
         # A masked row has s = 0; its outputs are replaced below, but log(0) and 0 / 0 need not
@@ -169,6 +203,22 @@ def _logprob_fwd_kernel(
 
 
 @triton.jit
+def _dlogits(x, cols, label, m, scale2, log2_s, g_lp, g_ent2, entropy2,
+             HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
+    """d logits (float32) of the block ``x`` at row columns ``cols``."""
+    # Floored as in the forward: p = 0 exactly where log p = -inf, and p * log p stays 0.
+    # NaN-propagating: a NaN row (NaN m or log s from the forward) gets a NaN gradient row.
+    log2_p = _max_nan((x - m) * scale2 - log2_s, -256.0)
+    p = tl.exp2(log2_p)
+    g = tl.zeros(x.shape, dtype=tl.float32)
+    if HAS_GRAD_LOGPROB:
+        g += (tl.where(cols == label, 1.0, 0.0) - p) * g_lp
+    if HAS_GRAD_ENTROPY:
+        g -= p * (log2_p + entropy2) * g_ent2
+    return g
+
+
+@triton.jit
 def _logprob_bwd_kernel(
     logits_ptr,
     grad_ptr,
@@ -185,19 +235,29 @@ def _logprob_bwd_kernel(
     grad_stride_b,
     grad_stride_t,
     V,
+    ptr_off,
     inv_temp,
     HAS_MASK: tl.constexpr,
     HAS_GRAD_LOGPROB: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK: tl.constexpr,
+    PEEL: tl.constexpr,
+    GRAD_ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """One program per row: d logits for the row, written in the dtype of ``grad_ptr``.
 
     ``grad_ptr`` may alias ``logits_ptr`` (inplace backward): every block is loaded before the
     same block is stored, by the same program, and rows never overlap.
+
+    ``PEEL`` / ``VEC`` / ``ptr_off``: as in the forward, the row is split at the logits' 16-byte
+    boundary (head and tail in one small block, the body with 16-byte loads). ``GRAD_ALIGNED``:
+    the launcher checked that every gradient row sits at the same offset modulo 16 bytes as its
+    logits row, so the body's stores are 16 bytes wide too (else they are scalar, still correct).
     """
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    row_off = (row // T) * stride_b + (row % T) * stride_t
+    base = logits_ptr + row_off
     grad_base = grad_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
     n_read = V
     if HAS_MASK:
@@ -211,6 +271,10 @@ def _logprob_bwd_kernel(
     # 1 / T of d z / d logits is folded into the per-row coefficients. A masked row gets zero
     # coefficients (whatever its incoming gradient holds, even NaN), and with its logits read as
     # -inf every term below is an exact 0: no per-element select is needed for the mask.
+    label = 0
+    g_lp = 0.0
+    g_ent2 = 0.0
+    entropy2 = 0.0
     if HAS_GRAD_LOGPROB:
         if HAS_MASK:
             label = tl.load(labels_ptr + row, mask=valid, other=0).to(tl.int64)
@@ -228,21 +292,41 @@ def _logprob_bwd_kernel(
         # log p + H = ln 2 * (log2 p + H / ln 2): the ln 2 goes into the row coefficient.
         g_ent2 = g_ent * 0.6931471805599453
         entropy2 = tl.load(entropy_ptr + row) * 1.4426950408889634
+    if PEEL:
+        # Columns up to the logits' next 16-byte boundary; the whole row is written, so the split
+        # does not depend on the mask (n_read only bounds the loads).
+        head = ((VEC - (ptr_off + row_off) % VEC) % VEC).to(tl.int32)
+        head = tl.minimum(head, V)
+        n_body = ((V - head) // VEC) * VEC
+        n_body_read = ((n_read - tl.minimum(head, n_read)) // VEC) * VEC
+        body = tl.multiple_of(base + head, 16)
+        if GRAD_ALIGNED:
+            grad_body = tl.multiple_of(grad_base + head, 16)
+        else:
+            grad_body = grad_base + head
+        # Head lanes [0, VEC), tail lanes [VEC, 2 VEC), as in the forward.
+        lane = tl.arange(0, 2 * VEC)
+        ecol = tl.where(lane < VEC, lane, head + n_body + lane - VEC)
+        emask = tl.where(lane < VEC, lane < head, ecol < V)
+        xe = tl.load(base + ecol, mask=emask & (ecol < n_read), other=float("-inf")).to(tl.float32)
+        ge = _dlogits(xe, ecol, label, m, scale2, log2_s, g_lp, g_ent2, entropy2,
+                      HAS_GRAD_LOGPROB, HAS_GRAD_ENTROPY)
+        tl.store(grad_base + ecol, ge.to(grad_ptr.dtype.element_ty), mask=emask)
+        # The body's columns count from the boundary: the one-hot compares against label - head.
+        body_label = label - head
+    else:
+        n_body = V
+        n_body_read = n_read
+        body = base
+        grad_body = grad_base
+        body_label = label
     offs = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
+    for start in range(0, n_body, BLOCK):
         cols = start + offs
-        in_row = cols < V
-        x = tl.load(base + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        # Floored as in the forward: p = 0 exactly where log p = -inf, and p * log p stays 0.
-        # NaN-propagating: a NaN row (NaN m or log s from the forward) gets a NaN gradient row.
-        log2_p = _max_nan((x - m) * scale2 - log2_s, -256.0)
-        p = tl.exp2(log2_p)
-        g = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_GRAD_LOGPROB:
-            g += (tl.where(cols == label, 1.0, 0.0) - p) * g_lp
-        if HAS_GRAD_ENTROPY:
-            g -= p * (log2_p + entropy2) * g_ent2
-        tl.store(grad_base + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+        x = tl.load(body + cols, mask=cols < n_body_read, other=float("-inf")).to(tl.float32)
+        g = _dlogits(x, cols, body_label, m, scale2, log2_s, g_lp, g_ent2, entropy2,
+                     HAS_GRAD_LOGPROB, HAS_GRAD_ENTROPY)
+        tl.store(grad_body + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,6 +357,21 @@ def _row_layout(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]
         return logits, T, logits.stride(0), logits.stride(1), B * T
     N = logits.shape[0]
     return logits, max(N, 1), 0, logits.stride(0), N
+
+
+
+def _alignment(t: torch.Tensor, stride_b: int, stride_t: int, V: int) -> tuple[int, int, bool]:
+    """(VEC, ptr_off, peel) for rows of ``t``: VEC elements make 16 bytes; ``ptr_off`` is how
+    many elements the data pointer lies past a 16-byte boundary; ``peel`` is True when some row
+    may start off a 16-byte boundary or hold a length that is not a multiple of VEC (V = 50257),
+    or rather: when Triton cannot prove otherwise. It specializes an integer argument as aligned
+    only when it is a multiple of 16 (elements, whatever the dtype: V = 1000 in bf16 is 2000 bytes,
+    but unproven) and a pointer when it is 16-byte aligned. The kernels then split each row at its
+    boundary so that the body still loads 16 bytes."""
+    vec = max(1, 16 // t.element_size())
+    ptr_off = (t.data_ptr() % 16) // t.element_size()
+    peel = bool(ptr_off or V % 16 or stride_b % 16 or stride_t % 16)
+    return vec, ptr_off, peel
 
 
 def _valid_flags(mask: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
@@ -306,6 +405,7 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
     entropy = new_output((N,), torch.float32, device) if with_entropy else None
     if N > 0:
         block, num_warps = _block_and_warps(V, logits.element_size())
+        vec, ptr_off, peel = _alignment(logits, stride_b, stride_t, V)
         # Unused pointer slots get a real tensor: every Triton version accepts that.
         _logprob_fwd_kernel[(N,)](
             logits,
@@ -319,11 +419,14 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
             stride_b,
             stride_t,
             V,
+            ptr_off,
             inv_temp,
             HAS_MASK=valid is not None,
             WITH_LOGPROB=with_logprob,
             WITH_ENTROPY=with_entropy,
             BLOCK=block,
+            PEEL=peel,
+            VEC=vec,
             num_warps=num_warps,
         )
     return logprob, entropy, rowmax, logsum
@@ -348,6 +451,11 @@ def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad
         _, _, grad_stride_b, grad_stride_t, _ = _row_layout(grad)
     if N > 0:
         block, num_warps = _block_and_warps(V, logits.element_size())
+        vec, ptr_off, peel = _alignment(logits, stride_b, stride_t, V)
+        # Gradient rows at the same offset modulo 16 bytes as the logits rows (inplace, or both
+        # laid out alike): the body's stores are 16 bytes wide as well.
+        g_off = (grad.data_ptr() % 16) // grad.element_size()
+        grad_aligned = g_off == ptr_off and (grad_stride_b - stride_b) % vec == 0 and (grad_stride_t - stride_t) % vec == 0
         _logprob_bwd_kernel[(N,)](
             logits,
             grad,
@@ -364,11 +472,15 @@ def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad
             grad_stride_b,
             grad_stride_t,
             V,
+            ptr_off,
             inv_temp,
             HAS_MASK=valid is not None,
             HAS_GRAD_LOGPROB=grad_logprob is not None,
             HAS_GRAD_ENTROPY=grad_entropy is not None,
             BLOCK=block,
+            PEEL=peel,
+            GRAD_ALIGNED=peel and grad_aligned,
+            VEC=vec,
             num_warps=num_warps,
         )
     return grad

@@ -292,6 +292,98 @@ def test_inplace_backward_entropy_only(run_kernel, rng, small_blocks):
 
 
 # --------------------------------------------------------------------------------------------
+# Peeled rows: V or a stride not a multiple of 16 bytes (GPT-2's 50257), misaligned data pointers
+# --------------------------------------------------------------------------------------------
+
+
+def _vec(dtype):
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def _rows_at_every_offset(gen, dtype, V, shift):
+    """``[vec + 1, V]`` rows at stride V (odd) from a buffer ``shift`` elements past a 16-byte
+    boundary: the row starts cover every element offset modulo 16 bytes."""
+    vec = _vec(dtype)
+    n = vec + 1
+    flat = _randn((shift + n * V,), gen, dtype)
+    logits = flat[shift:].view(n, V)
+    assert logits.data_ptr() % 16 == shift * logits.element_size() % 16
+    assert sorted({(shift + r * V) % vec for r in range(n)}) == list(range(vec))
+    vec_k, ptr_off, peel = K._alignment(logits, 0, logits.stride(0), V)
+    assert peel and vec_k == vec and ptr_off == shift % vec
+    return logits
+
+
+def _head_and_tail_labels(logits, gen):
+    """Labels in each row's head (column 0), tail (V - 1) and body."""
+    n, V = logits.shape
+    labels = torch.randint(0, V, (n,), generator=gen)
+    labels[0::3] = 0
+    labels[1::3] = V - 1
+    return labels.to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("V,shift", [(257, 0), (1001, 3), (13, 1)])
+def test_peeled_rows_at_every_start_offset(run_kernel, rng, small_blocks, dtype, V, shift):
+    """Rows starting at each element offset modulo 16 bytes (head 0 .. vec - 1 columns), with a
+    tail, through several 64-column body blocks (V = 13: a row shorter than head + tail)."""
+    logits = _rows_at_every_offset(rng, dtype, V, shift)
+    _check(run_kernel, logits, _head_and_tail_labels(logits, rng), rng, temperature=0.8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_peeled_rows_masked(run_kernel, rng, small_blocks, dtype):
+    """Masked peeled rows hold NaN and out-of-range labels: never read, 0 out, zero gradient."""
+    logits = _rows_at_every_offset(rng, dtype, 257, 1)
+    n = logits.shape[0]
+    mask = torch.arange(n) % 2 == 1
+    labels = _head_and_tail_labels(logits, rng)
+    labels[~mask.to(DEV)] = 257 + 999
+    logits[~mask] = float("nan")
+    _check(run_kernel, logits, labels, rng, mask=mask.to(DEV), temperature=1.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
+def test_peeled_strided_view(run_kernel, rng, small_blocks, dtype, inplace):
+    """``full[:, :-1]`` with V = 1001: logits and gradient rows misaligned differently (new
+    buffer: scalar stores) or alike (inplace: 16-byte stores), masked rows included."""
+    B, T, V = 2, 5, 1001
+    full = _randn((B, T + 1, V), rng, dtype)
+    logits = full[:, :-1]
+    labels = torch.randint(0, V, (B, T), generator=rng).to(DEV)
+    labels[:, 0], labels[:, 1] = 0, V - 1
+    mask = random_mask(B, T, rng).to(DEV)
+    if not inplace:
+        _check(run_kernel, logits, labels, rng, mask=mask, temperature=0.9)
+        return
+    cots = [torch.randn(labels.shape, generator=rng).to(DEV) for _ in range(2)]
+    want_lp, want_ent, w = ground_truth(logits, labels, mask=mask, g_lp=cots[0], g_ent=cots[1])
+    leaf = logits.requires_grad_(True)
+    lp, ent = run_kernel(
+        fastppo.logprobs_from_logits, leaf, labels, return_entropy=True, mask=mask, inplace_backward=True
+    )
+    assert_same(lp, want_lp, TOL_FP32_OUT[dtype], "logprobs")
+    assert_same(ent, want_ent, TOL_FP32_OUT[dtype], "entropy")
+    with poisoned():
+        (g,) = torch.autograd.grad([lp, ent], leaf, cots)
+    assert_same(g, w, TOL[dtype], "d logits (inplace, peeled)")
+    assert g.data_ptr() == logits.data_ptr()
+
+
+def test_peeled_nan_and_inf_in_head_and_tail(run_kernel, rng, small_blocks):
+    """A NaN in a row's head or tail (not its body) makes that row's outputs and gradient NaN;
+    -inf in a head is p = 0."""
+    logits = _rows_at_every_offset(rng, torch.bfloat16, 257, 0)
+    logits[1, 0] = float("nan")  # row 1 starts 1 element past a boundary: column 0 is its head
+    logits[2, 256] = float("nan")  # row 2's last column: its tail
+    logits[3, :5] = float("-inf")  # row 3's head
+    labels = torch.full((logits.shape[0],), 100, dtype=torch.long).to(DEV)
+    _check(run_kernel, logits, labels, rng)
+
+
+# --------------------------------------------------------------------------------------------
 # The harness itself, dispatch, fallbacks
 # --------------------------------------------------------------------------------------------
 

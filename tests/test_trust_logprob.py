@@ -235,6 +235,9 @@ _PTX_SCRIPT = textwrap.dedent(
                           (K._logprob_bwd_kernel, ("HAS_MASK", "HAS_GRAD_LOGPROB", "HAS_GRAD_ENTROPY"))):
         consts = dict.fromkeys(flags, True)
         consts["BLOCK"] = 128
+        # The peeled variant (head/tail block + 16-byte body) holds every max the plain one has.
+        consts.update({k: v for k, v in (("PEEL", True), ("GRAD_ALIGNED", True), ("VEC", 8))
+                       if k in kernel.arg_names})
         src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, consts), constexprs=consts)
         ptx = triton.compile(src, target=target, options={"num_warps": 1}).asm["ptx"]
         out[kernel.__name__] = {
