@@ -4,7 +4,8 @@
 
 * ``actor/``: ``save_pretrained`` of the policy (the full model, or only the LoRA adapter, which
   ``peft.PeftModel.from_pretrained(base, path)`` loads back) and the tokenizer;
-* ``critic/``: ``save_pretrained`` of the critic, an ``AutoModelForSequenceClassification``;
+* ``critic/``: ``save_pretrained`` of the critic, an ``AutoModelForSequenceClassification``
+  (absent for the critic-free estimators grpo, rloo and reinforce++, which have no critic);
 * ``trainer_state.pt``: step, optimizer, scheduler, KL coefficient, prompt sampler, and every
   random generator, so a resumed run draws the same numbers the uninterrupted run would have.
   Only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None): it is
@@ -45,6 +46,11 @@ FORMAT = 2  # trainer_state.pt layout; 1 (fastppo 0.1) was a pickle with numpy a
 RUNTIME_OPTIONS = frozenset({
     "iterations", "resume", "output_dir", "save_every", "progress", "plot", "report_to", "device", "attn_implementation",
     "bf16", "num_threads", "fused_head", "model", "critic_model", "reward_model", "dataset"})  # paths: their contents count
+
+
+# Options added after checkpoints of this FORMAT were first written, with the value that a
+# checkpoint lacking them was written with (so older checkpoints still resume).
+_ADDED_OPTIONS = {"advantage_estimator": "gae", "num_generations": 1, "kl_loss_coef": 0.0}
 
 
 class CheckpointError(Exception):
@@ -146,6 +152,8 @@ def fingerprint(config, model_path: str, prompts: list[Any]) -> dict[str, Any]:
     options = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_OPTIONS}
     digest = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
     critic_path = config.critic_model or config.reward_model or model_path
+    if getattr(config, "advantage_estimator", "gae") != "gae":
+        critic_path = None  # critic-free: no critic model is part of the experiment
     return {"options": json.loads(json.dumps(options, default=str)), "actor": _model_identity(model_path),
             "critic": _model_identity(critic_path), "reward_model": _model_identity(config.reward_model),
             "prompts": {"count": len(prompts), "sha256": digest}}
@@ -154,7 +162,9 @@ def fingerprint(config, model_path: str, prompts: list[Any]) -> dict[str, Any]:
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     for name in sorted(set(old.get("options", {})) | set(new["options"])):
-        a, b = old.get("options", {}).get(name, "unset"), new["options"].get(name, "unset")
+        # Options added after a checkpoint was written read as their default there.
+        a = old.get("options", {}).get(name, _ADDED_OPTIONS.get(name, "unset"))
+        b = new["options"].get(name, "unset")
         if a != b:
             out.append(f"{name} is {b!r} now, was {a!r}")
     for role in ("actor", "critic", "reward_model"):
@@ -223,7 +233,8 @@ def save(trainer, step: int) -> str:
     tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
     trainer.actor.save_pretrained(os.path.join(tmp, "actor"))
     trainer.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
-    trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
+    if trainer.critic is not None:  # critic-free estimators (grpo, rloo, reinforce++) have none to save
+        trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
     torch.save(trainer.state_dict(), os.path.join(tmp, STATE))
     with open(os.path.join(tmp, FINGERPRINT), "w", encoding="utf-8") as f:
         json.dump(trainer.fingerprint, f, indent=1, sort_keys=True)
@@ -312,7 +323,9 @@ def read(trainer, path: str) -> dict[str, Any]:
             raise CheckpointError("actor/ holds an adapter that does not fit this LoRA configuration")
     else:
         actor = _read_model(AutoModelForCausalLM, actor_dir, "actor")
-    critic = _read_model(AutoModelForSequenceClassification, os.path.join(path, "critic"), "critic")
+    critic = None
+    if trainer.critic is not None:
+        critic = _read_model(AutoModelForSequenceClassification, os.path.join(path, "critic"), "critic")
     return {"actor": actor, "critic": critic, "state": state}
 
 
@@ -323,7 +336,8 @@ def apply(trainer, loaded: dict[str, Any]) -> int:
         set_peft_model_state_dict(trainer.actor, {k: v.to(trainer.device) for k, v in loaded["actor"].items()})
     else:
         trainer.actor.load_state_dict(loaded["actor"])
-    trainer.critic.model.load_state_dict(loaded["critic"])
+    if trainer.critic is not None:
+        trainer.critic.model.load_state_dict(loaded["critic"])
     trainer.load_state_dict(loaded["state"])
     return int(loaded["state"]["step"])
 

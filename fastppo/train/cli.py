@@ -9,11 +9,12 @@ import types
 import typing
 from typing import Any
 
-from .config import (AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, REPORT_TO, ConfigError, PPOConfig, field_docs,
+from .config import (ADVANTAGE_ESTIMATORS, AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, REPORT_TO, ConfigError, PPOConfig, field_docs,
                      field_types, load_file)
 
 _CHOICES = {"loss_agg": AGG_MODES, "kl_estimator": ESTIMATORS, "lr_schedule": LR_SCHEDULES,
-            "attn_implementation": ATTN_IMPLEMENTATIONS, "report_to": REPORT_TO}
+            "attn_implementation": ATTN_IMPLEMENTATIONS, "report_to": REPORT_TO,
+            "advantage_estimator": ADVANTAGE_ESTIMATORS}
 
 _NONE = object()  # "--value-clip none": unset an option, distinct from "flag not given"
 

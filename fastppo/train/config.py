@@ -49,7 +49,10 @@ class PPOConfig:
     # --- rollout --------------------------------------------------------------------------
     iterations: int = 60
     batch_size: int = 64
-    """Prompts per iteration (one response each)."""
+    """Responses per iteration: ``batch_size / num_generations`` prompts, ``num_generations`` responses each."""
+    num_generations: int = 1
+    """Responses sampled per prompt (K); must divide batch_size. The K responses to one prompt sit in
+    consecutive rows, the group that grpo/rloo compare with each other (they need K >= 2)."""
     max_prompt_length: int = 128
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -71,6 +74,11 @@ class PPOConfig:
     max_grad_norm: float = 1.0
 
     # --- PPO math (arguments of fastppo.compute_advantages / fastppo.ppo_loss) -------------
+    advantage_estimator: str = "gae"
+    """``gae`` (a critic, fastppo.compute_advantages), or critic-free: ``grpo`` / ``rloo``
+    (fastppo.group_advantages over the num_generations responses to each prompt; the KL reward
+    penalty kl_coef is not used, use kl_loss_coef) or ``reinforce++`` (fastppo.reinforce_pp_advantages
+    of the KL-shaped token rewards). The critic-free modes load no critic."""
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -86,6 +94,9 @@ class PPOConfig:
     kl_target: float | None = None
     """Set to use the adaptive KL controller (Ziegler et al. 2019) aiming at this KL per sequence."""
     kl_horizon: int = 10000
+    kl_loss_coef: float = 0.0
+    """Adds ``kl_loss_coef * aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator))`` to the policy
+    loss (differentiable; the KL as a loss term rather than a reward penalty). Any estimator."""
     score_clip: float | None = None
     """Clamp scores to +-score_clip before shaping; None leaves them as they are."""
 
@@ -157,7 +168,7 @@ class PPOConfig:
             raise ConfigError(f"extra must be a mapping of names to values, got {_show(self.extra)}")
 
         for name in ("iterations", "batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
-                     "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha"):
+                     "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha", "num_generations"):
             _at_least(self, name, 1, "an integer >= 1")
         for name in ("lora_r", "warmup_steps", "save_every", "num_threads"):
             _at_least(self, name, 0, "an integer >= 0")
@@ -172,7 +183,7 @@ class PPOConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{_opt(name)} must be a finite number > 0{why}, got {value}")
-        for name in ("weight_decay", "vf_coef", "kl_coef"):
+        for name in ("weight_decay", "vf_coef", "kl_coef", "kl_loss_coef"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{_opt(name)} must be a finite number >= 0, got {getattr(self, name)}")
         for name in ("gamma", "lam"):
@@ -188,7 +199,8 @@ class PPOConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"{_opt('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("loss_agg", AGG_MODES), ("kl_estimator", ESTIMATORS),
-                              ("attn_implementation", ATTN_IMPLEMENTATIONS)):
+                              ("attn_implementation", ATTN_IMPLEMENTATIONS),
+                              ("advantage_estimator", ADVANTAGE_ESTIMATORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_opt(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.report_to not in REPORT_TO:
@@ -202,6 +214,22 @@ class PPOConfig:
                                   f"pip install 'fastppo[{self.report_to}]' (or --report-to none)")
         if not DEVICE.match(self.device):
             raise ConfigError(f"{_opt('device')} must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.batch_size % self.num_generations:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a multiple of num_generations ({self.num_generations}): "
+                "it counts responses, num_generations per prompt")
+        if self.advantage_estimator in GROUP_ESTIMATORS:
+            if self.num_generations < 2:
+                raise ConfigError(
+                    f"{_opt('advantage_estimator')} {self.advantage_estimator} compares the responses to one prompt "
+                    f"with each other and needs {_opt('num_generations')} >= 2, got {self.num_generations}")
+            if self.kl_target is not None:
+                raise ConfigError(
+                    f"{_opt('kl_target')} adapts the KL reward penalty, which {self.advantage_estimator} does not use; "
+                    "leave it unset and use --kl-loss-coef")
+        if self.advantage_estimator != "gae" and self.critic_model is not None:
+            raise ConfigError(f"{_opt('critic_model')} is given, but {_opt('advantage_estimator')} "
+                              f"{self.advantage_estimator} uses no critic; leave it unset or use gae")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
@@ -223,6 +251,8 @@ class PPOConfig:
 
 
 LR_SCHEDULES = ("constant", "linear")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # fastppo.group_advantages; need num_generations >= 2
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 ESTIMATORS = ("k1", "abs", "k2", "k3")  # as fastppo.kl_penalty; kept here so a config check imports no torch
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")

@@ -2,13 +2,19 @@
 
 One iteration:
 
-1. sample ``batch_size`` prompts, left-pad them, sample one response each (temperature, top-p,
-   stop at EOS or ``max_new_tokens``) with the actor;
+1. sample ``batch_size / num_generations`` prompts, each repeated ``num_generations`` times in
+   consecutive rows, left-pad them, sample one response per row (temperature, top-p, stop at EOS
+   or ``max_new_tokens``) with the actor;
 2. without grad: old log-probs (actor), reference log-probs (frozen copy, or the LoRA actor with
-   its adapter disabled), values (critic), scores (reward model or reward function);
-3. ``fastppo.compute_advantages``: KL-shaped token rewards, GAE, whitening;
+   its adapter disabled), values (critic, ``gae`` only), scores (reward model or reward function);
+3. advantages, by ``advantage_estimator``: ``gae``: ``fastppo.compute_advantages`` (KL-shaped token
+   rewards, GAE, whitening); ``grpo``/``rloo``: ``fastppo.group_advantages`` of the scores within
+   each prompt's group; ``reinforce++``: ``fastppo.shape_rewards`` then
+   ``fastppo.reinforce_pp_advantages``;
 4. ``ppo_epochs`` passes over shuffled mini-batches, each accumulated over micro-batches:
-   ``fastppo.ppo_loss`` (clipped policy + clipped value - entropy bonus), gradient clipping, AdamW;
+   ``fastppo.ppo_loss`` (clipped policy + clipped value - entropy bonus; critic-free modes:
+   ``fastppo.policy_loss`` - entropy bonus), plus ``kl_loss_coef`` times the aggregated
+   ``fastppo.kl_penalty`` when set, gradient clipping, AdamW;
 5. the KL controller updates its coefficient; metrics are logged; a checkpoint may be written.
 """
 
@@ -230,7 +236,7 @@ class PPOTrainer:
             used instead of ``config.reward_model`` / ``config.reward``.
 
     Attributes after construction: ``actor`` (a transformers or peft model), ``reference`` (None
-    with LoRA), ``critic`` (``TokenScorer``), ``reward_model`` (or None), ``optimizer``,
+    with LoRA), ``critic`` (``TokenScorer``; None for the critic-free estimators), ``reward_model`` (or None), ``optimizer``,
     ``scheduler``, ``step`` (iterations done).
     """
 
@@ -269,9 +275,11 @@ class PPOTrainer:
         checkpoint.precheck(self, candidates)  # a different run's directory is refused before any weights load
 
         self.actor, self.reference = load_actor(cfg, self.model_path, self.device, attn)
-        critic_path = cfg.critic_model or cfg.reward_model or self.model_path
-        self.critic = load_critic(cfg, critic_path, from_reward=critic_path == cfg.reward_model,
-                                  device=self.device, attn=attn)
+        self.critic = None  # grpo, rloo, reinforce++: no critic is loaded, trained or saved
+        if cfg.advantage_estimator == "gae":
+            critic_path = cfg.critic_model or cfg.reward_model or self.model_path
+            self.critic = load_critic(cfg, critic_path, from_reward=critic_path == cfg.reward_model,
+                                      device=self.device, attn=attn)
         self.reward_model = load_reward_model(cfg.reward_model, self.device, attn) if cfg.reward_model else None
         if reward_fn is not None:
             self.reward_fn: RewardFn | None = reward_fn
@@ -283,11 +291,11 @@ class PPOTrainer:
             self.reward_fn = None
 
         actor_params = [p for p in self.actor.parameters() if p.requires_grad]
-        critic_params = [p for p in self.critic.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": actor_params, "lr": cfg.learning_rate},
-             {"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate}],
-            weight_decay=cfg.weight_decay)
+        groups = [{"params": actor_params, "lr": cfg.learning_rate}]
+        if self.critic is not None:
+            critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+            groups.append({"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.total_updates = cfg.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -400,7 +408,10 @@ class PPOTrainer:
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = self._sync()
 
-        idx = self.sampler.next(cfg.batch_size)
+        # batch_size counts responses: each prompt is repeated num_generations times in consecutive
+        # rows, the group layout fastppo.group_advantages reads.
+        k = cfg.num_generations
+        idx = [i for i in self.sampler.next(cfg.batch_size // k) for _ in range(k)]
         prompts = [self.prompts[i] for i in idx]
         prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
         responses, mask = self.generate(prompt_ids, prompt_mask)
@@ -421,17 +432,34 @@ class PPOTrainer:
                 lp, ent = response_logprobs(self.actor, s_, a_, p_, width, m_, cfg.temperature, cfg.fused_head)
                 with reference_policy(self.actor, self.reference) as ref:
                     rlp, _ = response_logprobs(ref, s_, a_, p_, width, m_, cfg.temperature, cfg.fused_head)
-                v = self.critic(s_, a_, p_, width - 1, -1)
                 old_logprobs.append(lp)
                 entropy.append(ent)
                 ref_logprobs.append(rlp)
-                old_values.append(torch.where(m_, v, 0.0))
+                if self.critic is not None:
+                    v = self.critic(s_, a_, p_, width - 1, -1)
+                    old_values.append(torch.where(m_, v, 0.0))
         old_logprobs, entropy = torch.cat(old_logprobs), torch.cat(entropy)
-        ref_logprobs, old_values = torch.cat(ref_logprobs), torch.cat(old_values)
+        ref_logprobs = torch.cat(ref_logprobs)
+        old_values = torch.cat(old_values) if self.critic is not None else None
         shaped = scores.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else scores
-        advantages, returns, rewards, kl = fastppo.compute_advantages(
-            shaped, old_logprobs, ref_logprobs, old_values, mask, kl_coef=self.kl.value,
-            estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
+        kl_coef_used = self.kl.value
+        if cfg.advantage_estimator == "gae":
+            advantages, returns, rewards, kl = fastppo.compute_advantages(
+                shaped, old_logprobs, ref_logprobs, old_values, mask, kl_coef=kl_coef_used,
+                estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
+        elif cfg.advantage_estimator == "reinforce++":
+            rewards, kl = fastppo.shape_rewards(shaped, old_logprobs, ref_logprobs, mask, kl_coef=kl_coef_used,
+                                                estimator=cfg.kl_estimator)
+            advantages, returns = fastppo.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma)
+        else:  # grpo, rloo: outcome advantages within each prompt's group; no KL reward penalty
+            advantages = fastppo.group_advantages(shaped, k, mask, estimator=cfg.advantage_estimator)
+            returns = None
+            kl = torch.where(mask, fastppo.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator), 0.0)
+            kl_coef_used = 0.0
+            rewards = torch.zeros_like(old_logprobs)
+            last = (mask.long().sum(1) - 1).clamp(min=0)
+            rewards[torch.arange(rewards.shape[0], device=dev), last] = shaped.to(rewards.dtype)
+            rewards = torch.where(mask, rewards, 0.0)
         t3 = self._sync()
 
         # Statistics stay tensors until the iteration ends: one host sync instead of one per step.
@@ -446,7 +474,7 @@ class PPOTrainer:
                 for micro in mini.split(cfg.micro_batch_size):
                     ta = self._sync()
                     loss, stats = self._loss(micro, seq, attn, pos, width, mask, old_logprobs, advantages,
-                                             old_values, returns)
+                                             old_values, returns, ref_logprobs)
                     tb = self._sync()
                     # Each micro-batch loss is aggregated over its own rows; weighting it by its share
                     # of the mini-batch's rows makes the accumulated gradient that of the whole
@@ -467,7 +495,6 @@ class PPOTrainer:
         self.step += 1
         valid = mask.float()
         kl_seq = float((kl * valid).sum(1).mean())
-        kl_coef_used = self.kl.value
         self.kl.update(kl_seq, cfg.batch_size)
         n_tokens = int(valid.sum())
         row = {
@@ -479,8 +506,6 @@ class PPOTrainer:
             "kl": kl_seq,
             "kl_coef": kl_coef_used,
             "entropy": masked_mean(entropy, mask),
-            "explained_variance": explained_variance(old_values, returns, mask),
-            "value_mean": masked_mean(old_values, mask),
             "advantage_mean": masked_mean(advantages, mask),
             "response_length": float(valid.sum(1).mean()),
             "grad_norm": float(torch.stack(grad_norms).float().mean()) if grad_norms else 0.0,
@@ -494,21 +519,41 @@ class PPOTrainer:
             "generate_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "peak_memory_mb": peak_memory_mb(dev),
         }
+        if self.critic is not None:  # critic-free runs have no values to report
+            row["explained_variance"] = explained_variance(old_values, returns, mask)
+            row["value_mean"] = masked_mean(old_values, mask)
         return row
 
-    def _loss(self, micro, seq, attn, pos, width, mask, old_logprobs, advantages, old_values, returns):
+    def _loss(self, micro, seq, attn, pos, width, mask, old_logprobs, advantages, old_values, returns,
+              ref_logprobs):
         cfg = self.config
         m = mask[micro]
         with autocast(self.device, self.bf16):
             logprobs, entropy = response_logprobs(self.actor, seq[micro], attn[micro], pos[micro], width, m,
                                                   cfg.temperature, cfg.fused_head)
-            values = self.critic(seq[micro], attn[micro], pos[micro], width - 1, -1)
-        values = torch.where(m, values, 0.0)
-        return fastppo.ppo_loss(
-            logprobs, old_logprobs[micro], advantages[micro], values, old_values[micro], returns[micro], m,
-            entropy=entropy if cfg.ent_coef else entropy.detach(), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
-            agg=cfg.loss_agg)
+            if self.critic is not None:
+                values = self.critic(seq[micro], attn[micro], pos[micro], width - 1, -1)
+        if self.critic is not None:
+            values = torch.where(m, values, 0.0)
+            loss, stats = fastppo.ppo_loss(
+                logprobs, old_logprobs[micro], advantages[micro], values, old_values[micro], returns[micro], m,
+                entropy=entropy if cfg.ent_coef else entropy.detach(), clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
+                ent_coef=cfg.ent_coef, agg=cfg.loss_agg)
+        else:  # critic-free: the clipped policy loss and the entropy bonus, as ppo_loss without its value term
+            pg_loss, pg = fastppo.policy_loss(logprobs, old_logprobs[micro], advantages[micro], m,
+                                              clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                              dual_clip=cfg.dual_clip, agg=cfg.loss_agg)
+            ent = fastppo.aggregate(entropy if cfg.ent_coef else entropy.detach(), m, cfg.loss_agg)
+            loss = pg_loss - cfg.ent_coef * ent if cfg.ent_coef else pg_loss
+            stats = {"policy_loss": pg_loss.detach(), "entropy": ent.detach(), **pg}
+        if cfg.kl_loss_coef:
+            # The KL as a loss term: differentiable in logprobs through fastppo.kl_penalty.
+            kl_loss = fastppo.aggregate(fastppo.kl_penalty(logprobs, ref_logprobs[micro], cfg.kl_estimator), m,
+                                        cfg.loss_agg)
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            stats["kl_loss"] = kl_loss.detach()
+        return loss, stats
 
     def _clip_grads(self) -> torch.Tensor:
         # Actor and critic clipped separately: the value loss' large early gradients must not
