@@ -180,7 +180,7 @@ def flatten(out, prefix="out"):
     return [item for i, o in enumerate(out) for item in flatten(o, f"{prefix}[{i}]")]
 
 
-def check(name, got, want, tol, scaled):
+def check(name, got, want, tol, scaled, tie_halves=False):
     # Rounded to the contract's float32 output first: a true value of 1e100 *is* inf in float32.
     want = want.detach().float().double().cpu() if got.dtype == torch.float32 else want.detach().double().cpu()
     got = got.detach().double().cpu()
@@ -190,6 +190,11 @@ def check(name, got, want, tol, scaled):
         finite = want[torch.isfinite(want)]
         atol += 1e-6 * (finite.abs().max().item() if finite.numel() else 0.0)
     ok = within(got, want, (atol, rtol))
+    if tie_halves:
+        # At 1e4 the two squared value errors (each ~1e8, float32 spacing ~8) can round to the same
+        # float32 number where float64 still tells them apart: the max then splits the gradient in
+        # half, as torch.maximum does, and the float64 truth cannot reproduce that rounding tie.
+        ok |= within(2 * got, want, (atol, rtol))
     if not bool(ok.all()):
         idx = tuple((~ok).nonzero()[0].tolist())
         raise AssertionError(
@@ -261,7 +266,8 @@ def run_against_ground_truth(op, backend, dtype, scenario, gen):
                 masked = masked.unsqueeze(-1).expand_as(g)
             assert bool((g.detach().cpu()[masked] == 0).all()), f"{op} grad[{name}]: masked positions must get exactly 0"
         tol = TOL[dtype] if g.dtype != torch.float32 or op in ("logprobs_from_logits", "entropy_from_logits") else (1e-4, 1e-4)
-        check(f"{op} grad[{name}]", g, w, tol, op in SCALED)
+        value_grad = (op, name) in (("value_loss", 0), ("ppo_loss", 3))
+        check(f"{op} grad[{name}]", g, w, tol, op in SCALED, tie_halves=value_grad and scenario == "extreme")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
