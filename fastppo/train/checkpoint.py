@@ -494,4 +494,10 @@ def save_final(trainer) -> str:
             os.replace(src, dst)
     shutil.rmtree(tmp, ignore_errors=True)
     _fsync(out, directory=True)
+    if is_peft(trainer.actor):
+        base = next(iter(trainer.actor.peft_config.values())).base_model_name_or_path
+        if not base:  # a local directory is stored absolute, a hub name as it is; nothing names this one
+            print(f"fastppo train: note: the adapter in {out} names no base model (it was built in memory); save "
+                  "the base model and set base_model_name_or_path in adapter_config.json to load it with "
+                  "AutoPeftModelForCausalLM", file=sys.stderr)
     return out
