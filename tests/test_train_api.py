@@ -289,6 +289,14 @@ def test_a_new_run_never_mixes_with_another_runs_directory(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is cleared
 
 
+def test_output_dir_may_not_be_a_model_it_reads(tmp_path, assets):
+    cfg = task(assets["model"], model=assets["model"], dataset=assets["prompts"], overwrite=True)
+    for c in (cfg, cfg.replace(overwrite=False)):
+        with pytest.raises(ConfigError, match="is where model is read from"):
+            PPOTrainer(c)
+    assert os.path.isfile(os.path.join(assets["model"], "model.safetensors"))  # --overwrite removed nothing
+
+
 def test_in_memory_run_resumes_and_refuses_another_model(tmp_path):
     kw = dict(tokenizer=builtin.build_tokenizer(), train_dataset=[{"prompt": p} for p in PROMPTS],
               reward_model=scorer())

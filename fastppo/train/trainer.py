@@ -192,6 +192,18 @@ def _check_shared_tokenizer(actor_tok, actor_config, path: str, what: str, other
                           "token ids, so it must come from a model with the actor's vocabulary")
 
 
+def _check_output_is_no_input(config: PPOConfig, *objects) -> None:
+    """The final model is written into output_dir (and --overwrite clears model files there): it must
+    not be the directory a model is read from."""
+    out = os.path.realpath(config.output_dir)
+    inputs = [(what, getattr(config, what)) for what in ("model", "reward_model", "critic_model")]
+    inputs += [("the model given", api.local_dir(m)) for m in objects if m is not None]
+    for what, path in inputs:
+        if path is not None and os.path.realpath(path) == out:
+            raise ConfigError(f"output_dir (--output-dir) {config.output_dir!r} is where {what} is read from; the "
+                              "trained model is written into output_dir, so choose another directory")
+
+
 def _check_added_options(config: PPOConfig) -> None:
     """Ranges of the options the Python API and TRL users brought (chat template, stop token, EOS penalty)."""
     if config.chat_template not in CHAT_TEMPLATE_MODES:
@@ -215,8 +227,9 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
     config.check()
     _check_added_options(config)
     _check_output_dir(config.output_dir)
-    checkpoint.check_run_dir(config)
     api.check_objects(model, reward_model, value_model, tokenizer, train_dataset, config)
+    _check_output_is_no_input(config, model, reward_model, value_model)
+    checkpoint.check_run_dir(config)
     device = pick_device(config)
     if config.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
