@@ -176,6 +176,10 @@ def test_tokenised_dataset_is_used_as_it_is(tmp_path):
     assert trainer.prompt_ids == ids
     trainer.iteration()
     assert seen and set(seen) <= set(PROMPTS)  # the reward function reads the decoded prompt text
+    with pytest.raises(ConfigError, match="token id 99, but the tokenizer has 40 tokens"):
+        PPOTrainer(task(tmp_path / "bad", reward=None), reward, train_dataset=[{"input_ids": [1, 99]}])
+    with pytest.raises(ConfigError, match=r"one split.*dataset\['train'\]"):
+        PPOTrainer(task(tmp_path / "bad", reward=None), reward, train_dataset=datasets.DatasetDict({"train": ds}))
 
 
 def test_messages_dataset_keeps_the_conversation_up_to_the_last_user_turn(tmp_path):

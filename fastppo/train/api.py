@@ -42,8 +42,7 @@ def embedding_rows(model: nn.Module) -> int | None:
 
 def check_objects(model, reward_model, value_model, tokenizer, train_dataset, config: PPOConfig) -> None:
     """``ConfigError`` for in-memory inputs that cannot work together (before anything moves)."""
-    for what, obj in (("model", model), ("ref_model", None), ("reward_model", reward_model),
-                      ("value_model", value_model)):
+    for what, obj in (("model", model), ("reward_model", reward_model), ("value_model", value_model)):
         if obj is not None and not isinstance(obj, nn.Module):
             raise ConfigError(f"{what} must be a transformers model (an nn.Module) or a directory path, "
                               f"got {type(obj).__name__}")

@@ -123,8 +123,12 @@ def prompts_from_dataset(ds, column: str, where: str = "the train_dataset") -> l
             bad = next(r for r in ds if not isinstance(r, dict))
             raise ConfigError(f"{where}: expected a datasets.Dataset or a list of dicts (one per row), got a list "
                               f"holding {bad!r:.60}")
-    elif not hasattr(ds, "column_names"):
-        raise ConfigError(f"{where}: expected a datasets.Dataset or a list of dicts, got {type(ds).__name__}")
+    elif isinstance(ds, dict):  # a DatasetDict: load_dataset(...) without split=
+        raise ConfigError(f"{where}: expected one split, got a {type(ds).__name__} of splits {list(ds)}; pass "
+                          "dataset['train'] (or load_dataset(..., split='train'))")
+    elif not hasattr(ds, "column_names") or not hasattr(ds, "__len__"):
+        raise ConfigError(f"{where}: expected a datasets.Dataset or a list of dicts, got {type(ds).__name__} "
+                          "(a streaming IterableDataset has no length to sample epochs from)")
     if len(ds) == 0:
         raise ConfigError(f"{where} has no rows (only a header?); expected one prompt per row")
     column = pick_column(ds, column, where)
@@ -224,10 +228,14 @@ def encode_prompts(tokenizer, prompts: list[Any], max_length: int, chat_template
                           f"got {chat_template!r}")
     templated = chat_template == "auto" and getattr(tokenizer, "chat_template", None) is not None
     markers = template_markers(tokenizer) if templated else ("", "")
+    n_tokens = len(tokenizer)
     out: list[list[int]] = []
     for p in prompts:
         if _is_ids(p):
             ids = list(p)
+            if max(ids) >= n_tokens:
+                raise ConfigError(f"a tokenised prompt holds token id {max(ids)}, but the tokenizer has {n_tokens} "
+                                  "tokens; was the dataset tokenised with another tokenizer?")
         elif isinstance(p, str) and templated and has_chat_template(tokenizer, p, markers):
             ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         elif templated:
