@@ -34,7 +34,8 @@ import torch
 
 import fastppo
 
-from . import api, builtin, checkpoint
+from . import api
+from . import builtin, checkpoint
 from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
                    prompt_text, prompts_from_dataset)
@@ -523,7 +524,8 @@ class PPOTrainer:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out_tokens.append(nxt)
             out_mask.append(~done)
-            done = done | (nxt == eos) | (nxt == stop)
+            done = done | (nxt == stop)  # stop_token_id, or EOS again when none is set
+            done = done | (nxt == eos)
             if bool(done.all()):
                 break
             attn = torch.cat([attn, out_mask[-1].long()[:, None]], dim=1)
