@@ -301,12 +301,22 @@ def test_output_dir_may_not_be_a_model_it_reads(tmp_path, assets):
     assert os.path.isfile(os.path.join(assets["model"], "model.safetensors"))  # --overwrite removed nothing
 
 
-def test_in_memory_run_resumes_and_refuses_another_model(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "peft_config"])
+def test_in_memory_run_resumes_and_refuses_another_model(tmp_path, lora):
+    from peft import LoraConfig
+
     kw = dict(tokenizer=builtin.build_tokenizer(), train_dataset=[{"prompt": p} for p in PROMPTS],
               reward_model=scorer())
-    PPOTrainer(quick(tmp_path / "run"), model=policy(0), **kw).train()
+    if lora:
+        kw["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    first = PPOTrainer(quick(tmp_path / "run"), model=policy(0), **kw)
+    first.train()
+    if lora:  # the config records the adapter, as --lora-r would
+        assert (first.config.lora_r, first.config.lora_alpha, first.config.lora_target_modules) == (4, 8, "q_proj,v_proj")
     resumed = PPOTrainer(quick(tmp_path / "run", iterations=2, resume=True), model=policy(0), **kw)
     assert resumed.step == 1
+    for name, p in resumed.actor.state_dict().items():  # the checkpoint's weights, adapter or whole model
+        torch.testing.assert_close(p, first.actor.state_dict()[name], msg=name)
     with pytest.raises(ConfigError, match="actor model differs"):
         PPOTrainer(quick(tmp_path / "run", iterations=2, resume=True), model=policy(1), **kw)
 

@@ -80,6 +80,30 @@ def check_objects(model, reward_model, value_model, tokenizer, train_dataset, co
                               "policy's token ids, so both must share one tokenizer")
 
 
+def adapter_settings(model: nn.Module | None, peft_config: Any) -> dict[str, Any]:
+    """The ``PPOConfig`` LoRA options that describe an adapter given as ``peft_config`` or inside a
+    ``PeftModel`` (empty without one), so that the run's config, checkpoints and fingerprint say
+    it trains an adapter. A non-LoRA peft method counts as rank 1."""
+    cfg = peft_config
+    if cfg is None and model is not None and is_peft(model):
+        cfg = model.peft_config[getattr(model, "active_adapter", None) or next(iter(model.peft_config))]
+    if cfg is None:
+        return {}
+    out: dict[str, Any] = {"lora_r": int(getattr(cfg, "r", 1) or 1)}
+    alpha = getattr(cfg, "lora_alpha", None)
+    if isinstance(alpha, (int, float)) and alpha >= 1 and float(alpha).is_integer():
+        out["lora_alpha"] = int(alpha)
+    dropout = getattr(cfg, "lora_dropout", None)
+    if isinstance(dropout, (int, float)) and 0 <= dropout < 1:
+        out["lora_dropout"] = float(dropout)
+    targets = getattr(cfg, "target_modules", None)
+    if isinstance(targets, (list, set, tuple)) and targets:
+        out["lora_target_modules"] = ",".join(sorted(targets))
+    elif targets == "all-linear":
+        out["lora_target_modules"] = "all-linear"
+    return out
+
+
 def prepare_actor(config: PPOConfig, model: nn.Module, ref_model: nn.Module | None, peft_config: Any,
                   device: torch.device) -> tuple[nn.Module, nn.Module | None]:
     """``(actor, reference)`` from a model in memory.

@@ -46,13 +46,12 @@ FORMAT = 2  # trainer_state.pt layout; 1 (fastppo 0.1) was a pickle with numpy a
 # Options a resumed run may change: how long and where it runs, not what it computes.
 RUNTIME_OPTIONS = frozenset({
     "iterations", "resume", "output_dir", "save_every", "progress", "plot", "report_to", "device", "attn_implementation",
-    "bf16", "num_threads", "fused_head", "model", "critic_model", "reward_model", "dataset", "overwrite"})  # paths: their contents count
+    "bf16", "num_threads", "fused_head", "model", "critic_model", "reward_model", "dataset"})  # paths: their contents count
 
 
 # Options added after checkpoints of this FORMAT were first written, with the value that a
 # checkpoint lacking them was written with (so older checkpoints still resume).
-_ADDED_OPTIONS = {"advantage_estimator": "gae", "num_generations": 1, "kl_loss_coef": 0.0, "chat_template": "auto",
-                  "stop_token_id": None, "missing_eos_penalty": None}
+_ADDED_OPTIONS = {"advantage_estimator": "gae", "num_generations": 1, "kl_loss_coef": 0.0}
 
 
 class CheckpointError(Exception):
@@ -323,7 +322,7 @@ def read(trainer, path: str) -> dict[str, Any]:
 
     state = _read_state(path)
     actor_dir = os.path.join(path, "actor")
-    if is_peft(trainer.actor):
+    if trainer.config.lora_r > 0:
         from peft import get_peft_model_state_dict
 
         adapter = os.path.join(actor_dir, "adapter_model.safetensors")
@@ -345,7 +344,7 @@ def read(trainer, path: str) -> dict[str, Any]:
 
 
 def apply(trainer, loaded: dict[str, Any]) -> int:
-    if is_peft(trainer.actor):
+    if trainer.config.lora_r > 0:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(trainer.actor, {k: v.to(trainer.device) for k, v in loaded["actor"].items()})
@@ -398,6 +397,9 @@ def resume(trainer, candidates: list[str]) -> str | None:
 
 # --------------------------------------------------------------------------------------------
 # the run directory: one run per directory, and the final model in it
+
+RUNTIME_OPTIONS = RUNTIME_OPTIONS | {"overwrite"}  # clearing the directory changes nothing a run computes
+_ADDED_OPTIONS.update({"chat_template": "auto", "stop_token_id": None, "missing_eos_penalty": None})
 
 # What a run writes at the top of output_dir (builtin/, the built-in task's generated model and
 # prompts, is the same for every run and stays).

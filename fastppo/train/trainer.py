@@ -272,6 +272,10 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
             model_configs[what] = obj.config
     if "model" not in model_configs:
         model_configs["model"] = builtin.build_model_config()
+    vocab = getattr(model_configs["model"], "vocab_size", None)
+    if config.stop_token_id is not None and isinstance(vocab, int) and config.stop_token_id >= vocab:
+        raise ConfigError(f"stop_token_id (--stop-token-id) {config.stop_token_id} is not a token id of the model "
+                          f"(vocab_size {vocab}: ids 0 to {vocab - 1})")
     need = config.max_prompt_length + config.max_new_tokens
     for what, mc in model_configs.items():
         ctx = _context_length(mc)
@@ -284,10 +288,6 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
     if config.lora_r > 0 and not (model is not None and api.is_peft(model)):
         _check_lora_targets(config, model_configs["model"], config.model or (
             "the model given" if model is not None else "the built-in model"))
-    vocab = getattr(model_configs["model"], "vocab_size", None)
-    if config.stop_token_id is not None and isinstance(vocab, int) and config.stop_token_id >= vocab:
-        raise ConfigError(f"stop_token_id (--stop-token-id) {config.stop_token_id} is not a token id of the model "
-                          f"(vocab_size {vocab}: ids 0 to {vocab - 1})")
     if config.reward_model is not None:
         n = getattr(model_configs["reward_model"], "num_labels", 1)
         if n != 1:
@@ -355,6 +355,9 @@ class PPOTrainer:
             config = config.replace(**{k: os.fspath(v) for k, v in paths.items()})
             model, reward_model, value_model, train_dataset = (
                 None if isinstance(v, (str, os.PathLike)) else v for v in (model, reward_model, value_model, train_dataset))
+        if peft_config is not None or (model is not None and api.is_peft(model)):
+            # The config records the adapter (lora_r > 0): checkpoints then hold and resume an adapter.
+            config = config.replace(**api.adapter_settings(model if peft_config is None else None, peft_config))
         validate(config, reward_fn, model=model, reward_model=reward_model, value_model=value_model,
                  tokenizer=tokenizer, train_dataset=train_dataset)
         self.config = config
