@@ -15,6 +15,10 @@
   changes the experiment, the model configs and a hash of the prompts);
 * ``config.yaml``: the configuration that wrote it.
 
+At the end of a finished run ``save_final`` also writes the policy and its tokenizer into
+``OUTPUT_DIR`` itself and the critic into ``OUTPUT_DIR/critic``; ``check_run_dir`` keeps a new run
+out of a directory that holds another one unless ``overwrite`` (``clear_outputs``) or ``resume``.
+
 Everything is written into a hidden temporary directory next to the final one, every file and
 directory in it is fsync'ed, and it is then renamed; a rename within one filesystem is atomic,
 so a directory named ``step-*`` is always complete. ``--resume`` still checks each checkpoint

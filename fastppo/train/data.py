@@ -1,4 +1,5 @@
-"""Prompts: a local file through ``datasets.load_dataset``, tokenised once, sampled per iteration."""
+"""Prompts: a local file through ``datasets.load_dataset``, or a ``datasets.Dataset`` / list of dicts
+given in Python; text, chat messages or token ids; tokenised once, sampled per iteration."""
 
 from __future__ import annotations
 

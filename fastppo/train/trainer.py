@@ -16,6 +16,10 @@ One iteration:
    ``fastppo.policy_loss`` - entropy bonus), plus ``kl_loss_coef`` times the aggregated
    ``fastppo.kl_penalty`` when set, gradient clipping, AdamW;
 5. the KL controller updates its coefficient; metrics are logged; a checkpoint may be written.
+
+At the end of a finished run the policy (adapter or whole model), its tokenizer and the critic are
+written into ``output_dir`` itself, where ``AutoPeftModelForCausalLM`` / ``AutoModelForCausalLM``
+load them (``checkpoint.save_final``).
 """
 
 from __future__ import annotations
