@@ -336,6 +336,19 @@ def test_chat_template_is_not_applied_twice():
     with pytest.raises(ConfigError, match="chat_template"):
         validate(quick("/tmp/unused", chat_template="chatml"))
 
+    # ChatML with a default system prompt: a prompt templated with a system prompt of its own is
+    # recognised by the special token the template starts with, or by the generation prompt.
+    chatml = builtin.build_tokenizer()
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chatml.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    own = chatml.apply_chat_template([{"role": "system", "content": "be nice"}, {"role": "user", "content": "it was"}],
+                                     tokenize=False, add_generation_prompt=True)
+    assert has_chat_template(chatml, own) and has_chat_template(chatml, "so it was<|im_end|>\n<|im_start|>assistant\n")
+    assert not has_chat_template(chatml, "it was")
+
 
 def test_stop_token_ends_responses_and_bf16_on_cpu_is_a_notice(tmp_path, capfd):
     stop = builtin.VOCAB.index("the")
