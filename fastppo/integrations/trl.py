@@ -61,10 +61,6 @@ _STATS_ROWS = 4096
 # --------------------------------------------------------------------------------------------
 
 
-def _utils() -> Any:
-    return importlib.import_module(_UTILS)
-
-
 def _original(name: str) -> Callable:
     """TRL's own object behind one of our names (whether or not patch() is in force)."""
     for target in _targets():
