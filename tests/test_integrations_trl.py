@@ -424,6 +424,20 @@ def test_selective_log_softmax_vs_float64_and_trl(rng, dtype, k, temperature, ma
         assert (ours_in.grad[dead] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_and_entropy_exact_at_1e4(rng, dtype):
+    logits = randn(rng, 3, 5, 50, scale=1e4, dtype=dtype)
+    index = torch.randint(0, 50, (3, 5, 4), generator=rng)
+    index[..., 1] = logits.argmax(-1)  # log-prob ~0 next to ones of about -1e4
+    lp = ft.selective_log_softmax(logits, index, 0.7)
+    truth = _gt_topk(logits.double(), index, 0.7, None)
+    # The float32 answer rounded once to the output dtype: half an ulp, plus float32's own error.
+    bound = 0.5 * ulp_of(truth.to(dtype)) + 1e-6 * (1 + truth.abs())
+    assert ((lp.double() - truth).abs() <= bound).all()
+    ent = ft.entropy_from_logits(logits)
+    assert_close(ent, gt.entropy_from_logits(logits), TOL[dtype], "entropy at 1e4")
+
+
 def test_top_k_worked_example():
     # softmax(log [1, 2, 3, 4, 0]) = [0.1, 0.2, 0.3, 0.4, 0]: the fifth logit is -inf.
     logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0]] * 3)).requires_grad_()
