@@ -182,7 +182,7 @@ def _call_linear(hidden, weight, labels, bias, mask, temperature, return_entropy
     if backend == "torch":
         out = reference.linear_logprobs.raw(hidden, weight, labels, **kwargs)
     elif backend == "auto" and hidden.device.type != "cuda":
-        out = linear.linear_logprobs(hidden, weight, labels, compact=False, **kwargs)
+        out = linear.run(hidden, weight, labels, folds=linear.TorchFolds, compact=False, **kwargs)
     else:
         _dispatch.pick("linear_logprobs", hidden.device)  # the triton backend's device checks
         from fastppo.kernels.linear_logprob import TritonFolds

@@ -410,14 +410,13 @@ def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chun
 
 
 def linear_logprobs(
-    hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False, mask=None, chunk_size=None,
-    compact=True,
+    hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False, mask=None, chunk_size=None
 ):
     """Chunked PyTorch ``linear_logprobs`` (arguments already validated): the CPU fast path.
 
     Same numbers as ``fastppo.reference.linear_logprobs`` with a workspace of a few
-    ``[rows, chunk]`` tiles instead of the ``[N, V]`` logits. Works on any device. ``compact``:
-    see :func:`run`.
+    ``[rows, chunk]`` tiles instead of the ``[N, V]`` logits. Works on any device. (The registered
+    op ``fastppo::linear_logprobs`` calls :func:`run` with ``compact=False`` instead.)
     """
     return run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
-               mask=mask, chunk_size=chunk_size, folds=TorchFolds, compact=compact)
+               mask=mask, chunk_size=chunk_size, folds=TorchFolds)
