@@ -95,10 +95,12 @@ def _mask(name: str, mask, like: torch.Tensor, like_name: str) -> None:
 def _number(name: str, x, *, low=None, high=None, low_open=False, allow_none=False) -> None:
     if x is None and allow_none:
         return
-    if isinstance(x, bool) or not isinstance(x, Real):
+    if isinstance(x, bool) or not isinstance(x, (Real, torch.SymFloat, torch.SymInt)):
         raise ValueError(f"{name} must be a real number, got {x!r}")
     x = float(x)
-    if not math.isfinite(x):
+    # Not math.isfinite: under torch.compile with dynamic shapes a Python float may arrive as a
+    # symbolic float, which comparisons handle and math.isfinite cannot.
+    if not (x == x and abs(x) != math.inf):
         raise ValueError(f"{name} must be finite, got {x}")
     if low is not None and (x <= low if low_open else x < low):
         op = ">" if low_open else ">="

@@ -337,3 +337,25 @@ def test_linear_logprobs_full_rows_equal_compacted_rows(rng):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert (results[1][0][~d["mask"]] == 0).all() and (results[1][2][~d["mask"]] == 0).all()
+
+
+def test_dynamic_shapes_trace_once_and_match_eager(rng):
+    """dynamic=True: the checks and the fake implementations work on symbolic sizes and floats."""
+
+    def f(logits, labels, mask, old, adv, temperature):
+        lp = fastppo.logprobs_from_logits(logits, labels, mask=mask, temperature=temperature)
+        loss, stats = fastppo.policy_loss(lp, old, adv, mask, clip_low=0.2)
+        a, _ = fastppo.gae(adv, old, mask, lam=0.9)
+        return loss, stats["approx_kl"], a, fastppo.group_advantages(adv[:, 0], 2, mask)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for t in (4, 6):
+        logits = torch.randn(4, t, V, generator=rng, requires_grad=True)
+        args = (torch.randint(0, V, (4, t), generator=rng), torch.rand(4, t, generator=rng) > 0.3,
+                torch.randn(4, t, generator=rng), torch.randn(4, t, generator=rng), 0.8)
+        got, want = compiled(logits, *args), f(logits, *args)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        (g_got,) = torch.autograd.grad(got[0], logits)
+        (g_want,) = torch.autograd.grad(want[0], logits)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
