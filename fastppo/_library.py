@@ -449,6 +449,7 @@ def _register(name: str):
         ctx.tensor_positions = tensors
         ctx.save_for_backward(*(inputs[i] for i in tensors))
         ctx.others = [None if isinstance(a, Tensor) else a for a in inputs]
+        ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs[:n_out]]
 
     def backward(ctx, *grads):
         args = list(ctx.others)
@@ -458,7 +459,9 @@ def _register(name: str):
         if not any(needs):
             return (None,) * n_args
         n_out = _N_DIFF_OUT[name](args)
-        grads = [g if g is not None else torch.zeros(()) for g in grads[:n_out]]
+        # Grads arrive materialised; a None (an output nobody used) counts as zeros.
+        grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                 for g, (shape, dtype, device) in zip(grads[:n_out], ctx.out_meta)]
         got = backward_op(grads, *args, needs)
         result = [None] * n_args
         for i, need, g in zip(diff, needs, got):
