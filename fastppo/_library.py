@@ -60,7 +60,10 @@ def _fresh(outputs, inputs) -> list[Tensor]:
     result = []
     for out in outputs:
         out = out.detach().contiguous()
-        if out.numel() > 0:
+        if out.numel() == 0:
+            # Empty tensors may share a null data pointer; a new one aliases nothing.
+            out = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        else:
             ptr = out.untyped_storage().data_ptr()
             if ptr in seen:
                 out = out.clone()

@@ -359,3 +359,30 @@ def test_dynamic_shapes_trace_once_and_match_eager(rng):
         (g_got,) = torch.autograd.grad(got[0], logits)
         (g_want,) = torch.autograd.grad(want[0], logits)
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_empty_and_strided_half_inputs(backend, rng):
+    """B = 0 (no output may alias an input, even an empty one), and bf16 inputs with odd
+    strides (float32 outputs, as the fake implementations say)."""
+    def cases(lg, x, lab, m):
+        return [
+            ("logprobs_from_logits", (lg.detach().requires_grad_(), lab, m, 1.0, True)),
+            ("policy_loss", (x.detach().requires_grad_(), x, x, m, 0.2, None, 2.0, "seq-mean-token-mean", None)),
+            ("gae", (x, x, m, 1.0, 0.9, True)),
+            ("kl_penalty", (x.detach().requires_grad_(), x.detach().requires_grad_(), "k1", None)),
+        ]
+
+    shapes = []
+    for b, t in ((0, 3),):  # B = 0: autograd hands back the (empty) incoming gradient itself
+        shapes.append(cases(torch.randn(b, t, V), torch.randn(b, t), torch.zeros(b, t, dtype=torch.long),
+                            torch.ones(b, t, dtype=torch.bool)))
+    lg = torch.randn(B, V, T, generator=rng).transpose(1, 2).bfloat16()  # last dim strided
+    x = torch.randn(T, B, generator=rng).t().bfloat16()
+    shapes.append(cases(lg, x, torch.randint(0, V, (B, T), generator=rng), torch.rand(B, T, generator=rng) > 0.3))
+    utils = None if backend == "torch" else ("test_faketensor",)
+    with fastppo.use_backend(backend):
+        for group in shapes:
+            for name, args in group:
+                kwargs = {} if utils is None else dict(test_utils=utils)
+                torch.library.opcheck(_library.op(name), args, **kwargs)
