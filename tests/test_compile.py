@@ -5,7 +5,9 @@
   (through the interpreter on CPU);
 * the custom-op path gives the eager op's numbers, forward and backward, masked garbage included;
 * ``torch._dynamo.explain`` sees one graph and no graph break for each public op;
-* a small training step compiled with ``fullgraph=True`` (inductor) matches eager;
+* a small training step compiled with ``fullgraph=True`` (inductor) matches eager, and so do the
+  fused-head step, rollout ops (no gradient) and ``dynamic=True`` shapes (aot_eager);
+* B = 0 and strided bf16 inputs pass opcheck;
 * bad labels still raise ValueError eagerly on both backends, and under compile are clamped.
 
 Compilation is slow on a small CPU: the compile tests are few and tiny, and all but the inductor
