@@ -5,7 +5,11 @@ the kernels see the same, already-validated inputs. Each check takes the op's ow
 raises ``ValueError`` that names what was expected and what was given.
 
 The only data-dependent check (labels inside [0, V)) needs a device-to-host copy; it is skipped
-when ``FASTPPO_VALUE_CHECKS=0`` for callers who cannot afford the synchronisation.
+when ``FASTPPO_VALUE_CHECKS=0`` for callers who cannot afford the synchronisation, and under
+``torch.compile`` / export tracing (a branch on tensor data cannot be traced): there the ops
+behave as with ``FASTPPO_VALUE_CHECKS=0``, every implementation clamps labels into [0, V - 1],
+so a bad label gives a meaningless but memory-safe value. Every other check reads only shapes,
+dtypes, devices and Python numbers, which tracing sees as constants (or guards).
 """
 
 from __future__ import annotations
@@ -91,10 +95,12 @@ def _mask(name: str, mask, like: torch.Tensor, like_name: str) -> None:
 def _number(name: str, x, *, low=None, high=None, low_open=False, allow_none=False) -> None:
     if x is None and allow_none:
         return
-    if isinstance(x, bool) or not isinstance(x, Real):
+    if isinstance(x, bool) or not isinstance(x, (Real, torch.SymFloat, torch.SymInt)):
         raise ValueError(f"{name} must be a real number, got {x!r}")
     x = float(x)
-    if not math.isfinite(x):
+    # Not math.isfinite: under torch.compile with dynamic shapes a Python float may arrive as a
+    # symbolic float, which comparisons handle and math.isfinite cannot.
+    if not (x == x and abs(x) != math.inf):
         raise ValueError(f"{name} must be finite, got {x}")
     if low is not None and (x <= low if low_open else x < low):
         op = ">" if low_open else ">="
@@ -110,6 +116,22 @@ def _choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 def value_checks_enabled() -> bool:
     return os.environ.get("FASTPPO_VALUE_CHECKS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _label_range(labels, mask, vocab: int, what: str) -> None:
+    """ValueError if a valid label lies outside [0, vocab); one host synchronisation.
+
+    Not under tracing (checked first, before the environment is read): see the module docstring.
+    """
+    if torch.compiler.is_compiling() or not value_checks_enabled() or labels.numel() == 0:
+        return
+    valid = labels if mask is None else labels[mask != 0]
+    if valid.numel() > 0:
+        lo, hi = int(valid.min()), int(valid.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) ({what}) at valid positions, got values from {lo} to {hi}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,16 +163,7 @@ def logprobs_from_logits(
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward must be True or False, got {inplace_backward!r}")
     _number("temperature", temperature, low=0.0, low_open=True)
-    if value_checks_enabled() and labels.numel() > 0:
-        valid = labels if mask is None else labels[mask != 0]
-        if valid.numel() > 0:
-            lo, hi = int(valid.min()), int(valid.max())
-            vocab = logits.shape[-1]
-            if lo < 0 or hi >= vocab:
-                raise ValueError(
-                    f"labels must lie in [0, {vocab}) (the vocabulary of the logits) at valid positions, "
-                    f"got values from {lo} to {hi}"
-                )
+    _label_range(labels, mask, logits.shape[-1], "the vocabulary of the logits")
 
 
 def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False) -> None:
@@ -369,16 +382,7 @@ def linear_logprobs(
     _number("temperature", temperature, low=0.0, low_open=True)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
-    if value_checks_enabled() and labels.numel() > 0:
-        valid = labels if mask is None else labels[mask != 0]
-        if valid.numel() > 0:
-            lo, hi = int(valid.min()), int(valid.max())
-            vocab = weight.shape[0]
-            if lo < 0 or hi >= vocab:
-                raise ValueError(
-                    f"labels must lie in [0, {vocab}) (the rows of weight) at valid positions, "
-                    f"got values from {lo} to {hi}"
-                )
+    _label_range(labels, mask, weight.shape[0], "the rows of weight")
 
 
 # --------------------------------------------------------------------------------------------

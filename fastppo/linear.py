@@ -289,6 +289,12 @@ def _valid_index(mask, n_rows):
     return (mask.reshape(n_rows) != 0).nonzero().squeeze(1)
 
 
+def _valid_rows(mask, n_rows):
+    if mask is None:
+        return None
+    return mask.reshape(n_rows) != 0
+
+
 def _has_neg_inf(bias):
     # Only a -inf bias entry makes a -inf logit in a finite row (a non-finite hidden or weight
     # makes the row NaN whatever we do, as in plain PyTorch).
@@ -299,54 +305,72 @@ class LinearLogprob(torch.autograd.Function):
     """Outputs: the log-probs ``[N]`` and, with ``with_entropy``, the entropy ``[N]``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, folds, floor):
+    def forward(ctx, hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, folds, floor, compact=True):
         H = hidden.shape[-1]
         V = weight.shape[0]
         flat = hidden.reshape(-1, H)
         N = flat.shape[0]
         lab = labels.reshape(N)
-        idx = _valid_index(mask, N)
-        if idx is not None:
-            h, lab = flat.index_select(0, idx), lab.index_select(0, idx)
-        else:
+        # ``sel``: the valid rows' indices (compact) or a [N] bool (full rows, see :func:`run`).
+        sel = _valid_index(mask, N) if compact else _valid_rows(mask, N)
+        if sel is None:
             h = flat
-        # Out-of-range labels (FASTPPO_VALUE_CHECKS=0) must not read out of bounds.
+        elif compact:
+            h, lab = flat.index_select(0, sel), lab.index_select(0, sel)
+        else:
+            # Masked rows may hold anything (NaN, inf): zeroed before the matmul, label 0.
+            h, lab = torch.where(sel.unsqueeze(1), flat, 0.0), torch.where(sel, lab, 0)
+        # Out-of-range labels (FASTPPO_VALUE_CHECKS=0, or any label under torch.compile) must
+        # not read out of bounds.
         lab = lab.long().clamp(0, V - 1)
         m, s, t, zl = forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, folds, floor)
         lp_v, ent_v, logs = finalize(m, s, t, zl, inv_temp, with_entropy)
         out_dtype = compute_dtype(hidden, weight, bias)
-        if idx is not None:
-            lp = torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, idx, lp_v.to(out_dtype))
-            ent = None if ent_v is None else torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, idx, ent_v.to(out_dtype))
-        else:
+        if sel is None:
             lp, ent = lp_v.to(out_dtype), None if ent_v is None else ent_v.to(out_dtype)
+        elif compact:
+            lp = torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, lp_v.to(out_dtype))
+            ent = None if ent_v is None else torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, ent_v.to(out_dtype))
+        else:
+            lp = torch.where(sel, lp_v, 0.0).to(out_dtype)
+            ent = None if ent_v is None else torch.where(sel, ent_v, 0.0).to(out_dtype)
         # The compacted rows are gathered again in backward rather than held twice in memory.
-        ctx.save_for_backward(hidden, weight, bias, lab, idx, m, logs, ent_v)
+        ctx.save_for_backward(hidden, weight, bias, lab, sel, m, logs, ent_v)
         ctx.inv_temp, ctx.with_entropy, ctx.chunk_size, ctx.folds, ctx.floor = inv_temp, with_entropy, chunk_size, folds, floor
+        ctx.compact = compact
         ctx.set_materialize_grads(False)
         return (lp, ent) if with_entropy else lp
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, lab, idx, m, logs, ent = ctx.saved_tensors
+        hidden, weight, bias, lab, sel, m, logs, ent = ctx.saved_tensors
+        compact = ctx.compact
         glp = grads[0]
         gent = grads[1] if ctx.with_entropy else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        nothing = (None,) * 10
+        nothing = (None,) * 11
         if (glp is None and gent is None) or not (need_h or need_w or need_b):
             return nothing
         H = hidden.shape[-1]
         N = hidden.numel() // H if H else math.prod(hidden.shape[:-1])
         flat = hidden.reshape(N, H)
-        h = flat.index_select(0, idx) if idx is not None else flat
+        if sel is None:
+            h = flat
+        elif compact:
+            h = flat.index_select(0, sel)
+        else:
+            h = torch.where(sel.unsqueeze(1), flat, 0.0)
 
         def pick(g):
             if g is None:
                 return None
             g = g.reshape(N)
-            # Masked rows' incoming gradients (even NaN) are never read. contiguous(): the
-            # gradient of a .sum() arrives as an expanded (stride 0) tensor.
-            return (g.index_select(0, idx) if idx is not None else g).to(m.dtype).contiguous()
+            # Masked rows' incoming gradients (even NaN) are never read (full rows: zeroed, so
+            # their d logits are 0 and they add nothing to d weight and d bias). contiguous():
+            # the gradient of a .sum() arrives as an expanded (stride 0) tensor.
+            if sel is not None:
+                g = g.index_select(0, sel) if compact else torch.where(sel, g, 0.0)
+            return g.to(m.dtype).contiguous()
 
         dh, dw, db = backward_pass(
             h, weight, bias, lab, m, logs, ent, pick(glp), pick(gent), ctx.inv_temp, ctx.chunk_size,
@@ -354,20 +378,30 @@ class LinearLogprob(torch.autograd.Function):
         )
         dhidden = None
         if need_h:
-            if idx is not None:
+            if sel is not None and compact:
                 dhidden = torch.zeros(N, H, dtype=hidden.dtype, device=hidden.device)
-                dhidden.index_copy_(0, idx, dh.to(hidden.dtype))
+                dhidden.index_copy_(0, sel, dh.to(hidden.dtype))
+            elif sel is not None:
+                dhidden = torch.where(sel.unsqueeze(1), dh, 0.0).to(hidden.dtype)
             else:
                 dhidden = dh.to(hidden.dtype)
             dhidden = dhidden.view(hidden.shape)
-        return dhidden, dw, None if db is None else db.to(bias.dtype), None, None, None, None, None, None, None
+        return dhidden, dw, None if db is None else db.to(bias.dtype), None, None, None, None, None, None, None, None
 
 
-def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chunk_size, folds):
-    """Apply :class:`LinearLogprob` and shape the outputs like ``labels``."""
+def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chunk_size, folds, compact=True):
+    """Apply :class:`LinearLogprob` and shape the outputs like ``labels``.
+
+    ``compact=True`` (eager): the valid rows are gathered with ``nonzero()`` first, so masked rows
+    cost no matmul work, at the price of one device-to-host synchronisation (the number of valid
+    rows). ``compact=False`` (the registered op ``fastppo::linear_logprobs``, i.e. under
+    ``torch.compile``): every row goes through the matmuls, masked rows zeroed by ``where`` and
+    their outputs and gradients zeroed after; no synchronisation, same numbers.
+    """
+    floor = folds.floor_always or (bias is not None and (not compact or _has_neg_inf(bias)))
     out = LinearLogprob.apply(
         hidden, weight, bias, labels, mask, 1.0 / float(temperature), return_entropy, chunk_size, folds,
-        folds.floor_always or _has_neg_inf(bias),
+        floor, compact,
     )
     if return_entropy:
         lp, ent = out
@@ -381,7 +415,8 @@ def linear_logprobs(
     """Chunked PyTorch ``linear_logprobs`` (arguments already validated): the CPU fast path.
 
     Same numbers as ``fastppo.reference.linear_logprobs`` with a workspace of a few
-    ``[rows, chunk]`` tiles instead of the ``[N, V]`` logits. Works on any device.
+    ``[rows, chunk]`` tiles instead of the ``[N, V]`` logits. Works on any device. (The registered
+    op ``fastppo::linear_logprobs`` calls :func:`run` with ``compact=False`` instead.)
     """
     return run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
                mask=mask, chunk_size=chunk_size, folds=TorchFolds)
