@@ -154,8 +154,6 @@ class TestTRLSuiteLogProbEntropy:
         torch.testing.assert_close(base.grad, ref_in.grad, rtol=1e-3, atol=1e-3)
 
 
-    @pytest.mark.xfail(strict=True, reason="fastppo's ops trace with graph breaks until issue 11 item 1 (custom ops) "
-                       "lands; then this XPASSes: drop the marker")
     def test_torch_compile_fullgraph(self, swapped):
         # TRL compiles with the default backend; aot_eager traces the same graph, cheaply on CPU.
         logits = torch.randn(2, 3, 257, dtype=torch.bfloat16, requires_grad=True)
@@ -166,9 +164,16 @@ class TestTRLSuiteLogProbEntropy:
             lp, ent = K.selective_log_softmax_and_entropy(logits, index, temperature=0.8, row_mask=row_mask)
             return (lp + 0.1 * ent).sum()
 
-        torch.compile(loss, fullgraph=True, backend="aot_eager")(logits, index, row_mask).backward()
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(logits, index, row_mask)
+        compiled.backward()
         assert logits.grad is not None and torch.isfinite(logits.grad).all()
         assert torch.count_nonzero(logits.grad[~row_mask]) == 0
+        # The traced graph computes what eager does (custom ops, not a silent fallback).
+        eager_in = logits.detach().clone().requires_grad_()
+        eager = loss(eager_in, index, row_mask)
+        eager.backward()
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(logits.grad, eager_in.grad)
 
 
 class TestTRLSuiteChunkedLogProbFunction:
