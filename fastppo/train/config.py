@@ -45,6 +45,15 @@ class PPOConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     """Comma-separated module names, or ``all-linear``."""
+    critic_lora_r: int = 0
+    """LoRA rank of the critic's backbone (same target modules and dropout as the actor's); its value
+    head stays fully trainable. 0 trains the whole critic."""
+    critic_lora_alpha: int = 16
+
+    # --- memory ---------------------------------------------------------------------------
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass of the updates instead of
+    keeping them (actor and critic): less memory, about one more forward's time per update."""
 
     # --- rollout --------------------------------------------------------------------------
     iterations: int = 60
@@ -168,9 +177,10 @@ class PPOConfig:
             raise ConfigError(f"extra must be a mapping of names to values, got {_show(self.extra)}")
 
         for name in ("iterations", "batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
-                     "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha", "num_generations"):
+                     "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha", "num_generations",
+                     "critic_lora_alpha"):
             _at_least(self, name, 1, "an integer >= 1")
-        for name in ("lora_r", "warmup_steps", "save_every", "num_threads"):
+        for name in ("lora_r", "critic_lora_r", "warmup_steps", "save_every", "num_threads"):
             _at_least(self, name, 0, "an integer >= 0")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"{_opt('seed')} must be an integer in [0, 2**63), got {self.seed}")
@@ -230,6 +240,9 @@ class PPOConfig:
         if self.advantage_estimator != "gae" and self.critic_model is not None:
             raise ConfigError(f"{_opt('critic_model')} is given, but {_opt('advantage_estimator')} "
                               f"{self.advantage_estimator} uses no critic; leave it unset or use gae")
+        if self.advantage_estimator != "gae" and self.critic_lora_r > 0:
+            raise ConfigError(f"{_opt('critic_lora_r')} is {self.critic_lora_r}, but {_opt('advantage_estimator')} "
+                              f"{self.advantage_estimator} uses no critic; leave it at 0 or use gae")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
@@ -237,7 +250,7 @@ class PPOConfig:
             raise ConfigError(
                 f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
                 f"({self.micro_batch_size})")
-        if self.lora_r > 0 and not lora_targets(self.lora_target_modules):
+        if (self.lora_r > 0 or self.critic_lora_r > 0) and not lora_targets(self.lora_target_modules):
             raise ConfigError(f"{_opt('lora_target_modules')} must be all-linear or comma-separated module names "
                               f"such as q_proj,v_proj; got {self.lora_target_modules!r}")
         for name in ("output_dir", "prompt_column"):

@@ -197,7 +197,7 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
             raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) + max_new_tokens ({config.max_new_tokens}) "
                               f"= {need} tokens exceeds the context of {where} ({ctx} positions); lower "
                               "--max-prompt-length or --max-new-tokens")
-    if config.lora_r > 0:
+    if config.lora_r > 0 or config.critic_lora_r > 0:
         _check_lora_targets(config, model_configs["model"], config.model or "the built-in model")
     if config.reward_model is not None:
         n = getattr(model_configs["reward_model"], "num_labels", 1)
