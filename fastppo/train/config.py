@@ -140,8 +140,11 @@ class PPOConfig:
     # ---------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "PPOConfig":
-        """Load a ``.yaml``/``.yml`` or ``.toml`` file; ``overrides`` (not None) win over it."""
-        data = load_file(path)
+        """Load a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file; ``overrides`` (not None) win over it.
+
+        TRL ``PPOConfig`` key names in the file are mapped to fastppo's (``fastppo.train.trl_compat``),
+        with one line on stderr per key mapped or ignored."""
+        data = load_trl_or_fastppo(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 
@@ -335,15 +338,16 @@ def coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The option mapping of a ``.yaml``/``.yml`` or ``.toml`` file (dashes in names become underscores)."""
+    """The option mapping of a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (dashes in names become underscores)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} is not a file")
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".yaml", ".yml", ".toml"):
-        raise ConfigError(f"config file {path!r}: expected a .yaml, .yml or .toml file, got {ext or 'no extension'!r}")
+    if ext not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"config file {path!r}: expected a .yaml, .yml, .toml or .json file, got "
+                          f"{ext or 'no extension'!r}")
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
@@ -360,6 +364,14 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    elif ext == ".json":
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                              f"{exc.msg}") from None
     else:
         import yaml
 
@@ -378,6 +390,18 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"config file {path!r}: option names must be text, got {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_trl_or_fastppo(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`load_file`, then TRL key names mapped to fastppo options (notices on stderr)."""
+    import sys
+
+    from .trl_compat import translate
+
+    data, notices = translate(load_file(path))
+    for line in notices:
+        print(line, file=sys.stderr)
+    return data
 
 
 def field_types() -> dict[str, Any]:
