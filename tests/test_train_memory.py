@@ -194,7 +194,8 @@ def test_lora_critic_checkpoint_loads_with_peft_and_resumes(tmp_path):
     assert (critic_dir / "adapter_model.safetensors").is_file()
     assert not (critic_dir / "model.safetensors").exists()  # the adapter only, not a second full model
 
-    resumed = PPOTrainer(small(cut, iterations=3, resume=True, **kw))
+    # Gradient checkpointing changes no number, so a run may resume with it switched off.
+    resumed = PPOTrainer(small(cut, iterations=3, resume=True, **dict(kw, gradient_checkpointing=False)))
     assert resumed.step == 2
     resumed.train()
     a, b = _metrics(straight), _metrics(cut)
@@ -231,3 +232,15 @@ def test_critic_lora_is_refused_without_a_critic_and_flags_exist(tmp_path, capsy
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--gradient-checkpointing" in out and "--critic-lora-r" in out and "--critic-lora-alpha" in out
+
+
+def test_checkpoints_from_before_the_switches_still_resume_and_a_critic_lora_change_is_refused():
+    from fastppo.train import checkpoint
+
+    new = {"options": {"critic_lora_r": 0, "critic_lora_alpha": 16, "lr": 1}, "actor": None, "critic": None,
+           "reward_model": None, "prompts": {"count": 1}}
+    old = {"options": {"lr": 1}, "actor": None, "critic": None, "reward_model": None, "prompts": {"count": 1}}
+    assert checkpoint._differences(old, new) == []  # written before critic_lora_r existed: read as 0
+    assert "gradient_checkpointing" in checkpoint.RUNTIME_OPTIONS
+    changed = dict(new, options=dict(new["options"], critic_lora_r=4))
+    assert checkpoint._differences(old, changed) == ["critic_lora_r is 4 now, was 0"]

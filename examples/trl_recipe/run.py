@@ -173,7 +173,8 @@ def write_config(path: str, base: str, reward: str, output_dir: str, iterations:
         "critic_lora_r: 8           # the critic (from the reward model) trains a LoRA adapter and its value head",
         "num_threads: 1",
     ]
-    if "missing_eos_penalty" in {f for f in PPOConfig.__dataclass_fields__}:  # TODO(lead): unconditional after merging wip-api
+    # TODO(lead): unconditional once wip-api (PPOConfig.missing_eos_penalty) is merged.
+    if "missing_eos_penalty" in PPOConfig.__dataclass_fields__:
         lines.append("missing_eos_penalty: 1.0")
     if quick:
         lines.append("plot: false")

@@ -46,7 +46,8 @@ FORMAT = 2  # trainer_state.pt layout; 1 (fastppo 0.1) was a pickle with numpy a
 # Options a resumed run may change: how long and where it runs, not what it computes.
 RUNTIME_OPTIONS = frozenset({
     "iterations", "resume", "output_dir", "save_every", "progress", "plot", "report_to", "device", "attn_implementation",
-    "bf16", "num_threads", "fused_head", "gradient_checkpointing", "model", "critic_model", "reward_model", "dataset"})  # paths: their contents count
+    "bf16", "num_threads", "fused_head", "gradient_checkpointing",
+    "model", "critic_model", "reward_model", "dataset"})  # paths: their contents count
 
 
 # Options added after checkpoints of this FORMAT were first written, with the value that a

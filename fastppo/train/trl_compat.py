@@ -57,8 +57,11 @@ class Key:
 # value conversions
 
 def _report_to(value: Any) -> str:
-    names = [value] if isinstance(value, str) or value is None else list(value) if isinstance(value, (list, tuple)) else None
-    if names is None:
+    if isinstance(value, str) or value is None:
+        names = [value]
+    elif isinstance(value, (list, tuple)):
+        names = list(value)
+    else:
         raise ConfigError(f"report_to: expected a name or a list of names, got {value!r}")
     names = [n for n in names if n not in (None, "none")]
     if not names:
@@ -125,7 +128,8 @@ KEYS: tuple[Key, ...] = (
         "clip_high defaults to clip_low, as TRL's one cliprange"),
     Key("cliprange_value", _PPO, 0.2, RENAMED, "value_clip", "clipped value loss, the same formula"),
     Key("vf_coef", _PPO, 0.1, SAME, "vf_coef", "value loss weight"),
-    Key("kl_coef", _PPO, 0.05, SAME, "kl_coef", "KL reward penalty per token, fixed (fastppo's kl_target makes it adaptive)"),
+    Key("kl_coef", _PPO, 0.05, SAME, "kl_coef",
+        "KL reward penalty per token, fixed (fastppo's kl_target makes it adaptive)"),
     Key("kl_estimator", _PPO, "k1", SAME, "kl_estimator", "k1 or k3 (fastppo also has abs and k2)"),
     Key("gamma", _PPO, 1.0, SAME, "gamma", "GAE discount"),
     Key("lam", _PPO, 0.95, SAME, "lam", "GAE lambda"),
@@ -207,7 +211,8 @@ KEYS: tuple[Key, ...] = (
     Key("logging_dir", _OLD_TA, None, IGNORED, None, "TensorBoard events go to output_dir/tensorboard"),
     Key("run_name", _TA, None, IGNORED, None, "wandb takes WANDB_NAME"),
     Key("exp_name", _PPO, "ppo_config", IGNORED, None, "not used"),
-    Key("push_to_hub", _TA, False, IGNORED, None, "nothing is uploaded; the output directory loads with from_pretrained"),
+    Key("push_to_hub", _TA, False, IGNORED, None,
+        "nothing is uploaded; the output directory loads with from_pretrained"),
     Key("hub_model_id", _TA, None, IGNORED, None, "nothing is uploaded"),
     Key("eval_strategy", _TA, "no", IGNORED, None, "fastppo runs no evaluation"),
     Key("eval_steps", _TA, None, IGNORED, None, "fastppo runs no evaluation"),
@@ -398,7 +403,8 @@ def _default_differences(data: dict[str, Any], out: dict[str, Any]) -> list[str]
             differ.append(f"{key.fastppo} {_shown(ours)} (TRL {key.name} {_shown(key.trl_default)})")
     if not differ:
         return []
-    return [f"fastppo train: config: options the file leaves out keep fastppo's defaults, not TRL's: {'; '.join(differ)}"]
+    return ["fastppo train: config: options the file leaves out keep fastppo's defaults, not TRL's: "
+            + "; ".join(differ)]
 
 
 def markdown_table() -> str:
