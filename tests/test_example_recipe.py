@@ -48,6 +48,7 @@ def test_each_step_leaves_what_the_next_one_loads(recipe):
             assert r[key] == r[key] and abs(r[key]) < 1e6, (key, r[key])
     # 4: the policy that was loaded with AutoPeftModelForCausalLM is a LoRA r=32 alpha=8 adapter on every
     # linear layer, whose base is the SFT model, and it produced text
+    assert os.path.samefile(samples["policy"], work / "ppo")  # loaded from OUTPUT_DIR itself, as TRL's recipe does
     adapter = json.load(open(os.path.join(samples["policy"], "adapter_config.json")))
     assert (adapter["r"], adapter["lora_alpha"]) == (32, 8)
     # all-linear, as peft records it: every linear layer of both decoder layers by full name, no lm_head
@@ -69,10 +70,11 @@ def test_the_config_was_written_in_trl_names_and_mapped(recipe):
     assert "TRL key total_episodes: 16 -> iterations: 2" in err
     assert "mini_batch_size: 4 (per optimizer step), batch_size: 8" in err
     saved = open(work / "ppo" / "checkpoints" / "step-00000002" / "config.yaml").read()
-    for line in ("lora_r: 32", "lora_alpha: 8", "lora_target_modules: all-linear", "prompt_column: question",
+    for line in ("missing_eos_penalty: 1.0", "lora_r: 32", "lora_alpha: 8", "lora_target_modules: all-linear", "prompt_column: question",
                  "critic_lora_r: 8", "gradient_checkpointing: true", "ppo_epochs: 2"):
         assert line in saved, line
     # the critic trained a LoRA adapter on the reward model, not a second full model
     ckpt = work / "ppo" / "checkpoints" / "step-00000002"
-    assert (ckpt / "critic" / "adapter_model.safetensors").is_file()
-    assert not (ckpt / "critic" / "model.safetensors").exists()
+    for critic in (ckpt / "critic", work / "ppo" / "critic"):
+        assert (critic / "adapter_model.safetensors").is_file()
+        assert not (critic / "model.safetensors").exists()

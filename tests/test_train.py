@@ -298,13 +298,16 @@ def test_reward_model_with_other_tokenizer_is_rejected(tmp_path, assets):
 
 
 def test_dataset_column_and_chat_template(tmp_path, assets):
-    csv = tmp_path / "p.csv"
-    csv.write_text("id,text\n1,the movie was\n2,this film is\n")
-    cfg = small(tmp_path / "out", model=assets["model"], dataset=str(csv), reward="sentiment", batch_size=4,
+    two = tmp_path / "two.csv"  # two text columns: which one holds the prompts is not guessed
+    two.write_text("title,text\nx,the movie was\ny,this film is\n")
+    cfg = small(tmp_path / "out", model=assets["model"], dataset=str(two), reward="sentiment", batch_size=4,
                 mini_batch_size=4)
-    with pytest.raises(ConfigError, match="no column 'prompt'"):
+    with pytest.raises(ConfigError, match="no column 'prompt'.*more than one text column"):
         PPOTrainer(cfg)
-    trainer = PPOTrainer(cfg.replace(prompt_column="text"))
+    assert PPOTrainer(cfg.replace(prompt_column="text")).prompts == ["the movie was", "this film is"]
+    csv = tmp_path / "p.csv"  # one text column (the other holds numbers): it is the prompt column
+    csv.write_text("id,text\n1,the movie was\n2,this film is\n")
+    trainer = PPOTrainer(cfg.replace(dataset=str(csv)))
     assert trainer.prompts == ["the movie was", "this film is"]
     row = trainer.iteration()  # fewer prompts than batch_size: the sampler cycles
     assert row["step"] == 1

@@ -102,7 +102,6 @@ CASES: list[tuple[str, list[str], str]] = [
     ("device-tpu", T("--device", "tpu"), "device"),
     ("device-cuda-absent", T("--device", "cuda:7"), "device"),
     ("device-empty", T("--device", ""), "device"),
-    ("bf16-on-cpu", T("--bf16", "--device", "cpu"), "bf16"),
     ("attn-unknown", T("--attn-implementation", "flash"), "attn_implementation"),
     ("attn-flash2-on-cpu", T("--attn-implementation", "flash_attention_2", "--device", "cpu"), "flash"),
     ("lora-r-neg", T("--lora-r", "-1"), "lora_r"),
@@ -146,6 +145,13 @@ CASES: list[tuple[str, list[str], str]] = [
     ("dataset-number-prompts", T(*MODEL, "--dataset", "{number_jsonl}"), "prompt"),
     ("dataset-is-dir", T(*MODEL, "--dataset", "{dir_jsonl}"), "dataset"),
     ("prompt-column-empty", T(*MODEL, "--prompt-column", ""), "prompt_column"),
+    ("chat-template-unknown", T(*MODEL, "--chat-template", "chatml"), "chat_template"),
+    # --- generation -------------------------------------------------------------------------
+    ("stop-token-neg", T("--stop-token-id", "-1"), "stop_token_id"),
+    ("stop-token-outside-vocab", T("--stop-token-id", "40"), "stop_token_id"),
+    ("stop-token-text", T("--stop-token-id", "eos"), "--stop-token-id"),
+    ("missing-eos-penalty-neg", T("--missing-eos-penalty", "-1"), "missing_eos_penalty"),
+    ("missing-eos-penalty-nan", T("--missing-eos-penalty", "nan"), "missing_eos_penalty"),
     # --- config files -----------------------------------------------------------------------
     ("yaml-malformed", ["train", "--config", "{yaml_malformed}", *QUICK], "{yaml_malformed}"),
     ("yaml-not-utf8", ["train", "--config", "{yaml_latin1}", *QUICK], "UTF-8"),
@@ -168,6 +174,8 @@ CASES: list[tuple[str, list[str], str]] = [
      "trainer_state.pt"),
     ("resume-other-config", ["train", *QUICK, "--output-dir", "{good_run}", "--resume", "--iterations", "3",
                              "--learning-rate", "0.5"], "learning_rate"),
+    ("new-run-into-a-run", ["train", *QUICK, "--output-dir", "{good_run}"], "--overwrite"),
+    ("resume-and-overwrite", T("--resume", "--overwrite"), "overwrite"),
     # --- bench and verify -------------------------------------------------------------------
     ("bench-reps-0", ["bench", "--quick", "--ops", "gae", "--reps", "0"], "--reps"),
     ("bench-reps-neg", ["bench", "--quick", "--ops", "gae", "--reps", "-1"], "--reps"),
@@ -243,7 +251,7 @@ def make_files(tmp: str) -> dict[str, str]:
     p["latin1_jsonl"] = write("latin1.jsonl", '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     p["bad_parquet"] = write("bad.parquet", "PAR1 this is not parquet")
     p["txt"] = write("prompts.txt", "the movie was\n")
-    p["other_column_jsonl"] = write("other.jsonl", '{"text": "the movie was"}\n')
+    p["other_column_jsonl"] = write("other.jsonl", '{"title": "x", "text": "the movie was"}\n')
     p["null_jsonl"] = write("null.jsonl", '{"prompt": "the movie was"}\n{"prompt": null}\n')
     p["number_jsonl"] = write("number.jsonl", '{"prompt": 1}\n{"prompt": 2}\n')
     p["dir_jsonl"] = os.path.join(tmp, "dir.jsonl")
@@ -435,16 +443,25 @@ def test_every_bad_input_as_a_subprocess(runs):
     assert [r for r in results if not r["clean"]] == []
 
 
-def test_a_fresh_run_over_old_checkpoints_warns(runs, tmp_path, capsys):
+def test_a_fresh_run_over_another_run_is_refused_unless_overwrite(runs, tmp_path, capsys):
     import shutil
 
     import fastppo
 
     out = str(tmp_path / "again")
     shutil.copytree(runs["good_run"], out)
+    argv = [a.format(**runs) for a in T("--output-dir", out)]
+    rc, err = _in_process(argv, capsys)
+    assert rc == 2 and "holds another run (checkpoints, critic, metrics.jsonl, model.safetensors)" in err and "--overwrite" in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-00000001"]  # untouched
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 99, "score_mean": 5.0}\n')  # a line no new run may keep
     with fastppo.use_backend("torch"):
-        rc, err = _in_process([a.format(**runs) for a in T("--output-dir", out)], capsys)
-    assert rc == 0 and "holds checkpoints of an earlier run (newest: step-00000001)" in err
+        rc, err = _in_process([*argv, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert "removed the previous run's" in err
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1]
 
 
 def test_debug_shows_the_traceback(capsys):

@@ -244,3 +244,33 @@ def test_checkpoints_from_before_the_switches_still_resume_and_a_critic_lora_cha
     assert "gradient_checkpointing" in checkpoint.RUNTIME_OPTIONS
     changed = dict(new, options=dict(new["options"], critic_lora_r=4))
     assert checkpoint._differences(old, changed) == ["critic_lora_r is 4 now, was 0"]
+
+
+def test_switches_apply_to_models_given_in_memory(tmp_path):
+    """PPOTrainer(config, model=..., reward_model=...) as TRL users call it: the critic (a copy of the
+    in-memory reward model) gets its LoRA adapter, and both models checkpoint their layers."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fastppo.train import PPOConfig
+    from fastppo.train.models import _CHECKPOINTED
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(builtin.build_model_config())
+    rm = AutoModelForSequenceClassification.from_config(builtin.build_model_config(num_labels=1))
+    rm_head = rm.score.weight.detach().clone()
+    cfg = PPOConfig(output_dir=str(tmp_path / "run"), iterations=1, batch_size=8, mini_batch_size=4,
+                    micro_batch_size=4, max_new_tokens=4, ppo_epochs=1, progress=False, plot=False,
+                    critic_lora_r=2, gradient_checkpointing=True)
+    trainer = PPOTrainer(cfg, model=policy, reward_model=rm, tokenizer=builtin.build_tokenizer(),
+                         train_dataset=datasets.Dataset.from_dict({"prompt": builtin.prompts()[:16]}))
+    assert hasattr(trainer.critic.model, "peft_config")
+    trainable = sum(p.numel() for p in trainer.critic.parameters() if p.requires_grad)
+    assert trainable == 2 * 2 * (4 * 128 + 3 * 192) + 64  # r=2 on 7 linear layers x 2 layers, plus the head
+    assert len(getattr(trainer.actor, _CHECKPOINTED)) == 2 and len(getattr(trainer.critic.model, _CHECKPOINTED)) == 2
+    torch.testing.assert_close(trainer.critic.head(torch.eye(64)).squeeze(1), rm_head[0])
+    row = trainer.iteration()
+    assert torch.isfinite(torch.tensor([row["policy_loss"], row["value_loss"]])).all()
+    assert torch.equal(rm.score.weight, rm_head)  # the reward model itself stays frozen
+    trainer.train()
+    assert (tmp_path / "run" / "critic" / "adapter_model.safetensors").is_file()  # the final critic: adapter only

@@ -18,7 +18,6 @@ Everything is written under --workdir (default ./trl_recipe_run). Nothing is dow
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -136,8 +135,6 @@ def train_reward_model(base: str, path: str, steps: int, seed: int) -> float:
 # 3. fastppo train, configured with TRL's PPOConfig names
 
 def write_config(path: str, base: str, reward: str, output_dir: str, iterations: int, quick: bool) -> None:
-    from fastppo.train.config import PPOConfig
-
     per_device, minis = 4, 2  # 8 responses per iteration in 2 mini-batches
     lines = [
         "# TRL PPOConfig / ModelConfig names; fastppo maps each and says so in one line.",
@@ -155,6 +152,7 @@ def write_config(path: str, base: str, reward: str, output_dir: str, iterations:
         "stop_token: eos",
         "temperature: 0.7",
         "kl_coef: 0.05",
+        "missing_eos_penalty: 1.0   # subtracted from the score of a response cut off before its EOS",
         "cliprange: 0.2",
         "cliprange_value: 0.2",
         "vf_coef: 0.1",
@@ -173,9 +171,6 @@ def write_config(path: str, base: str, reward: str, output_dir: str, iterations:
         "critic_lora_r: 8           # the critic (from the reward model) trains a LoRA adapter and its value head",
         "num_threads: 1",
     ]
-    # TODO(lead): unconditional once wip-api (PPOConfig.missing_eos_penalty) is merged.
-    if "missing_eos_penalty" in PPOConfig.__dataclass_fields__:
-        lines.append("missing_eos_penalty: 1.0")
     if quick:
         lines.append("plot: false")
     with open(path, "w", encoding="utf-8") as f:
@@ -196,18 +191,6 @@ def run_fastppo(config: str, quick: bool) -> None:
 
 # --------------------------------------------------------------------------------------------
 # 4. load the result as TRL's recipe does, merge the adapter, generate
-
-def trained_policy(output_dir: str) -> str:
-    """The directory holding the trained LoRA adapter."""
-    # TODO(lead): once wip-api writes the final policy to OUTPUT_DIR itself (issue 13, item 8), the first
-    # branch is the one taken and the checkpoint fallback can go.
-    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
-        return output_dir
-    found = sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step-*", "actor")))
-    if not found:
-        raise SystemExit(f"no trained policy under {output_dir}")
-    return found[-1]
-
 
 def generate(policy_dir: str, questions: list[str]) -> list[str]:
     import torch
@@ -261,7 +244,7 @@ def main() -> int:
     run_fastppo(config, args.quick)
 
     step("4/4 AutoPeftModelForCausalLM + merge_and_unload, then generate")
-    policy = trained_policy(output)
+    policy = output  # fastppo train writes the final adapter, its config and the tokenizer into output_dir
     questions = [row["question"] for row in read_jsonl(os.path.join(DATA, "prompts.jsonl"))[:3]]
     answers = generate(policy, questions)
     for q, a in zip(questions, answers):

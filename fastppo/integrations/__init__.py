@@ -6,7 +6,8 @@
 * ``fastppo.integrations.openrlhf``: ``PolicyLoss`` and ``ValueLoss`` modules and
   ``get_advantages_and_returns`` with OpenRLHF's signatures and numbers.
 * ``fastppo.integrations.trl``: ``patch()`` / ``unpatch()`` / ``patched()`` swapping TRL's
-  ``selective_log_softmax`` and ``entropy_from_logits`` for fastppo's.
+  ``selective_log_softmax``, ``entropy_from_logits``, ``selective_log_softmax_and_entropy`` (utils
+  and ``trl.kernels``) and ``trl.kernels.ChunkedLogProbFunction`` (GRPO's fused LM head) for fastppo's.
 
 The peers are optional extras: none of these modules imports its peer at import time except
 ``fastppo.integrations.verl``, which installs itself into verl when verl is importable (that

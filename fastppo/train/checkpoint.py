@@ -16,6 +16,10 @@
   changes the experiment, the model configs and a hash of the prompts);
 * ``config.yaml``: the configuration that wrote it.
 
+At the end of a finished run ``save_final`` also writes the policy and its tokenizer into
+``OUTPUT_DIR`` itself and the critic into ``OUTPUT_DIR/critic``; ``check_run_dir`` keeps a new run
+out of a directory that holds another one unless ``overwrite`` (``clear_outputs``) or ``resume``.
+
 Everything is written into a hidden temporary directory next to the final one, every file and
 directory in it is fsync'ed, and it is then renamed; a rename within one filesystem is atomic,
 so a directory named ``step-*`` is always complete. ``--resume`` still checks each checkpoint
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .api import is_peft
 from .config import ConfigError
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -150,15 +155,28 @@ def _model_identity(path: str | None) -> dict[str, Any] | None:
     return {"config": data, "weights_sample_sha256": digest.hexdigest()}
 
 
-def fingerprint(config, model_path: str, prompts: list[Any]) -> dict[str, Any]:
-    """JSON-able description of the experiment: options, model configs, prompts."""
+def fingerprint(config, model_path: str | None, prompts: list[Any],
+                objects: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON-able description of the experiment: options, model configs, prompts.
+
+    ``objects`` maps roles (``actor``, ``critic``, ``reward_model``) to models given in memory, which
+    stand in for the directory of that role.
+    """
+    from .api import identity
+
+    objects = objects or {}
     options = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_OPTIONS}
     digest = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
     critic_path = config.critic_model or config.reward_model or model_path
     if getattr(config, "advantage_estimator", "gae") != "gae":
         critic_path = None  # critic-free: no critic model is part of the experiment
-    return {"options": json.loads(json.dumps(options, default=str)), "actor": _model_identity(model_path),
-            "critic": _model_identity(critic_path), "reward_model": _model_identity(config.reward_model),
+
+    def role(name: str, path: str | None) -> dict[str, Any] | None:
+        return identity(objects[name]) if objects.get(name) is not None else _model_identity(path)
+
+    critic = role("critic", critic_path) if critic_path is not None or objects.get("critic") is not None else None
+    return {"options": json.loads(json.dumps(options, default=str)), "actor": role("actor", model_path),
+            "critic": critic, "reward_model": role("reward_model", config.reward_model),
             "prompts": {"count": len(prompts), "sha256": digest}}
 
 
@@ -394,3 +412,113 @@ def resume(trainer, candidates: list[str]) -> str | None:
         raise ConfigError(f"--resume: no usable checkpoint under {os.path.dirname(candidates[0])} "
                           f"({'; '.join(skipped)}); remove them to start over, or choose another --output-dir")
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# the run directory: one run per directory, and the final model in it
+
+RUNTIME_OPTIONS = RUNTIME_OPTIONS | {"overwrite"}  # clearing the directory changes nothing a run computes
+_ADDED_OPTIONS.update({"chat_template": "auto", "stop_token_id": None, "missing_eos_penalty": None})
+
+# What a run writes at the top of output_dir (builtin/, the built-in task's generated model and
+# prompts, is the same for every run and stays).
+RUN_OUTPUTS = ("metrics.jsonl", "metrics.png", "checkpoints", "critic", "tensorboard", "wandb")
+_MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                          r"model\.safetensors\.index\.json|adapter_config\.json|adapter_model\.safetensors|"
+                          r"tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|chat_template\.jinja|"
+                          r"added_tokens\.json|vocab\.(json|txt)|merges\.txt)$")
+_FINAL_TMP = re.compile(r"^\.tmp-final-\d+")
+
+
+def previous_outputs(output_dir: str) -> list[str]:
+    """Names in ``output_dir`` that another run wrote there (empty when there is none)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name == "checkpoints":
+            if os.path.isdir(path) and any(_NAME.match(n) for n in os.listdir(path)):
+                found.append(name)
+        elif name in ("metrics.jsonl", "adapter_config.json", "model.safetensors", "model.safetensors.index.json",
+                      "critic"):
+            found.append(name)
+    return found
+
+
+def check_run_dir(config) -> None:
+    """``ConfigError`` for a new run (no ``resume``, no ``overwrite``) into another run's directory."""
+    if config.resume and config.overwrite:
+        raise ConfigError("resume (--resume) continues the run in output_dir and overwrite (--overwrite) clears it; "
+                          "give one of them")
+    if config.resume or config.overwrite:
+        return
+    found = previous_outputs(config.output_dir)
+    if found:
+        raise ConfigError(f"output_dir (--output-dir) {config.output_dir!r} holds another run ({', '.join(found)}); "
+                          "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir")
+
+
+def clear_outputs(output_dir: str) -> list[str]:
+    """Remove what a run writes in ``output_dir`` (never other files); returns the names removed."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name in RUN_OUTPUTS or _MODEL_FILES.match(name) or _FINAL_TMP.match(name):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def save_final(trainer) -> str:
+    """Write the trained policy (the LoRA adapter, or the whole model) and its tokenizer into
+    ``output_dir`` itself, and the critic into ``output_dir/critic``; returns ``output_dir``.
+
+    Everything is written into a hidden directory first and then moved in, so a crash leaves
+    either the previous files or the new ones, never a half-written weights file.
+    """
+    out = trainer.config.output_dir
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f".tmp-final-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.actor.save_pretrained(tmp)
+    trainer.tokenizer.save_pretrained(tmp)
+    if trainer.critic is not None:
+        trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
+        trainer.tokenizer.save_pretrained(os.path.join(tmp, "critic"))
+    readme = os.path.join(tmp, "README.md")  # peft's model card template; never overwrite the user's README
+    if os.path.exists(readme):
+        os.remove(readme)
+    # A full model and an adapter in one directory would make from_pretrained pick one silently.
+    stale = (("adapter_config.json", "adapter_model.safetensors") if not is_peft(trainer.actor)
+             else ("model.safetensors", "model.safetensors.index.json"))
+    fsync_tree(tmp)
+    for name in stale:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    for name in sorted(os.listdir(tmp)):
+        src, dst = os.path.join(tmp, name), os.path.join(out, name)
+        if os.path.isdir(src):
+            if os.path.exists(dst):
+                old = os.path.join(out, f".tmp-final-{os.getpid()}-old-{name}")
+                os.rename(dst, old)
+                os.rename(src, dst)
+                shutil.rmtree(old)
+            else:
+                os.rename(src, dst)
+        else:
+            os.replace(src, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _fsync(out, directory=True)
+    if is_peft(trainer.actor):
+        base = next(iter(trainer.actor.peft_config.values())).base_model_name_or_path
+        if not base:  # a local directory is stored absolute, a hub name as it is; nothing names this one
+            print(f"fastppo train: note: the adapter in {out} names no base model (it was built in memory); save "
+                  "the base model and set base_model_name_or_path in adapter_config.json to load it with "
+                  "AutoPeftModelForCausalLM", file=sys.stderr)
+    return out

@@ -14,7 +14,7 @@ from .config import (ADVANTAGE_ESTIMATORS, AGG_MODES, ATTN_IMPLEMENTATIONS, ESTI
 
 _CHOICES = {"loss_agg": AGG_MODES, "kl_estimator": ESTIMATORS, "lr_schedule": LR_SCHEDULES,
             "attn_implementation": ATTN_IMPLEMENTATIONS, "report_to": REPORT_TO,
-            "advantage_estimator": ADVANTAGE_ESTIMATORS}
+            "advantage_estimator": ADVANTAGE_ESTIMATORS, "chat_template": ("auto", "none")}
 
 _NONE = object()  # "--value-clip none": unset an option, distinct from "flag not given"
 
@@ -195,14 +195,6 @@ def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
         print(f"resumed from {trainer.resumed_from} at iteration {trainer.step}")
     elif config.resume:
         print(f"--resume: no checkpoint under {config.output_dir}/checkpoints yet; starting from iteration 0")
-    else:
-        from .checkpoint import latest_checkpoint
-
-        stale = latest_checkpoint(config.output_dir)
-        if stale:
-            print(f"fastppo train: warning: {config.output_dir} holds checkpoints of an earlier run (newest: "
-                  f"{os.path.basename(stale)}); this run starts from iteration 0 and replaces metrics.jsonl and "
-                  "the checkpoints it reaches; pass --resume to continue instead", file=sys.stderr)
     summary = trainer.train()
     if summary.get("interrupted"):
         print(f"fastppo train: stopped by {summary['interrupted']} after iteration {trainer.step} of "
@@ -226,6 +218,13 @@ def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
 
         print(f"tensorboard: tensorboard --logdir {tensorboard_dir(config.output_dir)}")
     print(f"checkpoint: {summary['checkpoint']}")
+    if summary.get("model_dir"):
+        from .api import is_peft
+
+        how = ("peft.AutoPeftModelForCausalLM" if is_peft(trainer.actor) else "transformers.AutoModelForCausalLM")
+        print(f"model: {summary['model_dir']} (load with {how}.from_pretrained; the critic is in "
+              f"{os.path.join(summary['model_dir'], 'critic')})" if trainer.critic is not None else
+              f"model: {summary['model_dir']} (load with {how}.from_pretrained)")
     return 0
 
 

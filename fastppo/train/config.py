@@ -34,9 +34,18 @@ class PPOConfig:
     dataset: str | None = None
     """Local JSONL / JSON / CSV / Parquet file with the prompts. None: the built-in prompts."""
     prompt_column: str = "prompt"
+    """Column of the dataset holding the prompts: text, chat messages, or token ids. Left at ``prompt``
+    and absent, the dataset's ``messages``, then ``input_ids``, then its only text column is used."""
+    chat_template: str = "auto"
+    """``auto``: chat messages go through the tokenizer's chat template, and so do text prompts (as one
+    user message) unless they already carry it (they begin or end with its markers); ``none``: text
+    prompts are tokenised as they are (chat messages then need ``auto``)."""
     output_dir: str = "runs/fastppo"
     resume: bool = False
     """Continue from the newest checkpoint in ``output_dir/checkpoints``."""
+    overwrite: bool = False
+    """Clear a previous run's outputs in output_dir (metrics, plots, checkpoints, the saved model) before
+    starting. Without it (or --resume) a run into a directory holding another run is refused."""
 
     # --- LoRA -----------------------------------------------------------------------------
     lora_r: int = 0
@@ -66,6 +75,11 @@ class PPOConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    stop_token_id: int | None = None
+    """A token id that ends a response as EOS does (both stop it); none: EOS only."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of each response that does not end with EOS or stop_token_id (cut off by
+    max_new_tokens), as TRL's option of that name; none: no penalty."""
 
     # --- optimisation ---------------------------------------------------------------------
     ppo_epochs: int = 2
@@ -324,16 +338,22 @@ _KIND = {bool: "true or false", int: "an integer", float: "a finite number", str
 
 
 def coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string; turn such strings into floats for float options."""
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; turn such strings into floats for float options
+    (and into integers for integer options when they hold a whole number, as ``1e3``)."""
     hints = field_types()
     out = dict(data)
     for name, value in data.items():
         tp = hints.get(name)
-        if isinstance(value, str) and tp is not None and float in (typing.get_args(tp) or (tp,)):
-            try:
+        if not isinstance(value, str) or tp is None:
+            continue
+        kinds = typing.get_args(tp) or (tp,)
+        try:
+            if float in kinds:
                 out[name] = float(value)
-            except ValueError:
-                pass
+            elif int in kinds and bool not in kinds and math.isfinite(float(value)) and float(value).is_integer():
+                out[name] = int(float(value))
+        except ValueError:
+            pass
     return out
 
 

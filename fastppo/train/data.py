@@ -1,8 +1,10 @@
-"""Prompts: a local file through ``datasets.load_dataset``, tokenised once, sampled per iteration."""
+"""Prompts: a local file through ``datasets.load_dataset``, or a ``datasets.Dataset`` / list of dicts
+given in Python; text, chat messages or token ids; tokenised once, sampled per iteration."""
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -46,21 +48,103 @@ def load_prompts(path: str, column: str) -> list[Any]:
         raise ConfigError(f"dataset {path!r} cannot be read as {path.rsplit('.', 1)[-1].upper()} ({why})") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
-    if column not in ds.column_names:
-        raise ConfigError(f"dataset {path!r} has no column {column!r}; its columns are {ds.column_names} "
-                          "(choose one with --prompt-column)")
+    return prompts_from_dataset(ds, column, f"dataset {path!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# prompts from a dataset: text, chat messages or token ids, from a named column or found
+
+CHAT_COLUMN, IDS_COLUMN = "messages", "input_ids"
+
+
+def _columns(ds) -> list[str]:
+    if isinstance(ds, list):
+        names: dict[str, None] = {}
+        for row in ds:
+            names.update(dict.fromkeys(row))
+        return list(names)
+    return list(ds.column_names)
+
+
+def _text_columns(ds) -> list[str]:
+    """Columns that hold text in every row."""
+    if isinstance(ds, list):
+        return [c for c in _columns(ds) if all(isinstance(r.get(c), str) for r in ds)]
+    features = getattr(ds, "features", None) or {}
+    return [c for c in ds.column_names if getattr(features.get(c), "dtype", None) in ("string", "large_string")]
+
+
+def pick_column(ds, column: str, where: str) -> str:
+    """The column holding the prompts: ``column`` when present; when the default ``prompt`` is absent,
+    ``messages`` (whole conversations), then ``input_ids`` (tokenised), then the only text column."""
+    names = _columns(ds)
+    if column in names:
+        return column
+    if column == "prompt":
+        found = None
+        if CHAT_COLUMN in names:
+            found = CHAT_COLUMN
+        elif IDS_COLUMN in names:
+            found = IDS_COLUMN
+        elif len(texts := _text_columns(ds)) == 1:
+            found = texts[0]
+        if found is not None:
+            print(f"fastppo train: {where} has no 'prompt' column; prompts come from its {found!r} column "
+                  "(--prompt-column chooses another)", file=sys.stderr)
+            return found
+        more = "; it has more than one text column" if len(_text_columns(ds)) > 1 else ""
+        raise ConfigError(f"{where} has no column 'prompt'; its columns are {names}{more} (choose one with "
+                          "--prompt-column, or name it prompt, messages or input_ids)")
+    raise ConfigError(f"{where} has no column {column!r}; its columns are {names} (choose one with --prompt-column)")
+
+
+def _conversation_prompt(messages: list) -> list:
+    """A whole conversation's prompt: its messages up to the last one that is not the assistant's."""
+    keep = len(messages)
+    while keep and isinstance(messages[keep - 1], dict) and messages[keep - 1].get("role") == "assistant":
+        keep -= 1
+    return list(messages[:keep])
+
+
+def _is_ids(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                    for t in p)
+
+
+def _is_chat(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                    for m in p)
+
+
+def prompts_from_dataset(ds, column: str, where: str = "the train_dataset") -> list[Any]:
+    """Prompts of a ``datasets.Dataset`` or a list of dicts: each a string, a list of chat messages
+    ``[{"role", "content"}]`` or a list of token ids (an already tokenised dataset)."""
+    if isinstance(ds, list):
+        if not all(isinstance(r, dict) for r in ds):
+            bad = next(r for r in ds if not isinstance(r, dict))
+            raise ConfigError(f"{where}: expected a datasets.Dataset or a list of dicts (one per row), got a list "
+                              f"holding {bad!r:.60}")
+    elif isinstance(ds, dict):  # a DatasetDict: load_dataset(...) without split=
+        raise ConfigError(f"{where}: expected one split, got a {type(ds).__name__} of splits {list(ds)}; pass "
+                          "dataset['train'] (or load_dataset(..., split='train'))")
+    elif not hasattr(ds, "column_names") or not hasattr(ds, "__len__"):
+        raise ConfigError(f"{where}: expected a datasets.Dataset or a list of dicts, got {type(ds).__name__} "
+                          "(a streaming IterableDataset has no length to sample epochs from)")
+    if len(ds) == 0:
+        raise ConfigError(f"{where} has no rows (only a header?); expected one prompt per row")
+    column = pick_column(ds, column, where)
     try:
-        rows = list(ds[column])
+        rows = [r.get(column) for r in ds] if isinstance(ds, list) else list(ds[column])
     except Exception as exc:  # noqa: BLE001 - pyarrow reports bad cells only when they are read
-        raise ConfigError(f"dataset {path!r}: column {column!r} cannot be read ({' '.join(str(exc).split())[:200]})") from None
+        raise ConfigError(f"{where}: column {column!r} cannot be read ({' '.join(str(exc).split())[:200]})") from None
     if not rows:
-        raise ConfigError(f"dataset {path!r} has no rows (only a header?); expected one prompt per row")
+        raise ConfigError(f"{where} has no rows (only a header?); expected one prompt per row")
+    if column == CHAT_COLUMN:
+        rows = [_conversation_prompt(p) if isinstance(p, list) else p for p in rows]
     for i, p in enumerate(rows):
-        ok = isinstance(p, str) or (isinstance(p, list) and p and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in p))
-        if not ok:
-            raise ConfigError(f"dataset {path!r}, row {i + 1}: column {column!r} holds {p!r:.60}; expected text or "
-                              "a list of chat messages {'role': ..., 'content': ...}")
+        if not (isinstance(p, str) or _is_chat(p) or _is_ids(p)):
+            raise ConfigError(f"{where}, row {i + 1}: column {column!r} holds {p!r:.60}; expected text, a list of "
+                              "chat messages {'role': ..., 'content': ...} or a list of token ids")
     return rows
 
 
@@ -80,32 +164,92 @@ def _need_utf8(path: str) -> None:
                           "UTF-8") from None
 
 
-def prompt_text(prompt: Any) -> str:
-    """What a reward function sees as the prompt: the string, or the last user message."""
+def prompt_text(prompt: Any, tokenizer=None) -> str:
+    """What a reward function sees as the prompt: the string, the last message, or the decoded ids."""
     if isinstance(prompt, str):
         return prompt
+    if _is_ids(prompt) and tokenizer is not None:
+        return tokenizer.decode(prompt, skip_special_tokens=True)
     if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
         return str(prompt[-1].get("content", ""))
     return str(prompt)
 
 
-def encode_prompts(tokenizer, prompts: list[Any], max_length: int) -> list[list[int]]:
-    """Token ids of each prompt, chat template applied when the tokenizer has one.
+CHAT_TEMPLATE_MODES = ("auto", "none")
+_PROBE = "\x00fastppo-prompt\x00"
 
-    Long prompts keep their last ``max_length`` tokens: the end is what the response continues.
+
+def template_markers(tokenizer) -> tuple[str, str]:
+    """``(before, after)``: the text the chat template puts around one user message and the generation
+    prompt (whitespace stripped), kept only when it holds one of the tokenizer's special tokens, so that
+    plain words are never mistaken for a template. ``("", "")`` without a template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return "", ""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that needs more than one user message
+        return "", ""
+    if _PROBE not in text:
+        return "", ""
+    before, after = (part.strip() for part in text.split(_PROBE, 1))
+    special = [t for t in set(getattr(tokenizer, "all_special_tokens", [])) | set(
+        getattr(tokenizer, "get_added_vocab", dict)()) if t]
+
+    def marked(part: str) -> str:
+        return part if any(t in part for t in special) else ""
+
+    # The text before the message often holds a default system prompt that a user's own templating may
+    # have replaced: its first special token is what every templated prompt starts with.
+    head = marked(before)
+    starts = [t for t in special if head.startswith(t)]
+    if starts:
+        head = max(starts, key=len)
+    return head, marked(after)
+
+
+def has_chat_template(tokenizer, text: str, markers: tuple[str, str] | None = None) -> bool:
+    """True when ``text`` already went through ``tokenizer``'s chat template (starts with what the
+    template puts before a message, or ends with its generation prompt)."""
+    before, after = markers if markers is not None else template_markers(tokenizer)
+    return bool(before and text.lstrip().startswith(before)) or bool(after and text.rstrip().endswith(after))
+
+
+def encode_prompts(tokenizer, prompts: list[Any], max_length: int, chat_template: str = "auto") -> list[list[int]]:
+    """Token ids of each prompt.
+
+    Token-id prompts are used as they are. Chat messages go through the tokenizer's chat template.
+    Text goes through it too (as one user message) when ``chat_template`` is ``auto`` and the
+    tokenizer has one, unless the text already carries the template: then it is tokenised without
+    adding special tokens, so no second template and no second BOS. With ``none``, text is tokenised
+    as it is. Long prompts keep their last ``max_length`` tokens: the end is what the response continues.
     """
-    templated = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise ConfigError(f"chat_template (--chat-template) must be one of {', '.join(CHAT_TEMPLATE_MODES)}; "
+                          f"got {chat_template!r}")
+    templated = chat_template == "auto" and getattr(tokenizer, "chat_template", None) is not None
+    markers = template_markers(tokenizer) if templated else ("", "")
+    n_tokens = len(tokenizer)
     out: list[list[int]] = []
     for p in prompts:
-        if templated:
+        if _is_ids(p):
+            ids = list(p)
+            if max(ids) >= n_tokens:
+                raise ConfigError(f"a tokenised prompt holds token id {max(ids)}, but the tokenizer has {n_tokens} "
+                                  "tokens; was the dataset tokenised with another tokenizer?")
+        elif isinstance(p, str) and templated and has_chat_template(tokenizer, p, markers):
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        elif templated:
             messages = p if isinstance(p, list) else [{"role": "user", "content": str(p)}]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             # The template already holds the special tokens it wants.
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             if not isinstance(p, str):
-                raise ConfigError("chat-message prompts need a tokenizer with a chat template; "
-                                  f"this tokenizer has none (prompt: {p!r:.80})")
+                why = ("--chat-template none was given" if chat_template == "none"
+                       else "this tokenizer has none")
+                raise ConfigError(f"chat-message prompts need the tokenizer's chat template, and {why} "
+                                  f"(prompt: {p!r:.80})")
             ids = tokenizer(p)["input_ids"]
         if not ids:
             ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

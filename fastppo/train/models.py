@@ -79,8 +79,6 @@ def load_actor(config: PPOConfig, path: str, device: torch.device, attn: str) ->
         actor = get_peft_model(actor, lora)
     else:
         reference = copy.deepcopy(actor).eval().requires_grad_(False)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(actor)  # after the copy: the frozen reference never needs it
     # Dropout stays off for the whole run: the PPO ratio must compare the same function that
     # produced the rollout, and a dropout mask would make it differ from 1 at the first step.
     actor.eval()
@@ -283,10 +281,7 @@ class TokenScorer(nn.Module):
 
 
 def load_critic(config: PPOConfig, path: str, from_reward: bool, device: torch.device, attn: str) -> TokenScorer:
-    """Value model: the reward model's backbone and head, or the actor's backbone and a zero head.
-
-    With ``critic_lora_r > 0`` the backbone is frozen under a LoRA adapter (peft, ``SEQ_CLS``) and the
-    value head is trained whole (peft's ``modules_to_save``); ``save_pretrained`` writes both."""
+    """Value model: the reward model's backbone and head, or the actor's backbone and a zero head."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -308,18 +303,38 @@ def load_critic(config: PPOConfig, path: str, from_reward: bool, device: torch.d
                 critic.head.bias.zero_()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
-    if config.critic_lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        from .config import lora_targets
-
-        # SEQ_CLS puts the `score` head into modules_to_save: a trainable copy, saved with the adapter.
-        lora = LoraConfig(task_type="SEQ_CLS", r=config.critic_lora_r, lora_alpha=config.critic_lora_alpha,
-                          lora_dropout=config.lora_dropout, target_modules=lora_targets(config.lora_target_modules))
-        critic = TokenScorer(get_peft_model(model, lora))
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(critic.model)
     return critic.to(device).eval()
+
+
+def critic_with_lora(config: PPOConfig, critic: TokenScorer) -> TokenScorer:
+    """The critic with its backbone frozen under a LoRA adapter (peft, ``SEQ_CLS``, rank
+    ``critic_lora_r``, the actor's target modules and dropout) and its value head trained whole
+    (peft's ``modules_to_save``); ``save_pretrained`` then writes the adapter and the head only."""
+    import os
+
+    from peft import LoraConfig, get_peft_model
+
+    from .config import lora_targets
+
+    lora = LoraConfig(task_type="SEQ_CLS", r=config.critic_lora_r, lora_alpha=config.critic_lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=lora_targets(config.lora_target_modules))
+    model = get_peft_model(critic.model, lora)
+    for cfg in model.peft_config.values():  # loadable from any working directory, as the actor's adapter
+        if cfg.base_model_name_or_path and os.path.isdir(cfg.base_model_name_or_path):
+            cfg.base_model_name_or_path = os.path.abspath(cfg.base_model_name_or_path)
+    return TokenScorer(model).eval()
+
+
+def apply_memory_switches(config: PPOConfig, actor: nn.Module, critic: TokenScorer | None) -> TokenScorer | None:
+    """``--critic-lora-r`` and ``--gradient-checkpointing`` on the models however they were made (from
+    directories or given in memory); returns the critic to use. Call it after the reference copy exists."""
+    if critic is not None and config.critic_lora_r > 0 and not hasattr(critic.model, "peft_config"):
+        critic = critic_with_lora(config, critic)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(actor)
+        if critic is not None:
+            enable_gradient_checkpointing(critic.model)
+    return critic
 
 
 def load_reward_model(path: str, device: torch.device, attn: str) -> TokenScorer:

@@ -16,10 +16,15 @@ One iteration:
    ``fastppo.policy_loss`` - entropy bonus), plus ``kl_loss_coef`` times the aggregated
    ``fastppo.kl_penalty`` when set, gradient clipping, AdamW;
 5. the KL controller updates its coefficient; metrics are logged; a checkpoint may be written.
+
+At the end of a finished run the policy (adapter or whole model), its tokenizer and the critic are
+written into ``output_dir`` itself, where ``AutoPeftModelForCausalLM`` / ``AutoModelForCausalLM``
+load them (``checkpoint.save_final``).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -33,12 +38,14 @@ import torch
 
 import fastppo
 
+from . import api
 from . import builtin, checkpoint
 from .config import ConfigError, PPOConfig, lora_targets
-from .data import PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts, prompt_text
+from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
+                   prompt_text, prompts_from_dataset)
 from .metrics import MetricsLog, explained_variance, masked_mean, peak_memory_mb, plot_metrics, read_metrics
-from .models import (autocast, load_actor, load_critic, load_reward_model, pick_attention, pick_device,
-                     position_ids_from, reference_policy, response_logprobs, use_bf16)
+from .models import (TokenScorer, apply_memory_switches, autocast, load_actor, load_critic, load_reward_model,
+                     pick_attention, pick_device, position_ids_from, reference_policy, response_logprobs, use_bf16)
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -139,22 +146,95 @@ def _check_output_dir(path: str) -> None:
 
 
 def _vocab_mismatch(a, b) -> str | None:
+    """Why tokenizer ``b`` reads ``a``'s token ids differently, or None. Tokens that only ``b`` has
+    (a pad token it added, say) change nothing for the ids ``a`` produces."""
     va, vb = a.get_vocab(), b.get_vocab()
     if va == vb:
         return None
-    if len(va) != len(vb):
+    missing = [t for t in va if t not in vb]
+    if len(missing) > len(va) // 2:
         return f"vocabularies of {len(va)} and {len(vb)} tokens"
-    differ = [t for t in va if vb.get(t) != va[t]]
-    return f"{len(differ)} tokens map to different ids (e.g. {differ[:3]})"
+    differ = [t for t in va if vb.get(t, va[t]) != va[t]]
+    if differ:
+        return f"{len(differ)} tokens map to different ids (e.g. {differ[:3]})"
+    if missing:
+        return f"{len(missing)} of the actor's tokens are not in it (e.g. {missing[:3]})"
+    return None
 
 
-def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
+def _check_shared_tokenizer(actor_tok, actor_config, path: str, what: str, other_config, actor_name: str) -> None:
+    """A reward model or critic directory must read the actor's token ids as the actor does.
+
+    With a tokenizer of its own, the two vocabularies are compared. Without one (a model saved
+    without its tokenizer, as trainers often leave it) there is nothing to compare but the models:
+    its embedding must have a row for every id the actor can produce.
+    """
+    from transformers import AutoTokenizer
+
+    other = None
+    if any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        try:
+            other = AutoTokenizer.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - broken tokenizer files: judge by the model sizes below
+            other = None
+        if other is not None and len(other.get_vocab()) <= 1:
+            other = None  # an empty tokenizer built from a config alone says nothing
+    if other is not None:
+        why = _vocab_mismatch(actor_tok, other)
+        if why:
+            raise ConfigError(f"{what} {path!r} uses a different tokenizer from the actor {actor_name} "
+                              f"({why}); it reads the actor's token ids, so both must share one tokenizer")
+        return
+    mine = getattr(actor_config, "vocab_size", None)
+    theirs = getattr(other_config, "vocab_size", None)
+    if isinstance(mine, int) and isinstance(theirs, int) and theirs < mine:
+        raise ConfigError(f"{what} {path!r} has no tokenizer of its own and embeds {theirs} token ids, but the actor "
+                          f"{actor_name} produces ids up to {mine - 1} (vocab_size {mine}); it reads the actor's "
+                          "token ids, so it must come from a model with the actor's vocabulary")
+
+
+def _check_output_is_no_input(config: PPOConfig, *objects) -> None:
+    """The final model is written into output_dir (and --overwrite clears model files there): it must
+    not be the directory a model is read from."""
+    out = os.path.realpath(config.output_dir)
+    inputs = [(what, getattr(config, what)) for what in ("model", "reward_model", "critic_model")]
+    inputs += [("the model given", api.local_dir(m)) for m in objects if m is not None]
+    for what, path in inputs:
+        if path is not None and os.path.realpath(path) == out:
+            raise ConfigError(f"output_dir (--output-dir) {config.output_dir!r} is where {what} is read from; the "
+                              "trained model is written into output_dir, so choose another directory")
+
+
+def _check_added_options(config: PPOConfig) -> None:
+    """Ranges of the options the Python API and TRL users brought (chat template, stop token, EOS penalty)."""
+    if config.chat_template not in CHAT_TEMPLATE_MODES:
+        raise ConfigError(f"chat_template (--chat-template) must be one of {', '.join(CHAT_TEMPLATE_MODES)}; "
+                          f"got {config.chat_template!r}")
+    if config.stop_token_id is not None and config.stop_token_id < 0:
+        raise ConfigError(f"stop_token_id (--stop-token-id) must be a token id >= 0 or none, got {config.stop_token_id}")
+    if config.missing_eos_penalty is not None and not config.missing_eos_penalty >= 0:
+        raise ConfigError(f"missing_eos_penalty (--missing-eos-penalty) must be a finite number >= 0 or none (it is "
+                          f"subtracted from the score), got {config.missing_eos_penalty}")
+
+
+def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None, reward_model=None,
+             value_model=None, tokenizer=None, train_dataset=None) -> None:
     """Raise ``ConfigError`` for anything that would fail later: bad values, missing files,
-    a reward model or critic that does not share the actor's tokenizer."""
+    a reward model or critic that does not share the actor's tokenizer, a new run into a directory
+    that holds another run. ``model``, ``reward_model``, ``value_model``, ``tokenizer`` and
+    ``train_dataset`` are those given to ``PPOTrainer`` in memory."""
     from transformers import AutoTokenizer
 
     config.check()
+    _check_added_options(config)
     _check_output_dir(config.output_dir)
+    api.check_objects(model, reward_model, value_model, tokenizer, train_dataset, config)
+    _check_output_is_no_input(config, model, reward_model, value_model)
+    checkpoint.check_run_dir(config)
     device = pick_device(config)
     if config.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
@@ -163,15 +243,19 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
         if device.type != "cuda":
             raise ConfigError("attn_implementation (--attn-implementation) flash_attention_2 needs a CUDA device; "
                               "use auto, sdpa or eager")
-    if config.bf16 and device.type != "cuda":
-        raise ConfigError(f"bf16 (--bf16) needs a CUDA device, and the run is on {device.type}; leave it unset "
-                          "(auto) or pass --no-bf16")
     model_configs = {}
     if config.model is not None:
         model_configs["model"] = _need_model_dir(config.model, "model")
-        if reward_fn is None and config.reward_model is None and config.reward is None:
-            raise ConfigError(f"model {config.model!r} needs a reward: pass reward_model (a sequence-classification "
-                              "model directory), reward (a built-in reward name) or a reward function")
+    if model is not None:
+        model_configs["model"] = api.base_of(model).config
+    has_reward = reward_fn is not None or config.reward_model is not None or config.reward is not None
+    if (config.model is not None or model is not None) and not (has_reward or reward_model is not None):
+        where = f"model {config.model!r}" if config.model is not None else "the model"
+        raise ConfigError(f"{where} needs a reward: pass reward_model (a sequence-classification model or its "
+                          "directory), reward (a built-in reward name) or a reward function")
+    if reward_model is not None and has_reward:
+        raise ConfigError("reward_model was given together with another reward source (reward_fn, config.reward, "
+                          "config.reward_model); give one")
     if reward_fn is not None and (config.reward_model is not None or config.reward is not None):
         raise ConfigError("a reward function was given together with reward_model/reward; give one reward source")
     if config.reward is not None and config.reward not in builtin.REWARDS:
@@ -182,47 +266,51 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None) -> None:
         if not os.path.isfile(config.dataset):
             raise ConfigError(f"dataset {config.dataset!r} is not a file")
         dataset_format(config.dataset)
-    elif config.model is not None:
+    elif config.model is not None and train_dataset is None:
         raise ConfigError(f"model {config.model!r} needs prompts: pass dataset (a .jsonl/.json/.csv/.parquet file)")
     for path, what in ((config.reward_model, "reward_model"), (config.critic_model, "critic_model")):
         if path is not None:
             model_configs[what] = _need_model_dir(path, what)
-    if config.model is None:
+    for obj, what in ((reward_model, "reward_model"), (value_model, "critic_model")):
+        if obj is not None:
+            model_configs[what] = obj.config
+    if "model" not in model_configs:
         model_configs["model"] = builtin.build_model_config()
+    vocab = getattr(model_configs["model"], "vocab_size", None)
+    if config.stop_token_id is not None and isinstance(vocab, int) and config.stop_token_id >= vocab:
+        raise ConfigError(f"stop_token_id (--stop-token-id) {config.stop_token_id} is not a token id of the model "
+                          f"(vocab_size {vocab}: ids 0 to {vocab - 1})")
     need = config.max_prompt_length + config.max_new_tokens
     for what, mc in model_configs.items():
         ctx = _context_length(mc)
         if ctx is not None and need > ctx:
-            where = "the built-in model" if what == "model" and config.model is None else f"{what} {getattr(config, what)!r}"
+            where = ("the built-in model" if what == "model" and config.model is None and model is None else
+                     f"{what} {getattr(config, what)!r}" if getattr(config, what) is not None else f"the {what} given")
             raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) + max_new_tokens ({config.max_new_tokens}) "
                               f"= {need} tokens exceeds the context of {where} ({ctx} positions); lower "
                               "--max-prompt-length or --max-new-tokens")
-    if config.lora_r > 0 or config.critic_lora_r > 0:
-        _check_lora_targets(config, model_configs["model"], config.model or "the built-in model")
+    if (config.lora_r > 0 and not (model is not None and api.is_peft(model))) or config.critic_lora_r > 0:
+        _check_lora_targets(config, model_configs["model"], config.model or (
+            "the model given" if model is not None else "the built-in model"))
     if config.reward_model is not None:
         n = getattr(model_configs["reward_model"], "num_labels", 1)
         if n != 1:
             raise ConfigError(f"reward_model {config.reward_model!r} has num_labels={n}; expected 1 (a scalar score)")
-    if config.model is not None:
-        try:
-            actor_tok = AutoTokenizer.from_pretrained(config.model)
-        except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files
-            raise ConfigError(f"model {config.model!r}: cannot load its tokenizer "
-                              f"({' '.join(str(exc).split())[:200]})") from None
-        if actor_tok.eos_token_id is None:
-            raise ConfigError(f"the tokenizer of {config.model!r} has no EOS token; generation could never stop")
-        for path, what in ((config.reward_model, "reward_model"), (config.critic_model, "critic_model")):
-            if path is None:
-                continue
+    if config.model is not None or model is not None:
+        name = repr(config.model) if config.model is not None else "(the model given)"
+        actor_tok = tokenizer
+        if actor_tok is None:
+            source = config.model if config.model is not None else api.local_dir(model)
             try:
-                other = AutoTokenizer.from_pretrained(path)
-            except Exception as exc:  # noqa: BLE001 - any failure means "no usable tokenizer here"
-                raise ConfigError(f"{what} {path!r}: cannot load its tokenizer ({exc}); it must ship the actor's "
-                                  "tokenizer, since it reads the actor's token ids") from None
-            why = _vocab_mismatch(actor_tok, other)
-            if why:
-                raise ConfigError(f"{what} {path!r} uses a different tokenizer from the actor {config.model!r} "
-                                  f"({why}); it reads the actor's token ids, so both must share one tokenizer")
+                actor_tok = AutoTokenizer.from_pretrained(source)
+            except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files
+                raise ConfigError(f"model {source!r}: cannot load its tokenizer "
+                                  f"({' '.join(str(exc).split())[:200]}); pass tokenizer=") from None
+        if actor_tok.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {name} has no EOS token; generation could never stop")
+        for path, what in ((config.reward_model, "reward_model"), (config.critic_model, "critic_model")):
+            if path is not None:
+                _check_shared_tokenizer(actor_tok, model_configs["model"], path, what, model_configs[what], name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,28 +319,68 @@ class PPOTrainer:
     """PPO for a causal LM against a reward model or a reward function.
 
     Args:
-        config: the run's ``PPOConfig``. ``config.model=None`` selects the built-in task.
+        config: the run's ``PPOConfig`` (``args=`` as TRL names it). ``config.model=None`` and no
+            ``model`` selects the built-in task.
         reward_fn: optional ``(prompts, completions) -> scores`` (lists of str in, B floats out),
             used instead of ``config.reward_model`` / ``config.reward``.
+        model: the policy in memory, an ``AutoModelForCausalLM`` (or a peft model: its adapter is
+            trained), instead of ``config.model``; a path means ``config.model``.
+        ref_model: the frozen reference; default a copy of ``model``, or with LoRA the same model
+            with its adapter disabled (no second copy).
+        reward_model, value_model: ``AutoModelForSequenceClassification`` models with one label
+            (or their directories). The critic defaults to a trainable copy of the reward model, else
+            the policy's backbone with a zero head.
+        tokenizer: the policy's tokenizer (``processing_class=`` as TRL names it); needed with an
+            in-memory model unless it was loaded from a local directory that holds one.
+        train_dataset: a ``datasets.Dataset`` or a list of dicts (or a file path); the prompts are
+            text, chat ``messages`` or token ``input_ids`` (see ``data.prompts_from_dataset``).
+        peft_config: a peft config (``LoraConfig``) that wraps ``model`` for training.
 
     Attributes after construction: ``actor`` (a transformers or peft model), ``reference`` (None
     with LoRA), ``critic`` (``TokenScorer``; None for the critic-free estimators), ``reward_model`` (or None), ``optimizer``,
     ``scheduler``, ``step`` (iterations done).
     """
 
-    def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
+    def __init__(self, config: PPOConfig | None = None, reward_fn: RewardFn | None = None, *, model=None,
+                 ref_model=None, reward_model=None, value_model=None, tokenizer=None, train_dataset=None,
+                 peft_config=None, args: PPOConfig | None = None, processing_class=None):
         from transformers import AutoTokenizer
 
-        validate(config, reward_fn)
+        if config is not None and args is not None:
+            raise ConfigError("give the configuration once: config or args (TRL's name for it)")
+        if tokenizer is not None and processing_class is not None:
+            raise ConfigError("give the tokenizer once: tokenizer or processing_class (TRL's name for it)")
+        config = config if config is not None else args if args is not None else PPOConfig()
+        tokenizer = tokenizer if tokenizer is not None else processing_class
+        # Directory paths given as arguments mean what the matching config options mean.
+        paths = {k: v for k, v in (("model", model), ("reward_model", reward_model), ("critic_model", value_model),
+                                   ("dataset", train_dataset)) if isinstance(v, (str, os.PathLike))}
+        if paths:
+            config = config.replace(**{k: os.fspath(v) for k, v in paths.items()})
+            model, reward_model, value_model, train_dataset = (
+                None if isinstance(v, (str, os.PathLike)) else v for v in (model, reward_model, value_model, train_dataset))
+        if peft_config is not None or (model is not None and api.is_peft(model)):
+            # The config records the adapter (lora_r > 0): checkpoints then hold and resume an adapter.
+            config = config.replace(**api.adapter_settings(model if peft_config is None else None, peft_config))
+        validate(config, reward_fn, model=model, reward_model=reward_model, value_model=value_model,
+                 tokenizer=tokenizer, train_dataset=train_dataset)
         self.config = config
         cfg = config
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if cfg.overwrite:
+            removed = checkpoint.clear_outputs(cfg.output_dir)
+            if removed:
+                print(f"fastppo train: --overwrite: removed the previous run's {', '.join(removed)} from "
+                      f"{cfg.output_dir}", file=sys.stderr)
 
-        if cfg.model is None:
+        if model is not None:
+            self.model_path = api.local_dir(model)  # None: built in memory, nothing to reload it from
+            self.dataset_path = cfg.dataset
+        elif cfg.model is None:
             model_dir, prompts_file = builtin.materialize(os.path.join(cfg.output_dir, "builtin"), seed=cfg.seed)
             self.model_path = model_dir
-            self.dataset_path = cfg.dataset or prompts_file
+            self.dataset_path = cfg.dataset or (None if train_dataset is not None else prompts_file)
         else:
             self.model_path, self.dataset_path = cfg.model, cfg.dataset
 
@@ -260,32 +388,65 @@ class PPOTrainer:
         if self.device.type == "cpu" and cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
         self.bf16 = use_bf16(cfg, self.device)
+        if cfg.bf16 and not self.bf16:
+            print(f"fastppo train: --bf16 is ignored on {self.device.type} (bfloat16 autocast needs a CUDA device); "
+                  "the run computes in float32", file=sys.stderr)
         attn = pick_attention(cfg, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
         # Prompts first: a bad dataset should fail before gigabytes of weights are read.
-        raw = load_prompts(self.dataset_path, cfg.prompt_column)
+        if train_dataset is not None:
+            raw = prompts_from_dataset(train_dataset, cfg.prompt_column)
+        else:
+            raw = load_prompts(self.dataset_path, cfg.prompt_column)
         self.prompts = raw
-        self.prompt_ids = encode_prompts(self.tokenizer, raw, cfg.max_prompt_length)
+        self.prompt_ids = encode_prompts(self.tokenizer, raw, cfg.max_prompt_length, cfg.chat_template)
         self.sampler = PromptSampler(len(raw), cfg.seed)
-        self.fingerprint = checkpoint.fingerprint(cfg, self.model_path, raw)
+        critic_object = value_model if value_model is not None else reward_model if reward_model is not None else (
+            model if cfg.critic_model is None and cfg.reward_model is None else None)
+        self.fingerprint = checkpoint.fingerprint(cfg, self.model_path, raw, objects={
+            "actor": model, "reward_model": reward_model,
+            "critic": critic_object if cfg.advantage_estimator == "gae" else None})
         candidates = checkpoint.checkpoints(cfg.output_dir) if cfg.resume else []
         checkpoint.precheck(self, candidates)  # a different run's directory is refused before any weights load
 
-        self.actor, self.reference = load_actor(cfg, self.model_path, self.device, attn)
+        if model is None and ref_model is None and peft_config is None:
+            self.actor, self.reference = load_actor(cfg, self.model_path, self.device, attn)
+        else:
+            if model is None:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(self.model_path, attn_implementation=attn,
+                                                             dtype=torch.float32)
+            self.actor, self.reference = api.prepare_actor(cfg, model, ref_model, peft_config, self.device)
+        # The adapter records its base model by absolute path: AutoPeftModelForCausalLM.from_pretrained(output_dir)
+        # then loads from any working directory.
+        api.set_adapter_base(self.actor, self.model_path)
         self.critic = None  # grpo, rloo, reinforce++: no critic is loaded, trained or saved
         if cfg.advantage_estimator == "gae":
-            critic_path = cfg.critic_model or cfg.reward_model or self.model_path
-            self.critic = load_critic(cfg, critic_path, from_reward=critic_path == cfg.reward_model,
-                                      device=self.device, attn=attn)
-        self.reward_model = load_reward_model(cfg.reward_model, self.device, attn) if cfg.reward_model else None
+            if value_model is not None:
+                self.critic = TokenScorer(value_model).to(self.device).eval()
+            elif cfg.critic_model is None and reward_model is not None:
+                # As from a reward-model directory: the critic starts as a trainable copy of the reward model.
+                self.critic = TokenScorer(copy.deepcopy(reward_model)).to(self.device).eval().requires_grad_(True)
+            elif model is not None and cfg.critic_model is None and cfg.reward_model is None:
+                self.critic = api.critic_from_actor(self.actor, self.device, attn)
+            else:
+                critic_path = cfg.critic_model or cfg.reward_model or self.model_path
+                self.critic = load_critic(cfg, critic_path, from_reward=critic_path == cfg.reward_model,
+                                          device=self.device, attn=attn)
+        self.critic = apply_memory_switches(cfg, self.actor, self.critic)  # --critic-lora-r, --gradient-checkpointing
+        if reward_model is not None:
+            self.reward_model = TokenScorer(reward_model).to(self.device).eval().requires_grad_(False)
+        else:
+            self.reward_model = load_reward_model(cfg.reward_model, self.device, attn) if cfg.reward_model else None
         if reward_fn is not None:
             self.reward_fn: RewardFn | None = reward_fn
         elif cfg.reward is not None:
             self.reward_fn = builtin.make_reward(cfg.reward, cfg)
-        elif cfg.reward_model is None:
+        elif self.reward_model is None:
             self.reward_fn = builtin.make_reward("sentiment", cfg)
         else:
             self.reward_fn = None
@@ -344,10 +505,12 @@ class PPOTrainer:
 
         Args: prompt_ids, prompt_mask: int64 ``[B, P]``, left-padded.
         Returns: ``(responses, mask)``: int64 ``[B, R]`` (pad after EOS) and bool ``[B, R]``, true
-        up to and including the first EOS; ``R <= max_new_tokens`` (stops once every row is done).
+        up to and including the first EOS (or ``stop_token_id``); ``R <= max_new_tokens`` (stops once
+        every row is done).
         """
         cfg, tok = self.config, self.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id
+        stop = eos if cfg.stop_token_id is None else cfg.stop_token_id
         b = prompt_ids.shape[0]
         attn = prompt_mask.clone()
         pos = position_ids_from(attn)
@@ -369,6 +532,7 @@ class PPOTrainer:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out_tokens.append(nxt)
             out_mask.append(~done)
+            done = done | (nxt == stop)  # stop_token_id, or EOS again when none is set
             done = done | (nxt == eos)
             if bool(done.all()):
                 break
@@ -392,13 +556,32 @@ class PPOTrainer:
             return torch.cat(out)
         completions = [self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True)
                        for r, m in zip(responses.cpu(), mask.cpu())]
-        scores = self.reward_fn([prompt_text(p) for p in prompts], completions)
+        scores = self.reward_fn([prompt_text(p, self.tokenizer) for p in prompts], completions)
         scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
         if scores.shape != (len(prompts),):
             raise ValueError(f"reward function returned {scores.shape[0]} scores for {len(prompts)} completions")
         if not torch.isfinite(scores).all():
             raise ValueError(f"reward function returned non-finite scores: {scores.tolist()}")
         return scores.to(self.device)
+
+    def penalize_missing_eos(self, scores: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``scores - missing_eos_penalty`` for each response whose last token is neither EOS nor
+        ``stop_token_id`` (it was cut off by ``max_new_tokens``); the scores unchanged without a penalty.
+
+        Args: scores float32 ``[B]``; responses int64 ``[B, R]``; mask bool ``[B, R]``.
+        """
+        penalty = self.config.missing_eos_penalty
+        if penalty is None:
+            return scores
+        if responses.shape[1] == 0:
+            return scores - penalty
+        last = (mask.long().sum(1) - 1).clamp(min=0)
+        final = responses.gather(1, last[:, None]).squeeze(1)
+        ended = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        for t in {self.tokenizer.eos_token_id, self.config.stop_token_id} - {None}:
+            ended = ended | (final == t)
+        ended = ended & mask.any(1)  # an empty response ended nothing
+        return torch.where(ended, scores, scores - penalty)
 
     # ----------------------------------------------------------------------------------------
     def iteration(self) -> dict[str, Any]:
@@ -422,6 +605,7 @@ class PPOTrainer:
         t1 = self._sync()
 
         scores = self.score(prompts, seq, attn, pos, responses, mask)
+        scores = self.penalize_missing_eos(scores, responses, mask)
         t2 = self._sync()
 
         # Micro-batched like the updates: a rollout-sized forward would hold B x T x V logits at once.
@@ -586,6 +770,7 @@ class PPOTrainer:
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not cfg.progress, desc="ppo",
                    unit="it", dynamic_ncols=True, file=sys.stderr)
         last_ckpt = self.resumed_from
+        model_dir = None
         stop = _StopOnSignal()
         try:
             with stop:
@@ -600,6 +785,8 @@ class PPOTrainer:
                         last_ckpt = self.save_checkpoint()
                 if last_ckpt is None or not last_ckpt.endswith(f"step-{self.step:08d}"):
                     last_ckpt = self.save_checkpoint()  # atomic: a second signal here leaves no half checkpoint
+                # The finished policy where the next step of a recipe looks for it: output_dir itself.
+                model_dir = checkpoint.save_final(self) if self.step >= cfg.iterations else None
         finally:
             bar.close()
             reporter.close()
@@ -613,6 +800,7 @@ class PPOTrainer:
             "first_score": history[0]["score_mean"] if history else float("nan"),
             "last_score": history[-1]["score_mean"] if history else float("nan"),
             "checkpoint": last_ckpt,
+            "model_dir": model_dir,
             "metrics": metrics_path,
             "plot": plot_path,
             "interrupted": stop.signal if self.step < cfg.iterations else None,
