@@ -138,6 +138,16 @@ def test_renamed_keys_and_one_notice_each():
     assert "temperature 1.0 (TRL temperature 0.7)" in notes[-1] and "vf_coef" not in notes[-1]
 
 
+def test_run_keys():
+    out, notes = translate({"use_cpu": True, "resume_from_checkpoint": True, "overwrite_output_dir": False,
+                            "torch_compile": False}, world_size=1)
+    assert out == {"device": "cpu", "resume": True, "overwrite": False}
+    assert len(notes) == 5 and "TRL key torch_compile ignored" in notes[3]
+    assert "vf_coef 0.5 (TRL vf_coef 0.1)" in notes[4] and "device" not in notes[4]  # use_cpu false is auto
+    assert translate({"use_cpu": False, "resume_from_checkpoint": None}, world_size=1)[0] == {"device": "auto",
+                                                                                            "resume": False}
+
+
 def test_a_fastppo_file_passes_through_silently():
     data = {"batch_size": 16, "clip_low": 0.3, "lora_r": 4, "gamma": 1.0}
     assert translate(data, world_size=1) == (data, [])
@@ -173,6 +183,9 @@ def test_peft_and_list_values():
     ({"warmup_steps": 0.1}, r"warmup_steps 0.1 is a ratio"),
     ({"save_steps": 0.5}, r"save_steps 0.5 is a fraction"),
     ({"use_peft": "yes"}, r"use_peft \(TRL\) must be true or false"),
+    ({"resume_from_checkpoint": "out/checkpoint-500"}, r"fastppo resumes from the newest usable checkpoint"),
+    ({"use_cpu": "yes"}, r"use_cpu \(TRL\) must be true or false"),
+    ({"use_cpu": True, "device": "cuda"}, r"both device: 'cuda' and use_cpu"),
 ])
 def test_values_fastppo_cannot_honour_are_refused(data, match):
     with pytest.raises(ConfigError, match=match):

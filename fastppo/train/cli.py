@@ -57,8 +57,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="run PPO end to end (no arguments: the built-in task, a few minutes on a CPU)",
         description="Run PPO on a causal LM. With no --model it trains the built-in task (a tiny model and "
-                    "a rule-based reward shipped with fastppo). Options come from --config FILE (YAML or TOML) "
-                    "and are overridden by flags; 'none' unsets an optional value.")
+                    "a rule-based reward shipped with fastppo). Options come from --config FILE (YAML, TOML or "
+                    "JSON; TRL PPOConfig key names are mapped) and are overridden by flags; 'none' unsets an optional "
+                    "value.")
     t.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file of options; "
                    "TRL PPOConfig key names are mapped to fastppo's, one line each")
     t.add_argument("--debug", action="store_true", help="show the full traceback of an error")

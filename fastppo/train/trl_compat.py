@@ -94,6 +94,19 @@ def _save_steps(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _resume(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigError(f"resume_from_checkpoint {value!r}: fastppo resumes from the newest usable checkpoint under "
+                      "output_dir; set it to true (or resume: true) and output_dir to that run's directory")
+
+
+def _use_cpu(value: Any) -> str:
+    if not isinstance(value, bool):
+        raise ConfigError(f"use_cpu (TRL) must be true or false, got {value!r}")
+    return "cpu" if value else "auto"
+
+
 def _warmup_steps(value: Any) -> Any:
     if isinstance(value, float) and 0 < value < 1:
         raise ConfigError(f"warmup_steps {value} is a ratio of the run; fastppo's warmup_steps counts optimizer "
@@ -198,7 +211,12 @@ KEYS: tuple[Key, ...] = (
     Key("fp16", _TA, False, IGNORED, None, "fastppo has no float16 autocast; it runs float32 (or bf16 with bf16)"),
     Key("gradient_checkpointing", _PPO, True, SAME, "gradient_checkpointing",
         "actor and critic; TRL's PPOConfig turns it on by default, fastppo off"),
+    Key("gradient_checkpointing_kwargs", _TA, None, IGNORED, None, "fastppo's checkpointing is non-reentrant"),
     Key("ds3_gather_for_generation", _PPO, True, IGNORED, None, "DeepSpeed ZeRO-3 only"),
+    Key("use_cpu", _TA, False, RENAMED, "device", "true: cpu; false: auto (CUDA when there is one)",
+        convert=_use_cpu),
+    Key("torch_compile", _TA, False, IGNORED, None, "the models run eagerly; fastppo's ops are Triton kernels"),
+    Key("dataloader_num_workers", _TA, 0, IGNORED, None, "prompts are tokenised once, in process"),
     # --- run, logging, saving
     Key("output_dir", _TA, None, SAME, "output_dir", "metrics, plots, checkpoints"),
     Key("seed", _TA, 42, SAME, "seed", "every random draw of the run"),
@@ -207,6 +225,10 @@ KEYS: tuple[Key, ...] = (
     Key("save_steps", _TA, 500, RENAMED, "save_every", "iterations between checkpoints (a TRL step is an iteration)",
         convert=_save_steps),
     Key("save_strategy", _TA, "steps", DERIVED, "save_every", "no: save_every = 0 (saved at the end only)"),
+    Key("resume_from_checkpoint", _TA, None, RENAMED, "resume",
+        "true: continue from the newest checkpoint in output_dir; a path is refused", convert=_resume),
+    Key("overwrite_output_dir", _OLD_TA, False, RENAMED, "overwrite",
+        "clear another run's outputs in output_dir instead of refusing"),
     Key("logging_steps", _TA, 10, IGNORED, None, "every iteration is logged to metrics.jsonl"),
     Key("logging_dir", _OLD_TA, None, IGNORED, None, "TensorBoard events go to output_dir/tensorboard"),
     Key("run_name", _TA, None, IGNORED, None, "wandb takes WANDB_NAME"),
