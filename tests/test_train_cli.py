@@ -167,7 +167,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("yaml-int-key", ["train", "--config", "{yaml_int_key}", *QUICK], "{yaml_int_key}"),
     ("yaml-null-int", ["train", "--config", "{yaml_null_int}", *QUICK[2:]], "iterations"),
     ("config-missing", ["train", "--config", "{tmp}/none.yaml", *QUICK], "does not exist"),
-    ("config-json", ["train", "--config", "{json_cfg}", *QUICK], ".yaml"),
+    ("config-json-malformed", ["train", "--config", "{json_cfg}", *QUICK], "not valid JSON"),
     ("config-is-dir", ["train", "--config", "{dir_yaml}", *QUICK], "{dir_yaml}"),
     # --- resume -----------------------------------------------------------------------------
     ("resume-pickle-payload", ["train", *QUICK, "--output-dir", "{pickled_run}", "--resume", "--iterations", "3"],
@@ -271,7 +271,7 @@ def make_files(tmp: str) -> dict[str, str]:
     p["yaml_unknown"] = write("unknown.yaml", "batch_sise: 8\n")
     p["yaml_int_key"] = write("int-key.yaml", "1: 2\n")
     p["yaml_null_int"] = write("null-int.yaml", "iterations: null\n")
-    p["json_cfg"] = write("cfg.json", "{}")
+    p["json_cfg"] = write("cfg.json", "{\"batch_size\": 8,")
     p["dir_yaml"] = os.path.join(tmp, "dir.yaml")
     os.makedirs(p["dir_yaml"], exist_ok=True)
     p["out"] = os.path.join(tmp, "out")

@@ -4,7 +4,8 @@
 
 * ``actor/``: ``save_pretrained`` of the policy (the full model, or only the LoRA adapter, which
   ``peft.PeftModel.from_pretrained(base, path)`` loads back) and the tokenizer;
-* ``critic/``: ``save_pretrained`` of the critic, an ``AutoModelForSequenceClassification``
+* ``critic/``: ``save_pretrained`` of the critic, an ``AutoModelForSequenceClassification`` (with
+  ``critic_lora_r``, its LoRA adapter and the value head, for ``PeftModel.from_pretrained``)
   (absent for the critic-free estimators grpo, rloo and reinforce++, which have no critic);
 * ``trainer_state.pt``: step, optimizer, scheduler, KL coefficient, prompt sampler, and every
   random generator, so a resumed run draws the same numbers the uninterrupted run would have.
@@ -50,12 +51,14 @@ FORMAT = 2  # trainer_state.pt layout; 1 (fastppo 0.1) was a pickle with numpy a
 # Options a resumed run may change: how long and where it runs, not what it computes.
 RUNTIME_OPTIONS = frozenset({
     "iterations", "resume", "output_dir", "save_every", "progress", "plot", "report_to", "device", "attn_implementation",
-    "bf16", "num_threads", "fused_head", "model", "critic_model", "reward_model", "dataset"})  # paths: their contents count
+    "bf16", "num_threads", "fused_head", "gradient_checkpointing",
+    "model", "critic_model", "reward_model", "dataset"})  # paths: their contents count
 
 
 # Options added after checkpoints of this FORMAT were first written, with the value that a
 # checkpoint lacking them was written with (so older checkpoints still resume).
-_ADDED_OPTIONS = {"advantage_estimator": "gae", "num_generations": 1, "kl_loss_coef": 0.0}
+_ADDED_OPTIONS = {"advantage_estimator": "gae", "num_generations": 1, "kl_loss_coef": 0.0,
+                  "critic_lora_r": 0, "critic_lora_alpha": 16}
 
 
 class CheckpointError(Exception):
@@ -318,31 +321,39 @@ def _read_model(cls, directory: str, what: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def read(trainer, path: str) -> dict[str, Any]:
-    """Everything in ``path``, checked and in memory; raises ``CheckpointError`` if any part is unusable."""
+def _read_adapter(model, directory: str, what: str, option: str) -> dict[str, torch.Tensor]:
+    """The LoRA adapter (and peft's modules_to_save) in ``directory``, checked against ``model``'s."""
+    from peft import get_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    adapter = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(adapter):
+        raise CheckpointError(f"{what}/ holds no LoRA adapter (was it written with {option}=0?)")
+    try:
+        weights = load_file(adapter)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{what}/adapter_model.safetensors cannot be read: {exc}") from None
+    want = get_peft_model_state_dict(model)
+    if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
+        raise CheckpointError(f"{what}/ holds an adapter that does not fit this LoRA configuration")
+    return weights
+
+
+def read(trainer, path: str) -> dict[str, Any]:
+    """Everything in ``path``, checked and in memory; raises ``CheckpointError`` if any part is unusable."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     state = _read_state(path)
     actor_dir = os.path.join(path, "actor")
     if trainer.config.lora_r > 0:
-        from peft import get_peft_model_state_dict
-
-        adapter = os.path.join(actor_dir, "adapter_model.safetensors")
-        if not os.path.isfile(adapter):
-            raise CheckpointError("actor/ holds no LoRA adapter (was it written with lora_r=0?)")
-        try:
-            actor = load_file(adapter)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"actor/adapter_model.safetensors cannot be read: {exc}") from None
-        want = get_peft_model_state_dict(trainer.actor)
-        if set(actor) != set(want) or any(actor[k].shape != want[k].shape for k in want):
-            raise CheckpointError("actor/ holds an adapter that does not fit this LoRA configuration")
+        actor = _read_adapter(trainer.actor, actor_dir, "actor", "lora_r")
     else:
         actor = _read_model(AutoModelForCausalLM, actor_dir, "actor")
     critic = None
-    if trainer.critic is not None:
+    if trainer.critic is not None and getattr(trainer.config, "critic_lora_r", 0) > 0:
+        critic = _read_adapter(trainer.critic.model, os.path.join(path, "critic"), "critic", "critic_lora_r")
+    elif trainer.critic is not None:
         critic = _read_model(AutoModelForSequenceClassification, os.path.join(path, "critic"), "critic")
     return {"actor": actor, "critic": critic, "state": state}
 
@@ -354,7 +365,11 @@ def apply(trainer, loaded: dict[str, Any]) -> int:
         set_peft_model_state_dict(trainer.actor, {k: v.to(trainer.device) for k, v in loaded["actor"].items()})
     else:
         trainer.actor.load_state_dict(loaded["actor"])
-    if trainer.critic is not None:
+    if trainer.critic is not None and getattr(trainer.config, "critic_lora_r", 0) > 0:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.critic.model, {k: v.to(trainer.device) for k, v in loaded["critic"].items()})
+    elif trainer.critic is not None:
         trainer.critic.model.load_state_dict(loaded["critic"])
     trainer.load_state_dict(loaded["state"])
     return int(loaded["state"]["step"])

@@ -10,7 +10,7 @@ import typing
 from typing import Any
 
 from .config import (ADVANTAGE_ESTIMATORS, AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, REPORT_TO, ConfigError, PPOConfig, field_docs,
-                     field_types, load_file)
+                     field_types, load_trl_or_fastppo)
 
 _CHOICES = {"loss_agg": AGG_MODES, "kl_estimator": ESTIMATORS, "lr_schedule": LR_SCHEDULES,
             "attn_implementation": ATTN_IMPLEMENTATIONS, "report_to": REPORT_TO,
@@ -57,9 +57,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="run PPO end to end (no arguments: the built-in task, a few minutes on a CPU)",
         description="Run PPO on a causal LM. With no --model it trains the built-in task (a tiny model and "
-                    "a rule-based reward shipped with fastppo). Options come from --config FILE (YAML or TOML) "
-                    "and are overridden by flags; 'none' unsets an optional value.")
-    t.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) file of options")
+                    "a rule-based reward shipped with fastppo). Options come from --config FILE (YAML, TOML or "
+                    "JSON; TRL PPOConfig key names are mapped) and are overridden by flags; 'none' unsets an optional "
+                    "value.")
+    t.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file of options; "
+                   "TRL PPOConfig key names are mapped to fastppo's, one line each")
     t.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     from . import builtin
 
@@ -87,7 +89,7 @@ def resolve_config(args: argparse.Namespace) -> PPOConfig:
     """Defaults (the built-in task's tuned ones when no model is given) < file < flags."""
     from . import builtin
 
-    data: dict[str, Any] = load_file(args.config) if getattr(args, "config", None) else {}
+    data: dict[str, Any] = load_trl_or_fastppo(args.config) if getattr(args, "config", None) else {}
     for name in field_types():
         value = getattr(args, name, None)
         if value is not None:

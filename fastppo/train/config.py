@@ -54,6 +54,15 @@ class PPOConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     """Comma-separated module names, or ``all-linear``."""
+    critic_lora_r: int = 0
+    """LoRA rank of the critic's backbone (same target modules and dropout as the actor's); its value
+    head stays fully trainable. 0 trains the whole critic."""
+    critic_lora_alpha: int = 16
+
+    # --- memory ---------------------------------------------------------------------------
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass of the updates instead of
+    keeping them (actor and critic): less memory, about one more forward's time per update."""
 
     # --- rollout --------------------------------------------------------------------------
     iterations: int = 60
@@ -145,8 +154,11 @@ class PPOConfig:
     # ---------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "PPOConfig":
-        """Load a ``.yaml``/``.yml`` or ``.toml`` file; ``overrides`` (not None) win over it."""
-        data = load_file(path)
+        """Load a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file; ``overrides`` (not None) win over it.
+
+        TRL ``PPOConfig`` key names in the file are mapped to fastppo's (``fastppo.train.trl_compat``),
+        with one line on stderr per key mapped or ignored."""
+        data = load_trl_or_fastppo(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 
@@ -182,9 +194,10 @@ class PPOConfig:
             raise ConfigError(f"extra must be a mapping of names to values, got {_show(self.extra)}")
 
         for name in ("iterations", "batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
-                     "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha", "num_generations"):
+                     "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha", "num_generations",
+                     "critic_lora_alpha"):
             _at_least(self, name, 1, "an integer >= 1")
-        for name in ("lora_r", "warmup_steps", "save_every", "num_threads"):
+        for name in ("lora_r", "critic_lora_r", "warmup_steps", "save_every", "num_threads"):
             _at_least(self, name, 0, "an integer >= 0")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"{_opt('seed')} must be an integer in [0, 2**63), got {self.seed}")
@@ -244,6 +257,9 @@ class PPOConfig:
         if self.advantage_estimator != "gae" and self.critic_model is not None:
             raise ConfigError(f"{_opt('critic_model')} is given, but {_opt('advantage_estimator')} "
                               f"{self.advantage_estimator} uses no critic; leave it unset or use gae")
+        if self.advantage_estimator != "gae" and self.critic_lora_r > 0:
+            raise ConfigError(f"{_opt('critic_lora_r')} is {self.critic_lora_r}, but {_opt('advantage_estimator')} "
+                              f"{self.advantage_estimator} uses no critic; leave it at 0 or use gae")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
@@ -251,7 +267,7 @@ class PPOConfig:
             raise ConfigError(
                 f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
                 f"({self.micro_batch_size})")
-        if self.lora_r > 0 and not lora_targets(self.lora_target_modules):
+        if (self.lora_r > 0 or self.critic_lora_r > 0) and not lora_targets(self.lora_target_modules):
             raise ConfigError(f"{_opt('lora_target_modules')} must be all-linear or comma-separated module names "
                               f"such as q_proj,v_proj; got {self.lora_target_modules!r}")
         for name in ("output_dir", "prompt_column"):
@@ -342,15 +358,16 @@ def coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The option mapping of a ``.yaml``/``.yml`` or ``.toml`` file (dashes in names become underscores)."""
+    """The option mapping of a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (dashes in names become underscores)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} is not a file")
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".yaml", ".yml", ".toml"):
-        raise ConfigError(f"config file {path!r}: expected a .yaml, .yml or .toml file, got {ext or 'no extension'!r}")
+    if ext not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"config file {path!r}: expected a .yaml, .yml, .toml or .json file, got "
+                          f"{ext or 'no extension'!r}")
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
@@ -367,6 +384,14 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    elif ext == ".json":
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                              f"{exc.msg}") from None
     else:
         import yaml
 
@@ -385,6 +410,18 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"config file {path!r}: option names must be text, got {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_trl_or_fastppo(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`load_file`, then TRL key names mapped to fastppo options (notices on stderr)."""
+    import sys
+
+    from .trl_compat import translate
+
+    data, notices = translate(load_file(path))
+    for line in notices:
+        print(line, file=sys.stderr)
+    return data
 
 
 def field_types() -> dict[str, Any]:

@@ -85,6 +85,61 @@ def load_actor(config: PPOConfig, path: str, device: torch.device, attn: str) ->
     return actor, reference
 
 
+# --------------------------------------------------------------------------------------------
+# gradient checkpointing
+
+_CHECKPOINTED = "_fastppo_checkpointed_layers"
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on transformers' per-layer activation checkpointing in ``model`` (a transformers or peft
+    model), non-reentrant, for the forwards that :func:`checkpointing` activates.
+
+    Non-reentrant checkpointing needs no input that requires grad, so a LoRA model whose embeddings
+    are frozen still gets its gradients; transformers also registers its input-require-grads hook.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing (--gradient-checkpointing): {type(base).__name__} does not "
+                          "support gradient checkpointing; leave it off for this model")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise ConfigError(f"gradient_checkpointing (--gradient-checkpointing): {type(base).__name__} has no "
+                          "checkpointable decoder layers; leave it off for this model")
+    object.__setattr__(model, _CHECKPOINTED, layers)  # a plain list: not registered as submodules
+
+
+@contextmanager
+def checkpointing(model: nn.Module) -> Iterator[None]:
+    """Within ``with``: the checkpointed layers of ``model`` recompute their activations in backward.
+
+    transformers checkpoints a layer only while the layer is in training mode, and fastppo keeps every
+    model in eval mode (no dropout, so the PPO ratio compares the function that sampled). So only the
+    decoder-layer modules themselves are flagged as training, their submodules (attention, dropout)
+    stay in eval, and only for forwards that build a graph: generation (with its KV cache) and the
+    no-grad rollout passes run as before.
+    """
+    layers = getattr(model, _CHECKPOINTED, None)
+    if not layers or not torch.is_grad_enabled():
+        yield
+        return
+    before = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before):
+            m.training = flag
+
+
 @contextmanager
 def reference_policy(actor: nn.Module, reference: nn.Module | None) -> Iterator[nn.Module]:
     """The frozen reference: a separate copy, or the LoRA actor with its adapter switched off."""
@@ -154,7 +209,8 @@ def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, p
     parts = fused_head(model) if fused else None
     if parts is not None:
         backbone, head = parts
-        hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+        with checkpointing(model):
+            hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
         hidden = hidden[:, prompt_width - 1 : -1]
         # Under autocast the hidden states are bf16 while the head's weight is float32; the logits
         # path multiplies them in bf16 too.
@@ -162,7 +218,8 @@ def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, p
         bias = None if head.bias is None else head.bias.to(hidden.dtype)
         return fastppo.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                        return_entropy=True, mask=mask)
-    logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    with checkpointing(model):
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).logits
     logits = logits[:, prompt_width - 1 : -1]
     return fastppo.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True, mask=mask)
 
@@ -170,11 +227,15 @@ def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, p
 # --------------------------------------------------------------------------------------------
 # critic and reward: a sequence-classification model read at every token, or at the last one
 
-def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """The backbone and the linear scoring head of an ``AutoModelForSequenceClassification``."""
+def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The backbone and the linear scoring head of an ``AutoModelForSequenceClassification``, or of a
+    peft model around one (then the head is peft's trainable copy wrapper around the linear layer)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     backbone = getattr(model, model.base_model_prefix, None)
     head = getattr(model, "score", None)
-    if backbone is None or not isinstance(head, nn.Linear):
+    linear = getattr(head, "original_module", head)  # peft's ModulesToSaveWrapper keeps the layer there
+    if backbone is None or not isinstance(linear, nn.Linear):
         raise ConfigError(
             f"{type(model).__name__}: expected a decoder sequence-classification model with a "
             f"`{model.base_model_prefix}` backbone and a linear `score` head")
@@ -200,15 +261,16 @@ class TokenScorer(nn.Module):
         return _split_head(self.model)[0]
 
     @property
-    def head(self) -> nn.Linear:
+    def head(self) -> nn.Module:
         return _split_head(self.model)[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``[B, stop - start]`` float32 scores of positions ``start:stop`` (all by default): the
         head reads only those hidden states (the critic asks for the response positions only)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        with checkpointing(self.model):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
         return self.head(hidden[:, start:stop])[..., 0].float()
 
     def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -242,6 +304,37 @@ def load_critic(config: PPOConfig, path: str, from_reward: bool, device: torch.d
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
     return critic.to(device).eval()
+
+
+def critic_with_lora(config: PPOConfig, critic: TokenScorer) -> TokenScorer:
+    """The critic with its backbone frozen under a LoRA adapter (peft, ``SEQ_CLS``, rank
+    ``critic_lora_r``, the actor's target modules and dropout) and its value head trained whole
+    (peft's ``modules_to_save``); ``save_pretrained`` then writes the adapter and the head only."""
+    import os
+
+    from peft import LoraConfig, get_peft_model
+
+    from .config import lora_targets
+
+    lora = LoraConfig(task_type="SEQ_CLS", r=config.critic_lora_r, lora_alpha=config.critic_lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=lora_targets(config.lora_target_modules))
+    model = get_peft_model(critic.model, lora)
+    for cfg in model.peft_config.values():  # loadable from any working directory, as the actor's adapter
+        if cfg.base_model_name_or_path and os.path.isdir(cfg.base_model_name_or_path):
+            cfg.base_model_name_or_path = os.path.abspath(cfg.base_model_name_or_path)
+    return TokenScorer(model).eval()
+
+
+def apply_memory_switches(config: PPOConfig, actor: nn.Module, critic: TokenScorer | None) -> TokenScorer | None:
+    """``--critic-lora-r`` and ``--gradient-checkpointing`` on the models however they were made (from
+    directories or given in memory); returns the critic to use. Call it after the reference copy exists."""
+    if critic is not None and config.critic_lora_r > 0 and not hasattr(critic.model, "peft_config"):
+        critic = critic_with_lora(config, critic)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(actor)
+        if critic is not None:
+            enable_gradient_checkpointing(critic.model)
+    return critic
 
 
 def load_reward_model(path: str, device: torch.device, attn: str) -> TokenScorer:

@@ -44,8 +44,8 @@ from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
                    prompt_text, prompts_from_dataset)
 from .metrics import MetricsLog, explained_variance, masked_mean, peak_memory_mb, plot_metrics, read_metrics
-from .models import (TokenScorer, autocast, load_actor, load_critic, load_reward_model, pick_attention, pick_device,
-                     position_ids_from, reference_policy, response_logprobs, use_bf16)
+from .models import (TokenScorer, apply_memory_switches, autocast, load_actor, load_critic, load_reward_model,
+                     pick_attention, pick_device, position_ids_from, reference_policy, response_logprobs, use_bf16)
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -289,7 +289,7 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
             raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) + max_new_tokens ({config.max_new_tokens}) "
                               f"= {need} tokens exceeds the context of {where} ({ctx} positions); lower "
                               "--max-prompt-length or --max-new-tokens")
-    if config.lora_r > 0 and not (model is not None and api.is_peft(model)):
+    if (config.lora_r > 0 and not (model is not None and api.is_peft(model))) or config.critic_lora_r > 0:
         _check_lora_targets(config, model_configs["model"], config.model or (
             "the model given" if model is not None else "the built-in model"))
     if config.reward_model is not None:
@@ -437,6 +437,7 @@ class PPOTrainer:
                 critic_path = cfg.critic_model or cfg.reward_model or self.model_path
                 self.critic = load_critic(cfg, critic_path, from_reward=critic_path == cfg.reward_model,
                                           device=self.device, attn=attn)
+        self.critic = apply_memory_switches(cfg, self.actor, self.critic)  # --critic-lora-r, --gradient-checkpointing
         if reward_model is not None:
             self.reward_model = TokenScorer(reward_model).to(self.device).eval().requires_grad_(False)
         else:
