@@ -58,16 +58,15 @@ def _fixed_generate(trainer):
     return generate
 
 
-def _worker_update(out: str, micro: int) -> None:
+def _update(out: str, micro: int) -> None:
     """One iteration (two optimizer steps) on a fixed global batch; rank 0 saves metrics and weights."""
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from fastppo.train import PPOTrainer, builtin, distributed
 
-    cfg = builtin.default_config(output_dir=os.path.join(out, "run"), iterations=1, batch_size=8,
-                                 mini_batch_size=4, micro_batch_size=micro, ppo_epochs=1, max_new_tokens=6,
-                                 progress=False, plot=False)
+    cfg = builtin.default_config(output_dir=out, iterations=1, batch_size=8, mini_batch_size=4,
+                                 micro_batch_size=micro, ppo_epochs=1, max_new_tokens=6, progress=False, plot=False)
     trainer = PPOTrainer(cfg)
     trainer.generate = _fixed_generate(trainer)
     row = trainer.iteration()
@@ -76,7 +75,34 @@ def _worker_update(out: str, micro: int) -> None:
     if trainer.dist.is_main:
         torch.save({"row": row, "params": {k: v.detach().clone() for k, v in params.items()}},
                    os.path.join(out, "result.pt"))
-    trainer.dist.shutdown()
+
+
+RUN = dict(batch_size=8, mini_batch_size=4, micro_batch_size=2, max_new_tokens=4, ppo_epochs=1, progress=False,
+           plot=False)
+
+
+def _worker_ranks(out: str) -> None:
+    """Under torchrun: the fixed-batch update, then a 3-iteration run with a checkpoint per
+    iteration, whose last checkpoint is then removed and the run resumed from step 2 by new trainers."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from fastppo.train import PPOTrainer, builtin
+
+    _update(os.path.join(out, "update-2"), micro=1)
+    run = os.path.join(out, "run")
+    full = PPOTrainer(builtin.default_config(output_dir=run, iterations=3, save_every=1, **RUN)).train()["history"]
+    if dist.get_rank() == 0:
+        shutil.rmtree(os.path.join(run, "checkpoints", "step-00000003"))
+    dist.barrier()
+    trainer = PPOTrainer(builtin.default_config(output_dir=run, iterations=3, resume=True, **RUN))
+    resumed_from = trainer.resumed_from
+    resumed = trainer.train()["history"]
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "runs.json"), "w", encoding="utf-8") as f:
+            json.dump({"full": full, "resumed": resumed, "resumed_from": resumed_from}, f)
+    dist.destroy_process_group()
 
 
 def _worker_fail(out: str) -> None:
@@ -99,8 +125,10 @@ def _worker_fail(out: str) -> None:
 
 if __name__ == "__main__":
     mode, target = sys.argv[1], sys.argv[2]
-    if mode == "update":
-        _worker_update(target, int(sys.argv[3]))
+    if mode == "ranks":
+        _worker_ranks(target)
+    elif mode == "update":
+        _update(target, int(sys.argv[3]))
     elif mode == "fail":
         _worker_fail(target)
     sys.exit(0)
@@ -147,14 +175,20 @@ def _rows(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_two_ranks_first_update_equals_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """One torchrun launch (2 ranks) and one plain process: each process start costs tens of seconds here."""
+    out = tmp_path_factory.mktemp("ranks")
+    _ok(_torchrun(HERE, "ranks", str(out)))
     # One process: the whole mini-batch in one micro-batch, so its token-mean is over the mini-batch's
     # tokens exactly (the 2-rank run normalises by the global count, whatever its micro-batches).
-    _ok(_plain(HERE, "update", str(one), "4"))
-    _ok(_torchrun(HERE, "update", str(two), "1"))
-    a = torch.load(one / "result.pt", weights_only=True)
-    b = torch.load(two / "result.pt", weights_only=True)
+    _ok(_plain(HERE, "update", str(out / "update-1"), "4"))
+    return out
+
+
+def test_two_ranks_first_update_equals_one_process(ranks):
+    a = torch.load(ranks / "update-1" / "result.pt", weights_only=True)
+    b = torch.load(ranks / "update-2" / "result.pt", weights_only=True)
     for key in ("score_mean", "score_std", "kl", "reward_mean", "entropy", "advantage_mean", "response_length",
                 "policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm", "explained_variance",
                 "value_mean"):
@@ -162,48 +196,36 @@ def test_two_ranks_first_update_equals_one_process(tmp_path):
     assert a["row"]["grad_norm"] > 0 and a["row"]["response_length"] > 2
     assert a["params"].keys() == b["params"].keys()
     assert any(k.startswith("critic.") for k in a["params"])
-    moved = 0
-    start = _initial_params(one)
-    for k, v in a["params"].items():
-        torch.testing.assert_close(b["params"][k], v, rtol=1e-4, atol=1e-6, msg=k)
-        moved += int(not torch.equal(v, start[k]))
-    assert moved > len(a["params"]) // 2  # the update really changed the weights
-
-
-def _initial_params(run_dir):
     from transformers import AutoModelForCausalLM
 
-    from fastppo.train import builtin
-
-    model = AutoModelForCausalLM.from_pretrained(str(run_dir / "run" / "builtin" / "model-seed0"))
-    own = {f"actor.{k}": v for k, v in model.state_dict().items()}
-    found = {}
-    for k in torch.load(run_dir / "result.pt", weights_only=True)["params"]:
-        found[k] = own.get(k, torch.full((1,), float("nan")))  # critic weights: never equal to NaN
-    assert builtin  # the built-in model is what both runs started from
-    return found
+    start = AutoModelForCausalLM.from_pretrained(str(ranks / "update-1" / "builtin" / "model-seed0")).state_dict()
+    moved = 0
+    for k, v in a["params"].items():
+        torch.testing.assert_close(b["params"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        if k.startswith("actor."):
+            moved += int(not torch.equal(v, start[k[len("actor."):]]))
+    assert moved > 10  # the update really changed the actor's weights
 
 
-def test_two_ranks_resume_and_one_process_resumes_their_checkpoint(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    common = ["-m", "fastppo", "train", "--batch-size", "8", "--mini-batch-size", "4", "--micro-batch-size", "2",
-              "--max-new-tokens", "4", "--ppo-epochs", "1", "--no-progress", "--no-plot"]
-    _ok(_torchrun(*common, "--iterations", "3", "--output-dir", str(full)))
-    _ok(_torchrun(*common, "--iterations", "2", "--output-dir", str(cut)))
-    assert os.path.isdir(cut / "checkpoints" / "step-00000002" / "dcp")
-    proc = _torchrun(*common, "--iterations", "3", "--output-dir", str(cut), "--resume")
+def test_two_ranks_resume_continues_the_run(ranks):
+    runs = json.loads((ranks / "runs.json").read_text())
+    assert runs["resumed_from"].endswith("step-00000002")
+    full, resumed = runs["full"], runs["resumed"]
+    assert [r["step"] for r in full] == [1, 2, 3]
+    assert [r["step"] for r in resumed] == [1, 2, 3]  # metrics.jsonl: steps 1, 2 kept, 3 written again
+    assert os.path.isdir(ranks / "run" / "checkpoints" / "step-00000003" / "dcp")
+    for key in ("score_mean", "kl", "policy_loss", "value_loss", "grad_norm", "entropy", "advantage_mean"):
+        assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_one_process_resumes_what_two_ranks_wrote(ranks):
+    """The 2-rank checkpoint is also a one-process one: full weights, the optimizer in its layout."""
+    proc = _plain("-m", "fastppo", "train", "--batch-size", "8", "--mini-batch-size", "4", "--micro-batch-size",
+                  "2", "--max-new-tokens", "4", "--ppo-epochs", "1", "--no-progress", "--no-plot",
+                  "--iterations", "4", "--output-dir", str(ranks / "run"), "--resume")
     _ok(proc)
-    assert "resumed from" in proc.stdout
-    a, b = _rows(full / "metrics.jsonl"), _rows(cut / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3]
-    for key in ("score_mean", "kl", "policy_loss", "value_loss", "grad_norm", "entropy"):
-        assert b[2][key] == pytest.approx(a[2][key], rel=1e-4, abs=1e-6), key
-    # The 2-rank checkpoint is also a one-process checkpoint (full weights, optimizer in its layout).
-    proc = _plain("-m", "fastppo", "train", *common[3:], "--iterations", "4", "--output-dir", str(cut),
-                  "--resume")
-    _ok(proc)
-    rows = _rows(cut / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
+    assert [r["step"] for r in _rows(ranks / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):

@@ -185,6 +185,8 @@ def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     trainer = PPOTrainer(config)
+    if not trainer.dist.is_main:  # [dist] one summary per run, from rank 0; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
     n_train = sum(p.numel() for p in trainer.actor.parameters() if p.requires_grad)
     what = "built-in task (tiny Llama, sentiment reward)" if config.model is None else config.model
     reward = config.reward_model or config.reward or "sentiment"

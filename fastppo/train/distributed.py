@@ -175,6 +175,11 @@ class Distributed:
             return
         from torch.distributed.device_mesh import init_device_mesh
 
+        import warnings
+
+        # FSDP2 warns that an in-place op on a module's output would skip its pre-backward hook; the
+        # trainer never writes into model outputs (it always builds new tensors from them).
+        warnings.filterwarnings("ignore", message=r".*returned a view tensor.*")
         self.mesh = init_device_mesh(trainer.device.type, (self.world,))
         self.fsdp = True
         trainer.actor = _fully_shard(trainer.actor, self.mesh)
