@@ -105,6 +105,21 @@ def _worker_ranks(out: str) -> None:
     dist.destroy_process_group()
 
 
+def _worker_one(out: str) -> None:
+    """One plain process: the fixed-batch update with the whole mini-batch in one micro-batch (so its
+    token-mean is exactly over the mini-batch's tokens, as the ranks' global normalisation is), then
+    ``fastppo train --resume`` of the checkpoint the 2 ranks wrote, through the CLI."""
+    from fastppo.cli import main
+
+    _update(os.path.join(out, "update-1"), micro=4)
+    argv = ["train", "--batch-size", "8", "--mini-batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens",
+            "4", "--ppo-epochs", "1", "--no-progress", "--no-plot", "--iterations", "4", "--output-dir",
+            os.path.join(out, "run"), "--resume"]
+    code = main(argv)
+    with open(os.path.join(out, "one.json"), "w", encoding="utf-8") as f:
+        json.dump({"exit": code}, f)
+
+
 def _worker_fail(out: str) -> None:
     """Rank 1's reward function raises in the second iteration, while rank 0 goes on."""
     from fastppo.train import PPOTrainer, builtin
@@ -127,8 +142,8 @@ if __name__ == "__main__":
     mode, target = sys.argv[1], sys.argv[2]
     if mode == "ranks":
         _worker_ranks(target)
-    elif mode == "update":
-        _update(target, int(sys.argv[3]))
+    elif mode == "one":
+        _worker_one(target)
     elif mode == "fail":
         _worker_fail(target)
     sys.exit(0)
@@ -177,18 +192,18 @@ def _rows(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """One torchrun launch (2 ranks) and one plain process: each process start costs tens of seconds here."""
+    """One torchrun launch (2 ranks), then one plain process: each process start costs tens of seconds here."""
     out = tmp_path_factory.mktemp("ranks")
     _ok(_torchrun(HERE, "ranks", str(out)))
-    # One process: the whole mini-batch in one micro-batch, so its token-mean is over the mini-batch's
-    # tokens exactly (the 2-rank run normalises by the global count, whatever its micro-batches).
-    _ok(_plain(HERE, "update", str(out / "update-1"), "4"))
-    return out
+    proc = _plain(HERE, "one", str(out))
+    _ok(proc)
+    return out, proc
 
 
 def test_two_ranks_first_update_equals_one_process(ranks):
-    a = torch.load(ranks / "update-1" / "result.pt", weights_only=True)
-    b = torch.load(ranks / "update-2" / "result.pt", weights_only=True)
+    out, _ = ranks
+    a = torch.load(out / "update-1" / "result.pt", weights_only=True)
+    b = torch.load(out / "update-2" / "result.pt", weights_only=True)
     for key in ("score_mean", "score_std", "kl", "reward_mean", "entropy", "advantage_mean", "response_length",
                 "policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm", "explained_variance",
                 "value_mean"):
@@ -198,7 +213,7 @@ def test_two_ranks_first_update_equals_one_process(ranks):
     assert any(k.startswith("critic.") for k in a["params"])
     from transformers import AutoModelForCausalLM
 
-    start = AutoModelForCausalLM.from_pretrained(str(ranks / "update-1" / "builtin" / "model-seed0")).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(str(out / "update-1" / "builtin" / "model-seed0")).state_dict()
     moved = 0
     for k, v in a["params"].items():
         torch.testing.assert_close(b["params"][k], v, rtol=1e-4, atol=1e-6, msg=k)
@@ -208,24 +223,23 @@ def test_two_ranks_first_update_equals_one_process(ranks):
 
 
 def test_two_ranks_resume_continues_the_run(ranks):
-    runs = json.loads((ranks / "runs.json").read_text())
+    out, _ = ranks
+    runs = json.loads((out / "runs.json").read_text())
     assert runs["resumed_from"].endswith("step-00000002")
     full, resumed = runs["full"], runs["resumed"]
     assert [r["step"] for r in full] == [1, 2, 3]
     assert [r["step"] for r in resumed] == [1, 2, 3]  # metrics.jsonl: steps 1, 2 kept, 3 written again
-    assert os.path.isdir(ranks / "run" / "checkpoints" / "step-00000003" / "dcp")
+    assert os.path.isdir(out / "run" / "checkpoints" / "step-00000003" / "dcp")
     for key in ("score_mean", "kl", "policy_loss", "value_loss", "grad_norm", "entropy", "advantage_mean"):
         assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-4, abs=1e-6), key
 
 
 def test_one_process_resumes_what_two_ranks_wrote(ranks):
     """The 2-rank checkpoint is also a one-process one: full weights, the optimizer in its layout."""
-    proc = _plain("-m", "fastppo", "train", "--batch-size", "8", "--mini-batch-size", "4", "--micro-batch-size",
-                  "2", "--max-new-tokens", "4", "--ppo-epochs", "1", "--no-progress", "--no-plot",
-                  "--iterations", "4", "--output-dir", str(ranks / "run"), "--resume")
-    _ok(proc)
+    out, proc = ranks
+    assert json.loads((out / "one.json").read_text()) == {"exit": 0}
     assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
-    assert [r["step"] for r in _rows(ranks / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in _rows(out / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):

@@ -614,19 +614,21 @@ def _load(trainer, path: str, state: dict[str, Any]) -> str | None:
 
     d: Distributed = trainer.dist
     mods = _modules(trainer)
+    # LoRA: the checkpoint holds the adapter only; the frozen base weights are already in place.
+    load_options = _options(strict=trainer.config.lora_r <= 0)
     try:
         if os.path.isdir(os.path.join(path, DCP_DIR)):
             sharded = {"model": get_model_state_dict(mods, options=_options()),
                        "optimizer": get_optimizer_state_dict(mods, trainer.optimizer, options=_options())}
             dcp.load(sharded, checkpoint_id=os.path.join(path, DCP_DIR))
-            set_model_state_dict(mods, sharded["model"], options=_options())
+            set_model_state_dict(mods, sharded["model"], options=load_options)
             set_optimizer_state_dict(mods, trainer.optimizer, sharded["optimizer"], options=_options())
         else:  # written by one process: full weights on every rank, each keeps its shard
             loaded = checkpoint.read(trainer, path)
             full = {f"actor.{k}": v for k, v in _actor_keys(trainer, loaded["actor"]).items()}
             if loaded["critic"] is not None:
                 full.update({f"critic.model.{k}": v for k, v in loaded["critic"].items()})
-            set_model_state_dict(mods, full, options=_options(full_state_dict=True))
+            set_model_state_dict(mods, full, options=_options(full_state_dict=True, strict=trainer.config.lora_r <= 0))
             optim = _optimizer_from_ids(state["optimizer"], trainer.optimizer, _param_names(trainer))
             set_optimizer_state_dict(mods, trainer.optimizer, optim, options=_options(full_state_dict=True))
     except checkpoint.CheckpointError as exc:
