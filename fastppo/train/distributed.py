@@ -192,6 +192,27 @@ class Distributed:
     # ---------------------------------------------------------------------------------------
     # rollout
 
+    @contextmanager
+    def unsharded(self, model: nn.Module) -> Iterator[None]:
+        """Within the block ``model``'s FSDP2 parameters stay gathered: generation's one forward
+        per token then costs no all-gather (as a rollout engine holds the full weights)."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in units:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+
     def local_rows(self, rows: list[Any]) -> list[Any]:
         """This rank's contiguous share of the global batch's rows."""
         if not self.enabled:

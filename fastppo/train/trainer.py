@@ -423,7 +423,8 @@ class PPOTrainer:
         idx = self.dist.local_rows(idx)  # [dist] this rank's share of the global batch
         prompts = [self.prompts[i] for i in idx]
         prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
-        responses, mask = self.generate(prompt_ids, prompt_mask)
+        with self.dist.unsharded(self.actor):  # [dist] the actor's weights gathered once for all tokens
+            responses, mask = self.generate(prompt_ids, prompt_mask)
         width = prompt_ids.shape[1]
         seq = torch.cat([prompt_ids, responses], 1)
         attn = torch.cat([prompt_mask, mask.long()], 1)
