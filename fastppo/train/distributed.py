@@ -568,11 +568,9 @@ def save(trainer, step: int) -> str:
 
 
 def _save_actor(trainer, path: str, state_dict: dict[str, torch.Tensor]) -> None:
-    if trainer.config.lora_r > 0:
-        # peft picks the adapter's tensors out of the full model's state dict.
-        trainer.actor.save_pretrained(path, state_dict=state_dict)
-    else:
-        trainer.actor.save_pretrained(path, state_dict=state_dict)
+    # The sharded module cannot hand save_pretrained its own weights (they are DTensor shards);
+    # the gathered ones are passed in. A peft model picks its adapter's tensors out of them.
+    trainer.actor.save_pretrained(path, state_dict=state_dict)
 
 
 def resume(trainer, candidates: list[str]) -> str | None:
