@@ -154,7 +154,11 @@ def _program() -> str:
     import shlex
     import shutil
 
+    from .distributed import launcher
+
     argv0 = sys.argv[0] if sys.argv else ""
+    if launcher():  # [dist] started by torchrun/accelerate: resume the same way
+        return f"{launcher()} -m fastppo"
     if os.path.basename(argv0) == "fastppo":
         found = shutil.which("fastppo")
         if found and os.path.exists(argv0) and os.path.samefile(found, argv0):
@@ -205,6 +209,8 @@ def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
                   f"{os.path.basename(stale)}); this run starts from iteration 0 and replaces metrics.jsonl and "
                   "the checkpoints it reaches; pass --resume to continue instead", file=sys.stderr)
     summary = trainer.train()
+    if summary.get("interrupted") and not trainer.dist.is_main:  # [dist] rank 0 says how to resume
+        return _EXIT[summary["interrupted"]]
     if summary.get("interrupted"):
         print(f"fastppo train: stopped by {summary['interrupted']} after iteration {trainer.step} of "
               f"{config.iterations}; metrics: {summary['metrics']}; checkpoint: {summary['checkpoint']}",

@@ -63,6 +63,20 @@ def launched() -> bool:
         return False
 
 
+def launcher() -> str | None:
+    """``torchrun --nproc-per-node M`` (and ``--nnodes K`` beyond one machine) when this process
+    was started as one of several; None otherwise. For the "resume with" line."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        return None
+    if world <= 1:
+        return None
+    nodes = f" --nnodes {world // local}" if local and world // local > 1 else ""
+    return f"torchrun{nodes} --nproc-per-node {local}"
+
+
 def _timeout() -> datetime.timedelta:
     raw = os.environ.get("FASTPPO_DIST_TIMEOUT", "600")
     try:
