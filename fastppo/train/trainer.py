@@ -598,14 +598,14 @@ class PPOTrainer:
         """
         from tqdm.auto import tqdm
 
-        from .report import open_reporter
+        from .report import Reporter, open_reporter
 
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         main = self.dist.is_main  # [dist] rank 0 alone writes metrics, reports and plots
         log = MetricsLog(metrics_path, keep_up_to=self.step if self.resumed_from else None) if main else None
-        reporter = open_reporter(cfg, first_step=self.step + 1) if main else _NoReporter()
+        reporter = open_reporter(cfg, first_step=self.step + 1) if main else Reporter()  # no-op
         rows: list[dict[str, Any]] = []
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (cfg.progress and main), desc="ppo",
                    unit="it", dynamic_ncols=True, file=sys.stderr)
@@ -647,14 +647,6 @@ class PPOTrainer:
             "plot": plot_path,
             "interrupted": stop.signal if self.step < cfg.iterations else None,
         }
-
-
-class _NoReporter:  # [dist] ranks other than 0 report nothing
-    def log(self, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class _StopOnSignal:
