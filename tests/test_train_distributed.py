@@ -247,5 +247,8 @@ def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
     proc = _torchrun(HERE, "fail", str(tmp_path / "run"), timeout=180)
     took = time.monotonic() - start
     assert proc.returncode != 0
-    assert "reward service unreachable on rank 1" in proc.stderr + proc.stdout
+    out = proc.stderr + proc.stdout
+    assert "ValueError: reward service unreachable on rank 1" in out  # rank 1's own error
+    # rank 0 learns of it at the same step and stops with a message naming rank 1, not a lost connection
+    assert "rank 0 stopped: rank 1 failed: ValueError: reward service unreachable on rank 1" in out
     assert took < 170

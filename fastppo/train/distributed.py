@@ -234,6 +234,32 @@ class Distributed:
         n = len(rows) // self.world
         return rows[self.rank * n:(self.rank + 1) * n]
 
+    def together(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on every rank, then a failure flag shared by all: when it raised
+        on any rank, that rank re-raises its error and every other rank raises one naming it, so
+        user code (a reward function, a reward server) failing on one rank stops all of them at
+        the same point with its message, instead of leaving them waiting in the next collective."""
+        if not self.enabled:
+            return fn(*args, **kwargs)
+        import torch.distributed as dist
+
+        error: BaseException | None = None
+        result = None
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            error = exc
+        mine = None if error is None else f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
+        if failed:
+            r, m = failed[0]
+            raise RuntimeError(f"rank {self.rank} stopped: rank {r} failed: {m}")
+        return result
+
     def all_done(self, done: torch.Tensor) -> bool:
         """Generation stops when every row of every rank is done: the same number of forward
         passes on all ranks (FSDP2 all-gathers in each), and one response width for the batch."""

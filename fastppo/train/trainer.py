@@ -431,7 +431,8 @@ class PPOTrainer:
         pos = position_ids_from(attn)
         t1 = self._sync()
 
-        scores = self.score(prompts, seq, attn, pos, responses, mask)
+        # [dist] a reward that fails on one rank stops every rank here, with its message
+        scores = self.dist.together(self.score, prompts, seq, attn, pos, responses, mask)
         t2 = self._sync()
 
         # Micro-batched like the updates: a rollout-sized forward would hold B x T x V logits at once.
