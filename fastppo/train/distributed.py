@@ -450,11 +450,22 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def _reshard_after_forward() -> bool:
+    raw = os.environ.get("FASTPPO_FSDP_RESHARD_AFTER_FORWARD", "1").strip().lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise ConfigError(f"FASTPPO_FSDP_RESHARD_AFTER_FORWARD must be 1 or 0, got {raw!r}")
+    return raw in ("1", "true")
+
+
 def _fully_shard(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    # Resharding each block after its forward (the default) keeps one block's full weights at a
+    # time; 0 keeps them gathered until the backward (ZeRO-2-like: fewer all-gathers, more memory,
+    # and a frozen reference then stays gathered for good).
+    reshard = _reshard_after_forward()
     for block in _blocks(model):
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh)
     # The fused head reads the backbone's last hidden state and the LM head's weight outside the
     # model's forward; as a registered forward method it runs inside FSDP2's all-gather of the
