@@ -58,7 +58,7 @@ def _fixed_generate(trainer):
     return generate
 
 
-def _update(out: str, micro: int) -> None:
+def _update(out: str, micro: int, **options) -> None:
     """One iteration (two optimizer steps) on a fixed global batch; rank 0 saves metrics and weights."""
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -66,7 +66,8 @@ def _update(out: str, micro: int) -> None:
     from fastppo.train import PPOTrainer, builtin, distributed
 
     cfg = builtin.default_config(output_dir=out, iterations=1, batch_size=8, mini_batch_size=4,
-                                 micro_batch_size=micro, ppo_epochs=1, max_new_tokens=6, progress=False, plot=False)
+                                 micro_batch_size=micro, ppo_epochs=1, max_new_tokens=6, progress=False, plot=False,
+                                 **options)
     trainer = PPOTrainer(cfg)
     trainer.generate = _fixed_generate(trainer)
     row = trainer.iteration()
@@ -77,6 +78,8 @@ def _update(out: str, micro: int) -> None:
                    os.path.join(out, "result.pt"))
 
 
+# Critic-free, whitened over the batch by REINFORCE++, and a per-sequence aggregation.
+OTHER = dict(advantage_estimator="reinforce++", loss_agg="seq-mean-token-mean", kl_loss_coef=0.1, kl_estimator="k3")
 RUN = dict(batch_size=8, mini_batch_size=4, micro_batch_size=2, max_new_tokens=4, ppo_epochs=1, progress=False,
            plot=False)
 
@@ -91,6 +94,7 @@ def _worker_ranks(out: str) -> None:
     from fastppo.train import PPOTrainer, builtin
 
     _update(os.path.join(out, "update-2"), micro=1)
+    _update(os.path.join(out, "reinforce-2"), micro=1, **OTHER)
     run = os.path.join(out, "run")
     full = PPOTrainer(builtin.default_config(output_dir=run, iterations=3, save_every=1, **RUN)).train()["history"]
     if dist.get_rank() == 0:
@@ -112,6 +116,7 @@ def _worker_one(out: str) -> None:
     from fastppo.cli import main
 
     _update(os.path.join(out, "update-1"), micro=4)
+    _update(os.path.join(out, "reinforce-1"), micro=4, **OTHER)
     argv = ["train", "--batch-size", "8", "--mini-batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens",
             "4", "--ppo-epochs", "1", "--no-progress", "--no-plot", "--iterations", "4", "--output-dir",
             os.path.join(out, "run"), "--resume"]
@@ -220,6 +225,17 @@ def test_two_ranks_first_update_equals_one_process(ranks):
         if k.startswith("actor."):
             moved += int(not torch.equal(v, start[k[len("actor."):]]))
     assert moved > 10  # the update really changed the actor's weights
+
+
+def test_two_ranks_equal_one_process_for_reinforce_pp_and_seq_mean(ranks):
+    out, _ = ranks
+    a = torch.load(out / "reinforce-1" / "result.pt", weights_only=True)
+    b = torch.load(out / "reinforce-2" / "result.pt", weights_only=True)
+    for key in ("score_mean", "kl", "policy_loss", "kl_loss", "clipfrac", "approx_kl", "grad_norm", "entropy"):
+        assert b["row"][key] == pytest.approx(a["row"][key], rel=1e-4, abs=1e-6), key
+    assert not any(k.startswith("critic.") for k in a["params"])
+    for k, v in a["params"].items():
+        torch.testing.assert_close(b["params"][k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_two_ranks_resume_continues_the_run(ranks):

@@ -317,18 +317,21 @@ class Distributed:
     # update
 
     def micro_batches(self, mini: torch.Tensor, mask: torch.Tensor, micro_size: int, agg: str
-                      ) -> list[tuple[torch.Tensor, float, float]]:
-        """``[(rows, loss_weight, stats_weight), ...]`` for one mini-batch.
+                      ) -> list[tuple[torch.Tensor, float, Any]]:
+        """``[(rows, loss_weight, stats_weight), ...]`` for one mini-batch; ``stats_weight(name)``
+        weighs the micro-batch's statistic ``name``.
 
         ``mini``: the global row indices of the mini-batch (a slice of the shared shuffle);
         ``mask``: this rank's ``[B / N, T]`` response mask. ``rows`` index this rank's tensors.
         One process: ``mini`` split into micro-batches weighted by their share of its rows (the
         trainer's own rule). N ranks: see the module docstring; ``loss_weight`` includes the
         factor N that undoes FSDP2's averaging of gradients over ranks, ``stats_weight`` does not
-        (all-reduced sums of the weighted statistics are the global ones).
+        (all-reduced sums of the weighted statistics are the global ones): the loss terms weigh as
+        the loss does, the token fractions and means (``TOKEN_STATS``) by valid tokens whatever the
+        aggregation.
         """
         if not self.enabled:
-            return [(m, m.numel() / mini.numel(), m.numel() / mini.numel()) for m in mini.split(micro_size)]
+            return [(m, m.numel() / mini.numel(), _const(m.numel() / mini.numel())) for m in mini.split(micro_size)]
         import torch.distributed as dist
 
         n_local = mask.shape[0]
@@ -338,26 +341,30 @@ class Distributed:
         counts = torch.bincount(owner.cpu(), minlength=self.world)
         steps = max(1, max(-(-int(c) // micro_size) for c in counts))
         valid = mask != 0
-        if agg in ("token-mean",):
-            per_row = valid.sum(1).to(torch.float64)
+        tokens = valid.sum(1).to(torch.float64)
+        if agg == "token-mean":
+            per_row = tokens
         elif agg.startswith("seq-mean"):
             per_row = valid.any(1).to(torch.float64)
         else:  # token-sum: a sum over tokens needs no normaliser
             per_row = None
-        total = None
-        if per_row is not None:
-            t = per_row[local].sum().reshape(1)
-            dist.all_reduce(t)
-            total = float(t.clamp(min=1).item())
+        totals = torch.stack([tokens[local].sum(), (per_row if per_row is not None else tokens)[local].sum()])
+        dist.all_reduce(totals)
+        total_tokens, total = (float(x) for x in totals.clamp(min=1))
         out = []
         parts = list(local.split(micro_size)) if local.numel() else []
         for i in range(steps):
             if i < len(parts):
                 rows = parts[i]
                 w = 1.0 if per_row is None else float(per_row[rows].sum().item()) / total
-                out.append((rows, w * self.world, w))
+                w_tok = float(tokens[rows].sum().item()) / total_tokens
+                if per_row is None:  # token-sum: its loss terms are sums, shared among ranks as they are
+                    stat = _by_kind(w_tok, 1.0)
+                else:
+                    stat = _by_kind(w_tok, w)
+                out.append((rows, w * self.world, stat))
             else:  # this rank holds fewer rows of the mini-batch: a zero-weighted pass keeps the collectives aligned
-                out.append((torch.zeros(1, dtype=torch.long, device=mask.device), 0.0, 0.0))
+                out.append((torch.zeros(1, dtype=torch.long, device=mask.device), 0.0, _const(0.0)))
         return out
 
     def grad_norm(self, norm: torch.Tensor) -> torch.Tensor:
@@ -431,6 +438,19 @@ class Distributed:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+# Statistics of fastppo.ppo_loss / policy_loss / value_loss that are fractions or means over valid
+# tokens whatever the loss aggregation; the others (loss terms) follow the aggregation.
+TOKEN_STATS = frozenset({"clipfrac", "clipfrac_lower", "approx_kl", "value_clipfrac"})
+
+
+def _const(w: float):
+    return lambda name: w
+
+
+def _by_kind(token_weight: float, loss_weight: float):
+    return lambda name: token_weight if name in TOKEN_STATS else loss_weight
 
 
 def seed_rank(seed: int, rank: int) -> None:

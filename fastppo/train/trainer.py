@@ -502,7 +502,7 @@ class PPOTrainer:
                     t_fwd += tb - ta
                     t_bwd += self._sync() - tb
                     for k, v in stats.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * stats_weight
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * stats_weight(k)
                 tb = self._sync()
                 grad_norms.append(self._clip_grads())
                 self.optimizer.step()
