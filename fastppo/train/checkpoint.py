@@ -475,9 +475,13 @@ def clear_outputs(output_dir: str) -> list[str]:
     return removed
 
 
-def save_final(trainer) -> str:
+def save_final(trainer, source: str | None = None) -> str:
     """Write the trained policy (the LoRA adapter, or the whole model) and its tokenizer into
     ``output_dir`` itself, and the critic into ``output_dir/critic``; returns ``output_dir``.
+
+    ``source``: a checkpoint directory of the same step to copy ``actor/`` and ``critic/`` from
+    instead of saving the live modules (a multi-process run's modules are FSDP2 shards; its
+    checkpoint holds the gathered weights).
 
     Everything is written into a hidden directory first and then moved in, so a crash leaves
     either the previous files or the new ones, never a half-written weights file.
@@ -486,10 +490,16 @@ def save_final(trainer) -> str:
     os.makedirs(out, exist_ok=True)
     tmp = os.path.join(out, f".tmp-final-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.actor.save_pretrained(tmp)
+    if source is not None:
+        shutil.copytree(os.path.join(source, "actor"), tmp)
+    else:
+        trainer.actor.save_pretrained(tmp)
     trainer.tokenizer.save_pretrained(tmp)
     if trainer.critic is not None:
-        trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
+        if source is not None:
+            shutil.copytree(os.path.join(source, "critic"), os.path.join(tmp, "critic"))
+        else:
+            trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
         trainer.tokenizer.save_pretrained(os.path.join(tmp, "critic"))
     readme = os.path.join(tmp, "README.md")  # peft's model card template; never overwrite the user's README
     if os.path.exists(readme):

@@ -156,7 +156,11 @@ def _program() -> str:
     import shlex
     import shutil
 
+    from .distributed import launcher
+
     argv0 = sys.argv[0] if sys.argv else ""
+    if launcher():  # [dist] started by torchrun/accelerate: resume the same way
+        return f"{launcher()} -m fastppo"
     if os.path.basename(argv0) == "fastppo":
         found = shutil.which("fastppo")
         if found and os.path.exists(argv0) and os.path.samefile(found, argv0):
@@ -187,6 +191,8 @@ def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     trainer = PPOTrainer(config)
+    if not trainer.dist.is_main:  # [dist] one summary per run, from rank 0; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
     n_train = sum(p.numel() for p in trainer.actor.parameters() if p.requires_grad)
     what = "built-in task (tiny Llama, sentiment reward)" if config.model is None else config.model
     reward = config.reward_model or config.reward or "sentiment"
@@ -197,6 +203,8 @@ def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
     elif config.resume:
         print(f"--resume: no checkpoint under {config.output_dir}/checkpoints yet; starting from iteration 0")
     summary = trainer.train()
+    if summary.get("interrupted") and not trainer.dist.is_main:  # [dist] rank 0 says how to resume
+        return _EXIT[summary["interrupted"]]
     if summary.get("interrupted"):
         print(f"fastppo train: stopped by {summary['interrupted']} after iteration {trainer.step} of "
               f"{config.iterations}; metrics: {summary['metrics']}; checkpoint: {summary['checkpoint']}",

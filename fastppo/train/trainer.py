@@ -40,6 +40,7 @@ import fastppo
 
 from . import api
 from . import builtin, checkpoint
+from . import distributed  # [dist] several processes (torchrun); a no-op for one
 from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
                    prompt_text, prompts_from_dataset)
@@ -366,25 +367,30 @@ class PPOTrainer:
                  tokenizer=tokenizer, train_dataset=train_dataset)
         self.config = config
         cfg = config
+        self.dist = distributed.Distributed.setup(cfg)  # [dist] process group from the launcher's env
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         if cfg.overwrite:
-            removed = checkpoint.clear_outputs(cfg.output_dir)
-            if removed:
-                print(f"fastppo train: --overwrite: removed the previous run's {', '.join(removed)} from "
-                      f"{cfg.output_dir}", file=sys.stderr)
+            if self.dist.is_main:  # [dist] one rank clears; the others wait until it has
+                removed = checkpoint.clear_outputs(cfg.output_dir)
+                if removed:
+                    print(f"fastppo train: --overwrite: removed the previous run's {', '.join(removed)} from "
+                          f"{cfg.output_dir}", file=sys.stderr)
+            self.dist.barrier()
 
         if model is not None:
             self.model_path = api.local_dir(model)  # None: built in memory, nothing to reload it from
             self.dataset_path = cfg.dataset
         elif cfg.model is None:
-            model_dir, prompts_file = builtin.materialize(os.path.join(cfg.output_dir, "builtin"), seed=cfg.seed)
+            with self.dist.main_first():  # [dist] one rank writes the built-in files, the others read them
+                model_dir, prompts_file = builtin.materialize(os.path.join(cfg.output_dir, "builtin"), seed=cfg.seed)
             self.model_path = model_dir
             self.dataset_path = cfg.dataset or (None if train_dataset is not None else prompts_file)
         else:
             self.model_path, self.dataset_path = cfg.model, cfg.dataset
 
-        self.device = pick_device(cfg)
+        self.device = self.dist.pick_device(pick_device(cfg))  # [dist] cuda:LOCAL_RANK
+        self.dist.check_backend(self.device)
         if self.device.type == "cpu" and cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
         self.bf16 = use_bf16(cfg, self.device)
@@ -451,6 +457,7 @@ class PPOTrainer:
         else:
             self.reward_fn = None
 
+        self.dist.shard(self)  # [dist] FSDP2 before the optimizer sees the parameters
         actor_params = [p for p in self.actor.parameters() if p.requires_grad]
         groups = [{"params": actor_params, "lr": cfg.learning_rate}]
         if self.critic is not None:
@@ -463,7 +470,8 @@ class PPOTrainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         # Newest usable checkpoint; unusable ones (truncated, empty, missing parts) are skipped with a warning.
-        self.resumed_from: str | None = checkpoint.resume(self, candidates)
+        resume = distributed.resume if self.dist.enabled else checkpoint.resume  # [dist] dcp checkpoints
+        self.resumed_from: str | None = resume(self, candidates)
 
     # ----------------------------------------------------------------------------------------
     def _lr_factor(self, update: int) -> float:
@@ -490,6 +498,8 @@ class PPOTrainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> str:
+        if self.dist.enabled:  # [dist] all ranks write one checkpoint together
+            return distributed.save(self, self.step)
         return checkpoint.save(self, self.step)
 
     def _sync(self) -> float:
@@ -534,7 +544,7 @@ class PPOTrainer:
             out_mask.append(~done)
             done = done | (nxt == stop)  # stop_token_id, or EOS again when none is set
             done = done | (nxt == eos)
-            if bool(done.all()):
+            if self.dist.all_done(done):  # [dist] every rank's rows: equal forward counts under FSDP2
                 break
             attn = torch.cat([attn, out_mask[-1].long()[:, None]], dim=1)
             with autocast(self.device, self.bf16):
@@ -595,27 +605,32 @@ class PPOTrainer:
         # rows, the group layout fastppo.group_advantages reads.
         k = cfg.num_generations
         idx = [i for i in self.sampler.next(cfg.batch_size // k) for _ in range(k)]
+        idx = self.dist.local_rows(idx)  # [dist] this rank's share of the global batch
         prompts = [self.prompts[i] for i in idx]
         prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
-        responses, mask = self.generate(prompt_ids, prompt_mask)
+        with self.dist.unsharded(self.actor):  # [dist] the actor's weights gathered once for all tokens
+            responses, mask = self.generate(prompt_ids, prompt_mask)
         width = prompt_ids.shape[1]
         seq = torch.cat([prompt_ids, responses], 1)
         attn = torch.cat([prompt_mask, mask.long()], 1)
         pos = position_ids_from(attn)
         t1 = self._sync()
 
-        scores = self.score(prompts, seq, attn, pos, responses, mask)
+        # [dist] a reward that fails on one rank stops every rank here, with its message
+        scores = self.dist.together(self.score, prompts, seq, attn, pos, responses, mask)
         scores = self.penalize_missing_eos(scores, responses, mask)
         t2 = self._sync()
 
         # Micro-batched like the updates: a rollout-sized forward would hold B x T x V logits at once.
         old_logprobs, entropy, ref_logprobs, old_values = [], [], [], []
         with torch.no_grad(), autocast(dev, self.bf16):
-            for rows in torch.arange(cfg.batch_size, device=dev).split(cfg.micro_batch_size):
+            for rows in torch.arange(len(idx), device=dev).split(cfg.micro_batch_size):
                 s_, a_, p_, m_ = seq[rows], attn[rows], pos[rows], mask[rows]
-                lp, ent = response_logprobs(self.actor, s_, a_, p_, width, m_, cfg.temperature, cfg.fused_head)
+                lp, ent = distributed.response_logprobs(self.actor, s_, a_, p_, width, m_, cfg.temperature,
+                                                        cfg.fused_head)
                 with reference_policy(self.actor, self.reference) as ref:
-                    rlp, _ = response_logprobs(ref, s_, a_, p_, width, m_, cfg.temperature, cfg.fused_head)
+                    rlp, _ = distributed.response_logprobs(ref, s_, a_, p_, width, m_, cfg.temperature,
+                                                           cfg.fused_head)
                 old_logprobs.append(lp)
                 entropy.append(ent)
                 ref_logprobs.append(rlp)
@@ -630,11 +645,14 @@ class PPOTrainer:
         if cfg.advantage_estimator == "gae":
             advantages, returns, rewards, kl = fastppo.compute_advantages(
                 shaped, old_logprobs, ref_logprobs, old_values, mask, kl_coef=kl_coef_used,
-                estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
+                estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+                whiten=cfg.whiten_advantages and not self.dist.enabled)
+            if cfg.whiten_advantages and self.dist.enabled:  # [dist] statistics of the global batch
+                advantages = self.dist.masked_whiten(advantages, mask)
         elif cfg.advantage_estimator == "reinforce++":
             rewards, kl = fastppo.shape_rewards(shaped, old_logprobs, ref_logprobs, mask, kl_coef=kl_coef_used,
                                                 estimator=cfg.kl_estimator)
-            advantages, returns = fastppo.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma)
+            advantages, returns = self.dist.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma)  # [dist] global whitening
         else:  # grpo, rloo: outcome advantages within each prompt's group; no KL reward penalty
             advantages = fastppo.group_advantages(shaped, k, mask, estimator=cfg.advantage_estimator)
             returns = None
@@ -655,7 +673,10 @@ class PPOTrainer:
             order = torch.randperm(cfg.batch_size, generator=self.shuffle_gen).to(dev)
             for mini in order.split(cfg.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in mini.split(cfg.micro_batch_size):
+                # [dist] with N ranks: this rank's rows of the global mini-batch, weighted by their
+                # share of its tokens (see distributed.Distributed.micro_batches)
+                for micro, weight, stats_weight in self.dist.micro_batches(mini, mask, cfg.micro_batch_size,
+                                                                           cfg.loss_agg):
                     ta = self._sync()
                     loss, stats = self._loss(micro, seq, attn, pos, width, mask, old_logprobs, advantages,
                                              old_values, returns, ref_logprobs)
@@ -663,11 +684,11 @@ class PPOTrainer:
                     # Each micro-batch loss is aggregated over its own rows; weighting it by its share
                     # of the mini-batch's rows makes the accumulated gradient that of the whole
                     # mini-batch: exactly for the seq-mean modes, up to uneven lengths for token-mean.
-                    (loss * (micro.numel() / mini.numel())).backward()
+                    (loss * weight).backward()
                     t_fwd += tb - ta
                     t_bwd += self._sync() - tb
                     for k, v in stats.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * (micro.numel() / mini.numel())
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * stats_weight(k)
                 tb = self._sync()
                 grad_norms.append(self._clip_grads())
                 self.optimizer.step()
@@ -677,6 +698,10 @@ class PPOTrainer:
         t4 = self._sync()
 
         self.step += 1
+        if self.dist.enabled:  # [dist] metrics over the global batch, the same on every rank
+            stats_sum = self.dist.sum_stats(stats_sum)
+            scores, kl, rewards, mask, entropy, advantages, old_values, returns = self.dist.gather_rows(
+                scores, kl, rewards, mask, entropy, advantages, old_values, returns)
         valid = mask.float()
         kl_seq = float((kl * valid).sum(1).mean())
         self.kl.update(kl_seq, cfg.batch_size)
@@ -701,7 +726,7 @@ class PPOTrainer:
             "time_iteration": t4 - t0,
             "tokens_per_s": n_tokens / max(t4 - t0, 1e-9),
             "generate_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
-            "peak_memory_mb": peak_memory_mb(dev),
+            "peak_memory_mb": self.dist.max(peak_memory_mb(dev)),  # [dist] the largest rank's
         }
         if self.critic is not None:  # critic-free runs have no values to report
             row["explained_variance"] = explained_variance(old_values, returns, mask)
@@ -713,8 +738,8 @@ class PPOTrainer:
         cfg = self.config
         m = mask[micro]
         with autocast(self.device, self.bf16):
-            logprobs, entropy = response_logprobs(self.actor, seq[micro], attn[micro], pos[micro], width, m,
-                                                  cfg.temperature, cfg.fused_head)
+            logprobs, entropy = distributed.response_logprobs(self.actor, seq[micro], attn[micro], pos[micro], width,
+                                                              m, cfg.temperature, cfg.fused_head)
             if self.critic is not None:
                 values = self.critic(seq[micro], attn[micro], pos[micro], width - 1, -1)
         if self.critic is not None:
@@ -747,7 +772,7 @@ class PPOTrainer:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 norms.append(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
-        return norms[0] if norms else torch.tensor(0.0)
+        return self.dist.grad_norm(norms[0]) if norms else torch.tensor(0.0)  # [dist] DTensor under FSDP2
 
     # ----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -760,23 +785,31 @@ class PPOTrainer:
         """
         from tqdm.auto import tqdm
 
-        from .report import open_reporter
+        from .report import Reporter, open_reporter
 
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        log = MetricsLog(metrics_path, keep_up_to=self.step if self.resumed_from else None)
-        reporter = open_reporter(cfg, first_step=self.step + 1)
-        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not cfg.progress, desc="ppo",
+        main = self.dist.is_main  # [dist] rank 0 alone writes metrics, reports and plots
+        log = MetricsLog(metrics_path, keep_up_to=self.step if self.resumed_from else None) if main else None
+        reporter = open_reporter(cfg, first_step=self.step + 1) if main else Reporter()  # no-op
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (cfg.progress and main), desc="ppo",
                    unit="it", dynamic_ncols=True, file=sys.stderr)
         last_ckpt = self.resumed_from
         model_dir = None
         stop = _StopOnSignal()
         try:
             with stop:
-                while self.step < cfg.iterations and not stop.signal:
+                # [dist] a signal seen by any rank stops all of them at the same iteration
+                while self.step < cfg.iterations:
+                    stop.signal = self.dist.agree_stop(stop.signal)
+                    if stop.signal:
+                        break
                     row = self.iteration()
-                    log.write(row)
+                    rows.append(row)
+                    if log is not None:
+                        log.write(row)
                     reporter.log(row)
                     bar.update(1)
                     bar.set_postfix(score=f"{row['score_mean']:.3f}", kl=f"{row['kl']:.3f}",
@@ -786,13 +819,20 @@ class PPOTrainer:
                 if last_ckpt is None or not last_ckpt.endswith(f"step-{self.step:08d}"):
                     last_ckpt = self.save_checkpoint()  # atomic: a second signal here leaves no half checkpoint
                 # The finished policy where the next step of a recipe looks for it: output_dir itself.
-                model_dir = checkpoint.save_final(self) if self.step >= cfg.iterations else None
+                if self.step >= cfg.iterations:
+                    if self.dist.enabled:  # [dist] the sharded modules hold no whole weights: rank 0
+                        if main:           # copies the full ones its last checkpoint gathered
+                            checkpoint.save_final(self, source=last_ckpt)
+                        self.dist.barrier()
+                        model_dir = cfg.output_dir
+                    else:
+                        model_dir = checkpoint.save_final(self)
         finally:
             bar.close()
             reporter.close()
-        history = read_metrics(metrics_path)
+        history = read_metrics(metrics_path) if main else rows
         plot_path = None
-        if cfg.plot and history:
+        if cfg.plot and history and main:
             plot_path = os.path.join(cfg.output_dir, "metrics.png")
             plot_metrics(history, plot_path)
         return {
