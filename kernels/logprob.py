@@ -158,14 +158,13 @@ def _logprob_fwd_kernel(
     BLOCK: tl.constexpr,
     PEEL: tl.constexpr,
     VEC: tl.constexpr,
-    K: tl.constexpr,
-    LANES: tl.constexpr,
-    CV: tl.constexpr,
+    K: tl.constexpr = 1,
 ):
     """One program per row. Writes logprob / entropy (if asked) and the row's (max, log-sum).
 
     The body streams the row in blocks of BLOCK = K * LANES * CV columns, viewed as [K, LANES,
-    CV]: CV contiguous columns (16 bytes) per load, LANES = one per thread, K loads per thread.
+    CV]: CV contiguous columns (16 bytes) per load, LANES = one per thread (the launcher's K),
+    K loads per thread.
     Each thread keeps its own online log-sum-exp state, merged once after the loop, and the next
     block's loads are issued before the current block is reduced (software pipelining).
 
@@ -213,6 +212,8 @@ def _logprob_fwd_kernel(
     # Column of each 16-byte chunk ([K, LANES, 1]) and of each element ([K, LANES, CV]). The
     # load mask is per chunk: n_body is a multiple of CV (VEC when peeled, V % 16 == 0 when not),
     # so a chunk is all in or all out and the loads stay 16 bytes wide.
+    CV: tl.constexpr = VEC if VEC < BLOCK else BLOCK
+    LANES: tl.constexpr = BLOCK // (K * CV)
     chunk = (tl.arange(0, K)[:, None, None] * (LANES * CV) + tl.arange(0, LANES)[None, :, None] * CV)
     col3 = chunk + tl.arange(0, CV)[None, None, :]
     lane_m = tl.zeros([LANES], dtype=tl.float32) + neg_inf
@@ -405,7 +406,8 @@ def _block_and_warps(vocab: int, element_size: int) -> tuple[int, int]:
 
 def _lane_blocks(block: int, vec: int, num_warps: int) -> tuple[int, int, int]:
     """(K, LANES, CV) of the forward's [K, LANES, CV] view of a block: CV columns per 16-byte
-    load, one lane per thread (fewer for small blocks), K loads per thread."""
+    load, one lane per thread (fewer for small blocks), K loads per thread. The kernel takes K
+    and derives the other two the same way."""
     cv = min(vec, block)
     lanes = min(32 * num_warps, block // cv)
     return block // (lanes * cv), lanes, cv
@@ -471,7 +473,7 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
     if N > 0:
         block, num_warps = _block_and_warps(V, logits.element_size())
         vec, ptr_off, peel = _alignment(logits, stride_b, stride_t, V)
-        k, lanes, cv = _lane_blocks(block, vec, num_warps)
+        k, _, _ = _lane_blocks(block, vec, num_warps)
         # Unused pointer slots get a real tensor: every Triton version accepts that.
         _logprob_fwd_kernel[(N,)](
             logits,
@@ -494,8 +496,6 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
             PEEL=peel,
             VEC=vec,
             K=k,
-            LANES=lanes,
-            CV=cv,
             num_warps=num_warps,
         )
     return logprob, entropy, rowmax, logsum
