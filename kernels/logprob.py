@@ -99,6 +99,45 @@ def _lse_update(x, m, s, t, scale2, WITH_ENTROPY: tl.constexpr):
 
 
 @triton.jit
+def _lane_update(x, m, s, t, scale2, WITH_ENTROPY: tl.constexpr):
+    """Online log-sum-exp step of every lane: ``x`` is a [K, L, CV] float32 block whose axes 0
+    and 2 live in one thread's registers; (m, s, t) are [L] per-lane states. No value crosses a
+    thread, so the step needs no shuffle and no CTA barrier (the 1-D block's row max and sums
+    cost 4-9 barriers per block, each stalling the next block's loads)."""
+    neg_inf = float("-inf")
+    m_new = _max_nan(m, tl.reduce(tl.reduce(x, 2, _max_nan), 0, _max_nan))
+    shift = tl.where(m_new == neg_inf, 0.0, m_new)
+    alpha = tl.exp2((m - shift) * scale2)
+    # As in _lse_update: max subtracted before 1/T, -inf floored to an exponent whose 2^d is 0.
+    d = _max_nan((x - shift[None, :, None]) * scale2, -256.0)
+    e = tl.exp2(d)
+    if WITH_ENTROPY:
+        step = tl.where(m == neg_inf, 0.0, (shift - m) * scale2)
+        t = alpha * (t - s * step) + tl.sum(tl.sum(e * d, axis=2), axis=0)
+    s = s * alpha + tl.sum(tl.sum(e, axis=2), axis=0)
+    return m_new, s, t
+
+
+@triton.jit
+def _rescaled(m, s, t, shift, scale2):
+    """(s, t) of a state with max ``m`` re-expressed relative to ``shift`` >= m (t = sum e * d)."""
+    alpha = tl.exp2((m - shift) * scale2)
+    step = tl.where(m == float("-inf"), 0.0, (shift - m) * scale2)
+    return alpha * s, alpha * (t - s * step)
+
+
+@triton.jit
+def _merge_lanes(m, s, t, mh, sh, th, scale2):
+    """One (max, sum, entropy sum) from the [L] lane states and the scalar head state."""
+    neg_inf = float("-inf")
+    mm = _max_nan(tl.reduce(m, 0, _max_nan), mh)
+    shift = tl.where(mm == neg_inf, 0.0, mm)
+    sl, tlane = _rescaled(m, s, t, shift, scale2)
+    shd, thd = _rescaled(mh, sh, th, shift, scale2)
+    return mm, tl.sum(sl, axis=0) + shd, tl.sum(tlane, axis=0) + thd
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -119,8 +158,15 @@ def _logprob_fwd_kernel(
     BLOCK: tl.constexpr,
     PEEL: tl.constexpr,
     VEC: tl.constexpr,
+    K: tl.constexpr = 1,
 ):
     """One program per row. Writes logprob / entropy (if asked) and the row's (max, log-sum).
+
+    The body streams the row in blocks of BLOCK = K * LANES * CV columns, viewed as [K, LANES,
+    CV]: CV contiguous columns (16 bytes) per load, LANES = one per thread (the launcher's K),
+    K loads per thread.
+    Each thread keeps its own online log-sum-exp state, merged once after the loop, and the next
+    block's loads are issued before the current block is reduced (software pipelining).
 
     ``PEEL``: row starts are not all 16-byte aligned (V or a stride not a multiple of ``VEC`` =
     16 bytes / element size, or a misaligned data pointer: ``ptr_off`` elements past a 16-byte
@@ -136,10 +182,8 @@ def _logprob_fwd_kernel(
         valid = tl.load(valid_ptr + row) != 0
         # Zero iterations for a masked row: its logits are never read (they may be garbage).
         n_cols = tl.where(valid, V, 0)
-    offs = tl.arange(0, BLOCK)
-
     neg_inf = float("-inf")
-    # Scalar float32 loop state. Built from a reduction so that it is a tensor of the right type
+    # Scalar float32 state (of the peeled head and tail). Built from a reduction so that it is a tensor of the right type
     # from the first iteration on, whatever the Triton version does with Python-float carries.
     zero_vec = tl.zeros([BLOCK], dtype=tl.float32)
     # (A sum, not a max: the kernel then holds no NaN-dropping max.f32 at all, see _max_nan.)
@@ -165,10 +209,24 @@ def _logprob_fwd_kernel(
     else:
         n_body = n_cols
         body = base
+    # Column of each 16-byte chunk ([K, LANES, 1]) and of each element ([K, LANES, CV]). The
+    # load mask is per chunk: n_body is a multiple of CV (VEC when peeled, V % 16 == 0 when not),
+    # so a chunk is all in or all out and the loads stay 16 bytes wide.
+    CV: tl.constexpr = VEC if VEC < BLOCK else BLOCK
+    LANES: tl.constexpr = BLOCK // (K * CV)
+    chunk = (tl.arange(0, K)[:, None, None] * (LANES * CV) + tl.arange(0, LANES)[None, :, None] * CV)
+    col3 = chunk + tl.arange(0, CV)[None, None, :]
+    lane_m = tl.zeros([LANES], dtype=tl.float32) + neg_inf
+    lane_s = tl.zeros([LANES], dtype=tl.float32)
+    lane_t = tl.zeros([LANES], dtype=tl.float32)
+    x = tl.load(body + col3, mask=chunk < n_body, other=neg_inf)
     for start in range(0, n_body, BLOCK):
-        cols = start + offs
-        x = tl.load(body + cols, mask=cols < n_body, other=neg_inf).to(tl.float32)
-        m, s, t = _lse_update(x, m, s, t, scale2, WITH_ENTROPY)
+        # Prefetch: the next block's loads are in flight while this one is reduced.
+        nxt = start + BLOCK
+        x_next = tl.load(body + nxt + col3, mask=nxt + chunk < n_body, other=neg_inf)
+        lane_m, lane_s, lane_t = _lane_update(x.to(tl.float32), lane_m, lane_s, lane_t, scale2, WITH_ENTROPY)
+        x = x_next
+    m, s, t = _merge_lanes(lane_m, lane_s, lane_t, m, s, t, scale2)
 
     if HAS_MASK:
         # A masked row has s = 0; its outputs are replaced below, but log(0) and 0 / 0 need not
@@ -346,6 +404,15 @@ def _block_and_warps(vocab: int, element_size: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def _lane_blocks(block: int, vec: int, num_warps: int) -> tuple[int, int, int]:
+    """(K, LANES, CV) of the forward's [K, LANES, CV] view of a block: CV columns per 16-byte
+    load, one lane per thread (fewer for small blocks), K loads per thread. The kernel takes K
+    and derives the other two the same way."""
+    cv = min(vec, block)
+    lanes = min(32 * num_warps, block // cv)
+    return block // (lanes * cv), lanes, cv
+
+
 def _row_layout(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     """(logits with a contiguous last dim, rows per batch T, stride_b, stride_t, N)."""
     if logits.stride(-1) != 1:
@@ -406,6 +473,7 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
     if N > 0:
         block, num_warps = _block_and_warps(V, logits.element_size())
         vec, ptr_off, peel = _alignment(logits, stride_b, stride_t, V)
+        k, _, _ = _lane_blocks(block, vec, num_warps)
         # Unused pointer slots get a real tensor: every Triton version accepts that.
         _logprob_fwd_kernel[(N,)](
             logits,
@@ -427,6 +495,7 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
             BLOCK=block,
             PEEL=peel,
             VEC=vec,
+            K=k,
             num_warps=num_warps,
         )
     return logprob, entropy, rowmax, logsum

@@ -137,6 +137,100 @@ def _load_valid(ptr, offs, inb, valid):
     return tl.where(valid, x, 0.0)
 
 
+
+@triton.jit
+def _sums(c, p, kl, c2, v, x, AXIS: tl.constexpr, HAS_P: tl.constexpr, HAS_V: tl.constexpr,
+          HAS_X: tl.constexpr):
+    """Sums along AXIS of six same-shape tensors in at most two reductions of their joins.
+
+    Each tl.sum pays its own shared-memory round trip with 2 CTA barriers; a joined tensor
+    ([..., 2, 2]) keeps a token's values in one thread, so one reduction covers all of them.
+    Two groups, not one join of six: all six live at once would cost ~20 more registers.
+    The counts come packed in c and c2 (see _ppo_fwd_kernel). Terms that are off come back 0.
+    """
+    zero = tl.sum(c, axis=AXIS) * 0.0
+    sp = zero
+    skl = zero
+    sc2 = zero
+    sv = zero
+    sx = zero
+    if HAS_P or HAS_V:
+        a, b = tl.split(tl.sum(tl.join(tl.join(c, p), tl.join(kl, c2)), axis=AXIS))
+        sc, sp = tl.split(a)
+        skl, sc2 = tl.split(b)
+        if HAS_V or HAS_X:
+            sv, sx = tl.split(tl.sum(tl.join(v, x), axis=AXIS))
+    else:
+        sc, sx = tl.split(tl.sum(tl.join(c, x), axis=AXIS))
+    return sc, sp, skl, sc2, sv, sx
+
+
+@triton.jit
+def _unpack(packed):
+    """(low, high) of a float holding low + 4096 * high, both integers in [0, 4096)."""
+    high = tl.floor(packed * (1.0 / 4096.0))
+    return packed - 4096.0 * high, high
+
+
+@triton.jit
+def _token_terms(lp_ptr, old_ptr, adv_ptr, w_ptr, v_ptr, oldv_ptr, ret_ptr, x_ptr, mask_ptr, offs, inb,
+                 clip_lo, clip_hi, dual_c, vclip,
+                 HAS_P: tl.constexpr, HAS_W: tl.constexpr, DUAL: tl.constexpr,
+                 HAS_V: tl.constexpr, VCLIP: tl.constexpr, HAS_X: tl.constexpr):
+    """Per-token terms of one slice, 0 where not valid: (count + 4096 clip, policy term,
+    -log ratio, dual-clip count + 4096 value-clip count, value term, x).
+
+    Integer counts of at most 2048 per tile travel in pairs in one float (low + 4096 * high,
+    exact below 2^24; the launcher asserts tiles of at most 2048 tokens): 6 sums instead of 8.
+    """
+    valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+    validf = valid.to(tl.float32)
+    zero = validf * 0.0
+    p_tok = zero
+    clip_tok = zero
+    low_tok = zero
+    kl_tok = zero
+    if HAS_P:
+        lp = _load_valid(lp_ptr, offs, inb, valid)
+        old = _load_valid(old_ptr, offs, inb, valid)
+        adv = _load_valid(adv_ptr, offs, inb, valid)
+        log_ratio = _clamp_nan(lp - old, -20.0, 20.0)
+        ratio = tl.exp(log_ratio)
+        unclipped = -adv * ratio
+        clipped = -adv * _clamp_nan(ratio, 1.0 - clip_lo, 1.0 + clip_hi)
+        pt = _max_nan(unclipped, clipped)
+        clip_tok = tl.where(valid & (clipped > unclipped), 1.0, 0.0)
+        if DUAL:
+            lower = -adv * dual_c
+            neg = adv < 0
+            low_tok = tl.where(valid & neg & (pt > lower), 1.0, 0.0)
+            pt = tl.where(neg, _min_nan(pt, lower), pt)
+        if HAS_W:
+            pt = pt * _load_valid(w_ptr, offs, inb, valid)
+        p_tok = tl.where(valid, pt, 0.0)
+        kl_tok = tl.where(valid, -log_ratio, 0.0)
+
+    v_tok = zero
+    vclip_tok = zero
+    if HAS_V:
+        v = _load_valid(v_ptr, offs, inb, valid)
+        ret = _load_valid(ret_ptr, offs, inb, valid)
+        err = (v - ret) * (v - ret)
+        if VCLIP:
+            oldv = _load_valid(oldv_ptr, offs, inb, valid)
+            cdiff, _ = _clipped_value_err(v, oldv, ret, vclip)
+            err_clipped = cdiff * cdiff
+            vclip_tok = tl.where(valid & (err_clipped > err), 1.0, 0.0)
+            err = _max_nan(err, err_clipped)
+        v_tok = tl.where(valid, 0.5 * err, 0.0)
+
+    x_tok = zero
+    if HAS_X:
+        x_tok = _load_valid(x_ptr, offs, inb, valid)
+
+    return validf + 4096.0 * clip_tok, p_tok, kl_tok, low_tok + 4096.0 * vclip_tok, v_tok, x_tok
+
+
 @triton.jit
 def _ppo_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, w_ptr,          # policy inputs   [B, T]
@@ -162,94 +256,60 @@ def _ppo_fwd_kernel(
     n_r = tl.num_programs(0)
     pid = pid_t * n_r + pid_r
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < B
-    inb = row_ok[:, None] & (cols < T)[None, :]
-    offs = rows.to(tl.int64)[:, None] * T + cols[None, :]
-    valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
-    validf = valid.to(tl.float32)
-    row_cnt = tl.sum(validf, axis=1)
     slot = part_ptr + pid * _NPART
 
-    if HAS_P:
-        lp = _load_valid(lp_ptr, offs, inb, valid)
-        old = _load_valid(old_ptr, offs, inb, valid)
-        adv = _load_valid(adv_ptr, offs, inb, valid)
-        log_ratio = _clamp_nan(lp - old, -20.0, 20.0)
-        ratio = tl.exp(log_ratio)
-        unclipped = -adv * ratio
-        clipped = -adv * _clamp_nan(ratio, 1.0 - clip_lo, 1.0 + clip_hi)
-        pt = _max_nan(unclipped, clipped)
-        tl.store(slot + 5, tl.sum(tl.sum(tl.where(valid & (clipped > unclipped), 1.0, 0.0), 1), 0))
-        if DUAL:
-            lower = -adv * dual_c
-            neg = adv < 0
-            tl.store(slot + 6, tl.sum(tl.sum(tl.where(valid & neg & (pt > lower), 1.0, 0.0), 1), 0))
-            pt = tl.where(neg, _min_nan(pt, lower), pt)
-        else:
-            tl.store(slot + 6, 0.0)
-        if HAS_W:
-            pt = pt * _load_valid(w_ptr, offs, inb, valid)
-        pt = tl.where(valid, pt, 0.0)
-        p_row = tl.sum(pt, axis=1)
-        tl.store(slot + 7, tl.sum(tl.sum(tl.where(valid, -log_ratio, 0.0), 1), 0))
-    else:
-        p_row = row_cnt * 0.0
-        tl.store(slot + 5, 0.0)
-        tl.store(slot + 6, 0.0)
-        tl.store(slot + 7, 0.0)
+    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = row_ok[:, None] & (cols < T)[None, :]
+    offs = rows.to(tl.int64)[:, None] * T + cols[None, :]
+    # 4 tokens per thread (the launcher's tiles): every input's loads of the tile fit in
+    # registers at once. Two joined reductions (_sums) replace eight tl.sum calls with 2 CTA
+    # barriers each.
+    t_c, t_p, t_kl, t_c2, t_v, t_x = _token_terms(
+        lp_ptr, old_ptr, adv_ptr, w_ptr, v_ptr, oldv_ptr, ret_ptr, x_ptr, mask_ptr, offs, inb,
+        clip_lo, clip_hi, dual_c, vclip, HAS_P, HAS_W, DUAL, HAS_V, VCLIP, HAS_X)
+    c_row, p_row, kl_row, c2_row, v_row, x_row = _sums(t_c, t_p, t_kl, t_c2, t_v, t_x, 1, HAS_P, HAS_V, HAS_X)
+    row_cnt, _ = _unpack(c_row)
 
-    if HAS_V:
-        v = _load_valid(v_ptr, offs, inb, valid)
-        ret = _load_valid(ret_ptr, offs, inb, valid)
-        err = (v - ret) * (v - ret)
-        if VCLIP:
-            oldv = _load_valid(oldv_ptr, offs, inb, valid)
-            cdiff, _ = _clipped_value_err(v, oldv, ret, vclip)
-            err_clipped = cdiff * cdiff
-            tl.store(slot + 8, tl.sum(tl.sum(tl.where(valid & (err_clipped > err), 1.0, 0.0), 1), 0))
-            err = _max_nan(err, err_clipped)
-        else:
-            tl.store(slot + 8, 0.0)
-        vt = tl.where(valid, 0.5 * err, 0.0)
-        v_row = tl.sum(vt, axis=1)
-    else:
-        v_row = row_cnt * 0.0
-        tl.store(slot + 8, 0.0)
-
-    if HAS_X:
-        x_row = tl.sum(_load_valid(x_ptr, offs, inb, valid), axis=1)
-    else:
-        x_row = row_cnt * 0.0
-
-    tl.store(slot + 3, tl.sum(row_cnt, 0))
     if SPLIT:
         # Rows span several programs: keep per-row pieces for the last program to join.
-        tl.store(slot + 0, tl.sum(p_row, 0))
-        tl.store(slot + 1, tl.sum(v_row, 0))
-        tl.store(slot + 2, tl.sum(x_row, 0))
-        tl.store(slot + 4, 0.0)
         if AGG >= 2:
             rp = row_part_ptr + pid_t * B + rows
             tl.store(rp, p_row, mask=row_ok)
             tl.store(rp + NCB * B, v_row, mask=row_ok)
             tl.store(rp + 2 * NCB * B, x_row, mask=row_ok)
             tl.store(rp + 3 * NCB * B, row_cnt, mask=row_ok)
+        s_has = 0.0
+        p_fold = p_row
+        v_fold = v_row
+        x_fold = x_row
     else:
         # Whole rows live in this program: fold the per-row part of the aggregation here so
         # the last program only has to add P slots.
         has = row_cnt > 0
-        tl.store(slot + 4, tl.sum(has.to(tl.float32), 0))
+        s_has = tl.sum(has.to(tl.float32), 0)
         if AGG == 2:
             inv = 1.0 / _max_nan(row_cnt, 1.0)
             tl.store(row_inv_ptr + rows, inv, mask=row_ok)
-            tl.store(slot + 0, tl.sum(tl.where(has, p_row / _max_nan(row_cnt, 1.0), 0.0), 0))
-            tl.store(slot + 1, tl.sum(tl.where(has, v_row / _max_nan(row_cnt, 1.0), 0.0), 0))
-            tl.store(slot + 2, tl.sum(tl.where(has, x_row / _max_nan(row_cnt, 1.0), 0.0), 0))
+            p_fold = tl.where(has, p_row * inv, 0.0)
+            v_fold = tl.where(has, v_row * inv, 0.0)
+            x_fold = tl.where(has, x_row * inv, 0.0)
         else:
-            tl.store(slot + 0, tl.sum(p_row, 0))
-            tl.store(slot + 1, tl.sum(v_row, 0))
-            tl.store(slot + 2, tl.sum(x_row, 0))
+            p_fold = p_row
+            v_fold = v_row
+            x_fold = x_row
+    s_c, s_p, s_kl, s_c2, s_v, s_x = _sums(c_row, p_fold, kl_row, c2_row, v_fold, x_fold, 0, HAS_P, HAS_V, HAS_X)
+    s_cnt, s_clip = _unpack(s_c)
+    s_low, s_vclip = _unpack(s_c2)
+    tl.store(slot + 0, s_p)
+    tl.store(slot + 1, s_v)
+    tl.store(slot + 2, s_x)
+    tl.store(slot + 3, s_cnt)
+    tl.store(slot + 4, s_has)
+    tl.store(slot + 5, s_clip)
+    tl.store(slot + 6, s_low)
+    tl.store(slot + 7, s_kl)
+    tl.store(slot + 8, s_vclip)
 
     # Last-program-finalises: every thread's stores must be ordered before the ticket, which
     # is taken with acq_rel semantics; the last program then reads the slots with volatile
@@ -467,15 +527,19 @@ class Tiling(NamedTuple):
 
 
 def _tiling(B: int, T: int) -> Tiling:
-    # Enough programs to fill a GPU (~2 per SM on an H100) before tiles grow, up to 2048
-    # tokens each; rows longer than a tile split across programs. 8 tokens per thread at most:
-    # 16 (4096-token tiles on 8 warps) needed up to 255 registers and spilled 48 B in the fullest
-    # forward configuration (offline sm_90 compile, benchmarks/NOTES.md).
+    # Enough programs to fill a GPU before tiles grow, up to 1024 tokens each; rows longer
+    # than a tile split across programs. 4 tokens per thread (one 16-byte load per fp32 input):
+    # with up to 8 inputs per token, 8 tokens per thread (2048-token tiles on 8 warps) held
+    # 56-90 registers and ptxas issued the loads in many dependent batches; 4 per thread needs
+    # 45-51 registers on Triton 3.6 and 3.9, and 2M tokens make 2048 programs, 3.1 waves at
+    # 5 CTAs/SM on 132 SMs (offline sm_90 compile, benchmarks/NOTES.md).
     n = B * T
-    tile = min(2048, max(256, triton.next_power_of_2(max(1, n // 264))))
+    tile = min(1024, max(256, triton.next_power_of_2(max(1, n // 264))))
     block_t = _BLOCK_OVERRIDE.get("block_t") or min(triton.next_power_of_2(T), tile)
     block_r = _BLOCK_OVERRIDE.get("block_r") or max(1, min(tile // block_t, triton.next_power_of_2(B)))
-    num_warps = max(1, min(8, (block_r * block_t) // 256))
+    num_warps = max(1, min(8, (block_r * block_t) // 128))
+    # The forward packs two counts of at most 2048 into one float sum (see _token_terms).
+    assert block_r * block_t <= 2048, (block_r, block_t)
     return Tiling(block_r, block_t, triton.cdiv(B, block_r), triton.cdiv(T, block_t), num_warps)
 
 
@@ -567,7 +631,8 @@ def _fused_forward(inputs, mask, cfg: Config):
     scale = new_output((1,), f32, device)
     # The finisher folds BLOCK_P partial rows of 16 floats: more than 32 per warp spill on one warp.
     block_p = _BLOCK_OVERRIDE.get("block_p") or min(256, 32 * til.num_warps, triton.next_power_of_2(n_prog))
-    block_rb = _BLOCK_OVERRIDE.get("block_rb") or min(1024, triton.next_power_of_2(B))
+    # The split seq-mean join keeps 8 [BLOCK_RB] vectors: 2 rows per thread stay under 64 registers.
+    block_rb = _BLOCK_OVERRIDE.get("block_rb") or min(64 * til.num_warps, triton.next_power_of_2(B))
     _ppo_fwd_kernel[(til.grid_r, til.grid_t)](
         *args, m,
         part, row_part, row_inv, _ticket(device), loss, stats, scale,

@@ -384,6 +384,80 @@ def test_peeled_nan_and_inf_in_head_and_tail(run_kernel, rng, small_blocks):
 
 
 # --------------------------------------------------------------------------------------------
+# The forward's per-lane pipelined loop (issue 12: no CTA barrier per block, next block prefetched)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lane_blocks(monkeypatch):
+    """Blocks of 256 fp32 / 512 bf16 columns on one warp: the [K, LANES, CV] view is [2, 32, 4]
+    or [2, 32, 8], so every lane folds two 16-byte chunks per block, as on a GPU (K = 2-4)."""
+    def blocks(dtype):
+        size = torch.empty((), dtype=dtype).element_size()
+        monkeypatch.setattr(K, "MAX_BLOCK", 1024 // size)
+        block, warps = K._block_and_warps(100000, size)
+        k, lanes, cv = K._lane_blocks(block, 16 // size, warps)
+        assert (k, lanes, cv * size) == (2, 32, 16)
+        return block
+
+    return blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("extra", [0, 3], ids=["aligned", "peeled"])
+def test_pipelined_rows(run_kernel, rng, lane_blocks, dtype, extra):
+    """Rows of 3 blocks plus a partial one (V = 3.25 blocks, +3 columns: peeled head/tail): each
+    lane's running max moves between blocks (growing logits), the max sits in the prefetched last
+    block or in one lane only, a masked NaN row is never read, a valid NaN row is NaN."""
+    block = lane_blocks(dtype)
+    V = 3 * block + block // 4 + extra
+    N = 6
+    logits = _randn((N, V), rng, dtype)
+    logits[0] += torch.linspace(-20, 20, V).to(DEV, dtype)  # every block raises every lane's max
+    logits[1, -1] = 40.0  # the max in the last (partial, prefetched) block's last column
+    logits[2, 5] = 40.0  # one lane of the first block holds the max; the others never see it
+    logits[3] = float("nan")  # masked below
+    labels = torch.randint(0, V, (N,), generator=rng).to(DEV)
+    labels[1] = V - 1
+    mask = torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.bool).to(DEV)
+    _check(run_kernel, logits, labels, rng, mask=mask, temperature=0.9)
+
+
+def test_pipelined_nan_row_propagates(run_kernel, rng, lane_blocks):
+    """A NaN in one lane of one middle block makes the whole row NaN (log-prob, entropy and its
+    gradient row): the per-lane maxima and the final merge propagate NaN."""
+    block = lane_blocks(torch.float32)
+    V = 3 * block + 40
+    logits = _randn((3, V), rng, torch.float32)
+    logits[1, block + 77] = float("nan")
+    labels = torch.tensor([0, 5, V - 1]).to(DEV)
+    _check(run_kernel, logits, labels, rng)
+    lp, ent = fastppo.logprobs_from_logits(logits, labels, return_entropy=True)
+    assert bool(lp[1].isnan()) and bool(ent[1].isnan())
+    assert bool(torch.isfinite(lp[[0, 2]]).all()) and bool(torch.isfinite(ent[[0, 2]]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_pipelined_inf_and_1e4(run_kernel, rng, lane_blocks, dtype):
+    """-inf entries (whole lanes and whole blocks of them, a row finite in one column only) and
+    logits of +-1e4 whose max is in a later block than most of the mass."""
+    block = lane_blocks(dtype)
+    V = 3 * block + 32
+    N = 5
+    logits = _randn((N, V), rng, dtype)
+    logits[0, : 2 * block] = float("-inf")  # two whole blocks of -inf: lanes start at -inf
+    logits[1, :] = float("-inf")
+    logits[1, block + 3] = 1.5  # one finite column in one lane
+    logits[2] = (torch.randint(-1, 2, (V,), generator=rng) * 1e4).to(DEV, dtype)
+    logits[2, -2] = 1e4 + 8
+    logits[3, torch.rand(V, generator=rng) < 0.5] = float("-inf")
+    logits[4] = (-1e4 + torch.randn(V, generator=rng)).to(DEV, dtype)
+    labels = torch.tensor([2 * block + 1, block + 3, V - 2, 0, 7]).to(DEV)
+    labels[3] = int(torch.isfinite(logits[3].float()).nonzero()[0])
+    _check(run_kernel, logits, labels, rng, temperature=0.7)
+
+
+# --------------------------------------------------------------------------------------------
 # The harness itself, dispatch, fallbacks
 # --------------------------------------------------------------------------------------------
 

@@ -362,3 +362,41 @@ def test_public_dispatch_reaches_the_kernel(run_kernel, kernel_device, rng):
     want, _ = run_kernel(K.ppo_loss, *args, **kwargs)
     got, _ = run_kernel(fastppo.ppo_loss, *args, **kwargs)
     assert_close(got, want, (0, 0), "fastppo.ppo_loss")
+
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["clipped", "dual-clipped"])
+@pytest.mark.parametrize("tiles", [dict(block_r=1, block_t=2048), dict(block_r=2048, block_t=1)], ids=["row", "column"])
+def test_packed_counts_at_the_largest_tile(run_kernel, kernel_device, tiles, sign):
+    """The forward sums its integer counts in pairs in one float each (valid + 4096 clipped,
+    dual-clipped + 4096 value-clipped): at the largest tile the launcher allows (2048 tokens)
+    with every count at its maximum, each must come back exact (an error is >= 1/2047).
+
+    Hand-worked per token (lp - old = 1, ratio e; clip 0.2; dual clip 1.5; v = 1, old v = 0,
+    R = 2, value clip 0.2): A = +1: unclipped -e < clipped -1.2, so clipped, term -1.2. A = -1:
+    max(e, 1.2) = e > 1.5, so dual-clipped, term 1.5. Value: clamp(1, -0.2, 0.2) = 0.2,
+    (0.2 - 2)^2 = 3.24 > (1 - 2)^2 = 1, so value-clipped, term 0.5 * 3.24 = 1.62.
+    """
+    B, T = (1, 2048) if tiles["block_r"] == 1 else (2048, 1)
+    f = dict(dtype=torch.float32, device=kernel_device)
+    lp, old, adv = torch.ones(B, T, **f), torch.zeros(B, T, **f), torch.full((B, T), sign, **f)
+    v, oldv, ret = torch.ones(B, T, **f), torch.zeros(B, T, **f), torch.full((B, T), 2.0, **f)
+    mask = torch.ones(B, T, dtype=torch.bool, device=kernel_device)
+    mask.view(-1)[0] = False  # 2047 valid tokens: odd low fields
+    n = 2047
+    term_p = -1.2 if sign > 0 else 1.5
+    with K.block_sizes(**tiles):
+        for agg in ("token-sum", "seq-mean-token-sum"):
+            loss, stats = run_kernel(K.ppo_loss, lp, old, adv, v, oldv, ret, mask, clip_low=0.2, dual_clip=1.5,
+                                     value_clip=0.2, vf_coef=1.0, agg=agg)
+            assert stats["clipfrac"].item() == pytest.approx(1.0 if sign > 0 else 0.0, abs=1e-6)
+            assert stats["clipfrac_lower"].item() == pytest.approx(0.0 if sign > 0 else 1.0, abs=1e-6)
+            assert stats["value_clipfrac"].item() == pytest.approx(1.0, abs=1e-6)
+            assert stats["approx_kl"].item() == pytest.approx(-1.0, abs=1e-6)
+            rows = 1 if B == 1 else n  # seq-mean: over rows with a valid token
+            scale = 1.0 if agg == "token-sum" else 1.0 / rows
+            # 1e-4: the interpreter sums a joined tensor along a strided axis one float32 add at a
+            # time (2047 terms, ~3e-5 relative seen); a GPU reduces it as a tree.
+            assert stats["policy_loss"].item() == pytest.approx(term_p * n * scale, rel=1e-4)
+            assert stats["value_loss"].item() == pytest.approx(1.62 * n * scale, rel=1e-4)
+            assert loss.item() == pytest.approx((stats["policy_loss"] + stats["value_loss"]).item(), rel=1e-6)

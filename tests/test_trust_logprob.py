@@ -236,7 +236,7 @@ _PTX_SCRIPT = textwrap.dedent(
         consts = dict.fromkeys(flags, True)
         consts["BLOCK"] = 128
         # The peeled variant (head/tail block + 16-byte body) holds every max the plain one has.
-        consts.update({k: v for k, v in (("PEEL", True), ("GRAD_ALIGNED", True), ("VEC", 8))
+        consts.update({k: v for k, v in (("PEEL", True), ("GRAD_ALIGNED", True), ("VEC", 8), ("K", 2))
                        if k in kernel.arg_names})
         src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, consts), constexprs=consts)
         ptx = triton.compile(src, target=target, options={"num_warps": 1}).asm["ptx"]
