@@ -16,31 +16,40 @@ the scan and the statistics as it would in float64 PyTorch. No result depends on
 How the reverse GAE scan is split over programs
 -----------------------------------------------
 Every row is cut into chunks of ``CHUNK`` positions and a program owns a tile of ``BLOCK_B`` rows
-by one chunk, so that few long rows (8 x 32768) and many short rows (8192 x 1024) both give the
-GPU thousands of programs. With c = gamma * lam and the quantity handed from a valid position to
-the previous valid one
+by one chunk, so that few long rows (8 x 262144) and many short rows (8192 x 128) both give the
+GPU about a thousand programs (``pick_blocks``). With c = gamma * lam and the quantity handed
+from a valid position to the previous valid one
 
     X = gamma * V(next valid) + c * A(next valid),
 
 a valid position t computes A[t] = (r[t] - V[t]) + X_in and hands on X_out = u[t] + v[t] * X_in,
 with u[t] = gamma * V[t] + c * (r[t] - V[t]) and v[t] = c; a masked position is the identity
 (u = 0, v = 1), which is exactly verl's rule that values and advantages carry across a gap.
-These affine maps compose associatively, so
+These affine maps compose associatively, at three levels:
 
-* launch 1 (``_summary_kernel``) scans each chunk with X_in unknown and keeps, per chunk, its
-  composite map (u, v); for whitening, also the moments of A over the chunk as a function of
-  X_in (A[t] = p[t] + w[t] * X_in, so mean(A) and M2(A) follow from centred moments of p, w);
-  the last program to finish (atomic ticket, no host sync) composes the chunk maps of every row
-  and reduces the global mean and variance with Chan's formula;
-* launch 2 (``_finalize_kernel``) composes the maps of the chunks to the right of its own
-  (a short scan over at most ``T / CHUNK`` summaries), rescans its chunk with the true X_in and
-  writes the outputs, whitened with the global statistics.
+* in a thread: every thread owns one segment of 8 consecutive positions of one row, loaded in
+  time order as two 4-vectors (16-byte fp32 loads; the mask as one 8-byte load of packed
+  bytes), and composes the segment's map sequentially in registers, latest position first;
+* in a tile: the segments lie along axis 1 latest first (segment j starts 8 * (G - 1 - j)
+  after the chunk start, its positions forward), so one forward ``tl.associative_scan`` over
+  j of the (P, L) pairs below is the reverse scan over time; it gives every segment the map of
+  all later segments of the chunk (an exclusive scan); a second sequential pass per thread
+  then yields A at every position. No index is reversed inside a vector, and
+  ``reverse=True`` is avoided on purpose (triton-lang/triton#4362 gives wrong results for
+  this kind of combine);
+* across programs, two launches:
+
+  - launch 1 (``_summary_kernel``) scans each chunk with X_in unknown and keeps, per chunk, its
+    composite map (u, v); for whitening, also the moments of A over the chunk as a function of
+    X_in (A[t] = p[t] + w[t] * X_in, so mean(A) and M2(A) follow from centred moments of p, w);
+    the last program to finish (atomic ticket, no host sync) composes the chunk maps of every
+    row and reduces the global mean and variance with Chan's formula;
+  - launch 2 (``_finalize_kernel``) composes the maps of the chunks to the right of its own (a
+    short scan over at most ``T / CHUNK`` summaries), rescans its chunk with the true X_in and
+    writes the outputs, whitened with the global statistics.
 
 The sequence score enters as the X_in of the row's end (X past the last valid token is
-``score``), so shaping never needs to know in launch 1 where the last valid token is. Within a
-chunk the scan runs over reversed indices with a forward ``tl.associative_scan``; the
-``reverse=True`` flag is avoided on purpose (triton-lang/triton#4362 gives wrong results for
-this kind of combine).
+``score``), so shaping never needs to know in launch 1 where the last valid token is.
 """
 
 from __future__ import annotations
@@ -260,10 +269,32 @@ def _join4(x0, x1, x2, x3):
 
 
 @triton.jit
-def _half_inputs(a_ptr, b_ptr, val_ptr, mask_ptr, rows, t, inb, stride_a, stride_b, stride_v, stride_m,
+def _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK: tl.constexpr):
+    """valid (mask != 0, in bounds) at t_lo and t_hi, each [R, G, 4].
+
+    A bool/uint8 mask with rows of a multiple of 8 bytes comes as uint16 words (the launcher's
+    view): a thread then loads its segment's 8 mask bytes with one 8-byte load, the 4 words
+    holding positions (2i, 2i + 1) of the segment in their (low, high) bytes.
+    """
+    if mask_ptr.dtype.element_ty == tl.uint16:
+        G: tl.constexpr = CHUNK // 8
+        w = c_idx * (CHUNK // 2) + (G - 1 - j) * 4
+        offs = rows.to(tl.int64)[:, None, None] * stride_m + w[None, :, None] + tl.arange(0, 4)[None, None, :]
+        h = tl.load(mask_ptr + offs, mask=in_lo, other=0)
+        e0, e2, e4, e6 = _split4((h & 0xFF) != 0)
+        o1, o3, o5, o7 = _split4((h & 0xFF00) != 0)
+        mL = _join4(e0, o1, e2, o3) & in_lo
+        mH = _join4(e4, o5, e6, o7) & in_hi
+    else:
+        mL = _ld_valid(mask_ptr, rows, t_lo, stride_m, in_lo)
+        mH = _ld_valid(mask_ptr, rows, t_hi, stride_m, in_hi)
+    return mL, mH
+
+
+@triton.jit
+def _half_inputs(a_ptr, b_ptr, val_ptr, valid, rows, t, inb, stride_a, stride_b, stride_v,
                  kl_coef, clamp_val, MODE: tl.constexpr, EST: tl.constexpr, CLAMP: tl.constexpr):
-    """valid, rewards without the score and kl (both 0 at masked positions), values of a half."""
-    valid = _ld_valid(mask_ptr, rows, t, stride_m, inb)
+    """rewards without the score and kl (both 0 at masked positions), values of a half."""
     if MODE == 1:
         r = tl.where(valid, _ld(a_ptr, rows, t, stride_a, inb), 0.0)
         kl = r
@@ -276,7 +307,7 @@ def _half_inputs(a_ptr, b_ptr, val_ptr, mask_ptr, rows, t, inb, stride_a, stride
         val = r
     else:
         val = _ld(val_ptr, rows, t, stride_v, inb)
-    return valid, r, kl, val
+    return r, kl, val
 
 
 @triton.jit
@@ -470,10 +501,11 @@ def _summary_kernel(
     c_idx, rows, row_ok, j, t_lo, t_hi, in_lo, in_hi = _seg_coords(B, T, NC, BLOCK_B, CHUNK)
     entry = rows * NC + c_idx
     if MODE == 0 or MODE == 1:
-        mL, rL, klL, vL = _half_inputs(a_ptr, b_ptr, val_ptr, mask_ptr, rows, t_lo, in_lo, stride_a, stride_b,
-                                       stride_v, stride_m, kl_coef, clamp_val, MODE, EST, CLAMP)
-        mH, rH, klH, vH = _half_inputs(a_ptr, b_ptr, val_ptr, mask_ptr, rows, t_hi, in_hi, stride_a, stride_b,
-                                       stride_v, stride_m, kl_coef, clamp_val, MODE, EST, CLAMP)
+        mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
+        rL, klL, vL = _half_inputs(a_ptr, b_ptr, val_ptr, mL, rows, t_lo, in_lo, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
+        rH, klH, vH = _half_inputs(a_ptr, b_ptr, val_ptr, mH, rows, t_hi, in_hi, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
         m0, m1, m2, m3 = _split4(mL)
         m4, m5, m6, m7 = _split4(mH)
         q0, q1, q2, q3 = _split4(rL - vL)
@@ -517,8 +549,7 @@ def _summary_kernel(
             wH = tl.where(mH, _join4(w4, w5, w6, w7), 0.0)
             _chunk_moments(ws_ptr, P, entry, row_ok, mL, mH, pL, pH, wL, wH, True)
     elif MODE == 2:
-        mL = _ld_valid(mask_ptr, rows, t_lo, stride_m, in_lo)
-        mH = _ld_valid(mask_ptr, rows, t_hi, stride_m, in_hi)
+        mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
         pL = tl.where(mL, _ld(a_ptr, rows, t_lo, stride_a, in_lo), 0.0)
         pH = tl.where(mH, _ld(a_ptr, rows, t_hi, stride_a, in_hi), 0.0)
         _chunk_moments(ws_ptr, P, entry, row_ok, mL, mH, pL, pH, pL, pH, False)
@@ -527,8 +558,7 @@ def _summary_kernel(
             # Launch 2 places the score on the last valid token: it needs to know which later
             # chunks have one.
             if MODE == 3:
-                mL = _ld_valid(mask_ptr, rows, t_lo, stride_m, in_lo)
-                mH = _ld_valid(mask_ptr, rows, t_hi, stride_m, in_hi)
+                mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
             cnt = tl.sum(mL.to(tl.float32), axis=2) + tl.sum(mH.to(tl.float32), axis=2)
             tl.store(ws_ptr + _N * P + entry, tl.sum(cnt, axis=1), mask=row_ok)
     else:
@@ -565,8 +595,7 @@ def _finalize_kernel(
         count = tl.load(ws_ptr + _PLANES * P + 2)
         xL = _ld(a_ptr, rows, t_lo, stride_a, in_lo)
         xH = _ld(a_ptr, rows, t_hi, stride_a, in_hi)
-        okL = _ld_valid(mask_ptr, rows, t_lo, stride_m, in_lo)
-        okH = _ld_valid(mask_ptr, rows, t_hi, stride_m, in_hi)
+        okL, okH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
         yL = (xL - mean) * scale
         yH = (xH - mean) * scale
         if not SHIFT_MEAN:
@@ -576,10 +605,11 @@ def _finalize_kernel(
         _st(out0_ptr, rows, t_lo, T, tl.where(okL, tl.where(count > 0.0, yL, 0.0), 0.0), in_lo)
         _st(out0_ptr, rows, t_hi, T, tl.where(okH, tl.where(count > 0.0, yH, 0.0), 0.0), in_hi)
     else:
-        mL, rL, klL, vL = _half_inputs(a_ptr, b_ptr, val_ptr, mask_ptr, rows, t_lo, in_lo, stride_a, stride_b,
-                                       stride_v, stride_m, kl_coef, clamp_val, MODE, EST, CLAMP)
-        mH, rH, klH, vH = _half_inputs(a_ptr, b_ptr, val_ptr, mask_ptr, rows, t_hi, in_hi, stride_a, stride_b,
-                                       stride_v, stride_m, kl_coef, clamp_val, MODE, EST, CLAMP)
+        mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
+        rL, klL, vL = _half_inputs(a_ptr, b_ptr, val_ptr, mL, rows, t_lo, in_lo, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
+        rH, klH, vH = _half_inputs(a_ptr, b_ptr, val_ptr, mH, rows, t_hi, in_hi, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
         m0, m1, m2, m3 = _split4(mL)
         m4, m5, m6, m7 = _split4(mH)
         base, later_ok, i = _later_chunks(rows, row_ok, c_idx, NC, NCB)
@@ -715,6 +745,24 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _mask_rows(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as the kernels read it: bytes packed in uint16 words where rows allow, else [B, T].
+
+    The kernels take a uint16 mask as packed bytes (8-byte loads of a segment's 8 positions):
+    that needs a 1-byte mask, T a multiple of 8 and rows starting 8-byte aligned. A mask given
+    as uint16 (or any other unsigned type wider than a byte) is first turned into bytes, so it can
+    never be mistaken for packed bytes.
+    """
+    if mask.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        mask = mask != 0
+    mask = _as_rows(mask)
+    B, T = mask.shape
+    if (mask.dtype == torch.uint8 and T % 8 == 0 and (B == 1 or mask.stride(0) % 8 == 0)
+            and mask.data_ptr() % 8 == 0):
+        return mask.view(torch.uint16)
+    return mask
+
+
 def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
@@ -797,20 +845,21 @@ def chunked_pass(
         raise ValueError(f"[B, T] = [{B}, {T}] is too large for one chunked pass")
     NCB = max(2, triton.next_power_of_2(NC))
     FIN_C = NCB
-    # The finisher shares the summary kernel's registers: keep its tile no larger than the main one.
-    FIN_B = max(1, min(triton.next_power_of_2(B), 512 // FIN_C))
+    warps = _num_warps(BLOCK_B, CHUNK)
+    # The finisher shares the summary kernel's registers: at most 4 summaries per thread (a
+    # 512-entry tile on one warp took 238 registers, and so 8 warps per SM, at 8 x 32768).
+    FIN_B = max(1, min(triton.next_power_of_2(B), min(512, 128 * warps) // FIN_C))
 
     a = _as_rows(a)
     b = _as_rows(b) if b is not None else a
     values = _as_rows(values) if values is not None else a
-    mask = _as_rows(mask)
+    mask = _mask_rows(mask)
     scores = scores.contiguous() if scores is not None else a
     ws = torch.empty(P * _N_PLANES + 4, dtype=torch.float32, device=device)
     counter = _counter(device)
     est = ESTIMATOR_IDS[estimator]
     strides = (_row_stride(a), _row_stride(b), _row_stride(values), _row_stride(mask))
     scalars = (float(kl_coef), float(gamma), float(gamma) * float(lam), 0.0)
-    warps = _num_warps(BLOCK_B, CHUNK)
 
     # Launch 1 carries information only across chunks or into the whitening statistics: with
     # one chunk per row and no whitening, the pass is a single launch.
