@@ -715,6 +715,8 @@ _TILE = 2048
 # The smallest tile the grid is split down to (one warp), and the grid it tries to reach: about
 # four CTAs per SM on 132 SMs (an H100), so that at least one full wave runs at every issue shape.
 _MIN_TILE = 256
+# Rows up to this long are one chunk (one 16-warp program per row) when B alone fills the GPU.
+_ONE_CHUNK_T = 4096
 _MIN_PROGRAMS = 4 * 132
 # Time positions per thread: two 4-vectors, scanned sequentially in registers.
 _SEG = 8
@@ -773,8 +775,10 @@ def pick_blocks(B: int, T: int, chunk: int | None = None, rows: int | None = Non
     By default a program owns BLOCK_B rows x CHUNK positions, _TILE tokens, with CHUNK up to
     _TILE (long chunks keep the carry composition of launch 2 short); while the grid has fewer
     than _MIN_PROGRAMS programs, the tile is split, first by rows, then along T, down to
-    _MIN_TILE tokens. ``chunk`` forces the chunk length (rounded up to a power of two, at least
-    _SEG), ``rows`` the number of rows per program (rounded up to a power of two).
+    _MIN_TILE tokens. Rows of _TILE < T <= _ONE_CHUNK_T positions are one chunk each (one
+    16-warp program per row) when B >= _MIN_PROGRAMS / 2. ``chunk`` forces the chunk length
+    (rounded up to a power of two, at least _SEG), ``rows`` the number of rows per program
+    (rounded up to a power of two). Raises ValueError for T > _MAX_CHUNKS * _MAX_CHUNK (16.7M).
     """
     auto_chunk = chunk is None
     if auto_chunk:
@@ -788,6 +792,11 @@ def pick_blocks(B: int, T: int, chunk: int | None = None, rows: int | None = Non
     if rows is not None:
         return chunk, max(1, triton.next_power_of_2(int(rows)))
     rows = max(1, min(triton.next_power_of_2(B), _TILE // chunk))
+    if auto_chunk and _TILE < T <= _ONE_CHUNK_T and B >= _MIN_PROGRAMS // 2:
+        # One chunk per row (a 16-warp tile) while there are rows enough for two CTAs per SM:
+        # without whitening the pass is then a single launch at the byte floor (512 x 4096:
+        # 29 instead of 42 bytes per token for compute_advantages).
+        return triton.next_power_of_2(T), 1
     # Count programs as the launch does (row tiles x chunks), not rows x chunks.
     while triton.cdiv(B, rows) * triton.cdiv(T, chunk) < _MIN_PROGRAMS and rows * chunk > _MIN_TILE:
         if rows > 1:

@@ -339,16 +339,30 @@ def test_mask_packing(rng, run_kernel, kernel_device):
     _check_all(got, gt_gae(r.double(), v.double(), m, gamma=0.9, lam=0.9), SCAN, ["advantages", "returns"])
 
 
-@pytest.mark.parametrize("B,T,programs", [(512, 4096, 1024), (2048, 1024, 1024), (8, 262144, 1024),
-                                          (8, 32768, 1024), (8192, 128, 1024), (1, 1 << 20, 1024)])
-def test_grid_fills_an_h100(B, T, programs):
-    """Every issue shape (and the CI sweep's) launches >= 4 CTAs per SM of an H100's 132, counted as
-    the launch counts them (row tiles x chunks; 8 x 32768 used to get 128 programs)."""
+@pytest.mark.parametrize("B,T,programs,warps", [(512, 4096, 512, 16), (2048, 1024, 1024, 8), (8, 262144, 1024, 8),
+                                                (8, 32768, 1024, 1), (8192, 128, 1024, 4), (1, 1 << 20, 1024, 4)])
+def test_grid_fills_an_h100(B, T, programs, warps):
+    """Every issue shape (and the CI sweep's) fills an H100's 132 SMs, counted as the launch counts
+    programs (row tiles x chunks; 8 x 32768 used to get 128): >= 4 CTAs per SM of <= 8 warps, or
+    one 16-warp program per row (512 x 4096: one chunk per row, so one launch without whitening)."""
     chunk, rows = K.pick_blocks(B, T)
     got = triton_cdiv(B, rows) * triton_cdiv(T, chunk)
-    assert got == programs >= 4 * 132
-    assert 256 <= rows * chunk <= 2048 and K._num_warps(rows, chunk) == rows * chunk // 256
+    assert got == programs and K._num_warps(rows, chunk) == warps == rows * chunk // 256
+    assert got >= 4 * 132 or (warps == 16 and got >= 2 * 132)
     assert triton_cdiv(T, chunk) <= K._MAX_CHUNKS
+
+
+def test_one_chunk_rows(rng, run_kernel, kernel_device):
+    """The 16-warp one-chunk-per-row tile of 512 x 4096 (forced here on two rows): every carry is
+    in the tile, with left and right padding and a gap."""
+    B, T = 2, 4096
+    assert K.pick_blocks(512, T) == (4096, 1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3001:] = False
+    mask[1, :517] = False
+    mask[1, 2040:2100] = False
+    _gae_case(rng, run_kernel, kernel_device, B, T, gamma=0.99, lam=0.95, whiten=False, mask=mask, chunk=T, rows=1)
+    _advantages_case(rng, run_kernel, kernel_device, B, T, mask=mask, kl_coef=0.05, whiten=False, chunk=T, rows=1)
 
 
 def test_pick_blocks_small_and_forced():
