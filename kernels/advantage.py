@@ -16,31 +16,40 @@ the scan and the statistics as it would in float64 PyTorch. No result depends on
 How the reverse GAE scan is split over programs
 -----------------------------------------------
 Every row is cut into chunks of ``CHUNK`` positions and a program owns a tile of ``BLOCK_B`` rows
-by one chunk, so that few long rows (8 x 32768) and many short rows (8192 x 1024) both give the
-GPU thousands of programs. With c = gamma * lam and the quantity handed from a valid position to
-the previous valid one
+by one chunk, so that few long rows (8 x 262144) and many short rows (8192 x 128) both give the
+GPU about a thousand programs (``pick_blocks``). With c = gamma * lam and the quantity handed
+from a valid position to the previous valid one
 
     X = gamma * V(next valid) + c * A(next valid),
 
 a valid position t computes A[t] = (r[t] - V[t]) + X_in and hands on X_out = u[t] + v[t] * X_in,
 with u[t] = gamma * V[t] + c * (r[t] - V[t]) and v[t] = c; a masked position is the identity
 (u = 0, v = 1), which is exactly verl's rule that values and advantages carry across a gap.
-These affine maps compose associatively, so
+These affine maps compose associatively, at three levels:
 
-* launch 1 (``_summary_kernel``) scans each chunk with X_in unknown and keeps, per chunk, its
-  composite map (u, v); for whitening, also the moments of A over the chunk as a function of
-  X_in (A[t] = p[t] + w[t] * X_in, so mean(A) and M2(A) follow from centred moments of p, w);
-  the last program to finish (atomic ticket, no host sync) composes the chunk maps of every row
-  and reduces the global mean and variance with Chan's formula;
-* launch 2 (``_finalize_kernel``) composes the maps of the chunks to the right of its own
-  (a short scan over at most ``T / CHUNK`` summaries), rescans its chunk with the true X_in and
-  writes the outputs, whitened with the global statistics.
+* in a thread: every thread owns one segment of 8 consecutive positions of one row, loaded in
+  time order as two 4-vectors (16-byte fp32 loads; the mask as one 8-byte load of packed
+  bytes), and composes the segment's map sequentially in registers, latest position first;
+* in a tile: the segments lie along axis 1 latest first (segment j starts 8 * (G - 1 - j)
+  after the chunk start, its positions forward), so one forward ``tl.associative_scan`` over
+  j of the (P, L) pairs below is the reverse scan over time; it gives every segment the map of
+  all later segments of the chunk (an exclusive scan); a second sequential pass per thread
+  then yields A at every position. No index is reversed inside a vector, and
+  ``reverse=True`` is avoided on purpose (triton-lang/triton#4362 gives wrong results for
+  this kind of combine);
+* across programs, two launches:
+
+  - launch 1 (``_summary_kernel``) scans each chunk with X_in unknown and keeps, per chunk, its
+    composite map (u, v); for whitening, also the moments of A over the chunk as a function of
+    X_in (A[t] = p[t] + w[t] * X_in, so mean(A) and M2(A) follow from centred moments of p, w);
+    the last program to finish (atomic ticket, no host sync) composes the chunk maps of every
+    row and reduces the global mean and variance with Chan's formula;
+  - launch 2 (``_finalize_kernel``) composes the maps of the chunks to the right of its own (a
+    short scan over at most ``T / CHUNK`` summaries), rescans its chunk with the true X_in and
+    writes the outputs, whitened with the global statistics.
 
 The sequence score enters as the X_in of the row's end (X past the last valid token is
-``score``), so shaping never needs to know in launch 1 where the last valid token is. Within a
-chunk the scan runs over reversed indices with a forward ``tl.associative_scan``; the
-``reverse=True`` flag is avoided on purpose (triton-lang/triton#4362 gives wrong results for
-this kind of combine).
+``score``), so shaping never needs to know in launch 1 where the last valid token is.
 """
 
 from __future__ import annotations
@@ -171,72 +180,161 @@ def _affine_combine(u1, v1, u2, v2):
 
 
 @triton.jit
-def _gae_combine(h1, f1, d1, u1, v1, h2, f2, d2, u2, v2):
-    # (h, f, d) describe the advantage at the segment's earliest valid position as f + d * X_in
-    # (h: the segment has a valid position); (u, v) is the segment's map of X. A segment with
-    # no valid position keeps the advantage of the segment after it.
-    take2 = h2 > 0.0
-    f = tl.where(take2, f2 + d2 * u1, f1)
-    d = tl.where(take2, d2 * v1, d1)
-    return _fmax(h1, h2), f, d, u2 + v2 * u1, v1 * v2
+def _excl_combine(pu1, pv1, lu1, lv1, pu2, pv2, lu2, lv2):
+    # Exclusive scan of affine maps as an inclusive scan of pairs (P, L): P composes every map
+    # before the element's own, L is the element's own map. Element 1 lies later in time, so
+    # its maps apply first: P = P2 o L1 o P1, L = L2.
+    qu = lu1 + lv1 * pu1
+    qv = lv1 * pv1
+    return pu2 + pv2 * qu, pv2 * qv, lu2, lv2
 
 
 @triton.jit
-def _tile_coords(B, T, NC, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
-    """Rows and (reversed) time positions of this program's [BLOCK_B, CHUNK] tile."""
+def _excl_combine_h(pu1, pv1, lu1, lv1, ph1, lh1, pu2, pv2, lu2, lv2, ph2, lh2):
+    # _excl_combine plus a flag pair: ph = some later segment has a valid position.
+    qu = lu1 + lv1 * pu1
+    qv = lv1 * pv1
+    return pu2 + pv2 * qu, pv2 * qv, lu2, lv2, ph2 | lh1 | ph1, lh2
+
+
+@triton.jit
+def _excl_flag_combine(ph1, lh1, ph2, lh2):
+    return ph2 | lh1 | ph1, lh2
+
+
+@triton.jit
+def _sum3_max_combine(a1, b1, c1, m1, a2, b2, c2, m2):
+    return a1 + a2, b1 + b2, c1 + c2, _fmax(m1, m2)
+
+
+@triton.jit
+def _sum3_combine(a1, b1, c1, a2, b2, c2):
+    return a1 + a2, b1 + b2, c1 + c2
+
+
+@triton.jit
+def _seg_coords(B, T, NC, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's tile: BLOCK_B rows x one chunk, as [BLOCK_B, G, 4] halves of segments.
+
+    A thread owns one segment of 8 consecutive positions (two 4-vectors, t_lo and t_hi = t_lo + 4,
+    loaded in time order, so 16-byte fp32 / 8-byte bf16 loads). Segment j along axis 1 starts
+    at c * CHUNK + (G - 1 - j) * 8: j counts segments from the chunk's end, so a forward scan
+    over j is the reverse scan over time, and no index within a vector is reversed.
+    """
+    G: tl.constexpr = CHUNK // 8
     pid = tl.program_id(0)
     c = pid % NC
     rows = (pid // NC) * BLOCK_B + tl.arange(0, BLOCK_B)
-    # Column j holds time c * CHUNK + CHUNK - 1 - j: a forward scan over j is the reverse scan.
-    t = c * CHUNK + (CHUNK - 1) - tl.arange(0, CHUNK)
     row_ok = rows < B
-    inb = row_ok[:, None] & (t < T)[None, :]
-    return c, rows, row_ok, t, inb
+    j = tl.arange(0, G)
+    t0 = c * CHUNK + (G - 1 - j) * 8
+    t_lo = t0[None, :, None] + tl.arange(0, 4)[None, None, :]
+    t_hi = t_lo + 4
+    in_lo = row_ok[:, None, None] & (t_lo < T)
+    in_hi = row_ok[:, None, None] & (t_hi < T)
+    return c, rows, row_ok, j, t_lo, t_hi, in_lo, in_hi
 
 
 @triton.jit
-def _load_tile(ptr, rows, t, stride, inb):
-    offs = rows.to(tl.int64)[:, None] * stride + t[None, :]
+def _ld(ptr, rows, t, stride, inb):
+    offs = rows.to(tl.int64)[:, None, None] * stride + t
     return tl.load(ptr + offs, mask=inb, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_tile(ptr, rows, t, T, val, inb):
-    offs = rows.to(tl.int64)[:, None] * T + t[None, :]
-    tl.store(ptr + offs, val, mask=inb)
-
-
-@triton.jit
-def _load_valid(mask_ptr, rows, t, stride, inb):
-    offs = rows.to(tl.int64)[:, None] * stride + t[None, :]
+def _ld_valid(mask_ptr, rows, t, stride, inb):
+    offs = rows.to(tl.int64)[:, None, None] * stride + t
     return (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
 
 
 @triton.jit
-def _rewards_tile(a_ptr, b_ptr, rows, t, stride_a, stride_b, inb, valid, kl_coef, clamp_val,
-                  MODE: tl.constexpr, EST: tl.constexpr, CLAMP: tl.constexpr):
-    """(rewards without the score, kl) of the tile; both 0 at masked positions."""
-    if MODE == 1:
-        r = tl.where(valid, _load_tile(a_ptr, rows, t, stride_a, inb), 0.0)
-        kl = r
-    else:
-        lp = _load_tile(a_ptr, rows, t, stride_a, inb)
-        ref = _load_tile(b_ptr, rows, t, stride_b, inb)
-        kl = tl.where(valid, _kl_estimate(lp, ref, clamp_val, EST, CLAMP), 0.0)
-        r = -kl_coef * kl
-    return r, kl
+def _st(ptr, rows, t, T, val, inb):
+    offs = rows.to(tl.int64)[:, None, None] * T + t
+    tl.store(ptr + offs, val, mask=inb)
 
 
 @triton.jit
-def _scan_tile(r, val, valid, gamma, c):
-    """In-chunk reverse GAE scan: A = f + d * X_in at valid positions; (u, v) the chunk prefix maps."""
-    rv = tl.where(valid, r - val, 0.0)
-    one = tl.full(rv.shape, 1.0, tl.float32)
-    h = valid.to(tl.float32)
-    u = tl.where(valid, gamma * val + c * rv, 0.0)
-    v = tl.where(valid, one * c, one)
-    h, f, d, u, v = tl.associative_scan((h, rv, one, u, v), 1, _gae_combine)
-    return f, d, u, v
+def _split4(x):
+    """The four [R, G] planes of a [R, G, 4] tensor (register renaming: the 4 lie in one thread)."""
+    a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))
+    x0, x2 = tl.split(a)
+    x1, x3 = tl.split(b)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _join4(x0, x1, x2, x3):
+    y = tl.join(tl.join(x0, x2), tl.join(x1, x3))
+    return tl.reshape(y, [x0.shape[0], x0.shape[1], 4])
+
+
+@triton.jit
+def _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK: tl.constexpr):
+    """valid (mask != 0, in bounds) at t_lo and t_hi, each [R, G, 4].
+
+    A bool/uint8 mask with rows of a multiple of 8 bytes comes as uint16 words (the launcher's
+    view): a thread then loads its segment's 8 mask bytes with one 8-byte load, the 4 words
+    holding positions (2i, 2i + 1) of the segment in their (low, high) bytes.
+    """
+    if mask_ptr.dtype.element_ty == tl.uint16:
+        G: tl.constexpr = CHUNK // 8
+        w = c_idx * (CHUNK // 2) + (G - 1 - j) * 4
+        offs = rows.to(tl.int64)[:, None, None] * stride_m + w[None, :, None] + tl.arange(0, 4)[None, None, :]
+        h = tl.load(mask_ptr + offs, mask=in_lo, other=0)
+        e0, e2, e4, e6 = _split4((h & 0xFF) != 0)
+        o1, o3, o5, o7 = _split4((h & 0xFF00) != 0)
+        mL = _join4(e0, o1, e2, o3) & in_lo
+        mH = _join4(e4, o5, e6, o7) & in_hi
+    else:
+        mL = _ld_valid(mask_ptr, rows, t_lo, stride_m, in_lo)
+        mH = _ld_valid(mask_ptr, rows, t_hi, stride_m, in_hi)
+    return mL, mH
+
+
+@triton.jit
+def _half_inputs(a_ptr, b_ptr, val_ptr, valid, rows, t, inb, stride_a, stride_b, stride_v,
+                 kl_coef, clamp_val, MODE: tl.constexpr, EST: tl.constexpr, CLAMP: tl.constexpr):
+    """rewards without the score and kl (both 0 at masked positions), values of a half."""
+    if MODE == 1:
+        r = tl.where(valid, _ld(a_ptr, rows, t, stride_a, inb), 0.0)
+        kl = r
+    else:
+        lp = _ld(a_ptr, rows, t, stride_a, inb)
+        ref = _ld(b_ptr, rows, t, stride_b, inb)
+        kl = tl.where(valid, _kl_estimate(lp, ref, clamp_val, EST, CLAMP), 0.0)
+        r = -kl_coef * kl
+    if MODE == 3:
+        val = r
+    else:
+        val = _ld(val_ptr, rows, t, stride_v, inb)
+    return r, kl, val
+
+
+@triton.jit
+def _step(u, v, m, rv, gv, c):
+    # One valid position hands X_out = gamma V + c (r - V + X_in) to the previous one; a masked
+    # position hands X_in on unchanged (a select: whatever it holds never enters the arithmetic).
+    return tl.where(m, gv + c * (rv + u), u), tl.where(m, c * v, v)
+
+
+@triton.jit
+def _last_step(seen, m):
+    # m at the latest valid position of the segment seen so far (scanning backwards in time).
+    return m & (seen == 0), seen | m.to(tl.int32)
+
+
+@triton.jit
+def _astep(x, m, q, g, c):
+    # A = r - V + X_in at a position, and the X it hands to the previous one (X_in if masked).
+    a = q + x
+    return a, tl.where(m, g + c * a, x)
+
+
+@triton.jit
+def _pstep(xu, xv, m, q, g, c):
+    # _astep with X_in unknown: A = p + w X_in, and the affine carry (xu, xv) handed on.
+    p = q + xu
+    return p, xv, tl.where(m, g + c * p, xu), tl.where(m, c * xv, xv)
 
 
 @triton.jit
@@ -344,6 +442,46 @@ def _finish_stats(ws_ptr, score_ptr, B, NC, P, eps,
 
 
 @triton.jit
+def _chunk_moments(ws_ptr, P, entry, row_ok, mL, mH, pL, pH, wL, wH, HAS_W: tl.constexpr):
+    """Count, means and centred (co)moments of p (and w) over each row's valid positions of the tile.
+
+    p and w are 0 at masked positions. Two reductions over the row: (n, sum p, sum w, max |p|),
+    then the centred sums, with p - mean p divided by sp = 2^floor(log2 max |p|) (exact) before
+    squaring, so that |x| ~ 1e30 cannot overflow float32; the finisher multiplies sp back.
+    NaN at a valid position reaches the sums and the max (max.NaN), never from a masked one.
+    """
+    n_t = tl.sum(mL.to(tl.float32), axis=2) + tl.sum(mH.to(tl.float32), axis=2)
+    sp_t = tl.sum(pL, axis=2) + tl.sum(pH, axis=2)
+    sw_t = tl.sum(wL, axis=2) + tl.sum(wH, axis=2)
+    mx_t = _fmax(tl.reduce(tl.abs(pL), 2, _max_nan_combine), tl.reduce(tl.abs(pH), 2, _max_nan_combine))
+    n, s_p, s_w, mx = tl.reduce((n_t, sp_t, sw_t, mx_t), 1, _sum3_max_combine)
+    n1 = _fmax(n, 1.0)
+    mp = s_p / n1
+    sp = _pow2_scale(mx)
+    inv = 1.0 / sp
+    cpL = tl.where(mL, (pL - mp[:, None, None]) * inv[:, None, None], 0.0)
+    cpH = tl.where(mH, (pH - mp[:, None, None]) * inv[:, None, None], 0.0)
+    tl.store(ws_ptr + _N * P + entry, n, mask=row_ok)
+    tl.store(ws_ptr + _MP * P + entry, mp, mask=row_ok)
+    tl.store(ws_ptr + _SP * P + entry, sp, mask=row_ok)
+    if HAS_W:
+        mw = s_w / n1
+        cwL = tl.where(mL, wL - mw[:, None, None], 0.0)
+        cwH = tl.where(mH, wH - mw[:, None, None], 0.0)
+        a_t = tl.sum(cpL * cpL, axis=2) + tl.sum(cpH * cpH, axis=2)
+        b_t = tl.sum(cpL * cwL, axis=2) + tl.sum(cpH * cwH, axis=2)
+        d_t = tl.sum(cwL * cwL, axis=2) + tl.sum(cwH * cwH, axis=2)
+        cpp, cpw, cww = tl.reduce((a_t, b_t, d_t), 1, _sum3_combine)
+        tl.store(ws_ptr + _MW * P + entry, mw, mask=row_ok)
+        tl.store(ws_ptr + _CPP * P + entry, cpp, mask=row_ok)
+        tl.store(ws_ptr + _CPW * P + entry, cpw, mask=row_ok)
+        tl.store(ws_ptr + _CWW * P + entry, cww, mask=row_ok)
+    else:
+        a_t = tl.sum(cpL * cpL, axis=2) + tl.sum(cpH * cpH, axis=2)
+        tl.store(ws_ptr + _CPP * P + entry, tl.sum(a_t, axis=1), mask=row_ok)
+
+
+@triton.jit
 def _summary_kernel(
     a_ptr, b_ptr, val_ptr, mask_ptr, score_ptr, ws_ptr, counter_ptr,
     B, T, NC, P, n_programs,
@@ -355,43 +493,75 @@ def _summary_kernel(
     """Launch 1: per (row, chunk) summary; with STATS, the last program reduces them globally.
 
     Writes the planes of ``ws`` ([9, B * NC] float32): valid count, chunk map (u, v), and for
-    STATS the mean of p and w, the power of two sp of max |p - mean p| and the centred sums
+    STATS the mean of p and w, the power of two sp of max |p| and the centred sums
     pp / sp^2, pw / sp, ww over the chunk's valid positions (A = p + w * X_in). The finisher
     writes (mean, scale, count) at ``ws[9 * B * NC:]``.
     """
-    c_idx, rows, row_ok, t, inb = _tile_coords(B, T, NC, BLOCK_B, CHUNK)
-    valid = _load_valid(mask_ptr, rows, t, stride_m, inb)
-    n = tl.sum(valid.to(tl.float32), axis=1)
+    G: tl.constexpr = CHUNK // 8
+    c_idx, rows, row_ok, j, t_lo, t_hi, in_lo, in_hi = _seg_coords(B, T, NC, BLOCK_B, CHUNK)
     entry = rows * NC + c_idx
-    tl.store(ws_ptr + _N * P + entry, n, mask=row_ok)
     if MODE == 0 or MODE == 1:
-        r, kl = _rewards_tile(a_ptr, b_ptr, rows, t, stride_a, stride_b, inb, valid, kl_coef, clamp_val, MODE, EST, CLAMP)
-        val = _load_tile(val_ptr, rows, t, stride_v, inb)
-        p, w, u, v = _scan_tile(r, val, valid, gamma, c)
-        last = (tl.arange(0, CHUNK) == CHUNK - 1)[None, :]
-        tl.store(ws_ptr + _U * P + entry, tl.sum(tl.where(last, u, 0.0), axis=1), mask=row_ok)
-        tl.store(ws_ptr + _V * P + entry, tl.sum(tl.where(last, v, 0.0), axis=1), mask=row_ok)
+        mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
+        rL, klL, vL = _half_inputs(a_ptr, b_ptr, val_ptr, mL, rows, t_lo, in_lo, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
+        rH, klH, vH = _half_inputs(a_ptr, b_ptr, val_ptr, mH, rows, t_hi, in_hi, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
+        m0, m1, m2, m3 = _split4(mL)
+        m4, m5, m6, m7 = _split4(mH)
+        q0, q1, q2, q3 = _split4(rL - vL)
+        q4, q5, q6, q7 = _split4(rH - vH)
+        g0, g1, g2, g3 = _split4(gamma * vL)
+        g4, g5, g6, g7 = _split4(gamma * vH)
+        # The segment's map X -> u + v X, latest position first, sequentially in registers.
+        u = tl.zeros([BLOCK_B, G], dtype=tl.float32)
+        v = u + 1.0
+        u, v = _step(u, v, m7, q7, g7, c)
+        u, v = _step(u, v, m6, q6, g6, c)
+        u, v = _step(u, v, m5, q5, g5, c)
+        u, v = _step(u, v, m4, q4, g4, c)
+        u, v = _step(u, v, m3, q3, g3, c)
+        u, v = _step(u, v, m2, q2, g2, c)
+        u, v = _step(u, v, m1, q1, g1, c)
+        u, v = _step(u, v, m0, q0, g0, c)
+        # Carry into each segment as a map of the chunk's X_in: one scan of [R, G] per tile.
+        zero = tl.zeros([BLOCK_B, G], dtype=tl.float32)
+        pu, pv, lu, lv = tl.associative_scan((zero, zero + 1.0, u, v), 1, _excl_combine)
+        # The chunk's own map: held by the thread of its earliest segment (j = G - 1).
+        first = row_ok[:, None] & (j == G - 1)[None, :]
+        slot = entry[:, None] + j[None, :] * 0
+        tl.store(ws_ptr + _U * P + slot, lu + lv * pu, mask=first)
+        tl.store(ws_ptr + _V * P + slot, lv * pv, mask=first)
+        if STATS:
+            # A = p + w * X_in at every valid position, again sequentially from the carry.
+            xu, xv = pu, pv
+            p7, w7, xu, xv = _pstep(xu, xv, m7, q7, g7, c)
+            p6, w6, xu, xv = _pstep(xu, xv, m6, q6, g6, c)
+            p5, w5, xu, xv = _pstep(xu, xv, m5, q5, g5, c)
+            p4, w4, xu, xv = _pstep(xu, xv, m4, q4, g4, c)
+            p3, w3, xu, xv = _pstep(xu, xv, m3, q3, g3, c)
+            p2, w2, xu, xv = _pstep(xu, xv, m2, q2, g2, c)
+            p1, w1, xu, xv = _pstep(xu, xv, m1, q1, g1, c)
+            p0 = q0 + xu
+            w0 = xv
+            pL = tl.where(mL, _join4(p0, p1, p2, p3), 0.0)
+            pH = tl.where(mH, _join4(p4, p5, p6, p7), 0.0)
+            wL = tl.where(mL, _join4(w0, w1, w2, w3), 0.0)
+            wH = tl.where(mH, _join4(w4, w5, w6, w7), 0.0)
+            _chunk_moments(ws_ptr, P, entry, row_ok, mL, mH, pL, pH, wL, wH, True)
     elif MODE == 2:
-        p = _load_tile(a_ptr, rows, t, stride_a, inb)
-        w = p
-    if STATS:
-        # Two passes over registers: centred sums, never sum-of-squares minus squared sum. The
-        # centred values are divided by a power of two sp (exact) before squaring, so that
-        # |x| ~ 1e30 cannot overflow; the finisher multiplies sp back.
-        n1 = _fmax(n, 1.0)
-        mp = tl.sum(tl.where(valid, p, 0.0), axis=1) / n1
-        cp = tl.where(valid, p - mp[:, None], 0.0)
-        sp = _pow2_scale(tl.reduce(tl.abs(cp), 1, _max_nan_combine))
-        cps = cp / sp[:, None]
-        tl.store(ws_ptr + _MP * P + entry, mp, mask=row_ok)
-        tl.store(ws_ptr + _SP * P + entry, sp, mask=row_ok)
-        tl.store(ws_ptr + _CPP * P + entry, tl.sum(cps * cps, axis=1), mask=row_ok)
-        if MODE != 2:
-            mw = tl.sum(tl.where(valid, w, 0.0), axis=1) / n1
-            cw = tl.where(valid, w - mw[:, None], 0.0)
-            tl.store(ws_ptr + _MW * P + entry, mw, mask=row_ok)
-            tl.store(ws_ptr + _CPW * P + entry, tl.sum(cps * cw, axis=1), mask=row_ok)
-            tl.store(ws_ptr + _CWW * P + entry, tl.sum(cw * cw, axis=1), mask=row_ok)
+        mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
+        pL = tl.where(mL, _ld(a_ptr, rows, t_lo, stride_a, in_lo), 0.0)
+        pH = tl.where(mH, _ld(a_ptr, rows, t_hi, stride_a, in_hi), 0.0)
+        _chunk_moments(ws_ptr, P, entry, row_ok, mL, mH, pL, pH, pL, pH, False)
+    if not STATS:
+        if MODE == 0 or MODE == 3:
+            # Launch 2 places the score on the last valid token: it needs to know which later
+            # chunks have one.
+            if MODE == 3:
+                mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
+            cnt = tl.sum(mL.to(tl.float32), axis=2) + tl.sum(mH.to(tl.float32), axis=2)
+            tl.store(ws_ptr + _N * P + entry, tl.sum(cnt, axis=1), mask=row_ok)
+    else:
         # Make every thread's stores visible before taking a ticket; the last ticket reduces.
         tl.debug_barrier()
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
@@ -417,54 +587,118 @@ def _finalize_kernel(
     MODE_WHITEN: out0 = whitened x; MODE_SHAPE: out0, out1 = rewards, kl. All [B, T] float32,
     contiguous.
     """
-    c_idx, rows, row_ok, t, inb = _tile_coords(B, T, NC, BLOCK_B, CHUNK)
+    G: tl.constexpr = CHUNK // 8
+    c_idx, rows, row_ok, j, t_lo, t_hi, in_lo, in_hi = _seg_coords(B, T, NC, BLOCK_B, CHUNK)
     if MODE == 2:
-        x = _load_tile(a_ptr, rows, t, stride_a, inb)
         mean = tl.load(ws_ptr + _PLANES * P)
         scale = tl.load(ws_ptr + _PLANES * P + 1)
         count = tl.load(ws_ptr + _PLANES * P + 2)
-        valid = _load_valid(mask_ptr, rows, t, stride_m, inb)
-        y = (x - mean) * scale
+        xL = _ld(a_ptr, rows, t_lo, stride_a, in_lo)
+        xH = _ld(a_ptr, rows, t_hi, stride_a, in_hi)
+        okL, okH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
+        yL = (xL - mean) * scale
+        yH = (xH - mean) * scale
         if not SHIFT_MEAN:
-            y = y + mean
+            yL = yL + mean
+            yH = yH + mean
         # Masked positions are 0 whatever x holds there (NaN and inf included).
-        _store_tile(out0_ptr, rows, t, T, tl.where(valid, tl.where(count > 0.0, y, 0.0), 0.0), inb)
+        _st(out0_ptr, rows, t_lo, T, tl.where(okL, tl.where(count > 0.0, yL, 0.0), 0.0), in_lo)
+        _st(out0_ptr, rows, t_hi, T, tl.where(okH, tl.where(count > 0.0, yH, 0.0), 0.0), in_hi)
     else:
-        valid = _load_valid(mask_ptr, rows, t, stride_m, inb)
-        r, kl = _rewards_tile(a_ptr, b_ptr, rows, t, stride_a, stride_b, inb, valid, kl_coef, clamp_val, MODE, EST, CLAMP)
+        mL, mH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
+        rL, klL, vL = _half_inputs(a_ptr, b_ptr, val_ptr, mL, rows, t_lo, in_lo, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
+        rH, klH, vH = _half_inputs(a_ptr, b_ptr, val_ptr, mH, rows, t_hi, in_hi, stride_a, stride_b, stride_v,
+                                   kl_coef, clamp_val, MODE, EST, CLAMP)
+        m0, m1, m2, m3 = _split4(mL)
+        m4, m5, m6, m7 = _split4(mH)
         base, later_ok, i = _later_chunks(rows, row_ok, c_idx, NC, NCB)
-        score = tl.load(score_ptr + rows, mask=row_ok & (MODE != 1), other=0.0).to(tl.float32)
         if MODE == 0 or MODE == 3:
-            # The score lands on the row's last valid token: the last valid one of this chunk
+            score = tl.load(score_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            # The score lands on the row's last valid token: the latest valid one of this chunk
             # when no later chunk has a valid position.
             later_n = tl.sum(tl.load(ws_ptr + _N * P + base, mask=later_ok, other=0.0), axis=1)
-            t_last = tl.max(tl.where(valid, t[None, :], -1), axis=1)
-            at_end = (t[None, :] == t_last[:, None]) & (later_n == 0.0)[:, None] & valid
-            out_r = tl.where(at_end, r + score[:, None], r)
-            if MODE == 0:
-                _store_tile(out2_ptr, rows, t, T, out_r, inb)
-                _store_tile(out3_ptr, rows, t, T, kl, inb)
-            else:
-                _store_tile(out0_ptr, rows, t, T, out_r, inb)
-                _store_tile(out1_ptr, rows, t, T, kl, inb)
+            s = tl.zeros([BLOCK_B, G], dtype=tl.int32)
+            e7, s = _last_step(s, m7)
+            e6, s = _last_step(s, m6)
+            e5, s = _last_step(s, m5)
+            e4, s = _last_step(s, m4)
+            e3, s = _last_step(s, m3)
+            e2, s = _last_step(s, m2)
+            e1, s = _last_step(s, m1)
+            e0, s = _last_step(s, m0)
         if MODE == 0 or MODE == 1:
-            u = tl.load(ws_ptr + _U * P + base, mask=later_ok, other=0.0)
-            v = tl.load(ws_ptr + _V * P + base, mask=later_ok, other=1.0)
-            U, V = tl.associative_scan((u, v), 1, _affine_combine)
+            q0, q1, q2, q3 = _split4(rL - vL)
+            q4, q5, q6, q7 = _split4(rH - vH)
+            g0, g1, g2, g3 = _split4(gamma * vL)
+            g4, g5, g6, g7 = _split4(gamma * vH)
+            u = tl.zeros([BLOCK_B, G], dtype=tl.float32)
+            v = u + 1.0
+            u, v = _step(u, v, m7, q7, g7, c)
+            u, v = _step(u, v, m6, q6, g6, c)
+            u, v = _step(u, v, m5, q5, g5, c)
+            u, v = _step(u, v, m4, q4, g4, c)
+            u, v = _step(u, v, m3, q3, g3, c)
+            u, v = _step(u, v, m2, q2, g2, c)
+            u, v = _step(u, v, m1, q1, g1, c)
+            u, v = _step(u, v, m0, q0, g0, c)
+            zero = tl.zeros([BLOCK_B, G], dtype=tl.float32)
+            if MODE == 0:
+                pu, pv, lu, lv, ph, lh = tl.associative_scan((zero, zero + 1.0, u, v, s * 0, s), 1, _excl_combine_h)
+            else:
+                pu, pv, lu, lv = tl.associative_scan((zero, zero + 1.0, u, v), 1, _excl_combine)
+            # X handed into this chunk's latest valid position: the maps of the later chunks
+            # (latest first) applied to X past the row's end (the score, or 0 for gae).
+            uc = tl.load(ws_ptr + _U * P + base, mask=later_ok, other=0.0)
+            vc = tl.load(ws_ptr + _V * P + base, mask=later_ok, other=1.0)
+            U, V = tl.associative_scan((uc, vc), 1, _affine_combine)
             last_c = (i == NCB - 1)[None, :]
             x_in = tl.sum(tl.where(last_c, U, 0.0), axis=1)
             if MODE == 0:
                 x_in = x_in + tl.sum(tl.where(last_c, V, 0.0), axis=1) * score
-            val = _load_tile(val_ptr, rows, t, stride_v, inb)
-            f, d, _u, _v = _scan_tile(r, val, valid, gamma, c)
-            adv = tl.where(valid, f + d * x_in[:, None], 0.0)
-            ret = tl.where(valid, adv + val, 0.0)
+            xu = pu + pv * x_in[:, None]
+            # A at every position of the segment, latest first, from the true carry.
+            a7, xu = _astep(xu, m7, q7, g7, c)
+            a6, xu = _astep(xu, m6, q6, g6, c)
+            a5, xu = _astep(xu, m5, q5, g5, c)
+            a4, xu = _astep(xu, m4, q4, g4, c)
+            a3, xu = _astep(xu, m3, q3, g3, c)
+            a2, xu = _astep(xu, m2, q2, g2, c)
+            a1, xu = _astep(xu, m1, q1, g1, c)
+            a0 = q0 + xu
+            advL = _join4(a0, a1, a2, a3)
+            advH = _join4(a4, a5, a6, a7)
+            retL = tl.where(mL, advL + vL, 0.0)
+            retH = tl.where(mH, advH + vH, 0.0)
             if WHITEN:
                 mean = tl.load(ws_ptr + _PLANES * P)
                 scale = tl.load(ws_ptr + _PLANES * P + 1)
-                adv = tl.where(valid, (adv - mean) * scale, 0.0)
-            _store_tile(out0_ptr, rows, t, T, adv, inb)
-            _store_tile(out1_ptr, rows, t, T, ret, inb)
+                advL = (advL - mean) * scale
+                advH = (advH - mean) * scale
+            _st(out0_ptr, rows, t_lo, T, tl.where(mL, advL, 0.0), in_lo)
+            _st(out0_ptr, rows, t_hi, T, tl.where(mH, advH, 0.0), in_hi)
+            _st(out1_ptr, rows, t_lo, T, retL, in_lo)
+            _st(out1_ptr, rows, t_hi, T, retH, in_hi)
+        else:
+            ph, lh = tl.associative_scan((s * 0, s), 1, _excl_flag_combine)
+        if MODE == 0 or MODE == 3:
+            end = (ph == 0) & (later_n == 0.0)[:, None]
+            bonus = tl.where(end, score[:, None], 0.0)
+            zero = tl.zeros([BLOCK_B, G], dtype=tl.float32)
+            sL = _join4(tl.where(e0, bonus, zero), tl.where(e1, bonus, zero), tl.where(e2, bonus, zero),
+                        tl.where(e3, bonus, zero))
+            sH = _join4(tl.where(e4, bonus, zero), tl.where(e5, bonus, zero), tl.where(e6, bonus, zero),
+                        tl.where(e7, bonus, zero))
+            if MODE == 0:
+                _st(out2_ptr, rows, t_lo, T, rL + sL, in_lo)
+                _st(out2_ptr, rows, t_hi, T, rH + sH, in_hi)
+                _st(out3_ptr, rows, t_lo, T, klL, in_lo)
+                _st(out3_ptr, rows, t_hi, T, klH, in_hi)
+            else:
+                _st(out0_ptr, rows, t_lo, T, rL + sL, in_lo)
+                _st(out0_ptr, rows, t_hi, T, rH + sH, in_hi)
+                _st(out1_ptr, rows, t_lo, T, klL, in_lo)
+                _st(out1_ptr, rows, t_hi, T, klH, in_hi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,12 +709,21 @@ def _finalize_kernel(
 # needs no memset (no extra kernel) and consecutive launches on one stream never overlap.
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
-# Elements per program tile: enough bytes in flight per SM, few registers per thread for the
-# five-value scan.
+# Tokens per program tile (one segment of _SEG positions per thread, 8 warps): few registers,
+# 2 x 16 bytes in flight per input per thread.
 _TILE = 2048
+# The smallest tile the grid is split down to (one warp), and the grid it tries to reach: about
+# four CTAs per SM on 132 SMs (an H100), so that at least one full wave runs at every issue shape.
+_MIN_TILE = 256
+# Rows up to this long are one chunk (one 16-warp program per row) when B alone fills the GPU.
+_ONE_CHUNK_T = 4096
+_MIN_PROGRAMS = 4 * 132
+# Time positions per thread: two 4-vectors, scanned sequentially in registers.
+_SEG = 8
 # Upper bound on chunks per row: the finisher and every finalize program hold one row of
-# chunk summaries in registers.
+# chunk summaries in registers; and on the chunk (32 warps of one segment per thread).
 _MAX_CHUNKS = 2048
+_MAX_CHUNK = 32 * 32 * _SEG
 
 
 def _counter(device: torch.device) -> torch.Tensor:
@@ -504,6 +747,24 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _mask_rows(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as the kernels read it: bytes packed in uint16 words where rows allow, else [B, T].
+
+    The kernels take a uint16 mask as packed bytes (8-byte loads of a segment's 8 positions):
+    that needs a 1-byte mask, T a multiple of 8 and rows starting 8-byte aligned. A mask given
+    as uint16 (or any other unsigned type wider than a byte) is first turned into bytes, so it can
+    never be mistaken for packed bytes.
+    """
+    if mask.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        mask = mask != 0
+    mask = _as_rows(mask)
+    B, T = mask.shape
+    if (mask.dtype == torch.uint8 and T % 8 == 0 and (B == 1 or mask.stride(0) % 8 == 0)
+            and mask.data_ptr() % 8 == 0):
+        return mask.view(torch.uint16)
+    return mask
+
+
 def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
@@ -511,27 +772,45 @@ def _row_stride(t: torch.Tensor) -> int:
 def pick_blocks(B: int, T: int, chunk: int | None = None, rows: int | None = None) -> tuple[int, int]:
     """(CHUNK, BLOCK_B) of the chunked pass for a [B, T] problem.
 
-    ``chunk`` forces the chunk length (rounded up to a power of two, at least 2); by default rows
-    are split until there are about a thousand programs, so that few long rows fill a GPU.
-    ``rows`` forces the number of rows per program.
+    By default a program owns BLOCK_B rows x CHUNK positions, _TILE tokens, with CHUNK up to
+    _TILE (long chunks keep the carry composition of launch 2 short); while the grid has fewer
+    than _MIN_PROGRAMS programs, the tile is split, first by rows, then along T, down to
+    _MIN_TILE tokens. Rows of _TILE < T <= _ONE_CHUNK_T positions are one chunk each (one
+    16-warp program per row) when B >= _MIN_PROGRAMS / 2. ``chunk`` forces the chunk length
+    (rounded up to a power of two, at least _SEG), ``rows`` the number of rows per program
+    (rounded up to a power of two). Raises ValueError for T > _MAX_CHUNKS * _MAX_CHUNK (16.7M).
     """
-    if chunk is None:
-        chunk = min(max(triton.next_power_of_2(T), 16), 1024)
-        while chunk > 256 and B * triton.cdiv(T, chunk) < 1024:
-            chunk //= 2
+    auto_chunk = chunk is None
+    if auto_chunk:
+        chunk = min(max(triton.next_power_of_2(T), _SEG), _TILE)
     else:
-        chunk = max(2, triton.next_power_of_2(int(chunk)))
+        chunk = max(_SEG, triton.next_power_of_2(int(chunk)))
     while triton.cdiv(T, chunk) > _MAX_CHUNKS:
         chunk *= 2
-    if rows is None:
-        rows = max(1, min(triton.next_power_of_2(B), _TILE // chunk))
-    else:
-        rows = max(1, triton.next_power_of_2(int(rows)))
+    if chunk > _MAX_CHUNK:
+        raise ValueError(f"T = {T} is too long for the chunked pass (at most {_MAX_CHUNKS * _MAX_CHUNK})")
+    if rows is not None:
+        return chunk, max(1, triton.next_power_of_2(int(rows)))
+    rows = max(1, min(triton.next_power_of_2(B), _TILE // chunk))
+    if auto_chunk and _TILE < T <= _ONE_CHUNK_T and B >= _MIN_PROGRAMS // 2:
+        # One chunk per row (a 16-warp tile) while there are rows enough for two CTAs per SM:
+        # without whitening the pass is then a single launch at the byte floor (512 x 4096:
+        # 29 instead of 42 bytes per token for compute_advantages).
+        return triton.next_power_of_2(T), 1
+    # Count programs as the launch does (row tiles x chunks), not rows x chunks.
+    while triton.cdiv(B, rows) * triton.cdiv(T, chunk) < _MIN_PROGRAMS and rows * chunk > _MIN_TILE:
+        if rows > 1:
+            rows //= 2
+        elif auto_chunk and chunk > _SEG:
+            chunk //= 2
+        else:
+            break
     return chunk, rows
 
 
-def _num_warps(elements: int) -> int:
-    return 4 if elements <= 1024 else 8
+def _num_warps(block_b: int, chunk: int) -> int:
+    """One warp per 32 segments: every thread owns one segment of _SEG positions."""
+    return max(1, min(32, block_b * chunk // (32 * _SEG)))
 
 
 def chunked_pass(
@@ -575,20 +854,21 @@ def chunked_pass(
         raise ValueError(f"[B, T] = [{B}, {T}] is too large for one chunked pass")
     NCB = max(2, triton.next_power_of_2(NC))
     FIN_C = NCB
-    # The finisher shares the summary kernel's registers: keep its tile no larger than the main one.
-    FIN_B = max(1, min(triton.next_power_of_2(B), 512 // FIN_C))
+    warps = _num_warps(BLOCK_B, CHUNK)
+    # The finisher shares the summary kernel's registers: at most 4 summaries per thread (a
+    # 512-entry tile on one warp took 238 registers, and so 8 warps per SM, at 8 x 32768).
+    FIN_B = max(1, min(triton.next_power_of_2(B), min(512, 128 * warps) // FIN_C))
 
     a = _as_rows(a)
     b = _as_rows(b) if b is not None else a
     values = _as_rows(values) if values is not None else a
-    mask = _as_rows(mask)
+    mask = _mask_rows(mask)
     scores = scores.contiguous() if scores is not None else a
     ws = torch.empty(P * _N_PLANES + 4, dtype=torch.float32, device=device)
     counter = _counter(device)
     est = ESTIMATOR_IDS[estimator]
     strides = (_row_stride(a), _row_stride(b), _row_stride(values), _row_stride(mask))
     scalars = (float(kl_coef), float(gamma), float(gamma) * float(lam), 0.0)
-    warps = _num_warps(BLOCK_B * CHUNK)
 
     # Launch 1 carries information only across chunks or into the whitening statistics: with
     # one chunk per row and no whitening, the pass is a single launch.

@@ -237,6 +237,144 @@ def test_gae_hand_worked_example(run_kernel, kernel_device):
 
 
 # --------------------------------------------------------------------------------------------
+# The segmented scan: rows split over programs along T, packed masks, the launch grid
+# --------------------------------------------------------------------------------------------
+
+
+def _boundary_mask(B, T, chunk, gen):
+    """Gaps that open and close exactly at chunk and segment (8-position) borders, whole masked
+    chunks, and one valid token per chunk; the other rows cycle through random_mask's layouts."""
+    m = random_mask(B, T, gen)
+    m[0] = True
+    m[0, chunk - 1 : 2 * chunk + 1] = False  # last of chunk 0 .. first of chunk 2: chunk 1 empty
+    m[1] = False
+    m[1, ::chunk] = True  # the first position of every chunk only
+    m[2] = True
+    m[2, 8:16] = False  # exactly one segment
+    m[2, T - 8 :] = False  # right padding of a whole segment
+    return m
+
+
+@pytest.mark.parametrize("chunk,rows", [(8, 1), (16, 2), (32, 4)])
+@pytest.mark.parametrize("gamma,lam,whiten", [(0.99, 0.95, False), (1.0, 1.0, True)])
+def test_gae_rows_split_across_programs(rng, run_kernel, kernel_device, chunk, rows, gamma, lam, whiten):
+    """4-8 programs per row: the carry crosses program borders through masked gaps, with NaN/inf
+    at every masked position (never read into a number), packed bool mask (T % 8 == 0)."""
+    B, T = 5, 64
+    mask = _boundary_mask(B, T, chunk, rng)
+    r, v = _randn((B, T), rng), _randn((B, T), rng)
+    r_bad = torch.where(mask, r, float("nan"))
+    v_bad = torch.where(mask, v, float("-inf"))
+    got = run_kernel(K.gae_launch, *_to(kernel_device, r_bad, v_bad, mask), gamma=gamma, lam=lam, whiten=whiten,
+                     chunk=chunk, rows=rows)
+    want = gt_gae(r.double(), v.double(), mask, gamma=gamma, lam=lam, whiten=whiten)
+    _check_all(got, want, SCAN, ["advantages", "returns"])
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_compute_advantages_rows_split_across_programs(rng, run_kernel, kernel_device, whiten):
+    """The score is carried from the row's end through empty chunks; it lands on the last valid
+    token, which is the first position of the row's last non-empty chunk in row 1."""
+    B, T, chunk = 4, 48, 8
+    mask = _boundary_mask(B, T, chunk, rng)
+    mask[3] = False
+    mask[3, 3] = True  # the score crosses five empty chunks
+    got = _advantages_case(rng, run_kernel, kernel_device, B, T, mask=mask, kl_coef=0.05, estimator="k2",
+                           gamma=0.97, lam=0.9, whiten=whiten, chunk=chunk, rows=1)
+    assert float(got[2][3, 3].cpu()) != 0.0 and bool((got[2][3, 4:].cpu() == 0).all())
+
+
+def test_long_rows_default_grid(rng, run_kernel, kernel_device):
+    """Two 1536-token rows: the launcher itself splits each row over several 1-warp programs."""
+    B, T = 2, 1536
+    chunk, rows = K.pick_blocks(B, T)
+    assert rows == 1 and chunk == 256 and triton_cdiv(T, chunk) == 6
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 1000:] = False  # right padding
+    mask[1, :700] = False  # left padding
+    mask[1, 900:1100] = False  # and a gap across a chunk border
+    _gae_case(rng, run_kernel, kernel_device, B, T, gamma=0.999, lam=0.95, whiten=True, mask=mask)
+    _advantages_case(rng, run_kernel, kernel_device, B, T, mask=mask, kl_coef=0.02, whiten=True)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("T", [1, 7, 13, 37, 40])
+def test_odd_lengths_and_padding(rng, run_kernel, kernel_device, T):
+    """T not a multiple of a segment (partial vectors, unpacked mask) and multiples of 8 (packed),
+    with left and right padding, one chunk and several."""
+    B = 4
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, : max(1, T - 3)] = True  # right padding
+    mask[1, T // 2 :] = True  # left padding
+    mask[2, T - 1] = True  # the last position only
+    for kw in ({}, {"chunk": 8, "rows": 2}):
+        _gae_case(rng, run_kernel, kernel_device, B, T, gamma=0.95, lam=0.9, whiten=True, mask=mask, **kw)
+        _advantages_case(rng, run_kernel, kernel_device, B, T, mask=mask, kl_coef=0.1, whiten=False, **kw)
+
+
+def test_tiny_single_row(rng, run_kernel, kernel_device):
+    """[1, 1] and [1, 8] (one segment, packed mask): the smallest tiles the grid has."""
+    for T in (1, 8):
+        mask = torch.ones(1, T, dtype=torch.bool)
+        _gae_case(rng, run_kernel, kernel_device, 1, T, gamma=0.9, lam=0.8, whiten=False, mask=mask)
+        _advantages_case(rng, run_kernel, kernel_device, 1, T, mask=mask, kl_coef=0.1, whiten=True)
+
+
+def test_mask_packing(rng, run_kernel, kernel_device):
+    """Bool/uint8 masks with T % 8 == 0 are read as packed uint16 words; a mask given as uint16 is
+    never taken for packed bytes: it is turned into bytes first (256 is "valid", as mask != 0 says)."""
+    m = random_mask(3, 16, rng)
+    assert K._mask_rows(m).dtype == torch.uint16 and K._mask_rows(m).shape == (3, 8)
+    assert K._mask_rows(m[:, :12]).dtype == torch.uint8  # T % 8 != 0
+    assert K._mask_rows(torch.zeros(3, 24, dtype=torch.bool)[:, 1:17]).dtype == torch.uint8  # misaligned rows
+    assert K._mask_rows(m.float()).dtype == torch.float32
+    as_u16 = m.to(torch.uint16) * 256
+    packed = K._mask_rows(as_u16)  # turned into bytes first (then packed again, as bool would be)
+    assert packed.dtype == torch.uint16 and torch.equal(packed.view(torch.uint8).bool(), m)
+    r, v = _randn((3, 16), rng), _randn((3, 16), rng)
+    got = run_kernel(K.gae_launch, *_to(kernel_device, r, v, as_u16), gamma=0.9, lam=0.9)
+    _check_all(got, gt_gae(r.double(), v.double(), m, gamma=0.9, lam=0.9), SCAN, ["advantages", "returns"])
+
+
+@pytest.mark.parametrize("B,T,programs,warps", [(512, 4096, 512, 16), (2048, 1024, 1024, 8), (8, 262144, 1024, 8),
+                                                (8, 32768, 1024, 1), (8192, 128, 1024, 4), (1, 1 << 20, 1024, 4)])
+def test_grid_fills_an_h100(B, T, programs, warps):
+    """Every issue shape (and the CI sweep's) fills an H100's 132 SMs, counted as the launch counts
+    programs (row tiles x chunks; 8 x 32768 used to get 128): >= 4 CTAs per SM of <= 8 warps, or
+    one 16-warp program per row (512 x 4096: one chunk per row, so one launch without whitening)."""
+    chunk, rows = K.pick_blocks(B, T)
+    got = triton_cdiv(B, rows) * triton_cdiv(T, chunk)
+    assert got == programs and K._num_warps(rows, chunk) == warps == rows * chunk // 256
+    assert got >= 4 * 132 or (warps == 16 and got >= 2 * 132)
+    assert triton_cdiv(T, chunk) <= K._MAX_CHUNKS
+
+
+def test_one_chunk_rows(rng, run_kernel, kernel_device):
+    """The 16-warp one-chunk-per-row tile of 512 x 4096 (forced here on two rows): every carry is
+    in the tile, with left and right padding and a gap."""
+    B, T = 2, 4096
+    assert K.pick_blocks(512, T) == (4096, 1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3001:] = False
+    mask[1, :517] = False
+    mask[1, 2040:2100] = False
+    _gae_case(rng, run_kernel, kernel_device, B, T, gamma=0.99, lam=0.95, whiten=False, mask=mask, chunk=T, rows=1)
+    _advantages_case(rng, run_kernel, kernel_device, B, T, mask=mask, kl_coef=0.05, whiten=False, chunk=T, rows=1)
+
+
+def test_pick_blocks_small_and_forced():
+    assert K.pick_blocks(7, 11) == (16, 8)  # one program: too small to split
+    assert K.pick_blocks(5, 18, chunk=4, rows=2) == (8, 2)  # chunks are whole segments
+    assert K.pick_blocks(3, 100, chunk=16) == (16, 4)
+    assert K._num_warps(1, 8) == 1 and K._num_warps(1, 8192) == 32
+    with pytest.raises(ValueError, match="too long"):
+        K.pick_blocks(1, 2048 * 8192 + 1)
+
+
+# --------------------------------------------------------------------------------------------
 # masked_whiten
 # --------------------------------------------------------------------------------------------
 
