@@ -89,6 +89,10 @@ ELEMENTS = {
     "_finalize_kernel": ("BLOCK_B", "CHUNK"),
     "_ppo_fwd_kernel": ("BLOCK_R", "BLOCK_T"),
     "_ppo_bwd_kernel": ("BLOCK_R", "BLOCK_T"),
+    # group advantages: a [BLOCK_B, BLOCK_T] tile of the token mask / outputs, a group of BLOCK_K scores
+    "_row_member_kernel": ("BLOCK_B", "BLOCK_T"),
+    "_broadcast_kernel": ("BLOCK_B", "BLOCK_T"),
+    "_group_stats_kernel": ("BLOCK_K",),
 }
 
 # Spills CI accepts, with the reason: (kernel, substring of the config) -> why.
