@@ -71,3 +71,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not slow:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def torch_backend():
+    """Trainer tests: the reference backend (the trainer runs on CPU tensors), and the thread count
+    restored afterwards (the built-in config sets 1 thread; the rest of the suite keeps its own)."""
+    threads = torch.get_num_threads()
+    with fastppo.use_backend("torch"):
+        yield
+    torch.set_num_threads(threads)

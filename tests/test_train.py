@@ -12,7 +12,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("datasets")
 
-import fastppo  # noqa: E402
 from fastppo.train import ConfigError, PPOConfig, PPOTrainer  # noqa: E402
 from fastppo.train import builtin  # noqa: E402
 from fastppo.train.models import position_ids_from, response_logprobs  # noqa: E402
@@ -20,15 +19,8 @@ from fastppo.train.data import encode_prompts, left_pad  # noqa: E402
 
 # The ops are exercised through the reference here: the trainer's wiring is under test, not the
 # kernels (which have their own tests), and the interpreter would make every step slow.
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("torch_backend")]
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    threads = torch.get_num_threads()  # the built-in config sets 1 thread; give the rest of the suite its own
-    with fastppo.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

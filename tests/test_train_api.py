@@ -20,24 +20,16 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
-import fastppo  # noqa: E402
 from fastppo.train import ConfigError, PPOConfig, PPOTrainer, validate  # noqa: E402
 from fastppo.train import builtin  # noqa: E402
 from fastppo.train.data import encode_prompts, has_chat_template, left_pad  # noqa: E402
 from fastppo.train.models import position_ids_from, response_logprobs  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"), pytest.mark.usefixtures("torch_backend")]
 
 EOS = builtin.VOCAB.index("<eos>")
 PROMPTS = builtin.prompts()[::30]  # 8 prompts
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    threads = torch.get_num_threads()
-    with fastppo.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

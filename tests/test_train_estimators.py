@@ -14,15 +14,8 @@ from fastppo.train import ConfigError, PPOTrainer  # noqa: E402
 from fastppo.train import builtin, checkpoint  # noqa: E402
 from fastppo.train import trainer as trainer_module  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("torch_backend")]
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    threads = torch.get_num_threads()  # the built-in config sets 1 thread; give the rest of the suite its own
-    with fastppo.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -15,15 +15,8 @@ import fastppo  # noqa: E402
 from fastppo.train import ConfigError, PPOTrainer, builtin  # noqa: E402
 from fastppo.train.models import response_logprobs  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"), pytest.mark.usefixtures("torch_backend")]
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    threads = torch.get_num_threads()
-    with fastppo.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def small(out, **kw):

@@ -12,27 +12,18 @@ import time
 import types
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-import fastppo  # noqa: E402
 from fastppo.cli import main  # noqa: E402
 from fastppo.train import PPOTrainer, builtin, checkpoint, report  # noqa: E402
 from fastppo.train.metrics import PLOTTED, plot_runs  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("torch_backend")]
 
 TINY = ["--iterations", "2", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "8",
         "--max-new-tokens", "4", "--ppo-epochs", "1", "--no-progress"]
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    threads = torch.get_num_threads()
-    with fastppo.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _rows(out):

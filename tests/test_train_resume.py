@@ -15,17 +15,10 @@ import fastppo  # noqa: E402
 from fastppo.train import ConfigError, PPOTrainer  # noqa: E402
 from fastppo.train import builtin, checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("torch_backend")]
 
 STEP1, STEP2 = "step-00000001", "step-00000002"
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    threads = torch.get_num_threads()
-    with fastppo.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
 
 
 def small(out, **kw):
