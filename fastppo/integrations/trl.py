@@ -143,8 +143,11 @@ def _top_k_logprobs(logits: torch.Tensor, index: torch.Tensor, temperature: floa
     lp_anchor = fastppo.logprobs_from_logits(x, label, temperature=temperature, mask=mask)
     lp_anchor = lp_anchor.reshape(anchor.shape).to(work)
     z_anchor = picked.gather(-1, anchor)
-    # z_k == z_a (the anchor itself, a duplicate index, or -inf == -inf) takes lp_a exactly.
-    lp = torch.where(picked == z_anchor, lp_anchor, lp_anchor + (picked - z_anchor) / temperature)
+    # The anchor itself and duplicates of its index take lp_a exactly, and so does -inf next to a -inf
+    # anchor (-inf - -inf is NaN). A different index whose logit merely ties the anchor's must not:
+    # its value would be right but its gradient would land on the anchor's logit instead of its own.
+    same = (index == index.gather(-1, anchor)) | ((picked == z_anchor) & torch.isinf(picked))
+    lp = torch.where(same, lp_anchor, lp_anchor + (picked - z_anchor) / temperature)
     if valid is not None:
         lp = torch.where(valid, lp, 0.0)
     return lp
