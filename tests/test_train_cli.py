@@ -147,6 +147,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("prompt-column-empty", T(*MODEL, "--prompt-column", ""), "prompt_column"),
     ("chat-template-unknown", T(*MODEL, "--chat-template", "chatml"), "chat_template"),
     # --- generation -------------------------------------------------------------------------
+    ("critic-lora-r-neg", T("--critic-lora-r", "-1"), "critic_lora_r"),
+    ("critic-lora-alpha-nan", T("--critic-lora-r", "4", "--critic-lora-alpha", "nan"), "--critic-lora-alpha"),
+    ("critic-lora-without-critic", T("--critic-lora-r", "4", "--advantage-estimator", "grpo", "--num-generations", "2"),
+     "uses no critic"),
     ("stop-token-neg", T("--stop-token-id", "-1"), "stop_token_id"),
     ("stop-token-outside-vocab", T("--stop-token-id", "40"), "stop_token_id"),
     ("stop-token-text", T("--stop-token-id", "eos"), "--stop-token-id"),
