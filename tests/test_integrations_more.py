@@ -259,6 +259,10 @@ def test_openrlhf_gspo(openrlhf_loss, rng, setting, info):
     # GSPO's advantages are per sequence; token-varying ones work the same way.
     adv[1:] = adv[1:, :1]
     rollout = old + randn(rng, *old.shape, scale=0.3)
+    # Row 1 certainly clips in every setting: its mean log-ratio is 0.6 against both old and rollout
+    # (sequence ratio e^0.6 = 1.82 > 1.28) and its advantage is positive. Random rows alone left the
+    # clip fraction at 0 for some seeds (FASTPPO_TEST_SEED=1585914394).
+    lp[1], rollout[1], adv[1] = old[1] + 0.6, old[1], 1.0
     kwargs = GSPO_SETTINGS[setting]
     ours_fn, peer_fn = fo.PolicyLoss(**kwargs), openrlhf_loss.PolicyLoss(**kwargs)
     ours_in, peer_in = lp.clone().requires_grad_(), lp.clone().requires_grad_()
