@@ -35,7 +35,7 @@ import random
 import re
 import shutil
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -387,31 +387,48 @@ def precheck(trainer, candidates: list[str]) -> None:
             return
 
 
-def resume(trainer, candidates: list[str]) -> str | None:
-    """Load the newest usable checkpoint of ``candidates`` (newest first), warning about each one
-    skipped; ``ConfigError`` if there are some and none is usable. Returns the path loaded."""
+def load_newest(candidates: list[str], fingerprint: dict[str, Any], load: Callable[[str], None],
+                announce: bool = True) -> str | None:
+    """Call ``load(path)`` on ``candidates`` (newest first) until one neither has another
+    fingerprint nor raises ``CheckpointError``; returns that path (``None`` without candidates).
+
+    Each skipped checkpoint is a warning on stderr (where ``announce``: one rank speaks for all);
+    ``ConfigError`` if there are candidates and none is usable. Shared by the single-process and
+    the multi-process resume, which differ only in how one checkpoint loads.
+    """
     skipped: list[str] = []
     for path in candidates:
         try:
-            if not check_fingerprint(path, trainer.fingerprint):  # ConfigError when it differs
+            if not check_fingerprint(path, fingerprint):  # ConfigError when it differs
                 raise CheckpointError(f"{FINGERPRINT} is missing or unreadable")
-            loaded = read(trainer, path)
-            try:
-                trainer.step = apply(trainer, loaded)
-            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-                raise CheckpointError(f"its state does not fit this run: {type(exc).__name__}: "
-                                      f"{' '.join(str(exc).split())[:160]}") from None
+            load(path)
         except CheckpointError as exc:
             skipped.append(f"{os.path.basename(path)}: {exc}")
             continue
-        for line in skipped:  # only when falling back; a refusal says it all in its one line
-            print(f"fastppo train: warning: skipped checkpoint {line}; resuming from {os.path.basename(path)}",
-                  file=sys.stderr, flush=True)
+        if announce:  # only when falling back; a refusal says it all in its one line
+            for line in skipped:
+                print(f"fastppo train: warning: skipped checkpoint {line}; resuming from {os.path.basename(path)}",
+                      file=sys.stderr, flush=True)
         return path
     if skipped:
         raise ConfigError(f"--resume: no usable checkpoint under {os.path.dirname(candidates[0])} "
                           f"({'; '.join(skipped)}); remove them to start over, or choose another --output-dir")
     return None
+
+
+def resume(trainer, candidates: list[str]) -> str | None:
+    """Load the newest usable checkpoint of ``candidates`` (newest first), warning about each one
+    skipped; ``ConfigError`` if there are some and none is usable. Returns the path loaded."""
+
+    def load(path: str) -> None:
+        loaded = read(trainer, path)
+        try:
+            trainer.step = apply(trainer, loaded)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"its state does not fit this run: {type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:160]}") from None
+
+    return load_newest(candidates, trainer.fingerprint, load)
 
 
 # --------------------------------------------------------------------------------------------

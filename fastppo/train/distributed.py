@@ -658,30 +658,15 @@ def resume(trainer, candidates: list[str]) -> str | None:
     from .checkpoint import CheckpointError
 
     d: Distributed = trainer.dist
-    skipped: list[str] = []
-    for path in candidates:
-        try:
-            if not checkpoint.check_fingerprint(path, trainer.fingerprint):
-                raise CheckpointError(f"{checkpoint.FINGERPRINT} is missing or unreadable")
-            state = checkpoint._read_state(path)
-            why = _load(trainer, path, state)
-            # All ranks decide together: a file one rank could not read skips the checkpoint everywhere.
-            whys = _all_objects(d, why)
-            bad = next((w for w in whys if w), None)
-            if bad:
-                raise CheckpointError(bad)
-        except CheckpointError as exc:
-            skipped.append(f"{os.path.basename(path)}: {exc}")
-            continue
-        if d.is_main:
-            for line in skipped:
-                print(f"fastppo train: warning: skipped checkpoint {line}; resuming from {os.path.basename(path)}",
-                      file=sys.stderr, flush=True)
-        return path
-    if skipped:
-        raise ConfigError(f"--resume: no usable checkpoint under {os.path.dirname(candidates[0])} "
-                          f"({'; '.join(skipped)}); remove them to start over, or choose another --output-dir")
-    return None
+
+    def load(path: str) -> None:
+        why = _load(trainer, path, checkpoint._read_state(path))
+        # All ranks decide together: a file one rank could not read skips the checkpoint everywhere.
+        bad = next((w for w in _all_objects(d, why) if w), None)
+        if bad:
+            raise CheckpointError(bad)
+
+    return checkpoint.load_newest(candidates, trainer.fingerprint, load, announce=d.is_main)
 
 
 def _all_objects(d: Distributed, obj: Any) -> list[Any]:
