@@ -123,6 +123,10 @@ def _top_k_logprobs(logits: torch.Tensor, index: torch.Tensor, temperature: floa
     are read once by fastppo plus K gathered values per row. Gradients follow through both
     terms: (onehot(a) - p) / T + (onehot(k) - onehot(a)) / T = (onehot(k) - p) / T.
 
+    bf16/fp16 logits are upcast to float32 first (a float32 copy of ``logits``): the two gradient
+    terms must be summed before the sum is rounded to the input dtype, else the anchor's gradient
+    is bf16(1 - p_a) - 1, p_a with its low bits lost (up to 2^-9 off per element).
+
     Args:
         logits: ``[..., V]``; index: ``[..., K]`` int; row_mask: optional ``[..., K]``.
     Returns:
@@ -130,9 +134,10 @@ def _top_k_logprobs(logits: torch.Tensor, index: torch.Tensor, temperature: floa
     """
     index = index.long()
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(work)
     valid = None if row_mask is None else row_mask != 0
     row_valid = None if valid is None else valid.any(dim=-1)
-    picked = logits.gather(-1, index).to(work)  # [..., K] logits at the K indices
+    picked = logits.gather(-1, index)  # [..., K] logits at the K indices
     with torch.no_grad():
         # The anchor is chosen among valid entries only (NaN wins argmax: a NaN row stays NaN).
         choose = picked if valid is None else picked.masked_fill(~valid, -math.inf)
