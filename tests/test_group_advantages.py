@@ -138,11 +138,20 @@ def load_verl():
 
 
 def verl_case(rng, B, T, K, dead_rows):
+    """Scores and a mask; returns the rows with no valid token too (the chosen dead rows, and a
+    scatter row that drew none). Scores within a group are kept 0.1 apart: two members a hair
+    apart have a std near eps, where float32's rounding of the difference dominates the answer."""
     m = random_mask(B, T, rng, kinds=("right", "left", "gap", "full", "single", "scatter"))
     for b in dead_rows:
         m[b] = False
-    s = torch.randn(B, generator=rng) * 2
-    return s, m
+    while True:
+        s = torch.randn(B, generator=rng) * 2
+        groups = s.reshape(-1, K)
+        gaps = (groups.unsqueeze(-1) - groups.unsqueeze(-2)).abs() + torch.eye(K) * 1e9
+        if bool((gaps >= 0.1).all()):
+            break
+    dead = [b for b in range(B) if not bool(m[b].any())]
+    return s, m, dead
 
 
 def token_rewards(s, m):
@@ -164,7 +173,7 @@ def test_matches_verl(call, estimator, K, rng):
     ca = load_verl()
     B, T = 20, 6
     dead = [3, 7] if K > 1 else []
-    s, m = verl_case(rng, B, T, K, dead)
+    s, m, dead = verl_case(rng, B, T, K, dead)
     got = call(fastppo.group_advantages, s, K, m, estimator=estimator)
     live = [b for b in range(B) if b not in dead]
     index = np.array([b // K for b in live])
