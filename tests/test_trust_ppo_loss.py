@@ -169,7 +169,7 @@ def _run(run_kernel, t: dict, mask, grads=None, op="ppo", upstream=1.75, **kw):
 _KW_TRUTH = {"clip": "value_clip"}
 
 
-def _compare(run_kernel, t, mask, *, op="ppo", grads=None, tol_grad=None, **kw):
+def _compare(run_kernel, t, mask, *, op="ppo", grads=None, tol_grad=None, tol_fwd=FWD_TOL, **kw):
     """Kernel vs _truth: loss, stats, gradients (NaN-aware). Returns the kernel's outputs."""
     upstream = 1.75
     loss, stats, g = _run(run_kernel, t, mask, grads=grads, op=op, upstream=upstream, **kw)
@@ -182,10 +182,10 @@ def _compare(run_kernel, t, mask, *, op="ppo", grads=None, tol_grad=None, **kw):
         tkw["ent_coef"] = -1.0
     want, want_stats, leaves = _truth(t, mask.cpu(), parts=parts, **tkw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    _close(loss, want, FWD_TOL, "loss")
+    _close(loss, want, tol_fwd, "loss")
     for name, s in stats.items():
         _close(s, want_stats[{"clipfrac": "value_clipfrac"}.get(name, name) if op == "value" else name],
-               FWD_TOL, f"stats[{name}]")
+               tol_fwd, f"stats[{name}]")
     names = [n for n in g if n in leaves]
     if names:
         want_g = torch.autograd.grad(want, [leaves[n] for n in names], torch.tensor(upstream, dtype=torch.float64),
@@ -476,10 +476,16 @@ def test_magnitude_1e4(run_kernel, kernel_device, rng, dtype, agg):
     B, T = 5, 13
     t = _inputs(B, T, rng, dtype, kernel_device, scale=1e4)
     mask = random_mask(B, T, rng).to(kernel_device)
+    # Terms of 1e4 of either sign can sum to a loss near 0: float32 sums them with an absolute
+    # error of a few ulps of the largest term, not of the result (ratio <= 3 with dual clip,
+    # importance weights < 2).
+    term = lambda x: float(x.detach().double().abs().max())  # noqa: E731
+    big = 6 * term(t["advantages"]) + term(t["values"].double() - t["returns"].double()) ** 2 + term(t["entropy"])
+    tol = (FWD_TOL[0] + 1e-6 * big, FWD_TOL[1])
     with K.block_sizes(**(TINY if dtype == torch.bfloat16 else {})):
-        _compare(run_kernel, t, mask, agg=agg, **FULL)
-        _compare(run_kernel, t, mask, op="policy", grads=("logprobs",), agg=agg, clip_low=0.2, dual_clip=3.0)
-        _compare(run_kernel, t, mask, op="value", grads=("values",), agg=agg, clip=0.2)
+        _compare(run_kernel, t, mask, agg=agg, tol_fwd=tol, **FULL)
+        _compare(run_kernel, t, mask, op="policy", grads=("logprobs",), agg=agg, tol_fwd=tol, clip_low=0.2, dual_clip=3.0)
+        _compare(run_kernel, t, mask, op="value", grads=("values",), agg=agg, tol_fwd=tol, clip=0.2)
 
 
 # --------------------------------------------------------------------------------------------
