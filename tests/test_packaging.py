@@ -61,3 +61,25 @@ def test_wheel_installs_fastppo_kernels_and_not_kernels(tmp_path):
     assert cli.returncode == 0, cli.stderr
     for command in ("verify", "bench", "train"):
         assert command in cli.stdout
+
+
+def test_python_m_fastppo_in_the_checkout_leaves_hf_kernels_importable():
+    """`python -m fastppo` from the repository root: the root is first on sys.path there, and its
+    kernels/ folder must not stand in for Hugging Face's `kernels` package, which transformers
+    (5.x requires it) imports as soon as it loads a model."""
+    import importlib.util
+
+    if importlib.util.find_spec("kernels") is None or "site-packages" not in (importlib.util.find_spec("kernels").origin or ""):
+        import pytest
+
+        pytest.skip("Hugging Face's kernels package is not installed here")
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['fastppo', '--help']\n"
+        "try:\n    runpy.run_module('fastppo', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "import kernels\n"
+        "print(kernels.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "site-packages" in out.stdout.strip().splitlines()[-1], out.stdout
