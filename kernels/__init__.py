@@ -11,6 +11,20 @@ still be set after ``import fastppo``. A kernel function takes exactly the op's 
 arguments, already validated.
 """
 
+if __name__ == "kernels":  # pragma: no cover - exercised in subprocesses by tests/test_packaging.py
+    # Imported as a top-level module: the checkout's root is on sys.path (``python -m`` or
+    # ``python -c`` run there, or PYTHONPATH), and this folder is standing in for Hugging Face's
+    # ``kernels`` package, which transformers imports when it loads a model. Step aside: drop the
+    # root from sys.path and hand the importer the real package (or its ImportError).
+    import importlib
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    del sys.modules["kernels"]
+    sys.modules["kernels"] = importlib.import_module("kernels")
+
 KERNEL_OPS: dict[str, str] = {
     "kl_penalty": "advantage:kl_penalty",
     "shape_rewards": "advantage:shape_rewards",

@@ -13,6 +13,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,23 +65,29 @@ def test_wheel_installs_fastppo_kernels_and_not_kernels(tmp_path):
         assert command in cli.stdout
 
 
-def test_python_m_fastppo_in_the_checkout_leaves_hf_kernels_importable():
-    """`python -m fastppo` from the repository root: the root is first on sys.path there, and its
-    kernels/ folder must not stand in for Hugging Face's `kernels` package, which transformers
-    (5.x requires it) imports as soon as it loads a model."""
+@pytest.mark.parametrize("how", ["python -m fastppo", "PYTHONPATH"])
+def test_checkout_on_sys_path_leaves_hf_kernels_importable(how):
+    """The checkout's root on sys.path (``python -m``/``-c`` run there, or PYTHONPATH, as torchrun
+    workers and the bench fork server get it): its kernels/ folder must not stand in for Hugging
+    Face's ``kernels`` package, which transformers (5.x requires it) imports when it loads a
+    model, and ``fastppo.kernels`` must still be ours."""
     import importlib.util
 
-    if importlib.util.find_spec("kernels") is None or "site-packages" not in (importlib.util.find_spec("kernels").origin or ""):
-        import pytest
-
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or "site-packages" not in (spec.origin or ""):
         pytest.skip("Hugging Face's kernels package is not installed here")
-    code = (
-        "import runpy, sys\n"
-        "sys.argv = ['fastppo', '--help']\n"
-        "try:\n    runpy.run_module('fastppo', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        "import kernels\n"
-        "print(kernels.__file__)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    code = "import runpy, sys\n"
+    if how == "python -m fastppo":
+        code += (
+            "sys.argv = ['fastppo', '--help']\n"
+            "try:\n    runpy.run_module('fastppo', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        )
+    code += "import kernels, fastppo.kernels\nprint(kernels.__file__)\nprint(fastppo.kernels.__file__)\n"
+    env = dict(os.environ)
+    if how == "PYTHONPATH":
+        env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "site-packages" in out.stdout.strip().splitlines()[-1], out.stdout
+    hf, ours = out.stdout.strip().splitlines()[-2:]
+    assert "site-packages" in hf, out.stdout
+    assert Path(ours).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
