@@ -232,9 +232,18 @@ def test_two_ranks_first_update_equals_one_process(ranks):
     start = AutoModelForCausalLM.from_pretrained(str(out / "update-1" / "builtin" / "model-seed0")).state_dict()
     moved = 0
     for k, v in a["params"].items():
-        torch.testing.assert_close(b["params"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        # Adam's first step is lr * g / (|g| + eps): an element whose gradient is near eps moves by a
+        # fraction of lr that the two reduction orders round differently (seen: 3e-6 of a 1e-3
+        # step), so the absolute slack is 1 % of the tensor's largest step.
+        # (the critic starts from the same model: critic.model.<name> is <name> of the start)
+        name = k[len("actor."):] if k.startswith("actor.") else k[len("critic.model."):]
+        before = start.get(name)
+        before = before if before is not None and before.shape == v.shape else None
+        step = 0.0 if before is None else float((v - before).abs().max())
+        torch.testing.assert_close(b["params"][k], v, rtol=1e-4, atol=1e-6 + 1e-2 * step,
+                                   msg=lambda m, k=k: f"{k}: {m}")
         if k.startswith("actor."):
-            moved += int(not torch.equal(v, start[k[len("actor."):]]))
+            moved += int(not torch.equal(v, before))
     assert moved > 10  # the update really changed the actor's weights
 
 
