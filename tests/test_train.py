@@ -361,3 +361,31 @@ def test_kl_controller_and_attention_choice():
 
     assert pick_attention(PPOConfig(), torch.device("cpu")) == "sdpa"
     assert pick_attention(PPOConfig(attn_implementation="eager"), torch.device("cpu")) == "eager"
+
+
+def test_kv_cache_keyword_follows_the_models_output():
+    """transformers >= 5.25 takes and returns ``cache``; older versions ``past_key_values``.
+    Worked: a 5.25 output carrying cache C hands {"cache": C} to the next step."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fastppo.train.trainer import _kv_cache
+
+    marker = object()
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    name = "cache" if "cache" in fields else "past_key_values"
+    assert _kv_cache(CausalLMOutputWithPast(**{name: marker})) == {name: marker}
+
+    @dataclasses.dataclass
+    class OldOutput:  # the output of a transformers before 5.25
+        past_key_values: object = None
+
+    assert _kv_cache(OldOutput(marker)) == {"past_key_values": marker}
+
+
+@pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
+def test_generation_uses_the_current_cache_keyword(tmp_path):
+    cfg = builtin.default_config(output_dir=str(tmp_path / "run"), iterations=1, batch_size=4, mini_batch_size=4,
+                                 micro_batch_size=4, max_new_tokens=3, ppo_epochs=1, progress=False, plot=False)
+    PPOTrainer(cfg).train()

@@ -103,6 +103,15 @@ def _need_model_dir(path: str, what: str):
     return config
 
 
+def _kv_cache(out) -> dict[str, Any]:
+    """The keyword that hands a forward's KV cache to the next step. transformers 5.25 renamed
+    ``past_key_values`` (argument and output field) to ``cache``; the old name warns and goes
+    in 5.40, and versions before 5.25 know only the old one: follow the output's own field."""
+    if "cache" in getattr(out, "__dataclass_fields__", {}):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 def _context_length(model_config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         n = getattr(model_config, key, None)
@@ -549,7 +558,7 @@ class PPOTrainer:
             attn = torch.cat([attn, out_mask[-1].long()[:, None]], dim=1)
             with autocast(self.device, self.bf16):
                 out = self.actor(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
-                                 past_key_values=out.past_key_values, use_cache=True)
+                                 use_cache=True, **_kv_cache(out))
             next_pos = next_pos + 1
         return torch.stack(out_tokens, 1), torch.stack(out_mask, 1)
 
