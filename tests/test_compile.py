@@ -141,7 +141,7 @@ def test_every_public_op_is_registered():
 
 def _needs_grad(name, args):
     """Differentiable float arguments of the forward op get requires_grad (opcheck then checks autograd)."""
-    diff = _library.DIFFERENTIABLE.get(name, (None, ()))[1]
+    diff = _library.DIFFERENTIABLE.get(name, ())
     return tuple(a.detach().clone().requires_grad_() if i in diff and isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args))
 
@@ -164,16 +164,29 @@ def test_opcheck_every_op_on_the_triton_backend(rng):
                                   test_utils=("test_faketensor",))
 
 
-def test_opcheck_backward_ops(rng):
+def _backward_args(name, args, rng):
+    """Arguments of ``fastppo::<name>_backward`` after a forward with ``args``: the incoming
+    gradients, the forward's arguments, [the row statistics and the entropy,] ``needs``."""
+    outs = _library._as_tuple(_library.op(name)(*args))
+    n_out = _library._N_DIFF_OUT[name](args)
+    grads = [torch.randn(o.shape, generator=rng) for o in outs[:n_out]]
+    needs = [True] * len(_library.DIFFERENTIABLE[name])
+    stats = []
+    if name in _library.FROM_STATS:
+        at = _library.FROM_STATS[name][1](args)
+        stats = [outs[-2], outs[-1], None if at is None else outs[at]]
+    return (grads, *args, *stats, needs)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_opcheck_backward_ops(backend, rng):
     d = _data(rng)
-    for name, cases in _op_args(d).items():
-        if name not in _library.DIFFERENTIABLE:
-            continue
-        args = cases[0]
-        outs = _library._as_tuple(_library.op(name)(*args))
-        grads = [torch.randn(o.shape, generator=rng) for o in outs]
-        needs = [True] * len(_library.DIFFERENTIABLE[name][1])
-        torch.library.opcheck(_library.backward_op(name), (grads, *args, needs))
+    with fastppo.use_backend(backend):
+        for name, cases in _op_args(d).items():
+            if name not in _library.DIFFERENTIABLE:
+                continue
+            for args in cases:
+                torch.library.opcheck(_library.backward_op(name), _backward_args(name, args, rng))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
