@@ -12,11 +12,23 @@ of the graph with
 * a fake (meta) implementation giving the outputs' shapes and dtypes (0-d losses, stats
   stacked in one small vector);
 * for the differentiable ops an autograd formula whose backward is its own custom op,
-  ``fastppo::<op>_backward``. It recomputes the op's forward with autograd on and pulls the
-  gradient through the implementation's own backward (the Triton backward kernels on the kernel
-  backend, autograd of the reference math on the reference backend), so the gradients are those
-  of the eager op. The price is one extra forward pass inside the backward; nothing is saved
-  between the two graphs but the op's inputs.
+  ``fastppo::<op>_backward``:
+
+  - the logits ops (:data:`FROM_STATS`: ``logprobs_from_logits``, ``entropy_from_logits``,
+    ``linear_logprobs``) save what the eager kernels save. Their forward op returns two more
+    outputs, marked non-differentiable and dropped by the public adapters: the row max ``m`` of
+    the raw logits and the log-sum ``L``, of the shape of the labels, float32 (float64 for
+    float64 inputs), such that log p_v = (x_v - m) / T - L. The backward op takes the incoming
+    gradients, the forward's inputs, ``m``, ``L`` and the entropy (d H needs H) and computes the
+    gradient in closed form, never running the forward again: the Triton backward launcher
+    (``kernels/logprob.py``: one read of the logits, one write of d logits), the chunked loops'
+    backward (``fastppo.linear.backward_rows``: each chunk's logits tile is recomputed by one
+    matmul, as in eager) or the reference's PyTorch formula (``fastppo.reference``);
+  - the elementwise and loss ops (:data:`RECOMPUTED`) recompute their forward with autograd on and
+    pull the gradient through the implementation's own backward: they read a few ``[B, T]``
+    tensors, so the extra forward costs little, and nothing is saved but the op's inputs.
+
+  Either way the gradients are those of the eager op.
 
 Outside tracing the public ops keep their direct eager path (no extra dispatch, no recompute).
 A custom op returns tensors only, so the adapters at the bottom rebuild the public return
@@ -133,15 +145,77 @@ def _impl(op: str, device: torch.device) -> Callable:
     return _dispatch.pick(op, device)
 
 
+def _runs_kernel(op: str, logits: Tensor) -> bool:
+    """Whether ``op`` runs its Triton kernel (kernels/logprob.py) for ``logits`` under the backend
+    in force; the kernels hand float64 to the reference, and so does the op."""
+    return _impl(op, logits.device) is not getattr(reference, op).raw and logits.dtype != torch.float64
+
+
+def _logprob_kernels():
+    from fastppo.kernels import logprob
+
+    return logprob
+
+
 def _call_logprobs(logits, labels, mask, temperature, return_entropy):
-    out = _impl("logprobs_from_logits", logits.device)(
-        logits, labels, temperature=temperature, return_entropy=return_entropy, mask=mask
-    )
-    return tuple(out) if return_entropy else (out,)
+    """(log-probs, entropy or a stand-in, row max, log-sum), each of the shape of ``labels``: the
+    eager op's outputs plus the two row statistics its backward starts from (float32; float64
+    for float64 logits), with log p_v = (x_v - row max) / temperature - log-sum."""
+    if _runs_kernel("logprobs_from_logits", logits):
+        kernels, n = _logprob_kernels(), labels.numel()
+        lp, ent, rowmax, logsum = kernels._forward(
+            logits, labels.reshape(n).contiguous(), kernels._valid_flags(mask, n), 1.0 / float(temperature), True,
+            return_entropy,
+        )
+    else:
+        lp, ent, rowmax, logsum = reference._logprobs_with_stats(logits, labels, temperature, mask)
+    shape = labels.shape
+    ent = ent.view(shape) if return_entropy else _empty(logits)
+    return lp.view(shape), ent, rowmax.view(shape), logsum.view(shape)
 
 
 def _call_entropy(logits, temperature):
-    return (_impl("entropy_from_logits", logits.device)(logits, temperature=temperature),)
+    """(entropy, row max, log-sum), each of shape ``logits.shape[:-1]`` (see :func:`_call_logprobs`)."""
+    if _runs_kernel("entropy_from_logits", logits):
+        _, ent, rowmax, logsum = _logprob_kernels()._forward(logits, None, None, 1.0 / float(temperature), False, True)
+    else:
+        _, ent, rowmax, logsum = reference._logprobs_with_stats(logits, None, temperature)
+    shape = logits.shape[:-1]
+    return ent.view(shape), rowmax.view(shape), logsum.view(shape)
+
+
+def _dlogits(op, logits, labels, mask, temperature, rowmax, logsum, entropy, grad_logprob, grad_entropy):
+    """d logits of ``op`` (log-probs and / or entropy) from the forward's row statistics, in
+    closed form: the kernel backward (one read of the logits, one write of d logits) or the
+    reference's PyTorch formula. Shape and dtype of ``logits``."""
+    if not _runs_kernel(op, logits):
+        return reference._logprobs_backward(logits, labels, mask, temperature, rowmax, logsum, entropy,
+                                            grad_logprob, grad_entropy)
+    kernels, n = _logprob_kernels(), rowmax.numel()
+
+    def flat(t):
+        return None if t is None else t.reshape(n).contiguous()
+
+    return kernels._backward(
+        logits, None if labels is None else flat(labels), kernels._valid_flags(mask, n), flat(rowmax), flat(logsum),
+        flat(entropy), kernels._flat_grad(grad_logprob, n), kernels._flat_grad(grad_entropy, n),
+        1.0 / float(temperature), False,
+    )
+
+
+def _logprobs_backward(grads, args, rowmax, logsum, entropy, needs):
+    logits, labels, mask, temperature, return_entropy = args
+    if not needs[0]:
+        return [_empty(logits)]
+    return [_dlogits("logprobs_from_logits", logits, labels, mask, temperature, rowmax, logsum, entropy, grads[0],
+                     grads[1] if return_entropy else None)]
+
+
+def _entropy_backward(grads, args, rowmax, logsum, entropy, needs):
+    logits, temperature = args
+    if not needs[0]:
+        return [_empty(logits)]
+    return [_dlogits("entropy_from_logits", logits, None, None, temperature, rowmax, logsum, entropy, None, grads[0])]
 
 
 def _call_kl(logprobs, ref_logprobs, estimator, clamp):
@@ -175,24 +249,66 @@ def _call_ppo(logprobs, old_logprobs, advantages, values, old_values, returns, m
     return loss, torch.stack([stats[k].detach() for k in PPO_STATS])
 
 
-def _call_linear(hidden, weight, labels, bias, mask, temperature, return_entropy, chunk_size):
-    """Full rows, masked by ``where`` (``compact=False``): no ``nonzero()``, no host sync."""
+def _linear_folds(hidden):
+    """The chunk steps of ``fastppo.linear`` that the backend in force uses for the op, or None
+    for the full-logits reference."""
     from . import linear
 
     backend = _dispatch.current_backend()
-    kwargs = dict(bias=bias, temperature=temperature, return_entropy=return_entropy, mask=mask,
-                  chunk_size=chunk_size)
     if backend == "torch":
-        out = reference.linear_logprobs.raw(hidden, weight, labels, **kwargs)
-    elif backend == "auto" and hidden.device.type != "cuda":
-        out = linear.run(hidden, weight, labels, folds=linear.TorchFolds, compact=False, **kwargs)
-    else:
-        _dispatch.pick("linear_logprobs", hidden.device)  # the triton backend's device checks
-        from fastppo.kernels.linear_logprob import TritonFolds
+        return None
+    if backend == "auto" and hidden.device.type != "cuda":
+        return linear.TorchFolds
+    _dispatch.pick("linear_logprobs", hidden.device)  # the triton backend's device checks
+    from fastppo.kernels.linear_logprob import TritonFolds
 
-        folds = linear.TorchFolds if hidden.dtype == torch.float64 else TritonFolds
-        out = linear.run(hidden, weight, labels, folds=folds, compact=False, **kwargs)
-    return tuple(out) if return_entropy else (out,)
+    return linear.TorchFolds if hidden.dtype == torch.float64 else TritonFolds
+
+
+def _call_linear(hidden, weight, labels, bias, mask, temperature, return_entropy, chunk_size):
+    """(log-probs, entropy or a stand-in, row max, log-sum), each of the shape of ``labels``, in
+    the compute dtype. Full rows, masked by ``where`` (``compact=False``): no ``nonzero()``, no
+    host sync."""
+    from . import linear
+
+    folds = _linear_folds(hidden)
+    if folds is None:
+        lp, ent, rowmax, logsum = reference._linear_logprobs_with_stats(hidden, weight, labels, bias, temperature,
+                                                                        mask)
+    else:
+        lp, ent, _, _, rowmax, logsum, _ = linear.forward_rows(
+            hidden, weight, bias, labels, mask, 1.0 / float(temperature), return_entropy, chunk_size, folds,
+            linear.floor_needed(folds, bias, compact=False), compact=False,
+        )
+    shape = labels.shape
+    ent = ent.view(shape) if return_entropy else _empty(hidden)
+    return lp.view(shape), ent, rowmax.view(shape), logsum.view(shape)
+
+
+def _linear_backward(grads, args, rowmax, logsum, entropy, needs):
+    """(d hidden, d weight, d bias) from the row statistics: the chunked loops' backward (each
+    chunk's logits tile is recomputed by one matmul, as in eager) or the reference's formula."""
+    from . import linear
+
+    hidden, weight, labels, bias, mask, temperature, return_entropy, chunk_size = args
+    need_h, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    grad_lp, grad_ent = grads[0], grads[1] if return_entropy else None
+    folds = _linear_folds(hidden)
+    if not (need_h or need_w or need_b):
+        got = (None, None, None)
+    elif folds is None:
+        got = reference._linear_logprobs_backward(hidden, weight, labels, bias, mask, temperature, rowmax, logsum,
+                                                  entropy, grad_lp, grad_ent, need_h, need_w, need_b)
+    else:
+        n = labels.numel()
+        _, lab, sel = linear.select_rows(hidden, labels, mask, weight.shape[0], compact=False)
+        got = linear.backward_rows(
+            hidden, weight, bias, lab, sel, rowmax.reshape(n), logsum.reshape(n),
+            None if entropy is None else entropy.reshape(n), grad_lp, grad_ent, 1.0 / float(temperature), chunk_size,
+            folds, linear.floor_needed(folds, bias, compact=False), False, need_h, need_w, need_b,
+        )
+    return [_empty(hidden) if g is None else g for g in got]
 
 
 def _forward(call: Callable, *args) -> list[Tensor]:
@@ -212,13 +328,12 @@ def _op(name: str, fn: Callable):
 
 
 def _logprobs_fn(logits: Tensor, labels: Tensor, mask: Optional[Tensor], temperature: float,
-                 return_entropy: bool) -> tuple[Tensor, Tensor]:
-    outs = _forward(_call_logprobs, logits, labels, mask, temperature, return_entropy)
-    return outs[0], outs[1] if return_entropy else _empty(logits)
+                 return_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_forward(_call_logprobs, logits, labels, mask, temperature, return_entropy))
 
 
-def _entropy_fn(logits: Tensor, temperature: float) -> Tensor:
-    return _forward(_call_entropy, logits, temperature)[0]
+def _entropy_fn(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_forward(_call_entropy, logits, temperature))
 
 
 def _kl_fn(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, clamp: Optional[float]) -> Tensor:
@@ -278,9 +393,9 @@ def _ppo_fn(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, values: 
 
 
 def _linear_fn(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-               temperature: float, return_entropy: bool, chunk_size: Optional[int]) -> tuple[Tensor, Tensor]:
-    outs = _forward(_call_linear, hidden, weight, labels, bias, mask, temperature, return_entropy, chunk_size)
-    return outs[0], outs[1] if return_entropy else _empty(hidden)
+               temperature: float, return_entropy: bool,
+               chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_forward(_call_linear, hidden, weight, labels, bias, mask, temperature, return_entropy, chunk_size))
 
 
 def _group_fn(scores: Tensor, group_size: int, mask: Tensor, estimator: str, norm_by_std: bool,
@@ -309,11 +424,15 @@ def _two(like, shape, *dtype_from):
 
 
 _FAKES = {
+    # Log-probs, entropy (or a stand-in), then the row max and log-sum for the backward.
     "logprobs_from_logits": lambda logits, labels, mask, temperature, return_entropy: (
         _new(logits, labels.shape, logits),
         _new(logits, labels.shape, logits) if return_entropy else _empty(logits),
+        *_two(logits, labels.shape, logits),
     ),
-    "entropy_from_logits": lambda logits, temperature: _new(logits, logits.shape[:-1], logits),
+    "entropy_from_logits": lambda logits, temperature: (
+        _new(logits, logits.shape[:-1], logits), *_two(logits, logits.shape[:-1], logits),
+    ),
     "kl_penalty": lambda lp, ref, estimator, clamp: _new(lp, lp.shape, lp, ref),
     "shape_rewards": lambda scores, lp, ref, mask, kl_coef, estimator: _two(lp, lp.shape, scores, lp, ref),
     "gae": lambda rewards, values, mask, gamma, lam, whiten: _two(rewards, rewards.shape, rewards, values),
@@ -335,6 +454,7 @@ _FAKES = {
     "linear_logprobs": lambda hidden, weight, labels, bias, mask, temperature, return_entropy, chunk_size: (
         _new(hidden, labels.shape, hidden, weight, bias),
         _new(hidden, labels.shape, hidden, weight, bias) if return_entropy else _empty(hidden),
+        *_two(hidden, labels.shape, hidden, weight, bias),
     ),
     "group_advantages": lambda scores, group_size, mask, estimator, norm_by_std, eps: _new(scores, mask.shape, scores),
     "reinforce_pp_advantages": lambda rewards, mask, gamma: _two(rewards, rewards.shape, rewards),
@@ -359,22 +479,42 @@ _FORWARDS = {
 
 OPS = tuple(_FORWARDS)
 
-# Differentiable ops: (the call that recomputes the outputs, the positions of the differentiable
-# inputs in the op's signature, the number of differentiable outputs). Everything else of an op
-# is a constant, as in the kernels (old log-probs, advantages, weights, returns, ...).
+# Differentiable ops: the positions of the differentiable inputs in the op's signature.
+# Everything else of an op is a constant, as in the kernels (old log-probs, advantages, weights,
+# returns, ...).
 DIFFERENTIABLE = {
-    "logprobs_from_logits": (_call_logprobs, (0,)),
-    "entropy_from_logits": (_call_entropy, (0,)),
-    "kl_penalty": (_call_kl, (0, 1)),
-    "aggregate": (_call_aggregate, (0,)),
-    "policy_loss": (_call_policy, (0,)),
-    "value_loss": (_call_value, (0,)),
-    "ppo_loss": (_call_ppo, (0, 3, 7)),
-    "linear_logprobs": (_call_linear, (0, 1, 3)),
+    "logprobs_from_logits": (0,),
+    "entropy_from_logits": (0,),
+    "kl_penalty": (0, 1),
+    "aggregate": (0,),
+    "policy_loss": (0,),
+    "value_loss": (0,),
+    "ppo_loss": (0, 3, 7),
+    "linear_logprobs": (0, 1, 3),
 }
 
-# How many leading outputs of each differentiable op carry a gradient (the rest are stats, or
-# an empty stand-in for an entropy that was not asked for).
+# The elementwise and loss ops: the backward recomputes the outputs with autograd (cheap: they
+# read a few [B, T] tensors), this is the call that does it.
+RECOMPUTED = {
+    "kl_penalty": _call_kl,
+    "aggregate": _call_aggregate,
+    "policy_loss": _call_policy,
+    "value_loss": _call_value,
+    "ppo_loss": _call_ppo,
+}
+
+# The logits ops: the forward's last two outputs are the row max and log-sum, saved with the
+# entropy for a closed-form backward, ``fn(grads, forward args, rowmax, logsum, entropy or None,
+# needs)``, that never runs the forward again. The entropy's position among the outputs, or None
+# when it was not asked for.
+FROM_STATS = {
+    "logprobs_from_logits": (_logprobs_backward, lambda args: 1 if args[4] else None),
+    "entropy_from_logits": (_entropy_backward, lambda args: 0),
+    "linear_logprobs": (_linear_backward, lambda args: 1 if args[6] else None),
+}
+
+# How many leading outputs of each differentiable op carry a gradient (the rest are stats, row
+# statistics, or an empty stand-in for an entropy that was not asked for).
 _N_DIFF_OUT = {
     "logprobs_from_logits": lambda args: 2 if args[4] else 1,
     "entropy_from_logits": lambda args: 1,
@@ -392,15 +532,22 @@ def _as_tuple(out) -> tuple:
 
 
 def _make_backward_op(name: str, forward_fn: Callable):
-    """``fastppo::<name>_backward(grads, *forward args, needs) -> grads of the differentiable inputs``."""
-    call, diff = DIFFERENTIABLE[name]
+    """``fastppo::<name>_backward(grads, *forward args, [rowmax, logsum, entropy,] needs) -> grads
+    of the differentiable inputs``; the bracketed arguments for the ops in :data:`FROM_STATS`."""
+    diff = DIFFERENTIABLE[name]
+    from_stats = name in FROM_STATS
     params = list(inspect.signature(forward_fn).parameters.values())
     n_args = len(params)
 
     def backward_impl(*args):
         grads, fwd_args, needs = list(args[0]), list(args[1 : 1 + n_args]), list(args[-1])
         n_out = _N_DIFF_OUT[name](fwd_args)
-        return _vjp(call, fwd_args, diff, needs, grads[:n_out])
+        if not from_stats:
+            return _vjp(RECOMPUTED[name], fwd_args, diff, needs, grads[:n_out])
+        rowmax, logsum, entropy = args[1 + n_args : 4 + n_args]
+        with torch.no_grad():
+            got = FROM_STATS[name][0](grads[:n_out], fwd_args, rowmax, logsum, entropy, needs)
+        return _fresh(got, list(args[1:-1]) + grads)
 
     def backward_fake(*args):
         fwd_args, needs = args[1 : 1 + n_args], args[-1]
@@ -411,9 +558,15 @@ def _make_backward_op(name: str, forward_fn: Callable):
         ]
 
     P = inspect.Parameter
+    stats = []
+    if from_stats:
+        stats = [P("rowmax", P.POSITIONAL_OR_KEYWORD, annotation=Tensor),
+                 P("logsum", P.POSITIONAL_OR_KEYWORD, annotation=Tensor),
+                 P("entropy", P.POSITIONAL_OR_KEYWORD, annotation=Optional[Tensor])]
     backward_impl.__signature__ = inspect.Signature(
         [P("grads", P.POSITIONAL_OR_KEYWORD, annotation=list[Tensor])]
         + params
+        + stats
         + [P("needs", P.POSITIONAL_OR_KEYWORD, annotation=list[bool])],
         return_annotation=list[Tensor],
     )
@@ -440,23 +593,32 @@ def _register(name: str):
         return op, None
 
     backward_op = _make_backward_op(name, forward_fn)
-    _, diff = DIFFERENTIABLE[name]
+    diff = DIFFERENTIABLE[name]
+    from_stats = name in FROM_STATS
 
     def setup(ctx, inputs, output):
         outs = _as_tuple(output)
         n_out = _N_DIFF_OUT[name](inputs)
-        # Stats (and an entropy stand-in) are not differentiable.
+        # Stats, row statistics (and an entropy stand-in) are not differentiable.
         if len(outs) > n_out:
             ctx.mark_non_differentiable(*outs[n_out:])
         tensors = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
         ctx.tensor_positions = tensors
-        ctx.save_for_backward(*(inputs[i] for i in tensors))
+        saved = [inputs[i] for i in tensors]
+        ctx.has_entropy = False
+        if from_stats:
+            # The row max and log-sum, and the entropy for its own gradient (d H needs H).
+            at = FROM_STATS[name][1](inputs)
+            ctx.has_entropy = at is not None
+            saved += list(outs[-2:]) + ([outs[at]] if at is not None else [])
+        ctx.save_for_backward(*saved)
         ctx.others = [None if isinstance(a, Tensor) else a for a in inputs]
         ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs[:n_out]]
 
     def backward(ctx, *grads):
         args = list(ctx.others)
-        for i, t in zip(ctx.tensor_positions, ctx.saved_tensors):
+        saved = ctx.saved_tensors
+        for i, t in zip(ctx.tensor_positions, saved):
             args[i] = t
         needs = [bool(ctx.needs_input_grad[i]) for i in diff]
         if not any(needs):
@@ -465,7 +627,11 @@ def _register(name: str):
         # Grads arrive materialised; a None (an output nobody used) counts as zeros.
         grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
                  for g, (shape, dtype, device) in zip(grads[:n_out], ctx.out_meta)]
-        got = backward_op(grads, *args, needs)
+        stats = []
+        if from_stats:
+            rest = saved[len(ctx.tensor_positions):]
+            stats = [rest[0], rest[1], rest[2] if ctx.has_entropy else None]
+        got = backward_op(grads, *args, *stats, needs)
         result = [None] * n_args
         for i, need, g in zip(diff, needs, got):
             if need and args[i] is not None:
@@ -503,12 +669,13 @@ def _f(x):
 
 def logprobs_from_logits(logits, labels, *, temperature=1.0, return_entropy=False, mask=None, inplace_backward=False):
     # inplace_backward is not honoured here: a graph's backward gets a fresh gradient buffer.
-    lp, ent = _ops.logprobs_from_logits(logits, labels, mask, float(temperature), return_entropy)
+    # The row max and log-sum are for the backward only.
+    lp, ent, _, _ = _ops.logprobs_from_logits(logits, labels, mask, float(temperature), return_entropy)
     return (lp, ent) if return_entropy else lp
 
 
 def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False):
-    return _ops.entropy_from_logits(logits, float(temperature))
+    return _ops.entropy_from_logits(logits, float(temperature))[0]
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, clamp=None):
@@ -564,7 +731,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, return_entropy=False, mask=None,
                     chunk_size=None):
-    lp, ent = _ops.linear_logprobs(hidden, weight, labels, bias, mask, float(temperature), return_entropy, chunk_size)
+    lp, ent, _, _ = _ops.linear_logprobs(hidden, weight, labels, bias, mask, float(temperature), return_entropy,
+                                         chunk_size)
     return (lp, ent) if return_entropy else lp
 
 

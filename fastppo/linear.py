@@ -301,39 +301,111 @@ def _has_neg_inf(bias):
     return bias is not None and bool(torch.isneginf(bias).any())
 
 
+def select_rows(hidden, labels, mask, V, compact):
+    """The rows the loops run on: ``(h, lab, sel)``.
+
+    ``sel``: the valid rows' indices (``compact``), a ``[N]`` bool (full rows, see :func:`run`), or
+    None without a mask. ``h``: ``[N_sel, H]`` rows of ``hidden`` (full rows: masked rows zeroed,
+    since they may hold anything, NaN and inf included). ``lab``: their labels, int64 clamped into
+    [0, V - 1] (out-of-range labels, with FASTPPO_VALUE_CHECKS=0 or any label under
+    torch.compile, must not read out of bounds; a masked full row gets label 0).
+    """
+    H = hidden.shape[-1]
+    flat = hidden.reshape(-1, H)
+    N = flat.shape[0]
+    lab = labels.reshape(N)
+    sel = _valid_index(mask, N) if compact else _valid_rows(mask, N)
+    if sel is None:
+        h = flat
+    elif compact:
+        h, lab = flat.index_select(0, sel), lab.index_select(0, sel)
+    else:
+        h, lab = torch.where(sel.unsqueeze(1), flat, 0.0), torch.where(sel, lab, 0)
+    return h, lab.long().clamp(0, V - 1), sel
+
+
+def forward_rows(hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, folds, floor, compact):
+    """The forward without autograd: ``(lp, ent, lab, sel, m, logs, ent_v)``.
+
+    ``lp`` / ``ent``: ``[N]`` in the compute dtype, 0 at masked rows (``ent`` None without
+    ``with_entropy``). ``lab``, ``sel``: as from :func:`select_rows`. ``m``, ``logs``, ``ent_v``:
+    the selected rows' max, log-sum and entropy (compute dtype), what :func:`backward_rows` needs
+    besides the inputs; with ``compact=False`` (or no mask) they are ``[N]``, one per row.
+    """
+    V = weight.shape[0]
+    N = labels.numel()
+    h, lab, sel = select_rows(hidden, labels, mask, V, compact)
+    m, s, t, zl = forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, folds, floor)
+    lp_v, ent_v, logs = finalize(m, s, t, zl, inv_temp, with_entropy)
+    out_dtype = compute_dtype(hidden, weight, bias)
+    if sel is None:
+        lp, ent = lp_v.to(out_dtype), None if ent_v is None else ent_v.to(out_dtype)
+    elif compact:
+        lp = torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, lp_v.to(out_dtype))
+        ent = None if ent_v is None else torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, ent_v.to(out_dtype))
+    else:
+        lp = torch.where(sel, lp_v, 0.0).to(out_dtype)
+        ent = None if ent_v is None else torch.where(sel, ent_v, 0.0).to(out_dtype)
+    return lp, ent, lab, sel, m, logs, ent_v
+
+
+def backward_rows(hidden, weight, bias, lab, sel, m, logs, ent, glp, gent, inv_temp, chunk_size, folds, floor,
+                  compact, need_h, need_w, need_b):
+    """``(d hidden, d weight, d bias)`` from the saved row statistics of :func:`forward_rows`
+    (each None where not asked for). ``glp`` / ``gent``: incoming ``[N]`` gradients or None;
+    masked rows' entries (even NaN) are never read. Recomputes each chunk's logits tile, not the
+    forward's folds."""
+    H = hidden.shape[-1]
+    N = hidden.numel() // H if H else math.prod(hidden.shape[:-1])
+    flat = hidden.reshape(N, H)
+    if sel is None:
+        h = flat
+    elif compact:
+        h = flat.index_select(0, sel)
+    else:
+        h = torch.where(sel.unsqueeze(1), flat, 0.0)
+
+    def pick(g):
+        if g is None:
+            return None
+        g = g.reshape(N)
+        # Masked rows' incoming gradients (even NaN) are never read (full rows: zeroed, so
+        # their d logits are 0 and they add nothing to d weight and d bias). contiguous():
+        # the gradient of a .sum() arrives as an expanded (stride 0) tensor.
+        if sel is not None:
+            g = g.index_select(0, sel) if compact else torch.where(sel, g, 0.0)
+        return g.to(m.dtype).contiguous()
+
+    dh, dw, db = backward_pass(
+        h, weight, bias, lab, m, logs, ent, pick(glp), pick(gent), inv_temp, chunk_size, folds, floor,
+        need_h, need_w, need_b,
+    )
+    dhidden = None
+    if need_h:
+        if sel is not None and compact:
+            dhidden = torch.zeros(N, H, dtype=hidden.dtype, device=hidden.device)
+            dhidden.index_copy_(0, sel, dh.to(hidden.dtype))
+        elif sel is not None:
+            dhidden = torch.where(sel.unsqueeze(1), dh, 0.0).to(hidden.dtype)
+        else:
+            dhidden = dh.to(hidden.dtype)
+        dhidden = dhidden.view(hidden.shape)
+    return dhidden, dw, None if db is None else db.to(bias.dtype)
+
+
+def floor_needed(folds, bias, compact):
+    """Whether the chunk steps must floor -inf logits (see :func:`run`)."""
+    return folds.floor_always or (bias is not None and (not compact or _has_neg_inf(bias)))
+
+
 class LinearLogprob(torch.autograd.Function):
     """Outputs: the log-probs ``[N]`` and, with ``with_entropy``, the entropy ``[N]``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, folds, floor, compact=True):
-        H = hidden.shape[-1]
-        V = weight.shape[0]
-        flat = hidden.reshape(-1, H)
-        N = flat.shape[0]
-        lab = labels.reshape(N)
-        # ``sel``: the valid rows' indices (compact) or a [N] bool (full rows, see :func:`run`).
-        sel = _valid_index(mask, N) if compact else _valid_rows(mask, N)
-        if sel is None:
-            h = flat
-        elif compact:
-            h, lab = flat.index_select(0, sel), lab.index_select(0, sel)
-        else:
-            # Masked rows may hold anything (NaN, inf): zeroed before the matmul, label 0.
-            h, lab = torch.where(sel.unsqueeze(1), flat, 0.0), torch.where(sel, lab, 0)
-        # Out-of-range labels (FASTPPO_VALUE_CHECKS=0, or any label under torch.compile) must
-        # not read out of bounds.
-        lab = lab.long().clamp(0, V - 1)
-        m, s, t, zl = forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, folds, floor)
-        lp_v, ent_v, logs = finalize(m, s, t, zl, inv_temp, with_entropy)
-        out_dtype = compute_dtype(hidden, weight, bias)
-        if sel is None:
-            lp, ent = lp_v.to(out_dtype), None if ent_v is None else ent_v.to(out_dtype)
-        elif compact:
-            lp = torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, lp_v.to(out_dtype))
-            ent = None if ent_v is None else torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, ent_v.to(out_dtype))
-        else:
-            lp = torch.where(sel, lp_v, 0.0).to(out_dtype)
-            ent = None if ent_v is None else torch.where(sel, ent_v, 0.0).to(out_dtype)
+        lp, ent, lab, sel, m, logs, ent_v = forward_rows(
+            hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, folds, floor, compact
+        )
         # The compacted rows are gathered again in backward rather than held twice in memory.
         ctx.save_for_backward(hidden, weight, bias, lab, sel, m, logs, ent_v)
         ctx.inv_temp, ctx.with_entropy, ctx.chunk_size, ctx.folds, ctx.floor = inv_temp, with_entropy, chunk_size, folds, floor
@@ -344,49 +416,17 @@ class LinearLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, bias, lab, sel, m, logs, ent = ctx.saved_tensors
-        compact = ctx.compact
         glp = grads[0]
         gent = grads[1] if ctx.with_entropy else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         nothing = (None,) * 11
         if (glp is None and gent is None) or not (need_h or need_w or need_b):
             return nothing
-        H = hidden.shape[-1]
-        N = hidden.numel() // H if H else math.prod(hidden.shape[:-1])
-        flat = hidden.reshape(N, H)
-        if sel is None:
-            h = flat
-        elif compact:
-            h = flat.index_select(0, sel)
-        else:
-            h = torch.where(sel.unsqueeze(1), flat, 0.0)
-
-        def pick(g):
-            if g is None:
-                return None
-            g = g.reshape(N)
-            # Masked rows' incoming gradients (even NaN) are never read (full rows: zeroed, so
-            # their d logits are 0 and they add nothing to d weight and d bias). contiguous():
-            # the gradient of a .sum() arrives as an expanded (stride 0) tensor.
-            if sel is not None:
-                g = g.index_select(0, sel) if compact else torch.where(sel, g, 0.0)
-            return g.to(m.dtype).contiguous()
-
-        dh, dw, db = backward_pass(
-            h, weight, bias, lab, m, logs, ent, pick(glp), pick(gent), ctx.inv_temp, ctx.chunk_size,
-            ctx.folds, ctx.floor, need_h, need_w, need_b,
+        dhidden, dw, db = backward_rows(
+            hidden, weight, bias, lab, sel, m, logs, ent, glp, gent, ctx.inv_temp, ctx.chunk_size, ctx.folds,
+            ctx.floor, ctx.compact, need_h, need_w, need_b,
         )
-        dhidden = None
-        if need_h:
-            if sel is not None and compact:
-                dhidden = torch.zeros(N, H, dtype=hidden.dtype, device=hidden.device)
-                dhidden.index_copy_(0, sel, dh.to(hidden.dtype))
-            elif sel is not None:
-                dhidden = torch.where(sel.unsqueeze(1), dh, 0.0).to(hidden.dtype)
-            else:
-                dhidden = dh.to(hidden.dtype)
-            dhidden = dhidden.view(hidden.shape)
-        return dhidden, dw, None if db is None else db.to(bias.dtype), None, None, None, None, None, None, None, None
+        return dhidden, dw, db, None, None, None, None, None, None, None, None
 
 
 def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chunk_size, folds, compact=True):
@@ -398,7 +438,7 @@ def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chun
     ``torch.compile``): every row goes through the matmuls, masked rows zeroed by ``where`` and
     their outputs and gradients zeroed after; no synchronisation, same numbers.
     """
-    floor = folds.floor_always or (bias is not None and (not compact or _has_neg_inf(bias)))
+    floor = floor_needed(folds, bias, compact)
     out = LinearLogprob.apply(
         hidden, weight, bias, labels, mask, 1.0 / float(temperature), return_entropy, chunk_size, folds,
         floor, compact,

@@ -77,8 +77,24 @@ def _validated(check):
 # --------------------------------------------------------------------------------------------
 
 
-def _row_logprob_entropy(x: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """x: [N, V] logits in the compute dtype; returns ([N] log-prob, [N] entropy) of x / temperature.
+# log p below which p = exp(log p) is 0 in float32 and float64 (exp(-745) underflows float64).
+_LOG_P_FLOOR = -1e4
+
+
+def _logprob_rows(x: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Log-prob, entropy and the row statistics of the rows of ``x / temperature``.
+
+    Args:
+        x: ``[N, V]`` logits in the compute dtype (float32, or float64).
+        labels: ``[N]`` int64 in [0, V).
+    Returns:
+        ``[N]`` log-prob, ``[N]`` entropy, and, detached, the ``[N]`` row max ``m`` of the raw
+        logits and the ``[N]`` log-sum ``L``, all in ``x``'s dtype, such that
+
+            log p_v = (x_v - m) / temperature - L,   L = log sum_v exp((x_v - m) / temperature)
+
+        (the statistics the closed-form backward :func:`_dlogits_from_rows` starts from; the
+        kernels save the same two numbers per row).
 
     Everything is computed from z' = (x - max(x)) / temperature: at |x| ~ 1e4 the float32 spacing
     is ~1e-3, so lse(z) - z[label] or lse(z) - sum p z subtract two numbers of that size and lose
@@ -97,13 +113,119 @@ def _row_logprob_entropy(x: torch.Tensor, labels: torch.Tensor, temperature: flo
     # keeps 0 * -inf from turning into NaN in the forward and in the backward.
     shifted_finite = shifted.masked_fill(torch.isneginf(shifted), 0.0)
     entropy = lse - (p * shifted_finite).sum(-1)
-    return logprobs, entropy
+    return logprobs, entropy, row_max.squeeze(-1), lse.detach()
+
+
+def _dlogits_from_rows(x, labels, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature):
+    """d x of the log-prob and entropy of :func:`_logprob_rows`, in closed form, without autograd.
+
+    From the saved row statistics (no second pass of the forward), with z = x / T:
+
+        log p_v = (x_v - m) / T - L
+        d x_v   = [(onehot_v(label) - p_v) * g_logprob - p_v * (log p_v + H) * g_entropy] / T
+
+    (d log p_label / d z = onehot - p and d H / d z = -p (log p + H); m carries no gradient, the
+    shift cancels). A -inf logit has p = 0 and gets 0, never NaN; a NaN in a row makes m or L NaN
+    and the whole row's gradient NaN, as autograd of the forward would.
+
+    Args:
+        x: ``[N, V]`` logits in the compute dtype (float32, or float64).
+        labels: ``[N]`` int64 in [0, V), or None with ``grad_logprob`` None.
+        row_max, log_sum, entropy: ``[N]`` from the forward (``entropy`` only with ``grad_entropy``).
+        grad_logprob, grad_entropy: ``[N]`` incoming gradients in the compute dtype, or None.
+    Returns:
+        ``[N, V]`` d x in the compute dtype.
+    """
+    log_p = x - row_max.unsqueeze(1)
+    log_p /= temperature
+    log_p -= log_sum.unsqueeze(1)
+    # Below -1e4, p = exp(log p) is exactly 0 in float32 and float64 alike, so the floor changes
+    # nothing but a -inf logit's log p, whose p * log p is then 0 (its limit), not 0 * -inf = NaN.
+    # clamp_ keeps NaN.
+    log_p.clamp_(min=_LOG_P_FLOOR)
+    p = torch.exp(log_p)
+    # Collected per row: d z = p * (a * log p + b) + onehot * g_logprob, a = -g_entropy and
+    # b = -(g_logprob + g_entropy * H). In place: p is the only [N, V] buffer besides log p.
+    b = torch.zeros_like(row_max)
+    if grad_logprob is not None:
+        b -= grad_logprob
+    if grad_entropy is not None:
+        b -= grad_entropy * entropy
+        grad = torch.addcmul(b.unsqueeze(1), log_p, -grad_entropy.unsqueeze(1), out=log_p).mul_(p)
+    else:
+        grad = p.mul_(b.unsqueeze(1))
+    if grad_logprob is not None:
+        grad.scatter_add_(1, labels.unsqueeze(1), grad_logprob.unsqueeze(1))
+    if temperature != 1.0:
+        grad /= temperature
+    return grad
 
 
 def _safe_labels(labels: torch.Tensor, vocab: int) -> torch.Tensor:
     """Labels clamped into [0, V): with ``FASTPPO_VALUE_CHECKS=0`` an out-of-range label is not
     caught, and the result for it is meaningless, but it must never index outside the row."""
     return labels.long().clamp(0, vocab - 1)
+
+
+def _rows_of(logits, labels, mask):
+    """(``[N, V]`` logits in the compute dtype, ``[N]`` safe labels, ``[N]`` valid or None).
+
+    Masked rows may hold garbage (even NaN); they are replaced by zeros (label 0) before any
+    arithmetic, so that neither outputs nor gradients can see it. ``labels`` None: zeros (the
+    entropy alone)."""
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    if labels is None:
+        flat_labels = torch.zeros(flat_logits.shape[0], dtype=torch.long, device=logits.device)
+    else:
+        flat_labels = labels.reshape(-1)
+    valid = None
+    if mask is not None:
+        valid = mask.reshape(-1) != 0
+        flat_logits = torch.where(valid.unsqueeze(1), flat_logits, 0.0)
+        flat_labels = torch.where(valid, flat_labels, 0)
+    return flat_logits.to(compute_dtype(logits)), _safe_labels(flat_labels, vocab), valid
+
+
+def _logprobs_with_stats(logits, labels, temperature, mask=None):
+    """``(logprobs, entropy, row_max, log_sum)``, each of shape ``logits.shape[:-1]``, in the
+    compute dtype (see :func:`_logprob_rows`); ``labels`` None gives the entropy alone (the
+    log-prob is then that of label 0). Masked positions give 0 log-prob and entropy."""
+    x, lab, valid = _rows_of(logits, labels, mask)
+    lp, ent, row_max, log_sum = _logprob_rows(x, lab, temperature)
+    if valid is not None:
+        lp = torch.where(valid, lp, 0.0)
+        ent = torch.where(valid, ent, 0.0)
+    shape = logits.shape[:-1]
+    return lp.reshape(shape), ent.reshape(shape), row_max.reshape(shape), log_sum.reshape(shape)
+
+
+def _logprobs_backward(logits, labels, mask, temperature, row_max, log_sum, entropy, grad_logprob, grad_entropy):
+    """d logits of ``logprobs_from_logits`` / ``entropy_from_logits`` from the saved statistics
+    of :func:`_logprobs_with_stats` (shape ``logits.shape[:-1]``), no second forward.
+
+    ``grad_logprob`` / ``grad_entropy``: incoming gradients of the shape of the statistics, or
+    None. Masked rows get exactly 0 whatever they (or their incoming gradients) hold. Returns d
+    logits with the shape and dtype of ``logits``.
+    """
+    vocab = logits.shape[-1]
+    x = logits.reshape(-1, vocab).to(compute_dtype(logits))
+    lab = None if labels is None else _safe_labels(labels.reshape(-1), vocab)
+
+    def flat(t):
+        return None if t is None else t.reshape(-1).to(x.dtype)
+
+    g_lp, g_ent = flat(grad_logprob), flat(grad_entropy)
+    if mask is not None:
+        valid = mask.reshape(-1) != 0
+        g_lp = None if g_lp is None else torch.where(valid, g_lp, 0.0)
+        g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
+    grad = _dlogits_from_rows(x, lab, flat(row_max), flat(log_sum), flat(entropy), g_lp, g_ent, temperature)
+    if mask is not None:
+        # Masked rows are not replaced first (one [N, V] pass less): whatever they hold, NaN or
+        # inf, their d logits are overwritten with exact zeros here.
+        grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+    return grad.to(logits.dtype).reshape(logits.shape)
 
 
 @_validated(_checks.logprobs_from_logits)
@@ -130,20 +252,7 @@ def logprobs_from_logits(
     Returns:
         float32 log-probs of the shape of ``labels``, or ``(logprobs, entropy)``.
     """
-    dtype = compute_dtype(logits)
-    vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)
-    flat_labels = labels.reshape(-1)
-    if mask is not None:
-        # Masked rows may hold garbage (even NaN); replace them before any arithmetic so that
-        # neither the outputs nor the gradients can see it, then zero their outputs.
-        valid = mask.reshape(-1, 1) != 0
-        flat_logits = torch.where(valid, flat_logits, 0.0)
-        flat_labels = torch.where(valid.squeeze(1), flat_labels, 0)
-    lp, ent = _row_logprob_entropy(flat_logits.to(dtype), _safe_labels(flat_labels, vocab), temperature)
-    if mask is not None:
-        lp = torch.where(valid.squeeze(1), lp, 0.0)
-        ent = torch.where(valid.squeeze(1), ent, 0.0)
+    lp, ent, _, _ = _logprobs_with_stats(logits, labels, temperature, mask)
     lp = lp.reshape(labels.shape)
     if return_entropy:
         return lp, ent.reshape(labels.shape)
@@ -162,12 +271,7 @@ def entropy_from_logits(logits, *, temperature=1.0, inplace_backward=False):
     Returns:
         float32 tensor of shape ``logits.shape[:-1]``.
     """
-    dtype = compute_dtype(logits)
-    vocab = logits.shape[-1]
-    x = logits.reshape(-1, vocab).to(dtype)
-    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    _, ent = _row_logprob_entropy(x, labels, temperature)
-    return ent.reshape(logits.shape[:-1])
+    return _logprobs_with_stats(logits, None, temperature)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,6 +714,15 @@ def linear_logprobs(
         float32 log-probs of the shape of ``labels``, or ``(logprobs, entropy)``. Differentiable
         in ``hidden``, ``weight`` and ``bias``.
     """
+    lp, ent, _, _ = _linear_logprobs_with_stats(hidden, weight, labels, bias, temperature, mask)
+    if return_entropy:
+        return lp, ent
+    return lp
+
+
+def _linear_rows(hidden, weight, labels, bias, mask):
+    """The reference's full logits: (``[N, V]`` logits and ``[N, H]`` rows of ``hidden``, both
+    in the compute dtype, ``[N]`` safe labels, ``[N]`` bool valid rows or None)."""
     dtype = compute_dtype(hidden, weight, bias)
     H = hidden.shape[-1]
     V = weight.shape[0]
@@ -617,27 +730,61 @@ def linear_logprobs(
     # Out-of-range labels only get here with FASTPPO_VALUE_CHECKS=0; clamped so nothing reads
     # outside the vocabulary (the value is then meaningless).
     lab = labels.reshape(-1).long().clamp(0, V - 1)
+    valid = None
     if mask is not None:
         valid = mask.reshape(-1) != 0
         # Masked rows may hold anything (NaN, inf); they never reach the matmul.
         h = torch.where(valid.unsqueeze(1), h, 0.0)
-    logits = h.to(dtype) @ weight.to(dtype).T
+    h = h.to(dtype)
+    logits = h @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
+    return logits, h, lab, valid
+
+
+def _linear_logprobs_with_stats(hidden, weight, labels, bias, temperature, mask):
+    """``(logprobs, entropy, row_max, log_sum)`` of ``linear_logprobs``, each of the shape of
+    ``labels``, in the compute dtype; the statistics as in :func:`_logprob_rows`, of the logits
+    ``hidden @ weight.T + bias``. Masked positions give 0 log-prob and entropy."""
+    logits, _, lab, valid = _linear_rows(hidden, weight, labels, bias, mask)
     # The row max first, then the temperature: exact for logits of magnitude 1e4.
-    z = (logits - logits.detach().amax(-1, keepdim=True)) / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    lp = torch.gather(z, -1, lab.unsqueeze(-1)).squeeze(-1) - lse
-    p = torch.exp(z - lse.unsqueeze(-1))
-    # A -inf logit has p = 0 and adds nothing; zeroed so that 0 * -inf is not NaN.
-    ent = lse - (p * z.masked_fill(torch.isneginf(z), 0.0)).sum(-1)
-    if mask is not None:
+    lp, ent, row_max, log_sum = _logprob_rows(logits, lab, temperature)
+    if valid is not None:
         lp = torch.where(valid, lp, 0.0)
         ent = torch.where(valid, ent, 0.0)
-    lp = lp.reshape(labels.shape)
-    if return_entropy:
-        return lp, ent.reshape(labels.shape)
-    return lp
+    shape = labels.shape
+    return lp.reshape(shape), ent.reshape(shape), row_max.reshape(shape), log_sum.reshape(shape)
+
+
+def _linear_logprobs_backward(hidden, weight, labels, bias, mask, temperature, row_max, log_sum, entropy,
+                              grad_logprob, grad_entropy, need_hidden, need_weight, need_bias):
+    """(d hidden, d weight, d bias) of ``linear_logprobs`` from the statistics of
+    :func:`_linear_logprobs_with_stats`, each None where not asked for (or no bias).
+
+    The logits were not kept, so the one matmul ``hidden @ weight.T + bias`` runs again, but not
+    the softmax: with d z from :func:`_dlogits_from_rows`,
+
+        d hidden = d z @ weight,   d weight = d z^T @ hidden,   d bias = sum_rows d z
+
+    in the compute dtype, rounded once to each input's dtype. Masked rows get 0 d z, so they add
+    nothing anywhere and their d hidden rows are 0, whatever they hold.
+    """
+    logits, h, lab, valid = _linear_rows(hidden, weight, labels, bias, mask)
+
+    def flat(t):
+        return None if t is None else t.reshape(-1).to(logits.dtype)
+
+    g_lp, g_ent = flat(grad_logprob), flat(grad_entropy)
+    if valid is not None:
+        g_lp = None if g_lp is None else torch.where(valid, g_lp, 0.0)
+        g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
+    dz = _dlogits_from_rows(logits, lab, flat(row_max), flat(log_sum), flat(entropy), g_lp, g_ent, temperature)
+    if valid is not None:
+        dz.masked_fill_(~valid.unsqueeze(1), 0.0)
+    d_hidden = (dz @ weight.to(dz.dtype)).to(hidden.dtype).reshape(hidden.shape) if need_hidden else None
+    d_weight = (dz.T @ h).to(weight.dtype) if need_weight else None
+    d_bias = dz.sum(0).to(bias.dtype) if need_bias and bias is not None else None
+    return d_hidden, d_weight, d_bias
 
 
 # --------------------------------------------------------------------------------------------

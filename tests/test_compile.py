@@ -4,6 +4,9 @@
   autograd registration, AOT dispatch), on the reference backend and on the Triton backend
   (through the interpreter on CPU);
 * the custom-op path gives the eager op's numbers, forward and backward, masked garbage included;
+* the logits ops compiled (aot_eager) give eager's gradients from their saved row statistics
+  (NaN / inf at masked rows, NaN at a valid position, -inf logits, temperature, entropy or not,
+  float64, bf16), and their backward never runs the forward again;
 * ``torch._dynamo.explain`` sees one graph and no graph break for each public op;
 * a small training step compiled with ``fullgraph=True`` (inductor) matches eager, and so do the
   fused-head step, rollout ops (no gradient) and ``dynamic=True`` shapes (aot_eager);
@@ -141,7 +144,7 @@ def test_every_public_op_is_registered():
 
 def _needs_grad(name, args):
     """Differentiable float arguments of the forward op get requires_grad (opcheck then checks autograd)."""
-    diff = _library.DIFFERENTIABLE.get(name, (None, ()))[1]
+    diff = _library.DIFFERENTIABLE.get(name, ())
     return tuple(a.detach().clone().requires_grad_() if i in diff and isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args))
 
@@ -164,16 +167,29 @@ def test_opcheck_every_op_on_the_triton_backend(rng):
                                   test_utils=("test_faketensor",))
 
 
-def test_opcheck_backward_ops(rng):
+def _backward_args(name, args, rng):
+    """Arguments of ``fastppo::<name>_backward`` after a forward with ``args``: the incoming
+    gradients, the forward's arguments, [the row statistics and the entropy,] ``needs``."""
+    outs = _library._as_tuple(_library.op(name)(*args))
+    n_out = _library._N_DIFF_OUT[name](args)
+    grads = [torch.randn(o.shape, generator=rng) for o in outs[:n_out]]
+    needs = [True] * len(_library.DIFFERENTIABLE[name])
+    stats = []
+    if name in _library.FROM_STATS:
+        at = _library.FROM_STATS[name][1](args)
+        stats = [outs[-2], outs[-1], None if at is None else outs[at]]
+    return (grads, *args, *stats, needs)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_opcheck_backward_ops(backend, rng):
     d = _data(rng)
-    for name, cases in _op_args(d).items():
-        if name not in _library.DIFFERENTIABLE:
-            continue
-        args = cases[0]
-        outs = _library._as_tuple(_library.op(name)(*args))
-        grads = [torch.randn(o.shape, generator=rng) for o in outs]
-        needs = [True] * len(_library.DIFFERENTIABLE[name][1])
-        torch.library.opcheck(_library.backward_op(name), (grads, *args, needs))
+    with fastppo.use_backend(backend):
+        for name, cases in _op_args(d).items():
+            if name not in _library.DIFFERENTIABLE:
+                continue
+            for args in cases:
+                torch.library.opcheck(_library.backward_op(name), _backward_args(name, args, rng))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -388,3 +404,169 @@ def test_opcheck_empty_and_strided_half_inputs(backend, rng):
             for name, args in group:
                 kwargs = {} if utils is None else dict(test_utils=utils)
                 torch.library.opcheck(_library.op(name), args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The logits ops' compiled backward: closed form from the forward's row statistics
+# --------------------------------------------------------------------------------------------
+
+# (name, input dtype, temperature, return_entropy, mask, what a valid row holds besides finite
+# logits). Masked rows hold NaN and inf in every case with a mask.
+_LOGIT_CASES = [
+    ("masked-garbage", torch.float32, 1.3, True, True, None),
+    ("nan-at-a-valid-position", torch.float32, 1.0, False, True, "nan"),
+    ("neg-inf-logits", torch.float32, 0.7, True, True, "-inf"),
+    ("float64", torch.float64, 0.9, True, True, "-inf"),
+    ("bf16", torch.bfloat16, 0.8, False, False, None),
+]
+_GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-10, 1e-12), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _logit_case(gen, dtype, mask_on, special):
+    """logits [B, T, V], labels, mask or None; a NaN or -inf logit at valid rows off their label."""
+    d = _data(gen)
+    mask = d["mask"] if mask_on else None
+    labels = d["labels"] if mask_on else d["labels"].clamp(0, V - 1)
+    logits = d["logits"] if mask_on else _clean(d["logits"])
+    logits = logits.clone()
+    if mask_on:
+        # NaN next to the inf in masked rows.
+        logits[~mask] = logits[~mask].masked_fill(torch.rand(V, generator=gen) > 0.5, math.nan)
+    if special is not None:
+        # Valid positions (0, 0) and (0, 1); never at the label.
+        for t in (0, 1):
+            col = (int(labels[0, t]) + 3) % V
+            logits[0, t, col] = math.nan if special == "nan" and t == 0 else -math.inf
+    return logits.to(dtype), labels, mask
+
+
+def _compare_grads(name, fn, leaves, dtype, gen):
+    """fn(*leaves) eagerly and compiled (aot_eager, fullgraph): outputs and gradients equal,
+    NaN where eager has NaN and nowhere else."""
+    results = []
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        xs = [x.detach().clone().requires_grad_() if x is not None else None for x in leaves]
+        outs = _library._as_tuple(f(*xs))
+        g = torch.Generator().manual_seed(seed)
+        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        loss.backward()
+        results.append((outs, [x.grad for x in xs if x is not None]))
+    (eo, eg), (co, cg) = results
+    rtol, atol = _GRAD_TOL[dtype]
+    for a, b in zip(eo, co):
+        torch.testing.assert_close(b, a, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=1e-6, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    for a, b in zip(eg, cg):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name} grad: {m}")
+    return co, cg
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", _LOGIT_CASES, ids=lambda c: c[0])
+def test_compiled_logprobs_gradients_equal_eager(backend, case, rng):
+    name, dtype, temperature, with_entropy, mask_on, special = case
+    logits, labels, mask = _logit_case(rng, dtype, mask_on, special)
+    torch._dynamo.reset()
+    with fastppo.use_backend(backend):
+        (lp, *_), (grad,) = _compare_grads(
+            name,
+            lambda x: fastppo.logprobs_from_logits(x, labels, mask=mask, temperature=temperature,
+                                                   return_entropy=with_entropy),
+            [logits], dtype, rng,
+        )
+    if mask is not None:
+        assert (grad[~mask] == 0).all(), "masked rows must get exactly 0, whatever they hold"
+    if special == "nan":
+        assert grad[0, 0].isnan().all() and lp[0, 0].isnan(), "NaN at a valid position must propagate"
+        assert torch.isfinite(grad[0, 1:]).all()
+    elif special == "-inf":
+        assert torch.isfinite(grad).all() and (grad[0, 0, (int(labels[0, 0]) + 3) % V] == 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", [c for c in _LOGIT_CASES if c[0] != "masked-garbage"], ids=lambda c: c[0])
+def test_compiled_entropy_gradients_equal_eager(backend, case, rng):
+    name, dtype, temperature, _, _, special = case
+    logits, _, _ = _logit_case(rng, dtype, False, special)
+    torch._dynamo.reset()
+    with fastppo.use_backend(backend):
+        _, (grad,) = _compare_grads(name, lambda x: fastppo.entropy_from_logits(x, temperature=temperature),
+                                    [logits], dtype, rng)
+    if special == "-inf":
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("case", _LOGIT_CASES, ids=lambda c: c[0])
+def test_compiled_linear_logprobs_gradients_equal_eager(backend, case, rng):
+    """NaN at a valid position: a NaN hidden value (its row's d hidden, and all of d weight and d
+    bias, are NaN); -inf: a -inf bias entry."""
+    name, dtype, temperature, with_entropy, mask_on, special = case
+    d = _data(rng)
+    mask = d["mask"] if mask_on else None
+    labels = d["labels"] if mask_on else d["labels"].clamp(0, V - 1)
+    hidden = d["hidden"] if mask_on else _clean(d["hidden"])
+    bias = d["bias"].clone()
+    if special == "nan":
+        hidden = hidden.clone()
+        hidden[0, 0, 1] = math.nan
+    elif special == "-inf":
+        col = (int(labels[0, 0]) + 3) % V
+        bias[col] = -math.inf
+        labels = torch.where(labels == col, (col + 1) % V, labels)
+    torch._dynamo.reset()
+    with fastppo.use_backend(backend):
+        (lp, *_), (dh, dw, db) = _compare_grads(
+            name,
+            lambda h, w, b: fastppo.linear_logprobs(h, w, labels, bias=b, mask=mask, temperature=temperature,
+                                                    return_entropy=with_entropy, chunk_size=4),
+            [hidden.to(dtype), d["weight"].to(dtype), bias.to(dtype)], dtype, rng,
+        )
+    if mask is not None:
+        assert (dh[~mask] == 0).all()
+    if special == "nan":
+        assert dh[0, 0].isnan().all() and dw.isnan().all() and torch.isfinite(dh[0, 1:]).all()
+    else:
+        assert all(torch.isfinite(g).all() for g in (dh, dw, db))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_compiled_backward_does_not_run_the_forward_again(backend, rng, monkeypatch):
+    """The backward starts from the saved row max and log-sum: no call of the forward's row pass
+    (the reference's ``_logprob_rows``, the logprob kernels' forward launcher, the chunked
+    forward loop) between the end of the forward and the end of the backward."""
+    from fastppo import linear, reference
+    from fastppo.kernels import logprob
+
+    calls = []
+
+    def count(module, attr):
+        original = getattr(module, attr)
+
+        def counted(*args, **kwargs):
+            calls.append(attr)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, counted)
+
+    count(reference, "_logprob_rows")
+    count(logprob, "_forward")
+    count(linear, "forward_pass")
+    d = _data(rng)
+    cases = [
+        lambda x, h, w: fastppo.logprobs_from_logits(x, d["labels"], mask=d["mask"], temperature=1.3,
+                                                     return_entropy=True),
+        lambda x, h, w: fastppo.entropy_from_logits(_clean(x), temperature=0.7),
+        lambda x, h, w: fastppo.linear_logprobs(h, w, d["labels"], mask=d["mask"], return_entropy=True, chunk_size=4),
+    ]
+    torch._dynamo.reset()
+    with fastppo.use_backend(backend):
+        for i, fn in enumerate(cases):
+            leaves = [t.clone().requires_grad_() for t in (d["logits"], d["hidden"], d["weight"])]
+            outs = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
+            assert calls, f"case {i}: the counted forward did not run at all"
+            calls.clear()
+            sum(o.sum() for o in outs).backward()
+            assert calls == [], f"case {i}: the backward ran the forward again ({calls})"
