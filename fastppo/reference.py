@@ -200,6 +200,23 @@ def _logprobs_with_stats(logits, labels, temperature, mask=None):
     return lp.reshape(shape), ent.reshape(shape), row_max.reshape(shape), log_sum.reshape(shape)
 
 
+def _masked_dlogits(x, labels, valid, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature):
+    """:func:`_dlogits_from_rows` of ``[N, V]`` rows ``x`` whose masked rows (``valid`` False;
+    None: all valid) get exactly 0, whatever they or their incoming gradients hold. The
+    statistics and gradients may have any shape of N elements."""
+    def flat(t):
+        return None if t is None else t.reshape(-1).to(x.dtype)
+
+    g_lp, g_ent = flat(grad_logprob), flat(grad_entropy)
+    if valid is not None:
+        g_lp = None if g_lp is None else torch.where(valid, g_lp, 0.0)
+        g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
+    dz = _dlogits_from_rows(x, labels, flat(row_max), flat(log_sum), flat(entropy), g_lp, g_ent, temperature)
+    if valid is not None:
+        dz.masked_fill_(~valid.unsqueeze(1), 0.0)
+    return dz
+
+
 def _logprobs_backward(logits, labels, mask, temperature, row_max, log_sum, entropy, grad_logprob, grad_entropy):
     """d logits of ``logprobs_from_logits`` / ``entropy_from_logits`` from the saved statistics
     of :func:`_logprobs_with_stats` (shape ``logits.shape[:-1]``), no second forward.
@@ -211,20 +228,10 @@ def _logprobs_backward(logits, labels, mask, temperature, row_max, log_sum, entr
     vocab = logits.shape[-1]
     x = logits.reshape(-1, vocab).to(compute_dtype(logits))
     lab = None if labels is None else _safe_labels(labels.reshape(-1), vocab)
-
-    def flat(t):
-        return None if t is None else t.reshape(-1).to(x.dtype)
-
-    g_lp, g_ent = flat(grad_logprob), flat(grad_entropy)
-    if mask is not None:
-        valid = mask.reshape(-1) != 0
-        g_lp = None if g_lp is None else torch.where(valid, g_lp, 0.0)
-        g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
-    grad = _dlogits_from_rows(x, lab, flat(row_max), flat(log_sum), flat(entropy), g_lp, g_ent, temperature)
-    if mask is not None:
-        # Masked rows are not replaced first (one [N, V] pass less): whatever they hold, NaN or
-        # inf, their d logits are overwritten with exact zeros here.
-        grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+    valid = None if mask is None else mask.reshape(-1) != 0
+    # Masked rows are not replaced first (one [N, V] pass less): whatever they hold, NaN or
+    # inf, _masked_dlogits overwrites their d logits with exact zeros.
+    grad = _masked_dlogits(x, lab, valid, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature)
     return grad.to(logits.dtype).reshape(logits.shape)
 
 
@@ -770,17 +777,7 @@ def _linear_logprobs_backward(hidden, weight, labels, bias, mask, temperature, r
     nothing anywhere and their d hidden rows are 0, whatever they hold.
     """
     logits, h, lab, valid = _linear_rows(hidden, weight, labels, bias, mask)
-
-    def flat(t):
-        return None if t is None else t.reshape(-1).to(logits.dtype)
-
-    g_lp, g_ent = flat(grad_logprob), flat(grad_entropy)
-    if valid is not None:
-        g_lp = None if g_lp is None else torch.where(valid, g_lp, 0.0)
-        g_ent = None if g_ent is None else torch.where(valid, g_ent, 0.0)
-    dz = _dlogits_from_rows(logits, lab, flat(row_max), flat(log_sum), flat(entropy), g_lp, g_ent, temperature)
-    if valid is not None:
-        dz.masked_fill_(~valid.unsqueeze(1), 0.0)
+    dz = _masked_dlogits(logits, lab, valid, row_max, log_sum, entropy, grad_logprob, grad_entropy, temperature)
     d_hidden = (dz @ weight.to(dz.dtype)).to(hidden.dtype).reshape(hidden.shape) if need_hidden else None
     d_weight = (dz.T @ h).to(weight.dtype) if need_weight else None
     d_bias = dz.sum(0).to(bias.dtype) if need_bias and bias is not None else None
