@@ -315,13 +315,17 @@ def select_rows(hidden, labels, mask, V, compact):
     N = flat.shape[0]
     lab = labels.reshape(N)
     sel = _valid_index(mask, N) if compact else _valid_rows(mask, N)
+    return _take_rows(flat, sel, compact), _take_rows(lab, sel, compact).long().clamp(0, V - 1), sel
+
+
+def _take_rows(x, sel, compact):
+    """The rows of ``x`` (``[N, ...]``) selected by ``sel`` (see :func:`select_rows`): gathered
+    (``compact``), or all N with the masked ones zeroed (full rows), or ``x`` itself (None)."""
     if sel is None:
-        h = flat
-    elif compact:
-        h, lab = flat.index_select(0, sel), lab.index_select(0, sel)
-    else:
-        h, lab = torch.where(sel.unsqueeze(1), flat, 0.0), torch.where(sel, lab, 0)
-    return h, lab.long().clamp(0, V - 1), sel
+        return x
+    if compact:
+        return x.index_select(0, sel)
+    return torch.where(sel.view(-1, *(1,) * (x.dim() - 1)), x, 0)
 
 
 def forward_rows(hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, folds, floor, compact):
@@ -357,24 +361,13 @@ def backward_rows(hidden, weight, bias, lab, sel, m, logs, ent, glp, gent, inv_t
     forward's folds."""
     H = hidden.shape[-1]
     N = hidden.numel() // H if H else math.prod(hidden.shape[:-1])
-    flat = hidden.reshape(N, H)
-    if sel is None:
-        h = flat
-    elif compact:
-        h = flat.index_select(0, sel)
-    else:
-        h = torch.where(sel.unsqueeze(1), flat, 0.0)
+    h = _take_rows(hidden.reshape(N, H), sel, compact)
 
     def pick(g):
-        if g is None:
-            return None
-        g = g.reshape(N)
         # Masked rows' incoming gradients (even NaN) are never read (full rows: zeroed, so
         # their d logits are 0 and they add nothing to d weight and d bias). contiguous():
         # the gradient of a .sum() arrives as an expanded (stride 0) tensor.
-        if sel is not None:
-            g = g.index_select(0, sel) if compact else torch.where(sel, g, 0.0)
-        return g.to(m.dtype).contiguous()
+        return None if g is None else _take_rows(g.reshape(N), sel, compact).to(m.dtype).contiguous()
 
     dh, dw, db = backward_pass(
         h, weight, bias, lab, m, logs, ent, pick(glp), pick(gent), inv_temp, chunk_size, folds, floor,
