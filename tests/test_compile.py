@@ -27,6 +27,8 @@ import torch
 
 import fastppo
 from fastppo import _library
+from fastppo import groundtruth as gt
+from fastppo.testing import TOL, assert_close
 
 B, T, V, H = 3, 5, 11, 6
 
@@ -440,19 +442,23 @@ def _logit_case(gen, dtype, mask_on, special):
     return logits.to(dtype), labels, mask
 
 
-def _compare_grads(name, fn, leaves, dtype, gen):
+def _compare_grads(name, fn, leaves, dtype, gen, truth):
     """fn(*leaves) eagerly and compiled (aot_eager, fullgraph): outputs and gradients equal,
-    NaN where eager has NaN and nowhere else."""
+    NaN where eager has NaN and nowhere else; and the compiled gradients within the dtype's
+    tolerance of ``truth`` (the same function in fastppo.groundtruth) on the float64 leaves."""
     results = []
     seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
-    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
-        xs = [x.detach().clone().requires_grad_() if x is not None else None for x in leaves]
+    for f, cast in ((fn, None), (torch.compile(fn, fullgraph=True, backend="aot_eager"), None),
+                    (truth, torch.float64)):
+        xs = [x.detach().to(cast or x.dtype).requires_grad_() if x is not None else None for x in leaves]
         outs = _library._as_tuple(f(*xs))
         g = torch.Generator().manual_seed(seed)
-        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        loss = sum((o * torch.randn(o.shape, generator=g).to(o.dtype)).sum() for o in outs)
         loss.backward()
         results.append((outs, [x.grad for x in xs if x is not None]))
-    (eo, eg), (co, cg) = results
+    (eo, eg), (co, cg), (_, tg) = results
+    for b, t in zip(cg, tg):
+        assert_close(b, t, TOL[dtype], f"{name} compiled grad vs float64 ground truth")
     rtol, atol = _GRAD_TOL[dtype]
     for a, b in zip(eo, co):
         torch.testing.assert_close(b, a, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=1e-6, equal_nan=True,
@@ -475,6 +481,8 @@ def test_compiled_logprobs_gradients_equal_eager(backend, case, rng):
             lambda x: fastppo.logprobs_from_logits(x, labels, mask=mask, temperature=temperature,
                                                    return_entropy=with_entropy),
             [logits], dtype, rng,
+            lambda x: gt.logprobs_from_logits(x, labels, mask=mask, temperature=temperature,
+                                              return_entropy=with_entropy),
         )
     if mask is not None:
         assert (grad[~mask] == 0).all(), "masked rows must get exactly 0, whatever they hold"
@@ -493,7 +501,7 @@ def test_compiled_entropy_gradients_equal_eager(backend, case, rng):
     torch._dynamo.reset()
     with fastppo.use_backend(backend):
         _, (grad,) = _compare_grads(name, lambda x: fastppo.entropy_from_logits(x, temperature=temperature),
-                                    [logits], dtype, rng)
+                                    [logits], dtype, rng, lambda x: gt.entropy_from_logits(x, temperature=temperature))
     if special == "-inf":
         assert torch.isfinite(grad).all()
 
@@ -523,6 +531,11 @@ def test_compiled_linear_logprobs_gradients_equal_eager(backend, case, rng):
             lambda h, w, b: fastppo.linear_logprobs(h, w, labels, bias=b, mask=mask, temperature=temperature,
                                                     return_entropy=with_entropy, chunk_size=4),
             [hidden.to(dtype), d["weight"].to(dtype), bias.to(dtype)], dtype, rng,
+            # The ground truth multiplies every row (its masked rows' NaN would reach d weight as
+            # 0 * NaN): it gets them as zeros, which the contract makes equivalent.
+            lambda h, w, b: gt.linear_logprobs(h if mask is None else torch.where(mask.unsqueeze(-1), h, 0.0), w,
+                                               labels, bias=b, mask=mask, temperature=temperature,
+                                               return_entropy=with_entropy),
         )
     if mask is not None:
         assert (dh[~mask] == 0).all()
