@@ -181,6 +181,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("json-duplicate-key", ["train", "--config", "{json_dup}", *QUICK], "gives 'ppo_epochs' twice"),
     ("yaml-duplicate-dash-key", ["train", "--config", "{yaml_dash_dup}", *QUICK], "gives 'ppo_epochs' twice"),
     ("yaml-duplicate-extra-key", ["train", "--config", "{yaml_dup_extra}", *QUICK], "gives 'words' twice"),
+    ("yaml-duplicate-flow-key", ["train", "--config", "{yaml_dup_flow}", *QUICK], "gives 'a' twice (line 1)"),
     ("yaml-alias-bomb", ["train", "--config", "{yaml_bomb}", *QUICK], "more than 10000 values"),
     ("config-over-1-mib", ["train", "--config", "{yaml_big}", *QUICK], "at most 1048576"),
     ("trl-use-peft-lora-r-0", ["train", "--config", "{yaml_peft0}", *QUICK], "lora_r is 0"),
@@ -302,6 +303,7 @@ def make_files(tmp: str) -> dict[str, str]:
     p["yaml_dup"] = write("dup.yaml", "ppo_epochs: 1\nseed: 3\nppo_epochs: 4\n")
     p["json_dup"] = write("dup.json", '{"ppo_epochs": 1, "ppo_epochs": 4}')
     p["yaml_dash_dup"] = write("dash-dup.yaml", "ppo-epochs: 1\nppo_epochs: 4\n")
+    p["yaml_dup_flow"] = write("dup-flow.yaml", "extra: {a: 1, a: 2}\n")
     p["yaml_dup_extra"] = write("dup-extra.yaml", "extra:\n  words: [good]\n  words: [bad]\n")
     # 600 bytes that expand to 9**6 values through aliases (a "billion laughs")
     bomb = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
@@ -573,6 +575,15 @@ def test_a_model_run_says_its_threads_and_lora_warns_nothing(runs, capfd):
     assert "device: cpu (2 threads, --num-threads sets it);" in out, out
     assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
     assert "FutureWarning" not in err
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    # `<<: *base` then a key of its own is YAML's way to override, not a key given twice.
+    from fastppo.train import PPOConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("extra:\n  base: &b {words: [good], weight: 1}\n  tuned: {<<: *b, weight: 2}\n")
+    assert PPOConfig.from_file(f).extra["tuned"] == {"words": ["good"], "weight": 2}
 
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):

@@ -476,12 +476,14 @@ def _yaml_loader():
                     if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges on purpose
                         continue
                     key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
                     try:
-                        first = seen.setdefault(key, key_node.start_mark.line + 1)
+                        if key in seen:
+                            where = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                            raise _DuplicateKey(key, f" ({where})")
+                        seen[key] = line
                     except TypeError:  # an unhashable key: construct_mapping reports it
                         continue
-                    if first != key_node.start_mark.line + 1:
-                        raise _DuplicateKey(key, f" (lines {first} and {key_node.start_mark.line + 1})")
             return super().construct_mapping(node, deep=deep)
 
     return Loader
