@@ -812,7 +812,6 @@ def main(args) -> int:
     _stop_fork_server()
     if args.json:
         path = Path(args.json) if args.json != "auto" else _default_json_path(device_name)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "command": "fastppo bench" + (" --quick" if args.quick else ""),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -829,7 +828,12 @@ def main(args) -> int:
                 for (N, H, V, dt), (ms, tf) in _MATMUL_PEAK.items()
             ]
             payload["linear_mem_method"] = "cuda-allocator" if on_gpu else CPU_MEM_METHOD
-        path.write_text(json.dumps(payload, indent=1))
+        try:  # the path was checked before the run; a disk that filled or vanished since still gets one line
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(payload, indent=1))
+        except OSError as exc:
+            print(f"fastppo bench: error: cannot write --json {str(path)!r}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"wrote {path}")
     return 0
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
+
+from ._args import op_list, output_file, positive_int, seed
 
 
 class Parser(argparse.ArgumentParser):
@@ -20,75 +21,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2**63), got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2**63), got {value}")
-    return value
-
-
-def _op_list(text: str) -> str:
-    names = [t.strip() for t in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"expected op names separated by commas, got {text!r}")
-    return ",".join(names)
-
-
-def _json_file(parents: bool):
-    """An output file path: not a directory, under a directory that exists (or can be made) and is writable."""
-
-    def check(text: str) -> str:
-        if text == "auto" or not text:
-            if not text:
-                raise argparse.ArgumentTypeError("expected a file name")
-            return text
-        if os.path.isdir(text):
-            raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file name")
-        probe = os.path.dirname(os.path.abspath(text))
-        if not parents and not os.path.isdir(probe):
-            raise argparse.ArgumentTypeError(f"directory {probe!r} does not exist")
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.path.isdir(probe):
-            raise argparse.ArgumentTypeError(f"{probe!r} is a file, not a directory")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"no permission to write in {probe!r}")
-        return text
-
-    check.__name__ = "file name"
-    return check
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fastppo", description="Fast, verified PPO math for language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     v = sub.add_parser("verify", help="check every kernel against its PyTorch reference on random inputs")
-    v.add_argument("--json", metavar="FILE", type=_json_file(parents=False), help="also write the table as JSON to FILE")
-    v.add_argument("--ops", metavar="OP[,OP...]", type=_op_list, help="only these ops (default: all)")
-    v.add_argument("--seed", type=_seed, help="random seed in [0, 2**63) (default: a fresh one, printed)")
+    v.add_argument("--json", metavar="FILE", type=output_file(parents=False),
+                   help="also write the table as JSON to FILE")
+    v.add_argument("--ops", metavar="OP[,OP...]", type=op_list, help="only these ops (default: all)")
+    v.add_argument("--seed", type=seed, help="random seed in [0, 2**63) (default: a fresh one, printed)")
     v.add_argument("--small", action="store_true", help="small shapes even on a GPU")
     v.add_argument("--cpu", action="store_true", help="run on the CPU (Triton interpreter) even if a GPU is present")
 
     b = sub.add_parser("bench", help="time every op against the references, the peers and the hardware limit")
-    b.add_argument("--json", nargs="?", const="auto", metavar="FILE", type=_json_file(parents=True),
+    b.add_argument("--json", nargs="?", const="auto", metavar="FILE", type=output_file(parents=True),
                    help="write results as JSON (default file: benchmarks/results/<device>-<date>.json)")
-    b.add_argument("--ops", metavar="OP[,OP...]", type=_op_list, help="only these ops (default: all)")
+    b.add_argument("--ops", metavar="OP[,OP...]", type=op_list, help="only these ops (default: all)")
     b.add_argument("--quick", action="store_true", help="the smallest shape of each op only")
-    b.add_argument("--reps", type=_positive_int, default=None,
+    b.add_argument("--reps", type=positive_int, default=None,
                    help="timed repetitions per measurement, >= 1 (default: 100 on a GPU, 5 on a CPU)")
 
     from .inspect import add_arguments as add_inspect_arguments
@@ -101,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Overlay the metrics.jsonl of each RUN_DIR in one figure (score and KL first), "
                                    "one colour per run, the legend naming the run directories.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directory of a fastppo train run")
-    p.add_argument("-o", "--output", metavar="FILE", type=_json_file(parents=False),
+    p.add_argument("-o", "--output", metavar="FILE", type=output_file(parents=False),
                    help="image to write, .png, .pdf or .svg (default: RUN_DIR/metrics.png for one run, "
                         "runs.png in the current directory for several)")
     return parser

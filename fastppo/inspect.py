@@ -971,9 +971,9 @@ def summary(rows: list[dict]) -> str:
 
 
 def _positive_jobs(text: str) -> int:
-    from .cli import _positive_int
+    from ._args import positive_int
 
-    return _positive_int(text)
+    return positive_int(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -78,3 +78,18 @@ def test_the_config_was_written_in_trl_names_and_mapped(recipe):
     for critic in (ckpt / "critic", work / "ppo" / "critic"):
         assert (critic / "adapter_model.safetensors").is_file()
         assert not (critic / "model.safetensors").exists()
+
+
+def test_responses_have_room_to_finish(recipe):
+    # Cut off before their EOS, the answers would be scored by the missing-EOS penalty, not by the
+    # reward model: response_length must hold the longest answer PPO should learn to give, EOS included.
+    import yaml
+    from transformers import AutoTokenizer
+
+    work, _ = recipe
+    tok = AutoTokenizer.from_pretrained(work / "base")
+    chosen = [json.loads(line)["chosen"][-1]["content"] for line in open(os.path.join(ROOT, "examples", "trl_recipe",
+                                                                                      "data", "preferences.jsonl"))]
+    longest = max(len(tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]) for text in chosen)
+    config = yaml.safe_load(open(work / "ppo_config.yaml"))
+    assert 20 <= longest <= config["response_length"], (longest, config["response_length"])

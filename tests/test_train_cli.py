@@ -114,6 +114,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("output-dir-is-file", T("--output-dir", "{file}"), "output_dir"),
     ("output-dir-under-file", T("--output-dir", "{file}/sub"), "output_dir"),
     ("output-dir-empty", T("--output-dir", ""), "output_dir"),
+    *([("output-dir-in-proc", T("--output-dir", "/proc/fastppo-out"), "cannot create files in '/proc'")]
+      if os.path.isdir("/proc/self") else []),  # Linux: no file can be created there, whatever the bits say
     # --- models -----------------------------------------------------------------------------
     ("model-missing", T(*MODEL, "--model", "{tmp}/no-such-model"), "does not exist"),
     ("model-no-config", T(*MODEL, "--model", "{empty_dir}"), "config.json"),
@@ -173,6 +175,24 @@ CASES: list[tuple[str, list[str], str]] = [
     ("config-missing", ["train", "--config", "{tmp}/none.yaml", *QUICK], "does not exist"),
     ("config-json-malformed", ["train", "--config", "{json_cfg}", *QUICK], "not valid JSON"),
     ("config-is-dir", ["train", "--config", "{dir_yaml}", *QUICK], "{dir_yaml}"),
+    ("json-5000-deep", ["train", "--config", "{json_deep}", *QUICK], "nests lists/mappings too deeply"),
+    ("json-extra-40-deep", ["train", "--config", "{json_extra_deep}", *QUICK], "more than 32 levels"),
+    ("yaml-duplicate-key", ["train", "--config", "{yaml_dup}", *QUICK], "gives 'ppo_epochs' twice (lines 1 and 3)"),
+    ("json-duplicate-key", ["train", "--config", "{json_dup}", *QUICK], "gives 'ppo_epochs' twice"),
+    ("yaml-duplicate-dash-key", ["train", "--config", "{yaml_dash_dup}", *QUICK], "gives 'ppo_epochs' twice"),
+    ("yaml-duplicate-extra-key", ["train", "--config", "{yaml_dup_extra}", *QUICK], "gives 'words' twice"),
+    ("yaml-duplicate-flow-key", ["train", "--config", "{yaml_dup_flow}", *QUICK], "gives 'a' twice (line 1)"),
+    ("yaml-alias-bomb", ["train", "--config", "{yaml_bomb}", *QUICK], "more than 10000 values"),
+    ("config-over-1-mib", ["train", "--config", "{yaml_big}", *QUICK], "at most 1048576"),
+    ("trl-use-peft-lora-r-0", ["train", "--config", "{yaml_peft0}", *QUICK], "lora_r is 0"),
+    # --- options a critic-free estimator does not use, given explicitly ------------------------
+    ("grpo-kl-coef", T("--advantage-estimator", "grpo", "--num-generations", "2", "--kl-coef", "0.1"), "kl_coef"),
+    ("grpo-lam", T("--advantage-estimator", "grpo", "--num-generations", "2", "--lam", "0.9"), "lam (--lam)"),
+    ("rloo-gamma", T("--advantage-estimator", "rloo", "--num-generations", "2", "--gamma", "0.9"), "gamma"),
+    ("rloo-vf-coef", T("--advantage-estimator", "rloo", "--num-generations", "2", "--vf-coef", "0.1"), "vf_coef"),
+    ("reinforce-value-clip", T("--advantage-estimator", "reinforce++", "--value-clip", "0.3"), "value_clip"),
+    ("reinforce-lam-default-value", T("--advantage-estimator", "reinforce++", "--lam", "0.95"), "lam (--lam)"),
+    ("grpo-vf-coef-in-file", ["train", "--config", "{yaml_grpo_vf}", *QUICK], "vf_coef (--vf-coef) is given"),
     # --- resume -----------------------------------------------------------------------------
     ("resume-pickle-payload", ["train", *QUICK, "--output-dir", "{pickled_run}", "--resume", "--iterations", "3"],
      "trainer_state.pt"),
@@ -189,6 +209,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-json-dir", ["bench", "--quick", "--ops", "gae", "--reps", "1", "--json", "{tmp}"], "--json"),
     ("bench-json-under-file", ["bench", "--quick", "--ops", "gae", "--reps", "1", "--json", "{file}/x.json"],
      "--json"),
+    *([("bench-json-in-proc", ["bench", "--quick", "--ops", "gae", "--reps", "1", "--json", "/proc/x.json"],
+        "cannot create files in '/proc'")] if os.path.isdir("/proc/self") else []),
     ("verify-seed-neg", ["verify", "--ops", "gae", "--seed", "-1"], "--seed"),
     ("verify-seed-huge", ["verify", "--ops", "gae", "--seed", str(2**70)], "--seed"),
     ("verify-ops-comma", ["verify", "--ops", ","], "--ops"),
@@ -276,6 +298,21 @@ def make_files(tmp: str) -> dict[str, str]:
     p["yaml_int_key"] = write("int-key.yaml", "1: 2\n")
     p["yaml_null_int"] = write("null-int.yaml", "iterations: null\n")
     p["json_cfg"] = write("cfg.json", "{\"batch_size\": 8,")
+    p["json_deep"] = write("deep.json", "[" * 5000 + "]" * 5000)
+    p["json_extra_deep"] = write("extra-deep.json", '{"extra": ' + '{"a": ' * 40 + "1" + "}" * 41)
+    p["yaml_dup"] = write("dup.yaml", "ppo_epochs: 1\nseed: 3\nppo_epochs: 4\n")
+    p["json_dup"] = write("dup.json", '{"ppo_epochs": 1, "ppo_epochs": 4}')
+    p["yaml_dash_dup"] = write("dash-dup.yaml", "ppo-epochs: 1\nppo_epochs: 4\n")
+    p["yaml_dup_flow"] = write("dup-flow.yaml", "extra: {a: 1, a: 2}\n")
+    p["yaml_dup_extra"] = write("dup-extra.yaml", "extra:\n  words: [good]\n  words: [bad]\n")
+    # 600 bytes that expand to 9**6 values through aliases (a "billion laughs")
+    bomb = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcde", "bcdef"):
+        bomb.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    p["yaml_bomb"] = write("bomb.yaml", "extra:\n" + "".join(f"  {line}\n" for line in bomb))
+    p["yaml_big"] = write("big.yaml", "# padding\n" * 120_000 + "seed: 1\n")
+    p["yaml_peft0"] = write("peft0.yaml", "use_peft: true\nlora_r: 0\n")
+    p["yaml_grpo_vf"] = write("grpo-vf.yaml", "advantage_estimator: grpo\nnum_generations: 2\nvf_coef: 0.1\n")
     p["dir_yaml"] = os.path.join(tmp, "dir.yaml")
     os.makedirs(p["dir_yaml"], exist_ok=True)
     p["out"] = os.path.join(tmp, "out")
@@ -487,6 +524,66 @@ def test_help_shows_the_defaults_a_plain_run_uses(capsys):
     assert f"default: {plain.learning_rate} for the built-in task" in text
     assert "default: sentiment for the built-in task (no --model), none with --model" in text
     assert "(default: 0.95)" in text  # lam: the same either way
+
+
+def _resolve(argv):
+    from fastppo.cli import build_parser
+    from fastppo.train.cli import resolve_config
+
+    return resolve_config(build_parser().parse_args(argv))
+
+
+def test_critic_free_estimators_refuse_only_what_the_user_gave(tmp_path):
+    # The built-in task's own kl_coef (0.05) and the defaults of lam, vf_coef, value_clip were not
+    # given by anyone: no refusal. reinforce++ shapes its rewards with kl_coef and discounts by gamma.
+    cfg = _resolve(["train", "--advantage-estimator", "grpo", "--num-generations", "2"])
+    cfg.check()
+    assert (cfg.kl_coef, cfg.lam, cfg.vf_coef, cfg.value_clip) == (0.05, 0.95, 0.5, 0.2)
+    cfg = _resolve(["train", "--advantage-estimator", "reinforce++", "--kl-coef", "0.2", "--gamma", "0.9",
+                    "--value-clip", "none"])
+    assert (cfg.kl_coef, cfg.gamma, cfg.value_clip) == (0.2, 0.9, None)
+    from fastppo.train import PPOConfig
+    from fastppo.train.config import ConfigError
+
+    f = tmp_path / "c.yaml"
+    f.write_text("advantage_estimator: grpo\nnum_generations: 2\n")
+    assert PPOConfig.from_file(f).lam == 0.95
+    with pytest.raises(ConfigError, match=r"lam \(--lam\) is given, but advantage_estimator .* grpo does not use it"):
+        PPOConfig.from_file(f, lam=0.9)
+
+
+def test_a_model_run_says_its_threads_and_lora_warns_nothing(runs, capfd):
+    # With --model, torch's default thread count applies (the built-in task sets 1): the first line
+    # says how many. peft's wrapping under transformers 5 must not open the run with a FutureWarning.
+    import warnings
+
+    import torch
+
+    import fastppo
+
+    argv = [a.format(**runs) for a in T(*MODEL, "--lora-r", "2", "--critic-lora-r", "2",
+                                        "--output-dir", "{tmp}/lora-run")]
+    from fastppo.cli import main as cli_main
+
+    torch.set_num_threads(2)  # as torch's default on a 2-core machine (the autouse fixture restores it)
+    capfd.readouterr()
+    with fastppo.use_backend("torch"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = cli_main(argv)
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "device: cpu (2 threads, --num-threads sets it);" in out, out
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    assert "FutureWarning" not in err
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    # `<<: *base` then a key of its own is YAML's way to override, not a key given twice.
+    from fastppo.train import PPOConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("extra:\n  base: &b {words: [good], weight: 1}\n  tuned: {<<: *b, weight: 2}\n")
+    assert PPOConfig.from_file(f).extra["tuned"] == {"words": ["good"], "weight": 2}
 
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):

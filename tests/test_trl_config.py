@@ -134,16 +134,17 @@ def test_renamed_keys_and_one_notice_each():
         assert len(mentions) == (0 if BY_NAME[name].kind == trl_compat.SAME else 1), (name, notes)
     assert all(n.startswith("fastppo train: config: ") and "\n" not in n for n in notes)
     assert any("TRL key logging_steps ignored" in n for n in notes)
-    # the closing line names the defaults that differ and were left out (temperature: TRL 0.7)
-    assert "temperature 1.0 (TRL temperature 0.7)" in notes[-1] and "vf_coef" not in notes[-1]
+    # the defaults that differ and were left out (temperature: TRL 0.7) are named by the config, not here
+    assert not any("keep fastppo's defaults" in n for n in notes)
+    line = trl_compat.default_differences(PPOConfig.from_dict(out).to_dict(), set(out))
+    assert "temperature 1.0 (TRL temperature 0.7)" in line and "vf_coef" not in line and "ppo_epochs" not in line
 
 
 def test_run_keys():
     out, notes = translate({"use_cpu": True, "resume_from_checkpoint": True, "overwrite_output_dir": False,
                             "torch_compile": False}, world_size=1)
     assert out == {"device": "cpu", "resume": True, "overwrite": False}
-    assert len(notes) == 5 and "TRL key torch_compile ignored" in notes[3]
-    assert "vf_coef 0.5 (TRL vf_coef 0.1)" in notes[4] and "device" not in notes[4]  # use_cpu false is auto
+    assert len(notes) == 4 and "TRL key torch_compile ignored" in notes[3]
     assert translate({"use_cpu": False, "resume_from_checkpoint": None}, world_size=1)[0] == {"device": "auto",
                                                                                             "resume": False}
 
@@ -186,6 +187,7 @@ def test_peft_and_list_values():
     ({"resume_from_checkpoint": "out/checkpoint-500"}, r"fastppo resumes from the newest usable checkpoint"),
     ({"use_cpu": "yes"}, r"use_cpu \(TRL\) must be true or false"),
     ({"use_cpu": True, "device": "cuda"}, r"both device: 'cuda' and use_cpu"),
+    ({"use_peft": True, "lora_r": 0}, r"use_peft: true \(TRL\) asks for a LoRA actor, but lora_r is 0"),
 ])
 def test_values_fastppo_cannot_honour_are_refused(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -196,8 +198,76 @@ def test_accepted_fixed_values_say_so():
     out, notes = translate({"whiten_rewards": False, "stop_token": "eos", "adam_epsilon": "1e-8",
                             "optim": "adamw_torch"}, world_size=1)
     assert out == {}
-    assert len(notes) == 5 and all("is what fastppo does" in n for n in notes[:4])
-    assert "keep fastppo's defaults, not TRL's" in notes[4]
+    assert len(notes) == 4 and all("is what fastppo does" in n for n in notes)
+
+
+# Every option whose fastppo default differs from what TRL's PPOTrainer would use, as
+# (option, fastppo default, TRL's value) -- written out by hand from TRL's dataclasses, not from KEYS.
+DIFFERING = {"ppo_epochs": (2, 4), "vf_coef": (0.5, 0.1), "max_new_tokens": (16, 53), "temperature": (1.0, 0.7),
+             "learning_rate": (1e-5, 5e-5), "lr_schedule": ("constant", "linear"),
+             "gradient_checkpointing": (False, True), "seed": (0, 42), "save_every": (0, 500),
+             "batch_size": (64, 8), "mini_batch_size": (32, 8), "micro_batch_size": (32, 8), "iterations": (60, None)}
+
+
+def _named(line: str) -> set[str]:
+    body = line.split("not TRL's: ", 1)[1]
+    return {part.split(" ", 1)[0] for part in body.split("; ")}
+
+
+def test_every_default_that_differs_from_trls_is_named(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    line = trl_compat.default_differences(PPOConfig().to_dict(), set())
+    assert line.startswith("fastppo train: config: options left unset keep fastppo's defaults, not TRL's: ")
+    assert _named(line) == set(DIFFERING)
+    for option, (ours, theirs) in DIFFERING.items():
+        assert f"{option} {ours!r}" in line or f"{option} {ours}" in line, option
+        if theirs is not None:
+            assert f"{theirs}" in line.split(f"{option} ", 1)[1].split(";")[0], option
+    # with LoRA on, the LoRA options that differ from TRL's ModelConfig are named too
+    lora = PPOConfig(lora_r=8).to_dict()
+    assert _named(trl_compat.default_differences(lora, {"lora_r"})) - set(DIFFERING) == {
+        "lora_alpha", "lora_dropout", "lora_target_modules"}
+    # what the user set is never named
+    assert trl_compat.default_differences(PPOConfig(seed=42, vf_coef=0.1).to_dict(), {"seed", "vf_coef"}).count(
+        "seed") == 0
+
+
+def test_python_takes_trls_names_with_the_same_notices(capsys):
+    cfg = PPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, total_episodes=40, cliprange=0.1,
+                    output_dir="o")
+    assert (cfg.micro_batch_size, cfg.mini_batch_size, cfg.batch_size, cfg.iterations) == (4, 8, 8, 5)
+    assert cfg.clip_low == 0.1
+    err = capsys.readouterr().err.splitlines()
+    assert "fastppo train: config: TRL key cliprange: 0.1 -> clip_low: 0.1" in err
+    defaults = [ln for ln in err if "keep fastppo's defaults" in ln]
+    assert len(defaults) == 1 and "batch_size" not in _named(defaults[0]) and "vf_coef" in _named(defaults[0])
+    cfg = PPOConfig.from_dict({"cliprange": 0.3, "num_ppo_epochs": 3})
+    assert (cfg.clip_low, cfg.ppo_epochs) == (0.3, 3)
+    err = capsys.readouterr().err
+    assert "TRL key num_ppo_epochs: 3 -> ppo_epochs: 3" in err and err.count("keep fastppo's defaults") == 1
+    cfg.replace(seed=1)  # the same config, changed: not said again
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ConfigError, match=r"unknown config option 'bach_size' \(did you mean batch_size\?\)"):
+        PPOConfig(bach_size=8)
+    with pytest.raises(ConfigError, match="whiten_rewards"):
+        PPOConfig(whiten_rewards=True)
+
+
+def test_in_memory_models_say_the_defaults_once(capsys):
+    from torch import nn
+
+    from fastppo.train import api
+
+    cfg = PPOConfig(output_dir="runs/ppo", learning_rate=5e-6, missing_eos_penalty=1.0)  # README's example
+    assert capsys.readouterr().err == ""  # fastppo's own names: nothing to say yet
+    api.note_defaults(cfg, None)  # a model from a directory, as fastppo's own command
+    assert capsys.readouterr().err == ""
+    api.note_defaults(cfg, nn.Linear(1, 1))  # the policy in memory, as TRL's PPOTrainer takes it
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and {"batch_size", "max_new_tokens", "iterations"} <= _named(line)
+    assert "learning_rate" not in _named(line)  # set by the user
+    api.note_defaults(cfg.replace(lora_r=4), nn.Linear(1, 1))
+    assert capsys.readouterr().err == ""
 
 
 @needs_api
@@ -230,6 +300,10 @@ def test_cli_reads_trl_keys_and_flags_still_win(tmp_path, ext, capsys):
     assert cfg.kl_coef == 0.03  # the flag wins over the file
     err = capsys.readouterr().err
     assert "TRL key cliprange: 0.15 -> clip_low: 0.15" in err and "TRL key logging_steps ignored" in err
+    defaults = [ln for ln in err.splitlines() if "keep fastppo's defaults" in ln]
+    assert len(defaults) == 1  # once, naming what neither the file nor a flag set
+    assert {"vf_coef", "temperature"} <= _named(defaults[0])
+    assert not _named(defaults[0]) & {"kl_coef", "batch_size", "iterations", "seed", "learning_rate"}
     assert PPOConfig.from_file(path).clip_low == 0.15  # the Python API maps the same names
 
 
@@ -241,6 +315,12 @@ def test_cli_refuses_in_one_line_with_exit_2(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "whiten_rewards" in err[0] and err[0].startswith("fastppo train: error:")
+    # a TRL file's value-loss clip with a critic-free estimator: the mapping line, then the refusal
+    path.write_text("advantage_estimator: rloo\nnum_generations: 2\ncliprange_value: 0.2\n")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "fastppo train: config: TRL key cliprange_value: 0.2 -> value_clip: 0.2"
+    assert len(err) == 2 and err[1].startswith("fastppo train: error: value_clip (--value-clip) is given, but")
     path.write_text("{not json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -31,6 +31,12 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ mes
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
+# Tokens a response may take: the polite answers of data/preferences.jsonl take 23-30 tokens of the
+# tokenizer built below, their EOS included. Shorter, most of them would be cut off mid-sentence and
+# the missing-EOS penalty, not the reward model, would decide the scores.
+RESPONSE_LENGTH = 32
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -148,7 +154,7 @@ def write_config(path: str, base: str, reward: str, output_dir: str, iterations:
         f"total_episodes: {iterations * per_device * minis}",
         "num_ppo_epochs: 2",
         "learning_rate: 3.0e-4",
-        "response_length: 12",
+        f"response_length: {RESPONSE_LENGTH}      # room for the longest polite answer and its EOS",
         "stop_token: eos",
         "temperature: 0.7",
         "kl_coef: 0.05",
@@ -205,8 +211,8 @@ def generate(policy_dir: str, questions: list[str]) -> list[str]:
                                              add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(**ids, max_new_tokens=RESPONSE_LENGTH, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     return answers
 

@@ -80,6 +80,15 @@ def check_objects(model, reward_model, value_model, tokenizer, train_dataset, co
                               "policy's token ids, so both must share one tokenizer")
 
 
+def note_defaults(config: PPOConfig, model: nn.Module | None) -> None:
+    """With the policy in memory, as TRL's ``PPOTrainer`` takes it, say once (stderr) which options
+    the config leaves at fastppo's defaults where TRL's differ (a batch of 64 responses, not 8...)."""
+    if model is not None:
+        from .config import note_trl_defaults
+
+        note_trl_defaults(config)
+
+
 def adapter_settings(model: nn.Module | None, peft_config: Any) -> dict[str, Any]:
     """The ``PPOConfig`` LoRA options that describe an adapter given as ``peft_config`` or inside a
     ``PeftModel`` (empty without one), so that the run's config, checkpoints and fingerprint say
@@ -114,16 +123,16 @@ def prepare_actor(config: PPOConfig, model: nn.Module, ref_model: nn.Module | No
     """
     if peft_config is not None and is_peft(model):
         raise ConfigError("model is already a peft model; leave peft_config out (or pass the base model)")
-    if peft_config is not None:
-        from peft import get_peft_model
+    from .models import peft_wrap
 
-        model = get_peft_model(model, peft_config)
+    if peft_config is not None:
+        model = peft_wrap(model, peft_config)
     elif config.lora_r > 0 and not is_peft(model):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         from .config import lora_targets
 
-        model = get_peft_model(model, LoraConfig(
+        model = peft_wrap(model, LoraConfig(
             task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=lora_targets(config.lora_target_modules)))
     model.to(device)

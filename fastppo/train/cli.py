@@ -9,8 +9,9 @@ import types
 import typing
 from typing import Any
 
-from .config import (ADVANTAGE_ESTIMATORS, AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, REPORT_TO, ConfigError, PPOConfig, field_docs,
-                     field_types, load_trl_or_fastppo)
+from .config import (ADVANTAGE_ESTIMATORS, AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, REPORT_TO,
+                     ConfigError, PPOConfig, check_given, field_docs, field_types, load_trl_or_fastppo,
+                     note_trl_defaults)
 
 _CHOICES = {"loss_agg": AGG_MODES, "kl_estimator": ESTIMATORS, "lr_schedule": LR_SCHEDULES,
             "attn_implementation": ATTN_IMPLEMENTATIONS, "report_to": REPORT_TO,
@@ -89,18 +90,26 @@ def resolve_config(args: argparse.Namespace) -> PPOConfig:
     """Defaults (the built-in task's tuned ones when no model is given) < file < flags."""
     from . import builtin
 
-    data: dict[str, Any] = load_trl_or_fastppo(args.config) if getattr(args, "config", None) else {}
+    data: dict[str, Any] = {}
+    trl_style = False
+    if getattr(args, "config", None):
+        data, trl_style = load_trl_or_fastppo(args.config)
     for name in field_types():
         value = getattr(args, name, None)
         if value is not None:
             data[name] = None if value is _NONE else value
+    given = set(data)  # what the user set, in the file or as a flag
     if data.get("model") is None:
         base = builtin.default_config().to_dict()
         if data.get("reward_model") is not None:
             base["reward"] = None  # the built-in task's reward gives way to a reward model
         base.update(data)
         data = base
-    return PPOConfig.from_dict(data)
+    config = PPOConfig.from_dict(data)
+    check_given(config, given)
+    if trl_style:
+        note_trl_defaults(config, given)
+    return config
 
 
 def _quiet_libraries() -> None:
@@ -196,7 +205,13 @@ def _run(config: PPOConfig, argv: list[str] | None = None) -> int:
     n_train = sum(p.numel() for p in trainer.actor.parameters() if p.requires_grad)
     what = "built-in task (tiny Llama, sentiment reward)" if config.model is None else config.model
     reward = config.reward_model or config.reward or "sentiment"
-    print(f"fastppo train: {what}; reward: {reward}; device: {trainer.device}; "
+    device = str(trainer.device)
+    if trainer.device.type == "cpu":  # torch's default is one thread per core: say what this run got
+        import torch
+
+        n = torch.get_num_threads()
+        device += f" ({n} thread{'s' if n != 1 else ''}{'' if config.num_threads else ', --num-threads sets it'})"
+    print(f"fastppo train: {what}; reward: {reward}; device: {device}; "
           f"{n_train:,} trainable actor parameters; output: {config.output_dir}")
     if trainer.resumed_from:
         print(f"resumed from {trainer.resumed_from} at iteration {trainer.step}")

@@ -7,6 +7,7 @@ can still change one value of it without editing the file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -15,9 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any model is loaded or step is taken."""
+from . import trl_compat
+from .errors import ConfigError  # noqa: F401 - imported from here by the rest of fastppo.train
 
 
 @dataclass
@@ -157,28 +157,36 @@ class PPOConfig:
         """Load a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file; ``overrides`` (not None) win over it.
 
         TRL ``PPOConfig`` key names in the file are mapped to fastppo's (``fastppo.train.trl_compat``),
-        with one line on stderr per key mapped or ignored."""
-        data = load_trl_or_fastppo(path)
+        with one line on stderr per key mapped or ignored, and one naming the defaults that differ
+        from TRL's. Options a critic-free estimator does not use are refused when the file or
+        ``overrides`` give them."""
+        data, trl_style = load_trl_or_fastppo(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        config = cls.from_dict(data)
+        check_given(config, data)
+        if trl_style:
+            note_trl_defaults(config, data)
+        return config
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PPOConfig":
-        import difflib
-
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {close[0]}?" if close else "fastppo train --help lists them"
-                raise ConfigError(f"unknown config option {key!r} ({hint})")
-        return cls(**coerce_numbers(data))
+        """A config from a mapping of option names (fastppo's, or TRL's: mapped with one notice line
+        each, as in a config file); text that holds a number is read as one for number options."""
+        trl_style = trl_compat.is_trl_style(data)
+        data = _fastppo_names(data)
+        config = cls(**coerce_numbers(data))
+        if trl_style:
+            note_trl_defaults(config, data)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> "PPOConfig":
-        return dataclasses.replace(self, **changes)
+        new = dataclasses.replace(self, **changes)
+        if getattr(self, "_trl_defaults_noted", False):
+            new._trl_defaults_noted = True  # type: ignore[attr-defined]
+        return new
 
     # ---------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -280,6 +288,91 @@ class PPOConfig:
             raise ConfigError("give either reward_model or reward (a built-in reward name), not both")
 
 
+def _fastppo_names(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with TRL key names mapped to fastppo's (one notice line each on stderr); an unknown
+    name is a ``ConfigError`` that suggests the closest option."""
+    import difflib
+    import sys
+
+    data, notices = trl_compat.translate(data)
+    for line in notices:
+        print(line, file=sys.stderr)
+    known = [f.name for f in dataclasses.fields(PPOConfig)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "fastppo train --help lists them"
+            raise ConfigError(f"unknown config option {key!r} ({hint})")
+    return data
+
+
+def _accepting_trl_names(init):
+    """Wrap the dataclass's ``__init__`` so that ``PPOConfig(per_device_train_batch_size=8, ...)``
+    takes TRL's names as a config file does, and a misspelt name is a ``ConfigError`` that suggests
+    the closest option instead of a bare ``TypeError``."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if all(k in _FIELD_NAMES for k in kwargs):
+            init(self, *args, **kwargs)
+            return
+        # TRL's names (or a typo): mapped as in a config file, with the same notices
+        trl_style = trl_compat.is_trl_style(kwargs)
+        kwargs = _fastppo_names(kwargs)
+        init(self, *args, **kwargs)
+        if trl_style:
+            note_trl_defaults(self, kwargs)
+
+    return __init__
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(PPOConfig))
+PPOConfig.__init__ = _accepting_trl_names(PPOConfig.__init__)  # type: ignore[method-assign]
+
+
+def note_trl_defaults(config: "PPOConfig", given: Any = None) -> None:
+    """Print once per config, on stderr, the options it leaves at fastppo's defaults where TRL's
+    defaults differ. ``given``: the option names the user set (a file's and the flags'); None:
+    those whose value is not fastppo's default (a config built in Python)."""
+    import sys
+
+    if getattr(config, "_trl_defaults_noted", False):
+        return
+    values = config.to_dict()
+    if given is None:
+        plain = PPOConfig().to_dict()
+        given = {k for k, v in values.items() if v != plain[k]}
+    line = trl_compat.default_differences(values, set(given))
+    if line:
+        print(line, file=sys.stderr)
+    config._trl_defaults_noted = True  # type: ignore[attr-defined]
+
+
+# Options a critic-free estimator never reads: given explicitly, they would be dropped in silence.
+_UNUSED = {
+    "lam": ("grpo", "rloo", "reinforce++"),
+    "vf_coef": ("grpo", "rloo", "reinforce++"),
+    "value_clip": ("grpo", "rloo", "reinforce++"),
+    "critic_learning_rate": ("grpo", "rloo", "reinforce++"),
+    "kl_coef": ("grpo", "rloo"),
+    "gamma": ("grpo", "rloo"),
+}
+_WHY = {"lam": "GAE's lambda, and there is no GAE", "vf_coef": "the value loss weight, and there is no critic",
+        "value_clip": "the value loss clip, and there is no critic",
+        "critic_learning_rate": "the critic's learning rate, and there is no critic",
+        "kl_coef": "the KL reward penalty, which it does not use (use kl_loss_coef)",
+        "gamma": "a discount over tokens, and its advantage is one per response"}
+
+
+def check_given(config: "PPOConfig", given: Any) -> None:
+    """``ConfigError`` for an option in ``given`` (the names a config file or the command line set)
+    that ``config.advantage_estimator`` does not use: refused rather than dropped in silence."""
+    for name, estimators in _UNUSED.items():
+        if name in given and config.advantage_estimator in estimators and getattr(config, name) is not None:
+            raise ConfigError(f"{_opt(name)} is given, but {_opt('advantage_estimator')} {config.advantage_estimator} "
+                              f"does not use it ({_WHY[name]}); remove it or use gae")
+
+
 LR_SCHEDULES = ("constant", "linear")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # fastppo.group_advantages; need num_generations >= 2
@@ -357,8 +450,78 @@ def coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused before it is read (a config is a few dozen options)."""
+MAX_CONFIG_VALUES = 10_000
+"""Values (scalars, lists and mappings, each time a YAML alias repeats one) a config may hold."""
+MAX_CONFIG_DEPTH = 32
+"""Nesting levels of lists and mappings a config may hold (in ``extra``)."""
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, where: str = ""):
+        super().__init__(key, where)
+        self.key, self.where = key, where
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges on purpose
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            where = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                            raise _DuplicateKey(key, f" ({where})")
+                        seen[key] = line
+                    except TypeError:  # an unhashable key: construct_mapping reports it
+                        continue
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` object hook: a key given twice is an error, not "the last one wins"."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_size(path: str, data: Any) -> None:
+    """Refuse content far beyond any config: YAML aliases can make a few hundred bytes expand to
+    millions of values, which every checkpoint would then record."""
+    count, stack = 0, [(data, 0)]
+    while stack:  # iterative: a deep structure must not exhaust the interpreter's stack here
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"config file {path!r} holds more than {MAX_CONFIG_VALUES} values (YAML aliases "
+                              "expanded); a config is a few dozen options: write out what it needs")
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_CONFIG_DEPTH:
+                raise ConfigError(f"config file {path!r} nests lists/mappings more than {MAX_CONFIG_DEPTH} levels "
+                                  "deep; a config is a flat mapping of options (extra: one more level or a few)")
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+
+
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The option mapping of a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (dashes in names become underscores)."""
+    """The option mapping of a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (dashes in names become underscores).
+
+    Refused with a ``ConfigError``: a file over ``MAX_CONFIG_BYTES``, an option (or a key of one
+    mapping) given twice, content beyond ``MAX_CONFIG_VALUES`` values or ``MAX_CONFIG_DEPTH`` levels."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
@@ -368,60 +531,83 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     if ext not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"config file {path!r}: expected a .yaml, .yml, .toml or .json file, got "
                           f"{ext or 'no extension'!r}")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is {size} bytes; a config file may hold at most {MAX_CONFIG_BYTES} "
+                          "(a config is a few dozen options)")
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            text = f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path!r} is not valid UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror or exc}") from None
-    if ext == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
-    elif ext == ".json":
-        import json
-
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path!r} is not valid JSON at line {exc.lineno}, column {exc.colno}: "
-                              f"{exc.msg}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"config file {path!r} is not valid YAML{at}: {problem}") from None
-        if data is None:
-            data = {}
+    try:
+        data = _parse(path, ext, text)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {path!r} gives {exc.key!r} twice{exc.where}; keep one (which one "
+                          "counts is not obvious to a reader)") from None
+    except RecursionError:  # the parsers recurse once per level of [ or {
+        raise ConfigError(f"config file {path!r} nests lists/mappings too deeply to read; a config is a flat "
+                          "mapping of options") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r}: expected a mapping of option names to values, got {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"config file {path!r}: option names must be text, got {bad[0]!r}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    _check_size(path, data)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in out:
+            raise ConfigError(f"config file {path!r} gives {name!r} twice (as {key!r} and with the other spelling); "
+                              "keep one")
+        out[name] = value
+    return out
 
 
-def load_trl_or_fastppo(path: str | os.PathLike) -> dict[str, Any]:
-    """:func:`load_file`, then TRL key names mapped to fastppo options (notices on stderr)."""
+def _parse(path: str, ext: str, text: str) -> Any:
+    if ext == ".toml":  # TOML itself refuses a key given twice
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    if ext == ".json":
+        import json
+
+        try:
+            return json.loads(text, object_pairs_hook=_no_duplicates)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                              f"{exc.msg}") from None
+    import yaml
+
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path!r} is not valid YAML{at}: {problem}") from None
+    return {} if data is None else data
+
+
+def load_trl_or_fastppo(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
+    """:func:`load_file`, then TRL key names mapped to fastppo options (notices on stderr).
+
+    Returns ``(options, trl_style)``; ``trl_style``: the file used TRL's names (then the caller says
+    which defaults differ from TRL's, once it knows what the command line adds)."""
     import sys
 
-    from .trl_compat import translate
-
-    data, notices = translate(load_file(path))
+    raw = load_file(path)
+    data, notices = trl_compat.translate(raw)
     for line in notices:
         print(line, file=sys.stderr)
-    return data
+    return data, trl_compat.is_trl_style(raw)
 
 
 def field_types() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -70,19 +70,37 @@ def load_actor(config: PPOConfig, path: str, device: torch.device, attn: str) ->
     actor.to(device)
     reference = None
     if config.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         from .config import lora_targets
 
         lora = LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout, target_modules=lora_targets(config.lora_target_modules))
-        actor = get_peft_model(actor, lora)
+        actor = peft_wrap(actor, lora)
     else:
         reference = copy.deepcopy(actor).eval().requires_grad_(False)
     # Dropout stays off for the whole run: the PPO ratio must compare the same function that
     # produced the rollout, and a dropout mask would make it differ from 1 at the first step.
     actor.eval()
     return actor, reference
+
+
+def peft_wrap(model: nn.Module, peft_config: Any) -> nn.Module:
+    """``peft.get_peft_model(model, peft_config)`` without transformers' FutureWarning.
+
+    peft's ``PeftModel.__init__`` asks the model ``is_gradient_checkpointing``, an alias that
+    transformers 5.x deprecates (and warns about on every read) in favour of
+    ``is_activation_checkpointing``; the warning is about peft's code, not the caller's, so it is
+    dropped for this one call, by its message. peft's answer is the same either way (both names
+    read the same flag), and ``enable_gradient_checkpointing`` prepares the model itself.
+    """
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,13 +330,13 @@ def critic_with_lora(config: PPOConfig, critic: TokenScorer) -> TokenScorer:
     (peft's ``modules_to_save``); ``save_pretrained`` then writes the adapter and the head only."""
     import os
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from .config import lora_targets
 
     lora = LoraConfig(task_type="SEQ_CLS", r=config.critic_lora_r, lora_alpha=config.critic_lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=lora_targets(config.lora_target_modules))
-    model = get_peft_model(critic.model, lora)
+    model = peft_wrap(critic.model, lora)
     for cfg in model.peft_config.values():  # loadable from any working directory, as the actor's adapter
         if cfg.base_model_name_or_path and os.path.isdir(cfg.base_model_name_or_path):
             cfg.base_model_name_or_path = os.path.abspath(cfg.base_model_name_or_path)

@@ -143,16 +143,11 @@ def _check_lora_targets(config: PPOConfig, model_config, where: str) -> None:
 
 def _check_output_dir(path: str) -> None:
     """``output_dir`` must be a writable directory or creatable as one."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise ConfigError(f"output_dir (--output-dir) {path!r}: {probe!r} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir (--output-dir) {path!r}: no permission to write in {probe!r}")
+    from .._args import unwritable
+
+    why = unwritable(path)
+    if why:
+        raise ConfigError(f"output_dir (--output-dir) {path!r}: {why}")
 
 
 def _vocab_mismatch(a, b) -> str | None:
@@ -374,6 +369,7 @@ class PPOTrainer:
             config = config.replace(**api.adapter_settings(model if peft_config is None else None, peft_config))
         validate(config, reward_fn, model=model, reward_model=reward_model, value_model=value_model,
                  tokenizer=tokenizer, train_dataset=train_dataset)
+        api.note_defaults(config, model)
         self.config = config
         cfg = config
         self.dist = distributed.Distributed.setup(cfg)  # [dist] process group from the launcher's env

@@ -18,8 +18,11 @@ Kinds of key:
   say something), any other value is refused with a ``ConfigError``, because training would silently
   compute something else than the file asks for (``whiten_rewards: true``, a cosine schedule...).
 
-Keys left out keep *fastppo's* defaults, not TRL's; :func:`translate` lists in one line the ones
-whose defaults differ, so nobody is surprised by ``vf_coef`` 0.5 instead of TRL's 0.1.
+Keys left out keep *fastppo's* defaults, not TRL's; :func:`default_differences` names in one line
+every option whose default differs, so nobody is surprised by ``vf_coef`` 0.5 instead of TRL's 0.1
+or a batch of 64 instead of 8 (``fastppo.train.config`` prints it once per config).
+
+This module imports nothing of ``fastppo.train.config`` (which imports it to accept TRL's names).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .config import ConfigError
+from .errors import ConfigError
 
 SAME, RENAMED, DERIVED, IGNORED, FIXED = "same", "renamed", "derived", "ignored", "fixed"
 
@@ -248,7 +251,7 @@ KEYS: tuple[Key, ...] = (
 
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
 _BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches")
-_NOT_A_DEFAULT = ("model", "reward_model", "dataset", "output_dir", "save_every")
+_NOT_A_DEFAULT = ("model", "reward_model", "dataset", "output_dir")  # paths: TRL's are examples
 _LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # TRL's ModelConfig
 
 
@@ -299,7 +302,7 @@ def translate(data: dict[str, Any], world_size: int | None = None) -> tuple[dict
 
     Returns ``(options, notices)``: the mapping with fastppo names only (keys that are neither TRL's
     nor fastppo's are left for ``PPOConfig.from_dict`` to reject), and one line per TRL key mapped
-    or ignored, plus one line naming the defaults that differ from TRL's. ``world_size`` (default:
+    or ignored (:func:`default_differences` says which defaults differ). ``world_size`` (default:
     the ``WORLD_SIZE`` environment variable that torchrun and accelerate set, else 1) scales the
     global batch sizes as TRL's ``accelerator.num_processes`` does. Raises ``ConfigError`` for a
     value fastppo cannot honour.
@@ -342,6 +345,9 @@ def translate(data: dict[str, Any], world_size: int | None = None) -> tuple[dict
         if not isinstance(data["use_peft"], bool):
             raise ConfigError(f"use_peft (TRL) must be true or false, got {data['use_peft']!r}")
         if data["use_peft"]:
+            if "lora_r" in given and given["lora_r"] == 0:
+                raise ConfigError("use_peft: true (TRL) asks for a LoRA actor, but lora_r is 0, which trains the whole "
+                                  "model; set lora_r >= 1 (TRL's default is 16) or use_peft: false")
             filled = {k: v for k, v in _LORA_DEFAULTS.items() if k not in given}
             out.update(filled)
             extra = (f"; {', '.join(f'{k}: {v}' for k, v in filled.items())} (TRL's ModelConfig defaults, not in "
@@ -397,36 +403,49 @@ def translate(data: dict[str, Any], world_size: int | None = None) -> tuple[dict
         _set(out, given, "iterations", iterations, "total_episodes")
         note(f"TRL key total_episodes: {episodes} -> iterations: {iterations} (of batch_size {batch} responses)")
 
-    notices.extend(_default_differences(data, out))
     return out, notices
 
 
-def _default_differences(data: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    """One line naming options left out of a TRL-style file whose fastppo default differs from TRL's."""
-    if not is_trl_style(data):
-        return []
-    from .config import PPOConfig
+def _trl_batch() -> tuple[int, int, int, int]:
+    """TRL's default ``(micro, mini, batch, processes)`` with no batch key given: 8 per device, one
+    accumulation step, one mini-batch, times the processes."""
+    world = _whole("WORLD_SIZE (environment)", os.environ.get("WORLD_SIZE", "1"), 1)
+    per_device, accumulate, minis = (BY_NAME[k].trl_default for k in _BATCH_KEYS)
+    return per_device, per_device * accumulate * world, per_device * accumulate * world * minis, world
 
-    plain = PPOConfig()
+
+def default_differences(values: dict[str, Any], given: set[str]) -> str | None:
+    """One line naming every option of ``values`` (a whole fastppo config) that is not in ``given``
+    (the options the user set) and whose fastppo default differs from what TRL would use; None when
+    there is none. LoRA options count only when LoRA is on (``lora_r`` > 0)."""
     differ = []
+
+    def differs(option: str, theirs: Any, how: str) -> None:
+        if option not in given and option in values and values[option] != theirs:
+            differ.append(f"{option} {_shown(values[option])} ({how})")
+
     for key in KEYS:
-        if key.kind not in (SAME, RENAMED) or key.name in data or key.fastppo in out:
+        if key.kind not in (SAME, RENAMED) or key.fastppo in _NOT_A_DEFAULT or key.trl_default is None:
             continue
-        if key.source in (_MC, _OLD_MC) or key.fastppo in _NOT_A_DEFAULT:  # paths, and LoRA keys that use_peft gates
+        if key.source in (_MC, _OLD_MC) and not values.get("lora_r"):
             continue
-        if key.trl_default is None or not hasattr(plain, key.fastppo):
-            continue
-        ours = getattr(plain, key.fastppo)
         try:
             theirs = key.convert(key.trl_default) if key.convert is not None else key.trl_default
         except ConfigError:
             theirs = key.trl_default
-        if ours != theirs:
-            differ.append(f"{key.fastppo} {_shown(ours)} (TRL {key.name} {_shown(key.trl_default)})")
+        differs(key.fastppo, theirs, f"TRL {key.name} {_shown(key.trl_default)}")
+    if values.get("lora_r"):
+        differs("lora_target_modules", None, "TRL lora_target_modules none: peft's choice per model type")
+    micro, mini, batch, world = _trl_batch()
+    times = f" x {world} processes" if world > 1 else ""
+    differs("batch_size", batch, f"TRL {batch}: per_device_train_batch_size {micro} x gradient_accumulation_steps 1 x "
+                                 f"num_mini_batches 1{times}")
+    differs("mini_batch_size", mini, f"TRL {mini}: per_device_train_batch_size x gradient_accumulation_steps{times}")
+    differs("micro_batch_size", micro, f"TRL per_device_train_batch_size {micro}")
+    differs("iterations", None, "TRL: without total_episodes, num_train_epochs 3 passes over the dataset")
     if not differ:
-        return []
-    return ["fastppo train: config: options the file leaves out keep fastppo's defaults, not TRL's: "
-            + "; ".join(differ)]
+        return None
+    return ("fastppo train: config: options left unset keep fastppo's defaults, not TRL's: " + "; ".join(differ))
 
 
 def markdown_table() -> str:
