@@ -63,7 +63,7 @@ def _validated(check):
     def wrap(fn):
         @functools.wraps(fn)
         def op(*args, **kwargs):
-            check(*args, **kwargs)
+            _checks.run(check, *args, **kwargs)
             return fn(*args, **kwargs)
 
         op.raw = fn
