@@ -260,3 +260,51 @@ def test_linear_logprobs_minus_inf_hidden_is_nan_like_float64(backend, rng):
         lp, ent = fastppo.linear_logprobs(hidden, weight, labels, return_entropy=True, chunk_size=2)
     assert_close(lp, t_lp, TOL_FP32_OUT[torch.float32], "logprobs")
     assert_close(ent, t_ent, TOL_FP32_OUT[torch.float32], "entropy")
+
+
+# --------------------------------------------------------------------------------------------
+# d. group_advantages: scores up to float32's max, no overflow in the group statistics
+# --------------------------------------------------------------------------------------------
+
+GROUP_ESTIMATORS = (("grpo", True), ("grpo", False), ("dr_grpo", True), ("rloo", True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator,norm_by_std", GROUP_ESTIMATORS)
+def test_group_advantages_of_huge_scores_match_float64(backend, estimator, norm_by_std, rng):
+    """Scores of magnitude 1e19 .. 1.6e38 (centred values up to 3.2e38 still fit float32): the
+    float32 square of the spread overflowed, the std became inf, and grpo said 0 everywhere
+    (dr_grpo and rloo overflowed their sums beyond ~1e38 / K). Groups of K = 4: random signs,
+    one member masked out, and one group of four equal scores (std 0: advantage 0)."""
+    K, Bg, Tt = 4, 12, 3
+    mask = torch.rand(Bg, Tt, generator=rng) < 0.8
+    mask[:, 0] = True
+    mask[1] = False  # a non-member: left out of its group
+    for mag in (1e19, 1e25, 1e30, 1e36, 1.6e38):
+        scores = (torch.rand(Bg, generator=rng) * 2 - 1) * mag
+        scores[8:12] = mag
+        want = gt.group_advantages(scores, K, mask, estimator=estimator, norm_by_std=norm_by_std)
+        with fastppo.use_backend(backend):
+            got = fastppo.group_advantages(scores, K, mask, estimator=estimator, norm_by_std=norm_by_std)
+        assert bool(torch.isfinite(want).all())
+        # float32 tolerance in the scale of the outputs: the scores' for s - mean (its rounding
+        # is a float32 ulp of the scores), 1 once divided by the std.
+        atol, rtol = TOL_FP32_OUT[torch.float32]
+        scale = 1.0 if (estimator, norm_by_std) == ("grpo", True) else mag
+        assert_close(got, want, (atol * scale, rtol), f"{estimator} at |scores| ~ {mag:.0e}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_of_scores_at_float32_max_matches_float64(backend, rng):
+    """Scores spread over [-max, max] of float32 (their difference is beyond float32): the
+    normalised advantages are of order 1 and equal the float64 ground truth; a group mixing 3e38
+    with small scores too."""
+    K = 4
+    fmax = torch.finfo(torch.float32).max
+    scores = (torch.rand(8, generator=rng) * 2 - 1) * fmax
+    scores[4:8] = torch.tensor([3e38, 1.0, -2.0, 0.5])
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    want = gt.group_advantages(scores, K, mask)
+    with fastppo.use_backend(backend):
+        got = fastppo.group_advantages(scores, K, mask)
+    assert_close(got, want, TOL_FP32_OUT[torch.float32], "grpo at float32 max")
