@@ -10,11 +10,15 @@ when ``FASTPPO_VALUE_CHECKS=0`` for callers who cannot afford the synchronisatio
 behave as with ``FASTPPO_VALUE_CHECKS=0``, every implementation clamps labels into [0, V - 1],
 so a bad label gives a meaningless but memory-safe value. Every other check reads only shapes,
 dtypes, devices and Python numbers, which tracing sees as constants (or guards).
+
+Under ``torch.compile`` the ops call their check through :func:`run`, so that a bad input raises
+the same ``ValueError`` as in eager, ``fullgraph=True`` included (see :func:`run`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
 from numbers import Real
 from typing import Iterable
@@ -33,7 +37,13 @@ AGG_MODES = (
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+    return "[" + ", ".join(_dim(s) for s in t.shape) + "]"
+
+
+def _dim(size) -> str:
+    # operator.index: dynamo cannot str() a symbolic size (dynamic=True), but specialises it to
+    # its int here (on the way to an error only).
+    return str(operator.index(size))
 
 
 def _is_tensor(name: str, t) -> torch.Tensor:
@@ -114,6 +124,38 @@ def _choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
 
 
+class TracedValueError(ValueError, AssertionError):
+    """The ``ValueError`` of a check that failed while ``torch.compile`` traced the op.
+
+    A ``ValueError`` raised in code that dynamo traces becomes a graph break, which
+    ``fullgraph=True`` turns into ``torch._dynamo.exc.Unsupported``; dynamo lets an
+    ``AssertionError`` out of the compiler untouched, hence the second base. Catch it as
+    ``ValueError``.
+    """
+
+
+def _raise_traced(message: str) -> None:
+    raise TracedValueError(message)
+
+
+# What ``torch.compiler.assume_constant_result`` does to a function, without importing dynamo
+# (which imports triton) when fastppo is imported: dynamo then calls it for real, with the message
+# as a constant, instead of tracing it, so the exception leaves the compiler as it is.
+_raise_traced._dynamo_marked_constant = True
+
+
+def run(check, *args, **kwargs) -> None:
+    """``check(*args, **kwargs)``; under ``torch.compile`` its ``ValueError`` (same message)
+    reaches the caller as a :class:`TracedValueError`, ``fullgraph=True`` included."""
+    if not torch.compiler.is_compiling():
+        check(*args, **kwargs)
+        return
+    try:
+        check(*args, **kwargs)
+    except ValueError as e:
+        _raise_traced(str(e))
+
+
 def value_checks_enabled() -> bool:
     return os.environ.get("FASTPPO_VALUE_CHECKS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -153,7 +195,7 @@ def logprobs_from_logits(
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"labels have shape {_shape(labels)} but logits {_shape(logits)} need labels of shape "
-            f"[{', '.join(str(s) for s in logits.shape[:-1])}]"
+            f"[{', '.join(_dim(s) for s in logits.shape[:-1])}]"
         )
     _same_device([("logits", logits), ("labels", labels)])
     if mask is not None:
@@ -195,7 +237,7 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k
     _same_shape([("logprobs", logprobs), ("ref_logprobs", ref_logprobs)])
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(
-            f"scores must be [B] = [{logprobs.shape[0]}] (one score per row of logprobs), got shape {_shape(scores)}"
+            f"scores must be [B] = [{_dim(logprobs.shape[0])}] (one score per row of logprobs), got shape {_shape(scores)}"
         )
     _mask("mask", mask, logprobs, "logprobs")
     _same_device([("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("scores", scores)])
@@ -359,20 +401,20 @@ def linear_logprobs(
         raise ValueError(f"weight must have a vocabulary dimension V >= 1, got shape {_shape(weight)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight has shape {_shape(weight)} but hidden has H = {hidden.shape[-1]}; expected weight of "
-            f"shape [V, {hidden.shape[-1]}]"
+            f"weight has shape {_shape(weight)} but hidden has H = {_dim(hidden.shape[-1])}; expected weight of "
+            f"shape [V, {_dim(hidden.shape[-1])}]"
         )
     if labels.dtype not in _LABEL_DTYPES:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"labels have shape {_shape(labels)} but hidden {_shape(hidden)} needs labels of shape "
-            f"[{', '.join(str(s) for s in hidden.shape[:-1])}]"
+            f"[{', '.join(_dim(s) for s in hidden.shape[:-1])}]"
         )
     if bias is not None:
         _float_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (one per row of weight), got shape {_shape(bias)}")
+            raise ValueError(f"bias must be [V] = [{_dim(weight.shape[0])}] (one per row of weight), got shape {_shape(bias)}")
     _same_device([("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)])
     _same_dtype([("hidden", hidden), ("weight", weight), ("bias", bias)])
     if mask is not None:
@@ -400,13 +442,13 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
     _token_2d("mask", mask)
     B = mask.shape[0]
     if scores.shape != mask.shape[:1]:
-        raise ValueError(f"scores must be [B] = [{B}] (one score per row of mask), got shape {_shape(scores)}")
+        raise ValueError(f"scores must be [B] = [{_dim(B)}] (one score per row of mask), got shape {_shape(scores)}")
     _same_device([("scores", scores), ("mask", mask)])
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer (responses per prompt), got {group_size!r}")
     if B % group_size != 0:
         raise ValueError(
-            f"group_size must divide the batch: B = {B} rows is not a whole number of groups of {group_size}"
+            f"group_size must divide the batch: B = {_dim(B)} rows is not a whole number of groups of {group_size}"
         )
     _choice("group estimator", estimator, GROUP_ESTIMATORS)
     if not isinstance(norm_by_std, bool):

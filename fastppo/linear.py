@@ -26,8 +26,9 @@ tiles and the weight is not float32) and d b[c0:c1] = sum d z. The workspace is 
 ``[rows, chunk]`` tiles, O(N * chunk + V * H), never O(N * V).
 
 Numerics as in ``kernels/logprob.py``: the row max is subtracted before the temperature, the
-entropy is accumulated relative to the running max, and -inf logits (a -inf bias entry) are
-floored so that 0 * -inf never makes a NaN. A NaN anywhere in a valid row's logits reaches its
+entropy is accumulated relative to the running max, and -inf logits (a -inf bias entry, or a
+matmul that overflows float32) are floored so that 0 * -inf never makes a NaN. The backward is
+not differentiable: a double backward raises ``NotImplementedError`` naming the reference. A NaN anywhere in a valid row's logits reaches its
 sums, so that row's outputs are NaN; masked rows are never read.
 """
 
@@ -123,7 +124,8 @@ class TorchFolds:
     bias_in_mm = True
     # d logits are formed in the compute dtype (the CPU matmuls run in it).
     half_dlogits = False
-    # -inf logits need an extra clamp pass here; only taken when the bias holds a -inf.
+    # -inf logits need an extra clamp pass here; taken only where a -inf could meet a 0 (the
+    # entropy's sum of p * log p, its gradient) or when the bias holds a -inf.
     floor_always = False
 
     @staticmethod
@@ -140,7 +142,9 @@ class TorchFolds:
         d = z.sub_(shift.unsqueeze(1))  # the max first, then the temperature
         if inv_temp != 1.0:
             d.mul_(inv_temp)
-        if floor:
+        # Finite inputs make a -inf logit too when the matmul overflows (|h . w| > 3e38): the
+        # entropy sum then needs the floor whatever the bias holds.
+        if floor or with_entropy:
             d.clamp_(min=_FLOOR)
         e = torch.exp(d)
         if with_entropy:
@@ -157,7 +161,7 @@ class TorchFolds:
         if inv_temp != 1.0:
             logp.mul_(inv_temp)
         logp.sub_(logs.unsqueeze(1))
-        if floor:
+        if floor or gent is not None:  # p * log p below, as in fold_fwd
             logp.clamp_(min=_FLOOR)
         p = torch.exp(logp)
         # d z / T = p * (a * log p + b) (+ g_logprob / T at the label), with
@@ -391,6 +395,28 @@ def floor_needed(folds, bias, compact):
     return folds.floor_always or (bias is not None and (not compact or _has_neg_inf(bias)))
 
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "double backward of linear_logprobs is not supported on the chunked (CPU) and Triton paths, whose "
+    "backward is a hand-written loop; for higher-order gradients use the full-logits reference "
+    "(FASTPPO_BACKEND=torch, fastppo.use_backend('torch') or fastppo.reference.linear_logprobs)"
+)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """``(n, *grads, *inputs) -> grads``: the first ``n`` arguments unchanged, tied to the op's
+    inputs in the graph, with a backward that refuses and names the way out. Differentiating the
+    gradients of :class:`LinearLogprob` again would otherwise fail deep inside the loops (an
+    ``mm(out=...)`` error), or with no sign that the op was the cause."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(g.view_as(g) for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(DOUBLE_BACKWARD_MESSAGE)
+
+
 class LinearLogprob(torch.autograd.Function):
     """Outputs: the log-probs ``[N]`` and, with ``with_entropy``, the entropy ``[N]``."""
 
@@ -415,10 +441,17 @@ class LinearLogprob(torch.autograd.Function):
         nothing = (None,) * 11
         if (glp is None and gent is None) or not (need_h or need_w or need_b):
             return nothing
-        dhidden, dw, db = backward_rows(
-            hidden, weight, bias, lab, sel, m, logs, ent, glp, gent, ctx.inv_temp, ctx.chunk_size, ctx.folds,
-            ctx.floor, ctx.compact, need_h, need_w, need_b,
-        )
+        # create_graph=True runs this with grad mode on; the loops are not differentiable.
+        with torch.no_grad():
+            dhidden, dw, db = backward_rows(
+                hidden, weight, bias, lab, sel, m, logs, ent, glp, gent, ctx.inv_temp, ctx.chunk_size, ctx.folds,
+                ctx.floor, ctx.compact, need_h, need_w, need_b,
+            )
+        inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+        if torch.is_grad_enabled() and inputs:
+            got = [g for g in (dhidden, dw, db) if g is not None]
+            wrapped = iter(_NoDoubleBackward.apply(len(got), *got, *inputs))
+            dhidden, dw, db = (None if g is None else next(wrapped) for g in (dhidden, dw, db))
         return dhidden, dw, db, None, None, None, None, None, None, None, None
 
 

@@ -39,7 +39,7 @@ def logprobs_from_logits(
     inplace_backward: bool = False,
 ):
     kwargs = dict(temperature=temperature, return_entropy=return_entropy, mask=mask, inplace_backward=inplace_backward)
-    _checks.logprobs_from_logits(logits, labels, **kwargs)
+    _checks.run(_checks.logprobs_from_logits, logits, labels, **kwargs)
     if _tracing():
         return _library.logprobs_from_logits(logits, labels, **kwargs)
     return pick("logprobs_from_logits", logits.device)(logits, labels, **kwargs)
@@ -49,7 +49,7 @@ def logprobs_from_logits(
 def entropy_from_logits(
     logits: torch.Tensor, *, temperature: float = 1.0, inplace_backward: bool = False
 ) -> torch.Tensor:
-    _checks.entropy_from_logits(logits, temperature=temperature, inplace_backward=inplace_backward)
+    _checks.run(_checks.entropy_from_logits, logits, temperature=temperature, inplace_backward=inplace_backward)
     if _tracing():
         return _library.entropy_from_logits(logits, temperature=temperature, inplace_backward=inplace_backward)
     impl = pick("entropy_from_logits", logits.device)
@@ -60,7 +60,7 @@ def entropy_from_logits(
 def kl_penalty(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", *, clamp: float | None = None
 ) -> torch.Tensor:
-    _checks.kl_penalty(logprobs, ref_logprobs, estimator, clamp=clamp)
+    _checks.run(_checks.kl_penalty, logprobs, ref_logprobs, estimator, clamp=clamp)
     if _tracing():
         return _library.kl_penalty(logprobs, ref_logprobs, estimator, clamp=clamp)
     return pick("kl_penalty", logprobs.device)(logprobs, ref_logprobs, estimator, clamp=clamp)
@@ -76,7 +76,7 @@ def shape_rewards(
     kl_coef: float,
     estimator: str = "k1",
 ):
-    _checks.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
+    _checks.run(_checks.shape_rewards, scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
     if _tracing():
         return _library.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
     impl = pick("shape_rewards", logprobs.device)
@@ -93,7 +93,7 @@ def gae(
     lam: float = 0.95,
     whiten: bool = False,
 ):
-    _checks.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
+    _checks.run(_checks.gae, rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
     if _tracing():
         return _library.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
     return pick("gae", rewards.device)(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
@@ -101,7 +101,7 @@ def gae(
 
 @_doc("masked_whiten")
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    _checks.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    _checks.run(_checks.masked_whiten, x, mask, shift_mean=shift_mean, eps=eps)
     if _tracing():
         return _library.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
     return pick("masked_whiten", x.device)(x, mask, shift_mean=shift_mean, eps=eps)
@@ -109,7 +109,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
 @_doc("aggregate")
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
-    _checks.aggregate(loss_mat, mask, agg)
+    _checks.run(_checks.aggregate, loss_mat, mask, agg)
     if _tracing():
         return _library.aggregate(loss_mat, mask, agg)
     return pick("aggregate", loss_mat.device)(loss_mat, mask, agg)
@@ -129,7 +129,7 @@ def policy_loss(
     is_weights: torch.Tensor | None = None,
 ):
     kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights)
-    _checks.policy_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
+    _checks.run(_checks.policy_loss, logprobs, old_logprobs, advantages, mask, **kwargs)
     if _tracing():
         return _library.policy_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
     return pick("policy_loss", logprobs.device)(logprobs, old_logprobs, advantages, mask, **kwargs)
@@ -145,7 +145,7 @@ def value_loss(
     clip: float | None = 0.2,
     agg: str = "token-mean",
 ):
-    _checks.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
+    _checks.run(_checks.value_loss, values, old_values, returns, mask, clip=clip, agg=agg)
     if _tracing():
         return _library.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
     return pick("value_loss", values.device)(values, old_values, returns, mask, clip=clip, agg=agg)
@@ -166,7 +166,7 @@ def compute_advantages(
     whiten: bool = True,
 ):
     kwargs = dict(kl_coef=kl_coef, estimator=estimator, gamma=gamma, lam=lam, whiten=whiten)
-    _checks.compute_advantages(scores, logprobs, ref_logprobs, values, mask, **kwargs)
+    _checks.run(_checks.compute_advantages, scores, logprobs, ref_logprobs, values, mask, **kwargs)
     if _tracing():
         return _library.compute_advantages(scores, logprobs, ref_logprobs, values, mask, **kwargs)
     return pick("compute_advantages", logprobs.device)(scores, logprobs, ref_logprobs, values, mask, **kwargs)
@@ -203,7 +203,7 @@ def ppo_loss(
         agg=agg,
         is_weights=is_weights,
     )
-    _checks.ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, **kwargs)
+    _checks.run(_checks.ppo_loss, logprobs, old_logprobs, advantages, values, old_values, returns, mask, **kwargs)
     if _tracing():
         return _library.ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, **kwargs)
     impl = pick("ppo_loss", logprobs.device)
@@ -230,7 +230,7 @@ def linear_logprobs(
     chunk_size: int | None = None,
 ):
     kwargs = dict(bias=bias, temperature=temperature, return_entropy=return_entropy, mask=mask, chunk_size=chunk_size)
-    _checks.linear_logprobs(hidden, weight, labels, **kwargs)
+    _checks.run(_checks.linear_logprobs, hidden, weight, labels, **kwargs)
     if _tracing():
         return _library.linear_logprobs(hidden, weight, labels, **kwargs)
     if current_backend() == "auto" and hidden.device.type != "cuda":
@@ -259,7 +259,7 @@ def group_advantages(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     kwargs = dict(estimator=estimator, norm_by_std=norm_by_std, eps=eps)
-    _checks.group_advantages(scores, group_size, mask, **kwargs)
+    _checks.run(_checks.group_advantages, scores, group_size, mask, **kwargs)
     if _tracing():
         return _library.group_advantages(scores, group_size, mask, **kwargs)
     return pick("group_advantages", scores.device)(scores, group_size, mask, **kwargs)
@@ -267,7 +267,7 @@ def group_advantages(
 
 @_doc("reinforce_pp_advantages")
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0):
-    _checks.reinforce_pp_advantages(rewards, mask, gamma=gamma)
+    _checks.run(_checks.reinforce_pp_advantages, rewards, mask, gamma=gamma)
     if _tracing():
         return _library.reinforce_pp_advantages(rewards, mask, gamma=gamma)
     return pick("reinforce_pp_advantages", rewards.device)(rewards, mask, gamma=gamma)

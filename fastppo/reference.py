@@ -63,7 +63,7 @@ def _validated(check):
     def wrap(fn):
         @functools.wraps(fn)
         def op(*args, **kwargs):
-            check(*args, **kwargs)
+            _checks.run(check, *args, **kwargs)
             return fn(*args, **kwargs)
 
         op.raw = fn
@@ -789,6 +789,22 @@ def _linear_logprobs_backward(hidden, weight, labels, bias, mask, temperature, r
 # --------------------------------------------------------------------------------------------
 
 
+def _group_unit(s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The unit in which a group's statistics are taken, ``[G, 1]``: 1, or where the members'
+    mean |score| is finite and beyond 2^40, the power of two at or below it.
+
+    ``s``: ``[G, K]`` scores, 0 at non-members; ``n``: ``[G, 1]`` member counts. The square of a
+    float32 score beyond about 1e19 overflows; in units every |score| is below 2n, so the
+    variance of scores up to float32's max is finite, and a power-of-two unit rounds nothing.
+    The mean is summed from |s| * 2^-64, which cannot overflow. An inf or NaN member keeps unit 1:
+    its group is NaN either way. (The Triton kernel picks the same unit.)
+    """
+    mean_abs = (s.abs() * 2.0**-64).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    big = (mean_abs >= 2.0**-24) & torch.isfinite(mean_abs)
+    exponent = torch.frexp(torch.where(big, mean_abs, 1.0)).exponent
+    return torch.where(big, torch.exp2((exponent - 1).to(s.dtype)) * 2.0**64, 1.0)
+
+
 @_validated(_checks.group_advantages)
 @torch.no_grad()
 def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=True, eps=1e-6):
@@ -819,8 +835,10 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
     grpo gives +0.866, -0.866, -0.866, +0.866; dr_grpo +0.5, -0.5, -0.5, +0.5; rloo compares each
     with the mean of the other three (1/3, 2/3, 2/3, 1/3): +0.667, -0.667, -0.667, +0.667.
 
-    A NaN or inf score of a member makes its whole group NaN (and only its group). Rollout
-    data: the output carries no gradient.
+    A NaN or inf score of a member makes its whole group NaN (and only its group). Any finite
+    scores are fine, up to float32's max: the statistics are taken in a power-of-two unit of the
+    scores (:func:`_group_unit`), so the sum of squares does not overflow. Rollout data: the
+    output carries no gradient.
 
     Args:
         scores: ``[B]`` float, one scalar reward per response.
@@ -835,16 +853,19 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
     member = valid.any(dim=1).view(-1, group_size)  # [G, K]: rows with a valid token
     s = torch.where(member, scores.to(dtype).view(-1, group_size), 0.0)
     n = member.to(dtype).sum(dim=1, keepdim=True)
-    mean = s.sum(dim=1, keepdim=True) / n.clamp(min=1)
-    centered = torch.where(member, s - mean, 0.0)
+    unit = _group_unit(s, n)
+    u = s / unit
+    mean = u.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centered = torch.where(member, u - mean, 0.0)
     std = (centered.square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
     several = n >= 2
+    # Statistics and centred scores are in units; a lone member (mean 0, std 1) is not.
     if estimator == "rloo":
-        adv = torch.where(several, (s - mean) * n / (n - 1).clamp(min=1), s)
+        adv = torch.where(several, (u - mean) * n / (n - 1).clamp(min=1) * unit, s)
+    elif estimator == "grpo" and norm_by_std:
+        adv = torch.where(several, (u - mean) / (std + eps / unit), s / (1.0 + eps))
     else:
-        adv = torch.where(several, s - mean, s)  # a lone member: mean 0
-        if estimator == "grpo" and norm_by_std:
-            adv = adv / (torch.where(several, std, 1.0) + eps)  # a lone member: std 1
+        adv = torch.where(several, (u - mean) * unit, s)
     adv = torch.where(member, adv, 0.0).reshape(B, 1)
     return torch.where(valid, adv, 0.0)
 

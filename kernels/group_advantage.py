@@ -8,8 +8,9 @@ and return tensors that never require grad.
 
 1. ``_row_member_kernel`` (grid over tiles of rows): does row b have a valid token? (int32 [B]);
 2. ``_group_stats_kernel`` (one program per group of K consecutive rows): mean and unbiased std of
-   the members' scores (two passes over the K scores: the centred sum of squares, not
-   E[x^2] - E[x]^2), then each row's scalar advantage (0 for a non-member) into float32 [B];
+   the members' scores (the centred sum of squares, not E[x^2] - E[x]^2, in units of a power of
+   two near the mean |score| when that is beyond 2^40, so nothing overflows up to float32's
+   max), then each row's scalar advantage (0 for a non-member) into float32 [B];
 3. ``_broadcast_kernel`` (grid over [rows, T] tiles): out[b, t] = a_b where mask != 0, else 0.
 
 Only launch 3 and the mask read of launch 1 touch [B, T] data; launch 2 is O(B).
@@ -38,6 +39,9 @@ from .advantage import _as_rows, _empty_outputs, _is_f64, gae_launch
 EST_GRPO = 0  # (s - mean) / (std + eps)
 EST_CENTER = 1  # s - mean: dr_grpo, and grpo with norm_by_std=False
 EST_RLOO = 2  # (s - mean) * n / (n - 1)
+_SHRINK = tl.constexpr(2.0**-64)  # exact powers of two: the unit of the group statistics
+_GROW = tl.constexpr(2.0**64)
+_UNIT_FROM = tl.constexpr(2.0**40)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,45 +69,61 @@ def _row_member_kernel(mask_ptr, member_ptr, B, T, stride_m, BLOCK_B: tl.constex
 def _group_stats_kernel(scores_ptr, member_ptr, adv_ptr, K, eps, EST: tl.constexpr, BLOCK_K: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * K
     ks = tl.arange(0, BLOCK_K)
-    # Pass 1: members and the sum of their scores.
-    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    # Pass 1: members, their count and the sum of their |score| * 2^-64 (which cannot overflow).
     count = tl.zeros([BLOCK_K], dtype=tl.int32)
+    absum = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
         inb = k < K
         member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
         s = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32)
-        total += tl.where(member, s, 0.0)  # a non-member's score (NaN, inf) is never read
+        absum += tl.where(member, tl.abs(s) * _SHRINK, 0.0)  # a non-member's score is never read
         count += member.to(tl.int32)
     n = tl.sum(count, axis=0).to(tl.float32)
     several = n >= 2.0
+    # The unit of the statistics (see reference._group_unit): 1, or beyond a mean |score| of
+    # 2^40 the power of two at or below it (the exponent bits of the float: exact).
+    mean_abs = tl.sum(absum, axis=0) / tl.where(n >= 1.0, n, 1.0)
+    big = (mean_abs >= _UNIT_FROM * _SHRINK) & (mean_abs <= 3.4028234663852886e38)  # not inf, NaN
+    unit = tl.where(big, (mean_abs.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * _GROW, 1.0)
+    # Pass 2: the sum of the members' scores, in units.
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        inb = k < K
+        member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
+        s = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32)
+        total += tl.where(member, s / unit, 0.0)  # a non-member's score (NaN, inf) is never read
     mean = tl.sum(total, axis=0) / tl.where(n >= 1.0, n, 1.0)
-    # Pass 2: the centred sum of squares (unbiased variance, as torch.std).
+    # Pass 3: the centred sum of squares (unbiased variance, as torch.std), in units.
     sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
         inb = k < K
         member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
         s = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32)
-        d = tl.where(member, s - mean, 0.0)
+        d = tl.where(member, s / unit - mean, 0.0)
         sq += d * d
     n_minus_1 = tl.where(several, n - 1.0, 1.0)
     std = tl.sqrt(tl.sum(sq, axis=0) / n_minus_1)
-    # A lone member has no baseline (verl): mean 0, std 1.
-    base_mean = tl.where(several, mean, 0.0)
-    # Pass 3: each row's advantage.
+    # eps in units; it may flush to 0 on the GPU for the largest units. den is then 0 only where
+    # every centred score is 0 (std 0), and those must give 0, not 0 / 0.
+    den = std + eps / unit
+    den = tl.where(den == 0.0, 1.0, den)
+    # Pass 4: each row's advantage. A lone member has no baseline (verl): mean 0, std 1.
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
         inb = k < K
         member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
         s = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32)
         s = tl.where(member, s, 0.0)
+        d = s / unit - mean
         if EST == 0:
-            a = (s - base_mean) / (tl.where(several, std, 1.0) + eps)
+            a = tl.where(several, d / den, s / (1.0 + eps))
         elif EST == 1:
-            a = s - base_mean
+            a = tl.where(several, d * unit, s)
         else:
-            a = tl.where(several, (s - mean) * n / n_minus_1, s)
+            a = tl.where(several, d * n / n_minus_1 * unit, s)
         tl.store(adv_ptr + base + k, tl.where(member, a, 0.0), mask=inb)
 
 
