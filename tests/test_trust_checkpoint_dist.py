@@ -192,3 +192,26 @@ def test_a_payload_in_any_one_file_is_never_run(poisoned, tmp_path, capsys):
             "fingerprint.json", "trainer_state.pt"}
     assert outcome == {(rel, name): "refused" if rel in read else "loaded"
                        for rel in [*files(pristine), *OLD_DCP] for name in ("one", "ranks")}
+
+
+def test_the_ranks_reader_puts_both_lora_adapters_back_whole(tmp_path):
+    """The reader the ranks use, on LoRA actor and critic (whose value head peft saves under
+    another name): every trained tensor comes back, none skipped by the non-strict LoRA load."""
+    from safetensors.torch import load_file
+
+    from fastppo.train import PPOTrainer, builtin, distributed
+
+    lora = dict(RUN, iterations=1, lora_r=4, critic_lora_r=4)
+    PPOTrainer(builtin.default_config(output_dir=str(tmp_path / "a"), **lora)).train()
+    ckpt = tmp_path / "a" / "checkpoints" / STEP1
+    shutil.copytree(tmp_path / "a" / "builtin", tmp_path / "b" / "builtin")
+    fresh = PPOTrainer(builtin.default_config(output_dir=str(tmp_path / "b"), **lora))
+    assert distributed.resume(fresh, [str(ckpt)]) == str(ckpt) and fresh.step == 1
+    for model, saved in ((fresh.actor, load_file(ckpt / "actor" / "adapter_model.safetensors")),
+                         (fresh.critic.model, load_file(ckpt / "critic" / "adapter_model.safetensors"))):
+        own = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        assert len(own) == len(saved)
+        for k, p in own.items():
+            short = k.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+            assert torch.equal(p.detach(), saved[short]), k
+    assert any(k.endswith("score.weight") for k in saved)  # the critic's value head is among them

@@ -696,11 +696,15 @@ def _load(trainer, path: str, loaded: dict[str, Any]) -> str | None:
     state = loaded["state"]
     mods = _modules(trainer)
     try:
-        full = {f"actor.{k}": v for k, v in _actor_keys(trainer, loaded["actor"]).items()}
-        if loaded["critic"] is not None:
-            full.update({f"critic.model.{k}": v for k, v in loaded["critic"].items()})
         # LoRA: the checkpoint holds the adapter only; the frozen base weights are already in place.
-        set_model_state_dict(mods, full, options=_options(full_state_dict=True, strict=trainer.config.lora_r <= 0))
+        lora = trainer.config.lora_r > 0
+        critic_lora = getattr(trainer.config, "critic_lora_r", 0) > 0
+        actor = _adapter_keys(trainer.actor, loaded["actor"], "actor") if lora else loaded["actor"]
+        full = {f"actor.{k}": v for k, v in actor.items()}
+        if loaded["critic"] is not None:
+            critic = _adapter_keys(trainer.critic.model, loaded["critic"], "critic") if critic_lora else loaded["critic"]
+            full.update({f"critic.model.{k}": v for k, v in critic.items()})
+        set_model_state_dict(mods, full, options=_options(full_state_dict=True, strict=not (lora or critic_lora)))
         optim = _optimizer_from_ids(state["optimizer"], trainer.optimizer, _param_names(trainer))
         set_optimizer_state_dict(mods, trainer.optimizer, optim, options=_options(full_state_dict=True))
     except checkpoint.CheckpointError as exc:
@@ -726,20 +730,21 @@ def _load(trainer, path: str, loaded: dict[str, Any]) -> str | None:
     return None
 
 
-def _actor_keys(trainer, actor_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A one-process checkpoint's actor tensors under the actor module's own state-dict keys."""
-    if trainer.config.lora_r <= 0:
-        return actor_sd
-    # peft saves adapter keys without the adapter's name: base_model...lora_A.weight for
-    # base_model...lora_A.default.weight in the module.
-    own = [k for k, p in trainer.actor.named_parameters() if p.requires_grad]
+def _adapter_keys(model: nn.Module, saved: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """A saved LoRA adapter's tensors (``checkpoint.read``'s, as peft writes them) under
+    ``model``'s own parameter names (``model``: the peft model); ``CheckpointError`` unless every
+    trained parameter of ``model`` gets one (``set_model_state_dict`` with LoRA is not strict: a
+    name that matched nothing would be skipped silently)."""
+    from .checkpoint import CheckpointError
+
+    # peft writes lora_A.default.weight as lora_A.weight and a trained head copy
+    # (modules_to_save, e.g. the critic's value head) score.modules_to_save.default.weight as score.weight.
+    own = [k for k, p in model.named_parameters() if p.requires_grad]
     out = {}
     for k in own:
-        short = k.replace(".default.", ".")
-        if short in actor_sd:
-            out[k] = actor_sd[short]
-    if len(out) != len(own):
-        from .checkpoint import CheckpointError
-
-        raise CheckpointError("actor/ holds an adapter that does not fit this LoRA configuration")
+        short = k.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+        if short in saved:
+            out[k] = saved[short]
+    if len(out) != len(own) or len(saved) != len(own):
+        raise CheckpointError(f"{what}/ holds an adapter that does not fit this LoRA configuration")
     return out
