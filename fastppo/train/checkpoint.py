@@ -292,7 +292,11 @@ def _read_state(path: str) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, or a pickle holding anything but tensors and plain values
-        why = " ".join(str(exc).split())[:160]
+        # torch's refusal opens with how to load the file anyway (unsafely), in terminal colours;
+        # only its reason belongs in the one line.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?:\s|$)", text)
+        why = " ".join((reason.group(1) if reason else text).split())[:160]
         raise CheckpointError(f"{STATE} cannot be read safely (truncated, or it holds more than tensors and plain "
                               f"values; nothing in it was run): {type(exc).__name__}: {why}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

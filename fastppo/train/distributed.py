@@ -702,7 +702,9 @@ def _load(trainer, path: str, loaded: dict[str, Any]) -> str | None:
         actor = _adapter_keys(trainer.actor, loaded["actor"], "actor") if lora else loaded["actor"]
         full = {f"actor.{k}": v for k, v in actor.items()}
         if loaded["critic"] is not None:
-            critic = _adapter_keys(trainer.critic.model, loaded["critic"], "critic") if critic_lora else loaded["critic"]
+            critic = loaded["critic"]
+            if critic_lora:
+                critic = _adapter_keys(trainer.critic.model, critic, "critic")
             full.update({f"critic.model.{k}": v for k, v in critic.items()})
         set_model_state_dict(mods, full, options=_options(full_state_dict=True, strict=not (lora or critic_lora)))
         optim = _optimizer_from_ids(state["optimizer"], trainer.optimizer, _param_names(trainer))
