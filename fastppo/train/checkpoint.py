@@ -428,7 +428,7 @@ def ranks_notice(path: str, state: dict[str, Any], world: int) -> None:
     written = int(state.get("world_size", 1))
     if written == world:
         return
-    what = (f"rank 0's random stream continues, the other {written - 1} rank(s)' are dropped" if world == 1
+    what = ("rank 0's random stream continues (the other ranks' are dropped)" if world == 1
             else "each rank starts a fresh random stream")
     print(f"fastppo train: notice: resuming a checkpoint written by {written} "
           f"{'ranks' if written > 1 else 'process'} on {world} {'processes' if world > 1 else 'process'} "
