@@ -266,7 +266,9 @@ def test_two_ranks_resume_continues_the_run(ranks):
     full, resumed = runs["full"], runs["resumed"]
     assert [r["step"] for r in full] == [1, 2, 3]
     assert [r["step"] for r in resumed] == [1, 2, 3]  # metrics.jsonl: steps 1, 2 kept, 3 written again
-    assert os.path.isdir(out / "run" / "checkpoints" / "step-00000003" / "dcp")
+    # The one-process layout (safetensors, trainer_state.pt): no torch.distributed.checkpoint pickles.
+    assert sorted(os.listdir(out / "run" / "checkpoints" / "step-00000003")) == [
+        "actor", "config.yaml", "critic", "fingerprint.json", "trainer_state.pt"]
     for key in ("score_mean", "kl", "policy_loss", "value_loss", "grad_norm", "entropy", "advantage_mean"):
         assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-4, abs=1e-6), key
 
@@ -276,6 +278,7 @@ def test_one_process_resumes_what_two_ranks_wrote(ranks):
     out, proc = ranks
     assert json.loads((out / "one.json").read_text()) == {"exit": 0}
     assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
+    assert "notice: resuming a checkpoint written by 2 ranks on 1 process (step-00000003)" in proc.stderr
     assert [r["step"] for r in _rows(out / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 

@@ -11,7 +11,9 @@
   random generator, so a resumed run draws the same numbers the uninterrupted run would have.
   Only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None): it is
   read with ``torch.load(weights_only=True)``, which refuses anything else, so a planted pickle
-  payload is rejected instead of run. Weights are read from safetensors files only;
+  payload is rejected instead of run. Weights are read from safetensors files only. Several ranks
+  write this same layout (``distributed.save``, with every rank's generators) and read it with
+  :func:`read`; a ``dcp/`` folder (``torch.distributed.checkpoint``, which unpickles) is never read;
 * ``fingerprint.json``: what the run must share with a run that resumes it (every option that
   changes the experiment, the model configs and a hash of the prompts);
 * ``config.yaml``: the configuration that wrote it.
@@ -290,7 +292,11 @@ def _read_state(path: str) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, or a pickle holding anything but tensors and plain values
-        why = " ".join(str(exc).split())[:160]
+        # torch's refusal opens with how to load the file anyway (unsafely), in terminal colours;
+        # only its reason belongs in the one line.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?:\s|$)", text)
+        why = " ".join((reason.group(1) if reason else text).split())[:160]
         raise CheckpointError(f"{STATE} cannot be read safely (truncated, or it holds more than tensors and plain "
                               f"values; nothing in it was run): {type(exc).__name__}: {why}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -416,6 +422,20 @@ def load_newest(candidates: list[str], fingerprint: dict[str, Any], load: Callab
     return None
 
 
+def ranks_notice(path: str, state: dict[str, Any], world: int) -> None:
+    """One line on stderr when ``path`` (its trainer ``state``) was written by another number of
+    processes than the ``world`` resuming it (and nothing when it is the same)."""
+    written = int(state.get("world_size", 1))
+    if written == world:
+        return
+    what = ("rank 0's random stream continues (the other ranks' are dropped)" if world == 1
+            else "each rank starts a fresh random stream")
+    print(f"fastppo train: notice: resuming a checkpoint written by {written} "
+          f"{'ranks' if written > 1 else 'process'} on {world} {'processes' if world > 1 else 'process'} "
+          f"({os.path.basename(path)}): weights, optimizer and schedule resume exactly; {what}",
+          file=sys.stderr, flush=True)
+
+
 def resume(trainer, candidates: list[str]) -> str | None:
     """Load the newest usable checkpoint of ``candidates`` (newest first), warning about each one
     skipped; ``ConfigError`` if there are some and none is usable. Returns the path loaded."""
@@ -427,6 +447,7 @@ def resume(trainer, candidates: list[str]) -> str | None:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise CheckpointError(f"its state does not fit this run: {type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:160]}") from None
+        ranks_notice(path, loaded["state"], 1)
 
     return load_newest(candidates, trainer.fingerprint, load)
 

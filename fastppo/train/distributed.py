@@ -23,9 +23,9 @@ A run is distributed when the launcher's environment says so (``WORLD_SIZE`` > 1
   fewer micro-batches of a mini-batch than another runs zero-weighted ones, so all ranks meet the
   same collectives;
 * metrics are computed over the gathered global batch and written by rank 0 only; checkpoints are
-  written with ``torch.distributed.checkpoint`` (sharded, readable by any number of ranks) next to
-  the usual ``actor/``, ``critic/`` and ``trainer_state.pt`` (written by rank 0 from full state
-  dicts), so a one-process ``--resume`` and ``from_pretrained`` read them too.
+  the one-process layout (``actor/``, ``critic/`` and ``trainer_state.pt``, written by rank 0 from
+  full state dicts, nothing in them unpickled when read), which any number of ranks, a one-process
+  ``--resume`` and ``from_pretrained`` read.
 
 Nothing here runs for a one-process run: :class:`Distributed` then answers as a single rank would
 and the trainer's code paths are the ones it always had.
@@ -47,7 +47,6 @@ from torch import nn
 
 from .config import ConfigError
 
-DCP_DIR = "dcp"  # torch.distributed.checkpoint folder inside step-N/
 _FUSED_METHOD = "fastppo_response_logprobs"
 
 
@@ -574,13 +573,14 @@ def _gather_rng(d: Distributed) -> list[dict[str, Any]]:
 def save(trainer, step: int) -> str:
     """A checkpoint written by all ranks together; returns its directory (on every rank).
 
-    ``dcp/``: actor and critic weights (trained parameters only) and the optimizer, sharded as
-    FSDP2 holds them, through ``torch.distributed.checkpoint``; any number of ranks reads them.
-    ``actor/``, ``critic/``, ``trainer_state.pt`` (with the optimizer in one-process layout),
-    ``fingerprint.json``, ``config.yaml``: written by rank 0 from full state dicts, as a
-    one-process run writes them. The directory appears under its final name only when whole.
+    The one-process layout, written by rank 0 from full state dicts gathered over the ranks:
+    ``actor/`` and ``critic/`` (safetensors), ``trainer_state.pt`` (tensors and plain values only,
+    the optimizer in one-process layout, every rank's random generators), ``fingerprint.json``,
+    ``config.yaml``. No file holds a pickle of anything else, so it is read back exactly as
+    safely as a one-process checkpoint (``torch.distributed.checkpoint``'s format is not used: its
+    ``.metadata`` and the non-tensor entries of its shards are unpickled when read). Any number of
+    ranks, or one process, resumes it. The directory appears under its final name only when whole.
     """
-    import torch.distributed.checkpoint as dcp
     import yaml
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -597,10 +597,6 @@ def save(trainer, step: int) -> str:
         os.makedirs(tmp)
     d.barrier()
     mods = _modules(trainer)
-    sharded = {"model": get_model_state_dict(mods, options=_options()),
-               "optimizer": get_optimizer_state_dict(mods, trainer.optimizer, options=_options())}
-    dcp.save(sharded, checkpoint_id=os.path.join(tmp, DCP_DIR))
-    del sharded
     full = get_model_state_dict(mods, options=_options(full_state_dict=True, cpu_offload=True))
     full_optim = get_optimizer_state_dict(mods, trainer.optimizer, options=_options(full_state_dict=True, cpu_offload=True))
     rngs = _gather_rng(d)
@@ -622,7 +618,6 @@ def save(trainer, step: int) -> str:
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     del full, full_optim
-    d.barrier()  # every rank's dcp shard is on disk before the directory gets its final name
     if d.is_main:
         checkpoint.fsync_tree(tmp)
         if os.path.exists(final):
@@ -647,12 +642,15 @@ def _save_actor(trainer, path: str, state_dict: dict[str, torch.Tensor]) -> None
 def resume(trainer, candidates: list[str]) -> str | None:
     """Load the newest usable checkpoint of ``candidates`` on every rank; returns its path.
 
-    A checkpoint written by ranks (``dcp/``) loads with any number of ranks: FSDP2's shards are
-    re-cut by ``torch.distributed.checkpoint``. One written by a single process loads its full
-    weights and optimizer on every rank, each keeping its shard. The random generators of each
-    rank come back when the number of ranks is the one it was written with; otherwise every rank
-    starts a fresh stream (seeded from the seed, the step and its rank), with a notice: the run
-    continues correctly but samples other responses than the uninterrupted run would have.
+    Every rank reads the checkpoint with the one-process reader (``checkpoint.read``: safetensors
+    weights, ``trainer_state.pt`` through ``torch.load(weights_only=True)``) and keeps its FSDP2
+    shard of the full weights and optimizer, so a checkpoint written by any number of ranks, or by
+    one process, loads. A ``dcp/`` folder that earlier multi-process checkpoints also held
+    is never read (``torch.distributed.checkpoint`` unpickles it); their safe files still resume.
+    The random generators of each rank come back when the number of ranks is the one it was
+    written with; otherwise every rank starts a fresh stream (seeded from the seed, the step and
+    its rank), with a notice: the run continues correctly but samples other responses than the
+    uninterrupted run would have.
     """
     from . import checkpoint
     from .checkpoint import CheckpointError
@@ -660,9 +658,17 @@ def resume(trainer, candidates: list[str]) -> str | None:
     d: Distributed = trainer.dist
 
     def load(path: str) -> None:
-        why = _load(trainer, path, checkpoint._read_state(path))
-        # All ranks decide together: a file one rank could not read skips the checkpoint everywhere.
+        # All ranks decide together, before any collective of the load: a file one rank could not
+        # read skips the checkpoint everywhere.
+        loaded, why = None, None
+        try:
+            loaded = checkpoint.read(trainer, path)
+        except CheckpointError as exc:
+            why = str(exc)
         bad = next((w for w in _all_objects(d, why) if w), None)
+        if bad:
+            raise CheckpointError(bad)
+        bad = next((w for w in _all_objects(d, _load(trainer, path, loaded)) if w), None)
         if bad:
             raise CheckpointError(bad)
 
@@ -679,36 +685,33 @@ def _all_objects(d: Distributed, obj: Any) -> list[Any]:
     return everyone
 
 
-def _load(trainer, path: str, state: dict[str, Any]) -> str | None:
-    """Weights, optimizer and trainer state from ``path``; the reason it failed, or None."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+def _load(trainer, path: str, loaded: dict[str, Any]) -> str | None:
+    """Put what ``checkpoint.read`` read from ``path`` into the sharded modules, the optimizer and
+    the trainer; the reason it does not fit, or None."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     from . import checkpoint
 
     d: Distributed = trainer.dist
+    state = loaded["state"]
     mods = _modules(trainer)
-    # LoRA: the checkpoint holds the adapter only; the frozen base weights are already in place.
-    load_options = _options(strict=trainer.config.lora_r <= 0)
     try:
-        if os.path.isdir(os.path.join(path, DCP_DIR)):
-            sharded = {"model": get_model_state_dict(mods, options=_options()),
-                       "optimizer": get_optimizer_state_dict(mods, trainer.optimizer, options=_options())}
-            dcp.load(sharded, checkpoint_id=os.path.join(path, DCP_DIR))
-            set_model_state_dict(mods, sharded["model"], options=load_options)
-            set_optimizer_state_dict(mods, trainer.optimizer, sharded["optimizer"], options=_options())
-        else:  # written by one process: full weights on every rank, each keeps its shard
-            loaded = checkpoint.read(trainer, path)
-            full = {f"actor.{k}": v for k, v in _actor_keys(trainer, loaded["actor"]).items()}
-            if loaded["critic"] is not None:
-                full.update({f"critic.model.{k}": v for k, v in loaded["critic"].items()})
-            set_model_state_dict(mods, full, options=_options(full_state_dict=True, strict=trainer.config.lora_r <= 0))
-            optim = _optimizer_from_ids(state["optimizer"], trainer.optimizer, _param_names(trainer))
-            set_optimizer_state_dict(mods, trainer.optimizer, optim, options=_options(full_state_dict=True))
+        # LoRA: the checkpoint holds the adapter only; the frozen base weights are already in place.
+        lora = trainer.config.lora_r > 0
+        critic_lora = getattr(trainer.config, "critic_lora_r", 0) > 0
+        actor = _adapter_keys(trainer.actor, loaded["actor"], "actor") if lora else loaded["actor"]
+        full = {f"actor.{k}": v for k, v in actor.items()}
+        if loaded["critic"] is not None:
+            critic = loaded["critic"]
+            if critic_lora:
+                critic = _adapter_keys(trainer.critic.model, critic, "critic")
+            full.update({f"critic.model.{k}": v for k, v in critic.items()})
+        set_model_state_dict(mods, full, options=_options(full_state_dict=True, strict=not (lora or critic_lora)))
+        optim = _optimizer_from_ids(state["optimizer"], trainer.optimizer, _param_names(trainer))
+        set_optimizer_state_dict(mods, trainer.optimizer, optim, options=_options(full_state_dict=True))
     except checkpoint.CheckpointError as exc:
         return str(exc)
-    except Exception as exc:  # noqa: BLE001 - dcp raises its own CheckpointException on every rank alike
+    except Exception as exc:  # noqa: BLE001 - shapes or keys that do not fit, alike on every rank
         return f"its weights do not fit this run: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.kl.value = float(state["kl_coef"])
@@ -722,30 +725,28 @@ def _load(trainer, path: str, state: dict[str, Any]) -> str | None:
         checkpoint.set_rng_state(state["rng"])
     else:
         if d.is_main:
-            written = len(rngs) if rngs is not None else 1
-            print(f"fastppo train: notice: {path} was written by {written} process(es), this run has {d.world}: "
-                  "weights, optimizer and schedule resume exactly; each rank starts a fresh random stream",
-                  file=sys.stderr, flush=True)
+            checkpoint.ranks_notice(path, state, d.world)
         random.seed(trainer.config.seed + 7919 * trainer.step)
         torch.manual_seed(trainer.config.seed + 7919 * trainer.step)
         seed_rank(trainer.config.seed + 7919 * trainer.step, d.rank)
     return None
 
 
-def _actor_keys(trainer, actor_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A one-process checkpoint's actor tensors under the actor module's own state-dict keys."""
-    if trainer.config.lora_r <= 0:
-        return actor_sd
-    # peft saves adapter keys without the adapter's name: base_model...lora_A.weight for
-    # base_model...lora_A.default.weight in the module.
-    own = [k for k, p in trainer.actor.named_parameters() if p.requires_grad]
+def _adapter_keys(model: nn.Module, saved: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """A saved LoRA adapter's tensors (``checkpoint.read``'s, as peft writes them) under
+    ``model``'s own parameter names (``model``: the peft model); ``CheckpointError`` unless every
+    trained parameter of ``model`` gets one (``set_model_state_dict`` with LoRA is not strict: a
+    name that matched nothing would be skipped silently)."""
+    from .checkpoint import CheckpointError
+
+    # peft writes lora_A.default.weight as lora_A.weight and a trained head copy
+    # (modules_to_save, e.g. the critic's value head) score.modules_to_save.default.weight as score.weight.
+    own = [k for k, p in model.named_parameters() if p.requires_grad]
     out = {}
     for k in own:
-        short = k.replace(".default.", ".")
-        if short in actor_sd:
-            out[k] = actor_sd[short]
-    if len(out) != len(own):
-        from .checkpoint import CheckpointError
-
-        raise CheckpointError("actor/ holds an adapter that does not fit this LoRA configuration")
+        short = k.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+        if short in saved:
+            out[k] = saved[short]
+    if len(out) != len(own) or len(saved) != len(own):
+        raise CheckpointError(f"{what}/ holds an adapter that does not fit this LoRA configuration")
     return out

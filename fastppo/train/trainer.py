@@ -475,7 +475,7 @@ class PPOTrainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         # Newest usable checkpoint; unusable ones (truncated, empty, missing parts) are skipped with a warning.
-        resume = distributed.resume if self.dist.enabled else checkpoint.resume  # [dist] dcp checkpoints
+        resume = distributed.resume if self.dist.enabled else checkpoint.resume  # [dist] into FSDP2 shards
         self.resumed_from: str | None = resume(self, candidates)
 
     # ----------------------------------------------------------------------------------------
