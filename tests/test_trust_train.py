@@ -86,6 +86,15 @@ def _poison_losses(trainer, how: dict[int, str]) -> None:
     trainer._loss = loss
 
 
+def test_max_skipped_steps_is_a_whole_number_of_at_least_one():
+    from fastppo.train import PPOConfig
+
+    assert PPOConfig().max_skipped_steps == 3
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="max_skipped_steps"):
+            PPOConfig(max_skipped_steps=bad).check()
+
+
 def test_nonfinite_steps_are_skipped_and_counted_and_a_good_step_resets_the_count(tmp_path):
     trainer = PPOTrainer(small(tmp_path / "run", iterations=3, max_skipped_steps=3))
     _poison_losses(trainer, {0: "inf", 1: "nan", 4: "nan", 5: "inf"})
@@ -130,6 +139,29 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(
         assert torch.equal(saved[name], p), name
 
 
+def test_weights_a_finite_step_overflowed_stop_the_run_at_that_iteration(tmp_path):
+    out = tmp_path / "run"
+    trainer = PPOTrainer(small(out, iterations=3))
+    step = trainer.optimizer.step
+    taken = []
+
+    def overflowing_step(*args, **kwargs):
+        # As an optimizer can overflow a weight from finite gradients (low-precision weights, an
+        # absurd learning rate): the gradients and the loss of every step stay finite.
+        step(*args, **kwargs)
+        taken.append(1)
+        if len(taken) == 2:
+            with torch.no_grad():
+                next(trainer.actor.parameters()).view(-1)[0] = float("inf")
+
+    trainer.optimizer.step = overflowing_step
+    with pytest.raises(TrainingDiverged, match="^training diverged at iteration 1: after its updates the actor "
+                                               "weights hold NaN or inf; no checkpoint had been written yet"):
+        trainer.train()
+    assert [r["skipped_steps"] for r in _rows(out)] == [0]  # logged, then stopped before the checkpoint
+    assert not os.path.exists(out / "checkpoints")
+
+
 def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     trainer = PPOTrainer(small(tmp_path / "run"))
     with torch.no_grad():
@@ -151,7 +183,8 @@ def _nan_into(ckpt) -> None:
 
 def test_resume_skips_a_checkpoint_with_nonfinite_weights(run, capsys):
     _nan_into(run / "checkpoints" / STEP2)
-    trainer = PPOTrainer(small(run, iterations=3, resume=True))
+    # max_skipped_steps changes nothing a run computes: a resume may change it.
+    trainer = PPOTrainer(small(run, iterations=3, resume=True, max_skipped_steps=5))
     assert trainer.resumed_from.endswith(STEP1) and trainer.step == 1
     err = capsys.readouterr().err
     assert f"skipped checkpoint {STEP2}: the actor weights hold NaN or inf" in err
@@ -297,3 +330,49 @@ def test_a_full_disk_while_saving_the_final_model_exits_1_with_one_line(run, mon
     assert "Traceback" not in err
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-final-")]
     assert (run / "model.safetensors").read_bytes() == before  # the previous final model, whole
+
+
+# --------------------------------------------------------------------------------------------
+# under torchrun: one rank's non-finite loss skips the step on every rank
+
+def _worker_one_rank_diverges(out: str) -> None:
+    """Rank 1's first loss is +inf with finite gradients: only the all-reduced loss flag catches
+    it, and rank 0 must skip the same step (its own loss and the global norms are finite)."""
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    with fastppo.use_backend("torch"):
+        trainer = PPOTrainer(small(out, iterations=1, save_every=0))
+        if rank == 1:
+            _poison_losses(trainer, {0: "inf"})
+        row = trainer.iteration()
+    with open(os.path.join(out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump({"skipped_steps": row["skipped_steps"], "lr_steps": trainer.scheduler.last_epoch}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_skips_the_step_one_rank_found_non_finite(tmp_path):
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():  # pragma: no cover
+        pytest.skip("torch.distributed is not available")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               FASTPPO_DIST_TIMEOUT="60")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.abspath(__file__), str(out)], capture_output=True, text=True, timeout=240,
+                          env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Two optimizer steps in the iteration: the first skipped by both ranks, the second taken by both.
+    assert ranks == [{"skipped_steps": 1, "lr_steps": 1}] * 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker_one_rank_diverges(sys.argv[1])
