@@ -497,7 +497,8 @@ class PPOTrainer:
         self.diverged: str | None = None  # why the last iteration stopped the run
         # Newest usable checkpoint; unusable ones (truncated, empty, missing parts) are skipped with a warning.
         resume = distributed.resume if self.dist.enabled else checkpoint.resume  # [dist] dcp checkpoints
-        self.resumed_from: str | None = self._resume_finite(resume, candidates)
+        self.resumed_from: str | None = resume(self, candidates)
+        self.resumed_from = self._resume_finite(resume, candidates, self.resumed_from)
 
     # ----------------------------------------------------------------------------------------
     def _lr_factor(self, update: int) -> float:
@@ -523,12 +524,12 @@ class PPOTrainer:
         checkpoint.set_rng_state(state["rng"])
         self.step = int(state["step"])
 
-    def _resume_finite(self, resume, candidates: list[str]) -> str | None:
-        """``resume(self, candidates)``, falling back past checkpoints whose weights hold NaN/inf
-        (each with a warning, as for a damaged one); ``ConfigError`` when none is left."""
-        while True:
-            path = resume(self, candidates)
-            bad = self._nonfinite_weights() if path is not None else None
+    def _resume_finite(self, resume, candidates: list[str], path: str | None) -> str | None:
+        """``path``, the checkpoint ``resume(self, candidates)`` loaded, unless its weights hold
+        NaN/inf: then the next usable one before it (each skipped with a warning, as a damaged
+        one is); ``ConfigError`` when none is left."""
+        while path is not None:
+            bad = self._nonfinite_weights()
             if bad is None:
                 return path
             if self.dist.is_main:  # [dist] every rank took the same decision; one says so
@@ -539,6 +540,8 @@ class PPOTrainer:
                 raise ConfigError(f"--resume: no usable checkpoint under {os.path.dirname(path)} "
                                   f"({os.path.basename(path)}: {bad}); remove them to start over, or choose another "
                                   "--output-dir")
+            path = resume(self, candidates)
+        return path
 
     def _nonfinite_weights(self) -> str | None:
         """Which trainable weights (actor, critic) hold a NaN or inf, or None; one host sync, and
