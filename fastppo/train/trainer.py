@@ -912,6 +912,11 @@ class PPOTrainer:
         writes a checkpoint and returns early with ``"interrupted"`` set to the signal's name
         (a second signal stops at once, without a checkpoint). Handlers are only installed when
         called from the main thread, and the previous ones are put back on return.
+
+        Raises ``TrainingDiverged`` after ``max_skipped_steps`` optimizer steps in a row with a
+        NaN/inf loss or gradient norm (or weights that became NaN/inf), and ``DiskFull`` when a
+        checkpoint, the final model, the metrics or the plot cannot be written for want of space;
+        neither leaves a checkpoint of the state it stopped in.
         """
         from tqdm.auto import tqdm
 
@@ -988,7 +993,6 @@ class PPOTrainer:
             "plot": plot_path,
             "interrupted": stop.signal if self.step < cfg.iterations else None,
         }
-
 
     def _save_checkpoint(self, last: str | None) -> str:
         root = checkpoint.checkpoint_root(self.config.output_dir)
