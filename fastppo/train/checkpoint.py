@@ -21,6 +21,8 @@
 At the end of a finished run ``save_final`` also writes the policy and its tokenizer into
 ``OUTPUT_DIR`` itself and the critic into ``OUTPUT_DIR/critic``; ``check_run_dir`` keeps a new run
 out of a directory that holds another one unless ``overwrite`` (``clear_outputs``) or ``resume``.
+Every path a run writes in ``OUTPUT_DIR`` is listed in ``OUTPUT_DIR/fastppo_run.json``
+(``record_outputs``) before it is written; ``overwrite`` removes those and nothing else.
 
 Everything is written into a hidden temporary directory next to the final one, every file and
 directory in it is fsync'ed, and it is then renamed; a rename within one filesystem is atomic,
@@ -30,6 +32,7 @@ as it reads it and falls back to the newest one that reads back whole.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -231,8 +234,10 @@ def _fsync(path: str, directory: bool = False) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems without fsync on directories
-        pass
+    except OSError as exc:
+        if exc.errno in _WRITE_FAILED:  # the data never reached the disk: the write failed
+            raise
+        # otherwise a filesystem without fsync on directories
     finally:
         os.close(fd)
 
@@ -245,8 +250,34 @@ def fsync_tree(top: str) -> None:
         _fsync(dirpath, directory=True)
 
 
+_WRITE_FAILED = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+# How a full disk reads when a writer reports it without an errno: safetensors' IoError (its Rust
+# io::Error, "StorageFull"), and torch's zip writer, whose short write surfaces as a position
+# mismatch ("[enforce fail at inline_container.cc:672] . unexpected pos N vs M") or a failed write.
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "os error 28",
+                  "unexpected pos", "file write failed")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a write that failed for want of
+    space: ``OSError`` ENOSPC/EDQUOT, or the torch/safetensors forms of it (``_NO_SPACE_TEXT``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return True
+        elif any(text in str(exc).lower() for text in _NO_SPACE_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def save(trainer, step: int) -> str:
-    """Write the trainer's state at ``step`` atomically; returns the checkpoint directory."""
+    """Write the trainer's state at ``step`` atomically; returns the checkpoint directory.
+
+    A write that fails (a full disk) removes the partial temporary directory and raises: the
+    previous checkpoints are untouched."""
     import yaml
 
     root = checkpoint_root(trainer.config.output_dir)
@@ -254,16 +285,20 @@ def save(trainer, step: int) -> str:
     _tidy(root)
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
-    trainer.actor.save_pretrained(os.path.join(tmp, "actor"))
-    trainer.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
-    if trainer.critic is not None:  # critic-free estimators (grpo, rloo, reinforce++) have none to save
-        trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
-    torch.save(trainer.state_dict(), os.path.join(tmp, STATE))
-    with open(os.path.join(tmp, FINGERPRINT), "w", encoding="utf-8") as f:
-        json.dump(trainer.fingerprint, f, indent=1, sort_keys=True)
-    with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(trainer.config.to_dict(), f, sort_keys=False)
-    fsync_tree(tmp)
+    try:
+        trainer.actor.save_pretrained(os.path.join(tmp, "actor"))
+        trainer.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
+        if trainer.critic is not None:  # critic-free estimators (grpo, rloo, reinforce++) have none to save
+            trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
+        torch.save(trainer.state_dict(), os.path.join(tmp, STATE))
+        with open(os.path.join(tmp, FINGERPRINT), "w", encoding="utf-8") as f:
+            json.dump(trainer.fingerprint, f, indent=1, sort_keys=True)
+        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(trainer.config.to_dict(), f, sort_keys=False)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial files took
+        raise
     if os.path.exists(final):
         # Same step saved twice (a run resumed from an older checkpoint reaching a step that an
         # unusable checkpoint holds): move the old one aside, put the new one in, drop the old.
@@ -455,17 +490,60 @@ def resume(trainer, candidates: list[str]) -> str | None:
 # --------------------------------------------------------------------------------------------
 # the run directory: one run per directory, and the final model in it
 
-RUNTIME_OPTIONS = RUNTIME_OPTIONS | {"overwrite"}  # clearing the directory changes nothing a run computes
+# Clearing the directory changes nothing a run computes; nor does when a diverging run gives up.
+RUNTIME_OPTIONS = RUNTIME_OPTIONS | {"overwrite", "max_skipped_steps"}
 _ADDED_OPTIONS.update({"chat_template": "auto", "stop_token_id": None, "missing_eos_penalty": None})
 
-# What a run writes at the top of output_dir (builtin/, the built-in task's generated model and
-# prompts, is the same for every run and stays).
-RUN_OUTPUTS = ("metrics.jsonl", "metrics.png", "checkpoints", "critic", "tensorboard", "wandb")
-_MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
-                          r"model\.safetensors\.index\.json|adapter_config\.json|adapter_model\.safetensors|"
-                          r"tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|chat_template\.jinja|"
-                          r"added_tokens\.json|vocab\.(json|txt)|merges\.txt)$")
+RUN_MARKER = "fastppo_run.json"
 _FINAL_TMP = re.compile(r"^\.tmp-final-\d+")
+
+
+def _marker(output_dir: str) -> dict[str, Any] | None:
+    """The run marker of ``output_dir`` (None when there is none); ``ConfigError`` if unreadable."""
+    path = os.path.join(output_dir, RUN_MARKER)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"output_dir (--output-dir) {output_dir!r}: {RUN_MARKER} cannot be read ({exc}); it lists "
+                          "what a fastppo run wrote there, so nothing can be cleared safely: remove the run's files "
+                          "yourself, or choose another --output-dir") from None
+    if not (isinstance(data, dict) and isinstance(data.get("written"), list)
+            and all(isinstance(n, str) for n in data["written"])):
+        raise ConfigError(f"output_dir (--output-dir) {output_dir!r}: {RUN_MARKER} is not a fastppo run marker "
+                          "(expected an object with a list of paths under 'written')")
+    return data
+
+
+def record_outputs(output_dir: str, *paths: str) -> None:
+    """Add ``paths`` (relative to ``output_dir``; a trailing ``/`` for a directory the run writes
+    whole) to the run marker, creating it (so a run's start writes it with none). Called before
+    each write: a crash in between leaves a listed path that does not exist, never an unlisted one."""
+    data = _marker(output_dir) or {"fastppo_run": 1, "written": []}
+    new = [p for p in paths if p not in data["written"]]
+    file = os.path.join(output_dir, RUN_MARKER)
+    if not new and os.path.exists(file):
+        return
+    data["written"] += new
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = f"{file}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, file)
+
+
+def _listed(output_dir: str, path: str) -> str | None:
+    """The absolute path of a marker entry; None for one that would leave ``output_dir`` (the marker
+    is a plain file anyone can edit: it never makes fastppo delete outside its directory)."""
+    top = os.path.realpath(output_dir)
+    rel = path.rstrip("/")
+    if not rel or os.path.isabs(rel):
+        return None
+    # The parent resolved, the name not: a listed path that is now a link is removed as a link.
+    full = os.path.join(os.path.realpath(os.path.join(top, os.path.dirname(rel))), os.path.basename(rel))
+    return full if full.startswith(top + os.sep) and os.path.basename(rel) not in (".", "..") else None
 
 
 def previous_outputs(output_dir: str) -> list[str]:
@@ -485,10 +563,19 @@ def previous_outputs(output_dir: str) -> list[str]:
 
 
 def check_run_dir(config) -> None:
-    """``ConfigError`` for a new run (no ``resume``, no ``overwrite``) into another run's directory."""
+    """``ConfigError`` for a new run (no ``resume``, no ``overwrite``) into another run's directory,
+    and for ``overwrite`` of a directory holding files that no fastppo run recorded as its own."""
     if config.resume and config.overwrite:
         raise ConfigError("resume (--resume) continues the run in output_dir and overwrite (--overwrite) clears it; "
                           "give one of them")
+    if config.overwrite and os.path.isdir(config.output_dir) and _marker(config.output_dir) is None:
+        found = sorted(os.listdir(config.output_dir))
+        if found:
+            more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+            raise ConfigError(f"overwrite (--overwrite): output_dir (--output-dir) {config.output_dir!r} holds "
+                              f"{', '.join(found[:6])}{more} but no {RUN_MARKER}, so no fastppo run recorded writing "
+                              "them; --overwrite only removes what a fastppo run wrote: move them away, or choose "
+                              "another --output-dir")
     if config.resume or config.overwrite:
         return
     found = previous_outputs(config.output_dir)
@@ -498,19 +585,44 @@ def check_run_dir(config) -> None:
 
 
 def clear_outputs(output_dir: str) -> list[str]:
-    """Remove what a run writes in ``output_dir`` (never other files); returns the names removed."""
-    if not os.path.isdir(output_dir):
+    """Remove what the run marker lists (never other files, even inside the run's own directories),
+    the temporary files fastppo's writers leave, and directories this leaves empty; returns the
+    top-level names removed."""
+    data = _marker(output_dir) if os.path.isdir(output_dir) else None
+    if data is None:
         return []
-    removed = []
-    for name in sorted(os.listdir(output_dir)):
-        path = os.path.join(output_dir, name)
-        if name in RUN_OUTPUTS or _MODEL_FILES.match(name) or _FINAL_TMP.match(name):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-            removed.append(name)
-    return removed
+    removed: set[str] = set()
+    parents: set[str] = set()
+    for entry in data["written"]:
+        path = _listed(output_dir, entry)
+        if path is None or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        removed.add(entry.split("/", 1)[0])
+        parents.add(os.path.dirname(path))
+    for name in os.listdir(output_dir):  # a crash between a write and its rename
+        if _FINAL_TMP.match(name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    root = os.path.realpath(checkpoint_root(output_dir))
+    if os.path.isdir(root):
+        for name in os.listdir(root):  # what save() leaves when a crash cuts it short
+            if name.startswith(".tmp-step-") or _OLD.match(name):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        parents.add(root)
+    top = os.path.realpath(output_dir)
+    for parent in sorted(parents, key=len, reverse=True):  # deepest first
+        while parent != top and parent.startswith(top + os.sep):
+            try:
+                os.rmdir(parent)  # only when empty: a user's file keeps its directory
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+    os.remove(os.path.join(output_dir, RUN_MARKER))
+    record_outputs(output_dir)  # the run about to start owns nothing here yet
+    return sorted(removed)
 
 
 def save_final(trainer, source: str | None = None) -> str:
@@ -528,39 +640,44 @@ def save_final(trainer, source: str | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     tmp = os.path.join(out, f".tmp-final-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if source is not None:
-        shutil.copytree(os.path.join(source, "actor"), tmp)
-    else:
-        trainer.actor.save_pretrained(tmp)
-    trainer.tokenizer.save_pretrained(tmp)
-    if trainer.critic is not None:
+    try:
         if source is not None:
-            shutil.copytree(os.path.join(source, "critic"), os.path.join(tmp, "critic"))
+            shutil.copytree(os.path.join(source, "actor"), tmp)
         else:
-            trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
-        trainer.tokenizer.save_pretrained(os.path.join(tmp, "critic"))
-    readme = os.path.join(tmp, "README.md")  # peft's model card template; never overwrite the user's README
-    if os.path.exists(readme):
-        os.remove(readme)
-    # A full model and an adapter in one directory would make from_pretrained pick one silently.
+            trainer.actor.save_pretrained(tmp)
+        trainer.tokenizer.save_pretrained(tmp)
+        if trainer.critic is not None:
+            if source is not None:
+                shutil.copytree(os.path.join(source, "critic"), os.path.join(tmp, "critic"))
+            else:
+                trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
+            trainer.tokenizer.save_pretrained(os.path.join(tmp, "critic"))
+        readme = os.path.join(tmp, "README.md")  # peft's model card template; never overwrite the user's README
+        if os.path.exists(readme):
+            os.remove(readme)
+        fsync_tree(tmp)
+        # Listed file by file (critic/ too), so --overwrite later spares what a user puts beside them.
+        record_outputs(out, *sorted(os.path.relpath(os.path.join(d, f), tmp).replace(os.sep, "/")
+                                    for d, _, files in os.walk(tmp) for f in files))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the previous files are still in place
+        raise
+    # A full model and an adapter in one directory would make from_pretrained pick one silently;
+    # only ones a fastppo run wrote are removed.
     stale = (("adapter_config.json", "adapter_model.safetensors") if not is_peft(trainer.actor)
              else ("model.safetensors", "model.safetensors.index.json"))
-    fsync_tree(tmp)
+    listed = set((_marker(out) or {"written": []})["written"])
     for name in stale:
-        if os.path.isfile(os.path.join(out, name)):
+        if name in listed and os.path.isfile(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
-    for name in sorted(os.listdir(tmp)):
-        src, dst = os.path.join(tmp, name), os.path.join(out, name)
-        if os.path.isdir(src):
-            if os.path.exists(dst):
-                old = os.path.join(out, f".tmp-final-{os.getpid()}-old-{name}")
-                os.rename(dst, old)
-                os.rename(src, dst)
-                shutil.rmtree(old)
-            else:
-                os.rename(src, dst)
-        else:
-            os.replace(src, dst)
+    # File by file, each replaced atomically: a directory (critic/) is merged, not swapped, so
+    # files a user keeps in it stay.
+    for dirpath, _, files in os.walk(tmp):
+        target = os.path.join(out, os.path.relpath(dirpath, tmp))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            os.replace(os.path.join(dirpath, name), os.path.join(target, name))
+        _fsync(target, directory=True)
     shutil.rmtree(tmp, ignore_errors=True)
     _fsync(out, directory=True)
     if is_peft(trainer.actor):

@@ -155,6 +155,11 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - not a known bad input: one line, the traceback on --debug
         if debug:
             raise
+        from .trainer import TrainingStopped
+
+        if isinstance(exc, TrainingStopped):  # divergence, a full disk: the message says it all
+            print(f"fastppo train: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
         print(f"fastppo train: failed: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)",
               file=sys.stderr)
         return 1

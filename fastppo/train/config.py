@@ -45,7 +45,8 @@ class PPOConfig:
     """Continue from the newest checkpoint in ``output_dir/checkpoints``."""
     overwrite: bool = False
     """Clear a previous run's outputs in output_dir (metrics, plots, checkpoints, the saved model) before
-    starting. Without it (or --resume) a run into a directory holding another run is refused."""
+    starting: only what a fastppo run recorded in its ``fastppo_run.json`` as written by it. Without it
+    (or --resume) a run into a directory holding another run is refused."""
 
     # --- LoRA -----------------------------------------------------------------------------
     lora_r: int = 0
@@ -95,6 +96,9 @@ class PPOConfig:
     lr_schedule: str = "constant"
     """``constant`` or ``linear`` (decay to 0 at the last optimizer step), after warm-up."""
     max_grad_norm: float = 1.0
+    max_skipped_steps: int = 3
+    """An optimizer step whose loss or gradient norm (actor or critic) is NaN or inf is skipped (the
+    weights and optimizer state stay as they were); this many skipped in a row stop the run."""
 
     # --- PPO math (arguments of fastppo.compute_advantages / fastppo.ppo_loss) -------------
     advantage_estimator: str = "gae"
@@ -203,7 +207,7 @@ class PPOConfig:
 
         for name in ("iterations", "batch_size", "max_prompt_length", "max_new_tokens", "ppo_epochs",
                      "mini_batch_size", "micro_batch_size", "kl_horizon", "lora_alpha", "num_generations",
-                     "critic_lora_alpha"):
+                     "critic_lora_alpha", "max_skipped_steps"):
             _at_least(self, name, 1, "an integer >= 1")
         for name in ("lora_r", "critic_lora_r", "warmup_steps", "save_every", "num_threads"):
             _at_least(self, name, 0, "an integer >= 0")

@@ -11,6 +11,8 @@ Keys of each line (per iteration; "token" means a valid response token):
   by the rollout entropy above);
 * ``explained_variance`` of the critic's values against the returns; ``value_mean``,
   ``advantage_mean``, ``response_length`` (tokens), ``grad_norm`` (actor, before clipping), ``lr``;
+* ``skipped_steps``: optimizer steps of the iteration skipped because the loss or a gradient norm
+  was NaN or inf; the ppo_loss statistics and ``grad_norm`` average the steps taken (null if none);
 * seconds: ``time_generate``, ``time_score``, ``time_forward`` (old/ref/value passes plus the
   update forwards), ``time_backward`` (backward and optimizer steps), ``time_iteration``;
   ``tokens_per_s`` (response tokens per second of the whole iteration), ``generate_tokens_per_s``;

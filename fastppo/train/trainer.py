@@ -51,6 +51,19 @@ from .models import (TokenScorer, apply_memory_switches, autocast, load_actor, l
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on and stopped on purpose; the message is one line for the user."""
+
+
+class TrainingDiverged(TrainingStopped):
+    """``max_skipped_steps`` optimizer steps in a row had a NaN/inf loss or gradient norm, or the
+    weights became NaN/inf; no checkpoint was written from that state."""
+
+
+class DiskFull(TrainingStopped):
+    """A checkpoint, the final model or the metrics could not be written: no space left (ENOSPC)."""
+
+
 class KLController:
     """Coefficient of the KL penalty: fixed, or adaptive (Ziegler et al. 2019, section 2.2).
 
@@ -375,13 +388,15 @@ class PPOTrainer:
         self.dist = distributed.Distributed.setup(cfg)  # [dist] process group from the launcher's env
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        if cfg.overwrite:
-            if self.dist.is_main:  # [dist] one rank clears; the others wait until it has
+        if self.dist.is_main:  # [dist] one rank clears and marks the directory; the others wait until it has
+            if cfg.overwrite:
                 removed = checkpoint.clear_outputs(cfg.output_dir)
                 if removed:
                     print(f"fastppo train: --overwrite: removed the previous run's {', '.join(removed)} from "
                           f"{cfg.output_dir}", file=sys.stderr)
-            self.dist.barrier()
+            # Written before anything else: --overwrite later removes only what this lists.
+            checkpoint.record_outputs(cfg.output_dir)
+        self.dist.barrier()
 
         if model is not None:
             self.model_path = api.local_dir(model)  # None: built in memory, nothing to reload it from
@@ -474,9 +489,12 @@ class PPOTrainer:
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
+        self.skipped_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+        self.diverged: str | None = None  # why the last iteration stopped the run
         # Newest usable checkpoint; unusable ones (truncated, empty, missing parts) are skipped with a warning.
         resume = distributed.resume if self.dist.enabled else checkpoint.resume  # [dist] into FSDP2 shards
         self.resumed_from: str | None = resume(self, candidates)
+        self.resumed_from = self._resume_finite(resume, candidates, self.resumed_from)
 
     # ----------------------------------------------------------------------------------------
     def _lr_factor(self, update: int) -> float:
@@ -502,7 +520,54 @@ class PPOTrainer:
         checkpoint.set_rng_state(state["rng"])
         self.step = int(state["step"])
 
+    def _resume_finite(self, resume, candidates: list[str], path: str | None) -> str | None:
+        """``path``, the checkpoint ``resume(self, candidates)`` loaded, unless its weights hold
+        NaN/inf: then the next usable one before it (each skipped with a warning, as a damaged
+        one is); ``ConfigError`` when none is left."""
+        while path is not None:
+            bad = self._nonfinite_weights()
+            if bad is None:
+                return path
+            if self.dist.is_main:  # [dist] every rank took the same decision; one says so
+                print(f"fastppo train: warning: skipped checkpoint {os.path.basename(path)}: {bad}; falling back "
+                      "to the one before it", file=sys.stderr, flush=True)
+            candidates = candidates[candidates.index(path) + 1:]
+            if not candidates:
+                raise ConfigError(f"--resume: no usable checkpoint under {os.path.dirname(path)} "
+                                  f"({os.path.basename(path)}: {bad}); remove them to start over, or choose another "
+                                  "--output-dir")
+            path = resume(self, candidates)
+        return path
+
+    def _nonfinite_weights(self) -> str | None:
+        """Which trainable weights (actor, critic) hold a NaN or inf, or None; one host sync, and
+        under torchrun one decision for all ranks (each checks its shards)."""
+        flags, roles = [], []
+        for role, module in (("actor", self.actor), ("critic", self.critic)):
+            if module is None:
+                continue
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters() if p.requires_grad]
+            finite = [torch.isfinite(p).all().to(self.device) for p in local if p.numel()]
+            flags.append(~torch.stack(finite).all() if finite else
+                         torch.zeros((), dtype=torch.bool, device=self.device))
+            roles.append(role)
+        flags = torch.stack(flags).float()
+        if self.dist.enabled:  # [dist]
+            import torch.distributed as dist
+
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = [role for role, f in zip(roles, flags.tolist()) if f]
+        return f"the {' and '.join(bad)} weights hold NaN or inf" if bad else None
+
     def save_checkpoint(self) -> str:
+        """Write a checkpoint of this step (atomically); ``TrainingDiverged`` instead of writing
+        weights that hold NaN or inf."""
+        bad = self._nonfinite_weights()
+        if bad:
+            raise TrainingDiverged(f"training diverged at iteration {self.step}: {bad}; no checkpoint was written "
+                                   "from them")
+        if self.dist.is_main:
+            checkpoint.record_outputs(self.config.output_dir, f"checkpoints/step-{self.step:08d}/")
         if self.dist.enabled:  # [dist] all ranks write one checkpoint together
             return distributed.save(self, self.step)
         return checkpoint.save(self, self.step)
@@ -669,15 +734,19 @@ class PPOTrainer:
             rewards = torch.where(mask, rewards, 0.0)
         t3 = self._sync()
 
-        # Statistics stay tensors until the iteration ends: one host sync instead of one per step.
+        # Statistics stay tensors until the iteration ends: the only host sync of an update is the
+        # one finiteness check per optimizer step.
         stats_sum: dict[str, torch.Tensor] = {}
-        n_updates = 0
+        n_updates = skipped = 0
         t_fwd = t_bwd = 0.0
         grad_norms = []
+        self.diverged = None
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self.shuffle_gen).to(dev)
             for mini in order.split(cfg.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
+                step_stats: dict[str, torch.Tensor] = {}
+                loss_finite = torch.ones((), dtype=torch.bool, device=dev)
                 # [dist] with N ranks: this rank's rows of the global mini-batch, weighted by their
                 # share of its tokens (see distributed.Distributed.micro_batches)
                 for micro, weight, stats_weight in self.dist.micro_batches(mini, mask, cfg.micro_batch_size,
@@ -690,16 +759,45 @@ class PPOTrainer:
                     # of the mini-batch's rows makes the accumulated gradient that of the whole
                     # mini-batch: exactly for the seq-mean modes, up to uneven lengths for token-mean.
                     (loss * weight).backward()
+                    loss_finite = loss_finite & torch.isfinite(loss.detach())  # a device op: no sync here
                     t_fwd += tb - ta
                     t_bwd += self._sync() - tb
                     for k, v in stats.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * stats_weight(k)
+                        step_stats[k] = step_stats.get(k, 0.0) + v.detach().float() * stats_weight(k)
                 tb = self._sync()
-                grad_norms.append(self._clip_grads())
-                self.optimizer.step()
-                self.scheduler.step()
-                n_updates += 1
+                norms = self._clip_grads()
+                bad = self._nonfinite(loss_finite, norms)
+                if bad is None:
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    n_updates += 1
+                    self.skipped_in_a_row = 0
+                    grad_norms.append(norms["actor"])
+                    for k, v in step_stats.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v
+                else:
+                    # The step is dropped whole: weights, optimizer moments and the learning-rate
+                    # schedule stay as they were, so the next mini-batch starts from good weights.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.skipped_in_a_row += 1
+                    for k in step_stats:  # the row keeps its keys; null when no step was taken
+                        stats_sum.setdefault(k, torch.zeros((), device=dev))
+                    if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                        self.diverged = (f"training diverged at iteration {self.step + 1}: {bad} in "
+                                         f"{self.skipped_in_a_row} optimizer steps in a row (max_skipped_steps "
+                                         f"{cfg.max_skipped_steps}), which were skipped")
                 t_bwd += self._sync() - tb
+                if self.diverged:
+                    break
+            if self.diverged:
+                break
+        if n_updates and not self.diverged:
+            # Finite gradients can still overflow the weights (an absurd learning rate); caught here,
+            # not by the next iteration's sampling with a message about probabilities.
+            bad = self._nonfinite_weights()
+            if bad:
+                self.diverged = f"training diverged at iteration {self.step + 1}: after its updates {bad}"
         t4 = self._sync()
 
         self.step += 1
@@ -713,7 +811,8 @@ class PPOTrainer:
         n_tokens = int(valid.sum())
         row = {
             "step": self.step,
-            **{k: float(v) / n_updates for k, v in stats_sum.items()},  # ppo_loss stats, mean over updates
+            # ppo_loss stats, mean over the updates taken (a skipped step's are NaN or meaningless)
+            **{k: float(v) / n_updates if n_updates else float("nan") for k, v in stats_sum.items()},
             "score_mean": float(scores.mean()),
             "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
             "reward_mean": float((rewards * valid).sum(1).mean()),
@@ -722,7 +821,8 @@ class PPOTrainer:
             "entropy": masked_mean(entropy, mask),
             "advantage_mean": masked_mean(advantages, mask),
             "response_length": float(valid.sum(1).mean()),
-            "grad_norm": float(torch.stack(grad_norms).float().mean()) if grad_norms else 0.0,
+            "grad_norm": float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan"),
+            "skipped_steps": skipped,
             "lr": self.scheduler.get_last_lr()[0],
             "time_generate": t1 - t0,
             "time_score": t2 - t1,
@@ -769,15 +869,36 @@ class PPOTrainer:
             stats["kl_loss"] = kl_loss.detach()
         return loss, stats
 
-    def _clip_grads(self) -> torch.Tensor:
+    def _clip_grads(self) -> dict[str, torch.Tensor]:
+        """The gradient norm before clipping of each parameter group (``actor``, ``critic``): float
+        scalars on the device, global under FSDP2 (the same on every rank)."""
         # Actor and critic clipped separately: the value loss' large early gradients must not
         # shrink the policy's step (they share one optimizer, not one gradient scale).
-        norms = []
-        for group in self.optimizer.param_groups:
+        norms = {}
+        for role, group in zip(("actor", "critic"), self.optimizer.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                norms.append(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
-        return self.dist.grad_norm(norms[0]) if norms else torch.tensor(0.0)  # [dist] DTensor under FSDP2
+            if params:  # [dist] a DTensor under FSDP2
+                norms[role] = self.dist.grad_norm(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        norms.setdefault("actor", torch.zeros((), device=self.device))
+        return norms
+
+    def _nonfinite(self, loss_finite: torch.Tensor, norms: dict[str, torch.Tensor]) -> str | None:
+        """What makes this optimizer step unusable (a NaN/inf loss or gradient norm), or None.
+
+        One host sync per optimizer step. The norms are global already; a loss is per rank, so under
+        torchrun the flags are max-reduced first and every rank takes the same decision.
+        """
+        flags = torch.stack([~loss_finite.to(self.device)] + [~torch.isfinite(n) for n in norms.values()]).float()
+        if self.dist.enabled:  # [dist]
+            import torch.distributed as dist
+
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = flags.tolist()
+        if not any(flags):
+            return None
+        names = ["the loss"] + [f"the {role} gradient norm" for role in norms]
+        bad = [name for name, f in zip(names, flags) if f]
+        return " and ".join(bad) + (" were" if len(bad) > 1 else " was") + " NaN or inf"
 
     # ----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -787,6 +908,11 @@ class PPOTrainer:
         writes a checkpoint and returns early with ``"interrupted"`` set to the signal's name
         (a second signal stops at once, without a checkpoint). Handlers are only installed when
         called from the main thread, and the previous ones are put back on return.
+
+        Raises ``TrainingDiverged`` after ``max_skipped_steps`` optimizer steps in a row with a
+        NaN/inf loss or gradient norm (or weights that became NaN/inf), and ``DiskFull`` when a
+        checkpoint, the final model, the metrics or the plot cannot be written for want of space;
+        neither leaves a checkpoint of the state it stopped in.
         """
         from tqdm.auto import tqdm
 
@@ -796,7 +922,12 @@ class PPOTrainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         main = self.dist.is_main  # [dist] rank 0 alone writes metrics, reports and plots
-        log = MetricsLog(metrics_path, keep_up_to=self.step if self.resumed_from else None) if main else None
+        if main:
+            reports = {"tensorboard": "tensorboard/", "wandb": "wandb/"}.get(cfg.report_to)
+            checkpoint.record_outputs(cfg.output_dir, "metrics.jsonl", *(["metrics.png"] if cfg.plot else []),
+                                      *([reports] if reports else []))
+        log = self._write("metrics.jsonl", cfg.output_dir, self.resumed_from, MetricsLog, metrics_path,
+                          keep_up_to=self.step if self.resumed_from else None) if main else None
         reporter = open_reporter(cfg, first_step=self.step + 1) if main else Reporter()  # no-op
         rows: list[dict[str, Any]] = []
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (cfg.progress and main), desc="ppo",
@@ -814,24 +945,32 @@ class PPOTrainer:
                     row = self.iteration()
                     rows.append(row)
                     if log is not None:
-                        log.write(row)
+                        self._write("metrics.jsonl", cfg.output_dir, last_ckpt, log.write, row)
                     reporter.log(row)
                     bar.update(1)
                     bar.set_postfix(score=f"{row['score_mean']:.3f}", kl=f"{row['kl']:.3f}",
                                     len=f"{row['response_length']:.1f}")
+                    if self.diverged:  # logged above (skipped_steps); nothing of this state is saved
+                        last = f"the last good checkpoint, {last_ckpt}, is intact" if last_ckpt else \
+                            "no checkpoint had been written yet"
+                        raise TrainingDiverged(f"{self.diverged}; {last} (lower the learning rate or the loss "
+                                               "coefficients)")
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.iterations:
-                        last_ckpt = self.save_checkpoint()
+                        last_ckpt = self._save_checkpoint(last_ckpt)
                 if last_ckpt is None or not last_ckpt.endswith(f"step-{self.step:08d}"):
-                    last_ckpt = self.save_checkpoint()  # atomic: a second signal here leaves no half checkpoint
+                    # atomic: a second signal here leaves no half checkpoint
+                    last_ckpt = self._save_checkpoint(last_ckpt)
                 # The finished policy where the next step of a recipe looks for it: output_dir itself.
                 if self.step >= cfg.iterations:
                     if self.dist.enabled:  # [dist] the sharded modules hold no whole weights: rank 0
                         if main:           # copies the full ones its last checkpoint gathered
-                            checkpoint.save_final(self, source=last_ckpt)
+                            self._write("the final model", cfg.output_dir, last_ckpt, checkpoint.save_final, self,
+                                        source=last_ckpt)
                         self.dist.barrier()
                         model_dir = cfg.output_dir
                     else:
-                        model_dir = checkpoint.save_final(self)
+                        model_dir = self._write("the final model", cfg.output_dir, last_ckpt, checkpoint.save_final,
+                                                self)
         finally:
             bar.close()
             reporter.close()
@@ -839,7 +978,7 @@ class PPOTrainer:
         plot_path = None
         if cfg.plot and history and main:
             plot_path = os.path.join(cfg.output_dir, "metrics.png")
-            plot_metrics(history, plot_path)
+            self._write("metrics.png", cfg.output_dir, last_ckpt, plot_metrics, history, plot_path)
         return {
             "history": history,
             "first_score": history[0]["score_mean"] if history else float("nan"),
@@ -850,6 +989,22 @@ class PPOTrainer:
             "plot": plot_path,
             "interrupted": stop.signal if self.step < cfg.iterations else None,
         }
+
+    def _save_checkpoint(self, last: str | None) -> str:
+        root = checkpoint.checkpoint_root(self.config.output_dir)
+        return self._write(f"checkpoint step-{self.step:08d}", root, last, self.save_checkpoint)
+
+    def _write(self, what: str, where: str, last: str | None, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``; a write that fails for want of space becomes one ``DiskFull`` line
+        saying what was written where, and which checkpoint is still whole (``last``)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not checkpoint.disk_full(exc):
+                raise
+            kept = f"the previous checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+            raise DiskFull(f"no space left on device (ENOSPC) while writing {what} in {os.path.abspath(where)}; "
+                           f"{kept}; free some space, then continue with --resume") from exc
 
 
 class _StopOnSignal:
