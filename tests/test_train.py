@@ -221,8 +221,11 @@ def test_resume_continues_with_same_state(tmp_path):
     wb = AutoModelForCausalLM.from_pretrained(cut / "checkpoints" / "step-00000004" / "actor").state_dict()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
-    sa = torch.load(straight / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
-    sb = torch.load(cut / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
+    from fastppo.train import safestate
+
+    sa, sb = (safestate.load(str(d / "checkpoints" / "step-00000004" / "trainer_state.json"),
+                             str(d / "checkpoints" / "step-00000004" / "trainer_state.safetensors"))
+              for d in (straight, cut))
     assert sa["step"] == sb["step"] == 4
     assert sa["scheduler"] == sb["scheduler"]
 

@@ -195,7 +195,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("grpo-vf-coef-in-file", ["train", "--config", "{yaml_grpo_vf}", *QUICK], "vf_coef (--vf-coef) is given"),
     # --- resume -----------------------------------------------------------------------------
     ("resume-pickle-payload", ["train", *QUICK, "--output-dir", "{pickled_run}", "--resume", "--iterations", "3"],
-     "trainer_state.pt"),
+     "trainer_state.json"),
     ("resume-other-config", ["train", *QUICK, "--output-dir", "{good_run}", "--resume", "--iterations", "3",
                              "--learning-rate", "0.5"], "learning_rate"),
     ("new-run-into-a-run", ["train", *QUICK, "--output-dir", "{good_run}"], "--overwrite"),
@@ -347,7 +347,7 @@ def make_runs(p: dict[str, str], python: str) -> None:
         subprocess.run([python, "-m", "fastppo", *argv], check=True, capture_output=True)
     shutil.rmtree(p["pickled_run"], ignore_errors=True)
     shutil.copytree(p["good_run"], p["pickled_run"])
-    plant_payload(os.path.join(p["pickled_run"], "checkpoints", "step-00000001", "trainer_state.pt"), p["marker"])
+    plant_payload(os.path.join(p["pickled_run"], "checkpoints", "step-00000001", "trainer_state.json"), p["marker"])
 
 
 def run_case(case, p: dict[str, str], python: str, timeout: float = 300) -> dict:
@@ -426,7 +426,7 @@ def runs(files):
         argv = [a.format(**files) for a in T("--output-dir", files["good_run"])]
         assert cli_main(argv) == 0
     shutil.copytree(files["good_run"], files["pickled_run"])
-    plant_payload(os.path.join(files["pickled_run"], "checkpoints", "step-00000001", "trainer_state.pt"),
+    plant_payload(os.path.join(files["pickled_run"], "checkpoints", "step-00000001", "trainer_state.json"),
                   files["marker"])
     return files
 

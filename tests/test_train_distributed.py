@@ -266,9 +266,10 @@ def test_two_ranks_resume_continues_the_run(ranks):
     full, resumed = runs["full"], runs["resumed"]
     assert [r["step"] for r in full] == [1, 2, 3]
     assert [r["step"] for r in resumed] == [1, 2, 3]  # metrics.jsonl: steps 1, 2 kept, 3 written again
-    # The one-process layout (safetensors, trainer_state.pt): no torch.distributed.checkpoint pickles.
+    # The one-process layout (safetensors, trainer_state.json/.safetensors): no torch.distributed.checkpoint pickles.
     assert sorted(os.listdir(out / "run" / "checkpoints" / "step-00000003")) == [
-        "actor", "config.yaml", "critic", "fingerprint.json", "trainer_state.pt"]
+        "actor", "config.yaml", "critic", "fingerprint.json", "trainer_state.json",
+        "trainer_state.safetensors"]
     for key in ("score_mean", "kl", "policy_loss", "value_loss", "grad_norm", "entropy", "advantage_mean"):
         assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-4, abs=1e-6), key
 

@@ -62,7 +62,8 @@ def test_builtin_task_learns_without_a_critic(tmp_path, no_critic, estimator, k)
     assert last > first + 0.3, (estimator, first, last)
     assert rows[-1]["kl"] > 0
     ckpt = summary["checkpoint"]
-    assert sorted(os.listdir(ckpt)) == ["actor", "config.yaml", "fingerprint.json", "trainer_state.pt"]
+    assert sorted(os.listdir(ckpt)) == ["actor", "config.yaml", "fingerprint.json", "trainer_state.json",
+        "trainer_state.safetensors"]
 
 
 def test_group_layout_and_kl_loss(tmp_path, no_critic, monkeypatch):

@@ -64,8 +64,20 @@ def _leftovers(out):
 # --------------------------------------------------------------------------------------------
 # 10: a checkpoint can never run code
 
-def test_trainer_state_holds_only_tensors_and_plain_values(run):
-    state = torch.load(_ckpt(run) / "trainer_state.pt", weights_only=True)  # raises on anything else
+def _state(ckpt):
+    from fastppo.train import safestate
+
+    return safestate.load(str(ckpt / "trainer_state.json"), str(ckpt / "trainer_state.safetensors"))
+
+
+def test_trainer_state_is_json_and_safetensors_nothing_pickled(run):
+    from safetensors.torch import load_file
+
+    ckpt = _ckpt(run)
+    json.loads((ckpt / "trainer_state.json").read_text())  # plain JSON (raises on anything else)
+    assert load_file(str(ckpt / "trainer_state.safetensors"))  # plain safetensors
+    assert not any(n.endswith((".pt", ".pkl", ".bin")) for n in os.listdir(ckpt))
+    state = _state(ckpt)
     assert state["step"] == 2 and state["format"] == checkpoint.FORMAT
     assert isinstance(state["rng"]["torch"], torch.Tensor)
     if "numpy" in state["rng"]:
@@ -74,17 +86,17 @@ def test_trainer_state_holds_only_tensors_and_plain_values(run):
 
 def test_planted_pickle_payload_never_runs(run, tmp_path, capsys):
     marker = tmp_path / "PWNED"
-    torch.save({"step": 2, "payload": Payload(marker)}, _ckpt(run) / "trainer_state.pt")
+    torch.save({"step": 2, "payload": Payload(marker)}, _ckpt(run) / "trainer_state.json")
 
     # The newest checkpoint holds the payload: skipped with a warning, the run resumes from step 1.
     trainer = PPOTrainer(small(run, iterations=3, resume=True))
     assert not marker.exists()
     assert trainer.resumed_from.endswith(STEP1) and trainer.step == 1
     err = capsys.readouterr().err
-    assert f"skipped checkpoint {STEP2}" in err and "trainer_state.pt" in err
+    assert f"skipped checkpoint {STEP2}" in err and "trainer_state.json" in err
 
     # Every checkpoint holds one: the command refuses in one line, exit 2, and nothing runs.
-    torch.save({"step": 1, "payload": Payload(marker)}, _ckpt(run, STEP1) / "trainer_state.pt")
+    torch.save({"step": 1, "payload": Payload(marker)}, _ckpt(run, STEP1) / "trainer_state.safetensors")
     from fastppo.cli import main
 
     rc = main(["train", "--output-dir", str(run), "--resume", "--iterations", "3", "--batch-size", "8",
@@ -99,8 +111,9 @@ def test_planted_pickle_payload_never_runs(run, tmp_path, capsys):
 # 12: damaged checkpoints and logs
 
 def _truncate_state(ckpt):
-    data = (ckpt / "trainer_state.pt").read_bytes()
-    (ckpt / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    for name in ("trainer_state.json", "trainer_state.safetensors"):
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[: len(data) // 2])
 
 
 def _empty_weights(ckpt):
@@ -112,7 +125,7 @@ def _no_critic(ckpt):
 
 
 def _no_state(ckpt):
-    os.remove(ckpt / "trainer_state.pt")
+    os.remove(ckpt / "trainer_state.safetensors")
 
 
 @pytest.mark.parametrize("damage", [_truncate_state, _empty_weights, _no_critic, _no_state],
@@ -125,7 +138,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(run, damage, capsy
     trainer.train()
     # Step 2 was written again, whole, over the damaged one, and nothing is left lying around.
     assert sorted(os.listdir(run / "checkpoints")) == [STEP1, STEP2, "step-00000003"]
-    assert torch.load(_ckpt(run) / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert _state(_ckpt(run))["step"] == 2
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
 

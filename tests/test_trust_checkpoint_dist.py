@@ -149,11 +149,12 @@ def ours(stderr: str) -> list[str]:
 def test_two_ranks_never_run_a_payload_in_their_checkpoint(poisoned):
     out, proc = poisoned
     assert not (out / "PWNED").exists()
-    # The checkpoint the ranks write holds only safetensors, JSON/YAML and trainer_state.pt.
+    # The checkpoint the ranks write holds only safetensors, JSON/YAML and the JSON + safetensors trainer state.
     assert files(str(out / "pristine" / STEP2)) == [
         "actor/config.json", "actor/generation_config.json", "actor/model.safetensors",
         "actor/tokenizer.json", "actor/tokenizer_config.json", "config.yaml", "critic/config.json",
-        "critic/model.safetensors", "fingerprint.json", "trainer_state.pt"]
+        "critic/model.safetensors", "fingerprint.json", "trainer_state.json",
+        "trainer_state.safetensors"]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     # Payloads where torch.distributed.checkpoint's files were: never read, step 2 resumes.
     assert [r["dcp_planted"] for r in ranks] == [[STEP2, 2], [STEP2, 2]]
@@ -204,7 +205,7 @@ def test_a_payload_in_any_one_file_is_never_run(poisoned, tmp_path, capsys):
             assert not marker.exists(), (rel, name)
     capsys.readouterr()
     read = {"actor/config.json", "actor/model.safetensors", "critic/config.json", "critic/model.safetensors",
-            "fingerprint.json", "trainer_state.pt"}
+            "fingerprint.json", "trainer_state.json", "trainer_state.safetensors"}
     assert outcome == {(rel, name): "refused" if rel in read else "loaded"
                        for rel in [*files(pristine), *OLD_DCP] for name in ("one", "ranks")}
 

@@ -7,13 +7,15 @@
 * ``critic/``: ``save_pretrained`` of the critic, an ``AutoModelForSequenceClassification`` (with
   ``critic_lora_r``, its LoRA adapter and the value head, for ``PeftModel.from_pretrained``)
   (absent for the critic-free estimators grpo, rloo and reinforce++, which have no critic);
-* ``trainer_state.pt``: step, optimizer, scheduler, KL coefficient, prompt sampler, and every
-  random generator, so a resumed run draws the same numbers the uninterrupted run would have.
-  Only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None): it is
-  read with ``torch.load(weights_only=True)``, which refuses anything else, so a planted pickle
-  payload is rejected instead of run. Weights are read from safetensors files only. Several ranks
-  write this same layout (``distributed.save``, with every rank's generators) and read it with
-  :func:`read`; a ``dcp/`` folder (``torch.distributed.checkpoint``, which unpickles) is never read;
+* ``trainer_state.json`` + ``trainer_state.safetensors``: step, optimizer, scheduler, KL
+  coefficient, prompt sampler, and every random generator, so a resumed run draws the same
+  numbers the uninterrupted run would have. The structure is JSON and the tensors are
+  safetensors (``safestate``): nothing in a checkpoint is ever unpickled, not even by
+  ``torch.load(weights_only=True)``'s restricted unpickler, so no planted payload can run.
+  Weights are read from safetensors files only. Several ranks write this same layout
+  (``distributed.save``, with every rank's generators) and read it with :func:`read`; a
+  ``dcp/`` folder (``torch.distributed.checkpoint``, which unpickles) or a ``trainer_state.pt``
+  (format 2, a pickle) is never read;
 * ``fingerprint.json``: what the run must share with a run that resumes it (every option that
   changes the experiment, the model configs and a hash of the prompts);
 * ``config.yaml``: the configuration that wrote it.
@@ -44,14 +46,17 @@ from typing import Any, Callable
 
 import torch
 
+from . import safestate
 from .api import is_peft
 from .config import ConfigError
 
 _NAME = re.compile(r"^step-(\d+)$")
 _OLD = re.compile(r"^(?:\.old-(step-\d+)-\d+|(step-\d+)\.old-\d+)$")  # the second: written by fastppo 0.1
-STATE = "trainer_state.pt"
+STATE = "trainer_state.json"  # the structure of the trainer state; its tensors are in STATE_TENSORS
+STATE_TENSORS = "trainer_state.safetensors"
 FINGERPRINT = "fingerprint.json"
-FORMAT = 2  # trainer_state.pt layout; 1 (fastppo 0.1) was a pickle with numpy arrays, never read again
+FORMAT = 3  # 3: JSON + safetensors; 2 was trainer_state.pt (a pickle read with weights_only=True) and
+# 1 a pickle with numpy arrays: neither is ever read (unpickling is what a checkpoint must not need)
 
 # Options a resumed run may change: how long and where it runs, not what it computes.
 RUNTIME_OPTIONS = frozenset({
@@ -290,7 +295,7 @@ def save(trainer, step: int) -> str:
         trainer.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
         if trainer.critic is not None:  # critic-free estimators (grpo, rloo, reinforce++) have none to save
             trainer.critic.model.save_pretrained(os.path.join(tmp, "critic"))
-        torch.save(trainer.state_dict(), os.path.join(tmp, STATE))
+        write_state(trainer.state_dict(), tmp)
         with open(os.path.join(tmp, FINGERPRINT), "w", encoding="utf-8") as f:
             json.dump(trainer.fingerprint, f, indent=1, sort_keys=True)
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
@@ -320,20 +325,24 @@ def save(trainer, step: int) -> str:
 _STATE_KEYS = ("format", "step", "optimizer", "scheduler", "kl_coef", "sampler", "shuffle_gen", "rng")
 
 
+def write_state(state: dict[str, Any], directory: str) -> None:
+    """Write a trainer state into ``directory`` as STATE (JSON) and STATE_TENSORS (safetensors)."""
+    safestate.save(state, os.path.join(directory, STATE), os.path.join(directory, STATE_TENSORS))
+
+
 def _read_state(path: str) -> dict[str, Any]:
-    file = os.path.join(path, STATE)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{STATE} is missing")
+    file, tensors = os.path.join(path, STATE), os.path.join(path, STATE_TENSORS)
+    for name, f in ((STATE, file), (STATE_TENSORS, tensors)):
+        if not os.path.isfile(f):
+            old = " (only a trainer_state.pt of an older fastppo, a pickle, which is never read)" \
+                if os.path.isfile(os.path.join(path, "trainer_state.pt")) else ""
+            raise CheckpointError(f"{name} is missing{old}")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated zip, or a pickle holding anything but tensors and plain values
-        # torch's refusal opens with how to load the file anyway (unsafely), in terminal colours;
-        # only its reason belongs in the one line.
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-        reason = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?:\s|$)", text)
-        why = " ".join((reason.group(1) if reason else text).split())[:160]
-        raise CheckpointError(f"{STATE} cannot be read safely (truncated, or it holds more than tensors and plain "
-                              f"values; nothing in it was run): {type(exc).__name__}: {why}") from None
+        state = safestate.load(file, tensors)
+    except (OSError, ValueError) as exc:  # a damaged file, or one that is not a state of ours
+        why = " ".join(str(exc).split())[:160]
+        raise CheckpointError(f"the trainer state ({STATE}, {STATE_TENSORS}) cannot be read ({type(exc).__name__}: "
+                              f"{why}); nothing in it was run") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{STATE} is not a fastppo checkpoint of format {FORMAT}")
     missing = [k for k in _STATE_KEYS if k not in state]

@@ -23,7 +23,7 @@ A run is distributed when the launcher's environment says so (``WORLD_SIZE`` > 1
   fewer micro-batches of a mini-batch than another runs zero-weighted ones, so all ranks meet the
   same collectives;
 * metrics are computed over the gathered global batch and written by rank 0 only; checkpoints are
-  the one-process layout (``actor/``, ``critic/`` and ``trainer_state.pt``, written by rank 0 from
+  the one-process layout (``actor/``, ``critic/`` and the trainer state, written by rank 0 from
   full state dicts, nothing in them unpickled when read), which any number of ranks, a one-process
   ``--resume`` and ``from_pretrained`` read.
 
@@ -574,9 +574,8 @@ def save(trainer, step: int) -> str:
     """A checkpoint written by all ranks together; returns its directory (on every rank).
 
     The one-process layout, written by rank 0 from full state dicts gathered over the ranks:
-    ``actor/`` and ``critic/`` (safetensors), ``trainer_state.pt`` (tensors and plain values only,
-    the optimizer in one-process layout, every rank's random generators), ``fingerprint.json``,
-    ``config.yaml``. No file holds a pickle of anything else, so it is read back exactly as
+    ``actor/`` and ``critic/`` (safetensors), the trainer state (JSON plus safetensors, the optimizer in one-process layout, every rank's random generators), ``fingerprint.json``,
+    ``config.yaml``. No file holds a pickle, so it is read back exactly as
     safely as a one-process checkpoint (``torch.distributed.checkpoint``'s format is not used: its
     ``.metadata`` and the non-tensor entries of its shards are unpickled when read). Any number of
     ranks, or one process, resumes it. The directory appears under its final name only when whole.
@@ -612,7 +611,7 @@ def save(trainer, step: int) -> str:
                  "scheduler": trainer.scheduler.state_dict(), "kl_coef": trainer.kl.value,
                  "sampler": trainer.sampler.state_dict(), "shuffle_gen": trainer.shuffle_gen.get_state(),
                  "rng": rngs[0], "rng_ranks": rngs, "world_size": d.world, "config": cfg.to_dict()}
-        torch.save(state, os.path.join(tmp, checkpoint.STATE))
+        checkpoint.write_state(state, tmp)
         with open(os.path.join(tmp, checkpoint.FINGERPRINT), "w", encoding="utf-8") as f:
             json.dump(trainer.fingerprint, f, indent=1, sort_keys=True)
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
@@ -643,7 +642,7 @@ def resume(trainer, candidates: list[str]) -> str | None:
     """Load the newest usable checkpoint of ``candidates`` on every rank; returns its path.
 
     Every rank reads the checkpoint with the one-process reader (``checkpoint.read``: safetensors
-    weights, ``trainer_state.pt`` through ``torch.load(weights_only=True)``) and keeps its FSDP2
+    weights, the trainer state from JSON plus safetensors) and keeps its FSDP2
     shard of the full weights and optimizer, so a checkpoint written by any number of ranks, or by
     one process, loads. A ``dcp/`` folder that earlier multi-process checkpoints also held
     is never read (``torch.distributed.checkpoint`` unpickles it); their safe files still resume.
