@@ -264,7 +264,9 @@ def compute_approx_kl(
     else:
         w = (log_probs.float() - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP).detach()
     surrogate = w * fastppo.kl_penalty(log_ratio, zeros, "k2")
-    return value.detach() + surrogate - surrogate.detach()
+    # (s - s) first, exactly 0: OpenRLHF's (value + s) - s rounds the value to the spacing of s
+    # (10 came back as 9.9999924 next to s = 200), the same gradient.
+    return value.detach() + (surrogate - surrogate.detach())
 
 
 class ValueLoss(nn.Module):
