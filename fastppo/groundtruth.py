@@ -103,7 +103,7 @@ def _k3_exact(r):
 
     Even float64's expm1(r) - r keeps only ~1e-16 / |r| relative as r -> 0 (a float32 k3 at
     r = 1e-8 could not be checked against it), so |r| < 1/2 sums the terms r^k / k!, k = 2 .. 24,
-    one by one (the first term left out is below 1e-25 of the sum).
+    one by one (the first term left out is below 1e-30 of the sum).
     """
     near = r.abs() < 0.5
     x = torch.where(near, r, 0.0)  # keeps r^k finite in the unused branch, and its gradient 0

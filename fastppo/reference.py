@@ -297,8 +297,8 @@ def _k3(r: torch.Tensor) -> torch.Tensor:
     The direct formula loses every digit as r -> 0 (0 in float32 at |r| = 1e-4, where the value is
     5e-9) and expm1(r) - r still loses log2(2 / |r|) bits, so -1 < r < 2 sums the Taylor series
     r^2 (1/2! + r/3! + ...) instead (alternating below 0: at most a factor 2 of cancellation);
-    outside, expm1(r) - r cancels at most a factor 2.7 (at r = -1). Its autograd gradient,
-    expm1(r), is as accurate (r + k3 in the series, exp(r) - 1 outside).
+    outside, expm1(r) - r cancels at most a factor 2.7 (at r = -1). Its autograd gradient (the
+    series' derivative; exp(r) - 1 outside) stays within ~2 ulps of expm1(r).
     """
     small = (r > -1.0) & (r < 2.0)
     # The series sees 0 where it is not used: a large r would give r^n = inf, and its zero

@@ -98,7 +98,10 @@ def _exp_f32(r):
     on every GPU. The bottom is only ever added to 1: below r = -80 its value does not matter.
     NaN in gives NaN out.
     """
-    x = tl.where(r > -80.0, tl.where(r < 89.0, r, 89.0), -80.0)  # NaN -> -80: k below stays a number
+    # r limited to [-80, 89], NaN to -80 (k below stays a number; the NaN comes back at the end).
+    # One select on both bounds, not nested ones: Triton 3.9 turns a nested select into a
+    # NaN-dropping min.f32, which no kernel may hold (tests/test_inspect.py).
+    x = tl.where((r > -80.0) & (r < 89.0), r, tl.where(r >= 89.0, 89.0, -80.0))
     k = tl.floor(x * 1.4426950408889634 + 0.5)
     f = (x - k * _LN2_HI) - k * _LN2_LO
     q = f * 2.48015873015873e-05 + 0.0001984126984126984

@@ -239,7 +239,8 @@ def compute_approx_kl(
     """OpenRLHF's ``compute_approx_kl`` computed by ``fastppo.kl_penalty``.
 
     With d = log_probs - log_probs_base in float32: ``k1`` d, ``k2`` d^2 / 2, ``k3``
-    exp(-d') + d' - 1 with d' = max(d, -10); every estimate clamped to [-10, 10].
+    exp(-d') + d' - 1 with d' = max(d, -10), accurate at small |d| where OpenRLHF's float32
+    formula cancels; every estimate clamped to [-10, 10].
     ``unbiased_gradient``: the same value with the gradient of w * d^2 / 2, w = exp(log_probs -
     log_probs_old) capped at 10 and detached (1 without ``log_probs_old``).
 
