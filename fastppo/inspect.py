@@ -164,6 +164,9 @@ def _advantage_case(B: int, T: int) -> Callable[[], None]:
         scores = torch.zeros(B, dtype=f)
         _op("advantage", "compute_advantages")(scores, lp, ref, vals, mask, kl_coef=0.05)
         _op("advantage", "compute_advantages")(scores, lp, ref, vals, mask, kl_coef=0.05, whiten=False)
+        # k3, the usual estimator, has code of its own in the fused kernels (its series and exp).
+        _op("advantage", "compute_advantages")(scores, lp, ref, vals, mask, kl_coef=0.05, estimator="k3")
+        _op("advantage", "shape_rewards")(scores, lp, ref, mask, kl_coef=0.05, estimator="k3")
         _op("advantage", "gae")(rew, vals, mask)
         _op("advantage", "masked_whiten")(rew, mask)
         _op("advantage", "shape_rewards")(scores, lp, ref, mask, kl_coef=0.05)

@@ -82,6 +82,74 @@ _N_PLANES = 9  # the same number, for the host
 # --------------------------------------------------------------------------------------------
 
 
+# ln 2 split so that k * _LN2_HI is exact for |k| < 2^12 (its low 12 mantissa bits are zero).
+_LN2_HI = tl.constexpr(0.693115234375)
+_LN2_LO = tl.constexpr(3.194618329871446e-05)
+
+
+@triton.jit
+def _exp_f32(r):
+    """exp(r) of float32 r to about 1 ulp; inf past r = 88.72, exp(-80) (~2e-35) below r = -80.
+
+    Not tl.exp: on NVIDIA it is ex2.approx(r * log2(e)), whose rounded argument costs about |r|
+    ulps (20 at r = 20). Here r = k ln2 + f with |f| <= ln2 / 2 (Cody-Waite: k ln2_hi and
+    r - k ln2_hi are exact), exp(f) - 1 by its Taylor series to f^8 (the next term is 2e-10
+    relative) and 2^k from its exponent bits: the same float32 operations in the interpreter and
+    on every GPU. The bottom is only ever added to 1: below r = -80 its value does not matter.
+    NaN in gives NaN out.
+    """
+    # r limited to [-80, 89], NaN to -80 (k below stays a number; the NaN comes back at the end).
+    # One select on both bounds, not nested ones: Triton 3.9 turns a nested select into a
+    # NaN-dropping min.f32, which no kernel may hold (tests/test_inspect.py).
+    x = tl.where((r > -80.0) & (r < 89.0), r, tl.where(r >= 89.0, 89.0, -80.0))
+    k = tl.floor(x * 1.4426950408889634 + 0.5)
+    f = (x - k * _LN2_HI) - k * _LN2_LO
+    q = f * 2.48015873015873e-05 + 0.0001984126984126984
+    q = q * f + 0.001388888888888889
+    q = q * f + 0.008333333333333333
+    q = q * f + 0.041666666666666664
+    q = q * f + 0.16666666666666666
+    q = q * f + 0.5
+    q = q * f + 1.0
+    q = q * f
+    # 2^(k-1) * 2, not 2^k: k reaches 128 just below the overflow threshold (and 2^-116 is normal).
+    half = ((k.to(tl.int32) + 126) << 23).to(tl.float32, bitcast=True)
+    e = (1.0 + q) * half * 2.0
+    return tl.where(r == r, e, r)
+
+
+@triton.jit
+def _k3_expm1(r):
+    """(exp(r) - r - 1, exp(r) - 1) of float32 r, each to about 1 ulp (the k3 estimate, r = -d,
+    and minus its derivative in d).
+
+    For -1 < r < 2 both come from k3 = r^2 (1/2! + r/3! + ... + r^12/14!) (the next term is
+    < 1e-8 relative) and expm1 = r + k3: the naive exp(r) - r - 1 loses every digit as r -> 0
+    (0 in float32 at |r| = 1e-4), and even expm1(r) - r loses log2(2 / |r|) bits. Outside,
+    exp(r) - 1 - r cancels at most a factor 2.7 (at r = -1). NaN gives NaN, r = -inf gives (inf, -1), r = +inf gives (NaN, inf)
+    as exp(r) - r - 1 does, and r past 88.72 overflows to inf as exp does.
+    """
+    small = (r > -1.0) & (r < 2.0)
+    s = tl.where(small, r, 0.0)  # the series only ever sees |s| < 2
+    p = s * 1.1470745597729725e-11 + 1.6059043836821613e-10
+    p = p * s + 2.08767569878681e-09
+    p = p * s + 2.505210838544172e-08
+    p = p * s + 2.755731922398589e-07
+    p = p * s + 2.7557319223985893e-06
+    p = p * s + 2.48015873015873e-05
+    p = p * s + 0.0001984126984126984
+    p = p * s + 0.001388888888888889
+    p = p * s + 0.008333333333333333
+    p = p * s + 0.041666666666666664
+    p = p * s + 0.16666666666666666
+    p = p * s + 0.5
+    k3_small = s * s * p
+    em1 = _exp_f32(r) - 1.0
+    k3 = tl.where(small, k3_small, em1 - r)
+    em1 = tl.where(small, s + k3_small, em1)
+    return k3, em1
+
+
 @triton.jit
 def _kl_estimate(lp, ref, clamp_val, EST: tl.constexpr, CLAMP: tl.constexpr):
     """Per-token KL estimate from float32 log-probs (the estimators of ``kl_penalty``)."""
@@ -93,7 +161,7 @@ def _kl_estimate(lp, ref, clamp_val, EST: tl.constexpr, CLAMP: tl.constexpr):
     elif EST == 2:
         kl = 0.5 * d * d
     else:
-        kl = tl.exp(-d) + d - 1.0
+        kl, _ = _k3_expm1(-d)
     if CLAMP:
         # Explicit selects, not tl.minimum/tl.maximum: PTX min/max.f32 return the non-NaN operand,
         # and torch.clamp(NaN) is NaN (a comparison with NaN is False, so NaN passes through).
@@ -133,11 +201,12 @@ def _kl_kernel(lp_ptr, ref_ptr, out_ptr, N, clamp_val, EST: tl.constexpr, CLAMP:
 def _kl_bwd_kernel(lp_ptr, ref_ptr, g_ptr, glp_ptr, gref_ptr, N, clamp_val,
                    EST: tl.constexpr, CLAMP: tl.constexpr, GRAD_LP: tl.constexpr, GRAD_REF: tl.constexpr,
                    BLOCK: tl.constexpr):
-    """Gradients of kl_penalty, written as PyTorch autograd of the reference formula computes them.
+    """Gradients of kl_penalty, with the special values PyTorch autograd of the reference gives.
 
     With d = lp - ref and g the incoming gradient: clamp passes g where -c <= kl <= c (0 elsewhere,
     NaN kl included, as torch.clamp's backward); then dkl/dd is 1 (k1), sign(d) (abs; 0 at 0 and
-    at NaN, as torch.sign), d (k2) or 1 - exp(-d) (k3, as g - g * exp(-d)). d/dref = -d/dlp.
+    at NaN, as torch.sign), d (k2) or 1 - exp(-d) (k3, as -g * expm1(-d): 1 - exp(-d) itself loses
+    every digit as d -> 0). d/dref = -d/dlp.
     """
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -153,7 +222,8 @@ def _kl_bwd_kernel(lp_ptr, ref_ptr, g_ptr, glp_ptr, gref_ptr, N, clamp_val,
     elif EST == 2:
         gd = g * d
     else:
-        gd = g - g * tl.exp(-d)
+        _, em1 = _k3_expm1(-d)
+        gd = -(g * em1)
     if CLAMP:
         # Where the clamp holds, autograd multiplies a zero gradient into the derivative. For a
         # finite d that is exactly 0, even where float32's exp(-d) overflows (k3 at d < -88,

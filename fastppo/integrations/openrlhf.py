@@ -239,7 +239,8 @@ def compute_approx_kl(
     """OpenRLHF's ``compute_approx_kl`` computed by ``fastppo.kl_penalty``.
 
     With d = log_probs - log_probs_base in float32: ``k1`` d, ``k2`` d^2 / 2, ``k3``
-    exp(-d') + d' - 1 with d' = max(d, -10); every estimate clamped to [-10, 10].
+    exp(-d') + d' - 1 with d' = max(d, -10), accurate at small |d| where OpenRLHF's float32
+    formula cancels; every estimate clamped to [-10, 10].
     ``unbiased_gradient``: the same value with the gradient of w * d^2 / 2, w = exp(log_probs -
     log_probs_old) capped at 10 and detached (1 without ``log_probs_old``).
 
@@ -264,7 +265,9 @@ def compute_approx_kl(
     else:
         w = (log_probs.float() - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP).detach()
     surrogate = w * fastppo.kl_penalty(log_ratio, zeros, "k2")
-    return value.detach() + surrogate - surrogate.detach()
+    # (s - s) first, exactly 0: OpenRLHF's (value + s) - s rounds the value to the spacing of s
+    # (10 came back as 9.9999924 next to s = 200), the same gradient.
+    return value.detach() + (surrogate - surrogate.detach())
 
 
 class ValueLoss(nn.Module):

@@ -281,7 +281,8 @@ def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_pena
     """verl's ``kl_penalty_forward`` computed by ``fastppo.kl_penalty``.
 
     With d = logprob - ref_logprob: ``kl``/``k1`` d, ``abs`` |d|, ``mse``/``k2`` d^2 / 2,
-    ``low_var_kl``/``k3`` exp(-d') + d' - 1 clamped to [-10, 10] with d' = clamp(d, -20, 20).
+    ``low_var_kl``/``k3`` exp(-d') + d' - 1 clamped to [-10, 10] with d' = clamp(d, -20, 20),
+    accurate at small |d| (verl's float32 exp(r) - r - 1 returns 0 at |d| = 1e-4).
     ``full`` and unknown names raise ``NotImplementedError``, as in verl.
 
     Returns the elementwise estimate, float32 (float64 for float64 inputs), any shape.
