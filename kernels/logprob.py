@@ -451,7 +451,8 @@ def _alignment(t: torch.Tensor, stride_b: int, stride_t: int, V: int) -> tuple[i
     return vec, ptr_off, peel
 
 
-def _grad_buffer(logits: torch.Tensor, T: int, stride_b: int, stride_t: int, N: int, ptr_off: int) -> torch.Tensor:
+def _grad_buffer(logits: torch.Tensor, T: int, stride_b: int, stride_t: int, N: int, ptr_off: int,
+                 aligned: bool = True) -> torch.Tensor:
     """A new d logits tensor of the logits' shape and dtype whose every row starts at the same
     offset modulo 16 elements (and so modulo 16 bytes) as the logits row it belongs to.
 
@@ -462,10 +463,10 @@ def _grad_buffer(logits: torch.Tensor, T: int, stride_b: int, stride_t: int, N: 
     modulo 16 (at most 15 padding elements per row or per batch), and the data pointer sits
     ``ptr_off`` elements past a 16-byte boundary like the logits'. For contiguous logits that is
     the contiguous layout. Autograd takes any strides for an input's gradient (a slice's
-    backward copies it into its base's gradient).
+    backward copies it into its base's gradient). ``aligned=False``: a contiguous tensor.
     """
     V = logits.shape[-1]
-    if N == 0 or V == 0:
+    if N == 0 or V == 0 or not aligned:
         return new_output(logits.shape, logits.dtype, logits.device)
     g_t = V + (stride_t - V) % 16
     if logits.dim() == 3:
@@ -541,11 +542,15 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
     return logprob, entropy, rowmax, logsum
 
 
-def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad_entropy, inv_temp, inplace):
+def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad_entropy, inv_temp, inplace,
+              aligned_grad=False):
     """Launch the backward kernel; returns d logits with the shape and dtype of ``logits``.
 
     ``grad_logprob`` / ``grad_entropy``: ``[N]`` float tensors or None (that output got no
-    gradient). With ``inplace`` the gradient is written over ``logits`` itself.
+    gradient). With ``inplace`` the gradient is written over ``logits`` itself. Otherwise it is a
+    new tensor: with ``aligned_grad`` laid out at the logits' alignment (:func:`_grad_buffer`;
+    what autograd gets), else contiguous (for callers that need a contiguous result, such as the
+    torch.compile custom op, whose outputs are contiguous: a strided one would cost a copy there).
     """
     logits, T, stride_b, stride_t, N = _row_layout(logits)
     V = logits.shape[-1]
@@ -557,7 +562,7 @@ def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad
         grad = logits.detach()
         grad_stride_b, grad_stride_t = stride_b, stride_t
     else:
-        grad = _grad_buffer(logits, T, stride_b, stride_t, N, ptr_off)
+        grad = _grad_buffer(logits, T, stride_b, stride_t, N, ptr_off, aligned_grad)
         _, _, grad_stride_b, grad_stride_t, _ = _row_layout(grad)
     if N > 0:
         block, num_warps = _block_and_warps(V, logits.element_size())
@@ -642,6 +647,7 @@ class _LogprobEntropy(torch.autograd.Function):
             _flat_grad(grad_entropy, n_rows),
             ctx.inv_temp,
             ctx.inplace,
+            aligned_grad=True,
         )
         return grad_logits, None, None, None, None, None, None
 
