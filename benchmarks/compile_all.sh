@@ -36,4 +36,4 @@ PYEOF
 
 mkdir -p "$(dirname "$OUT")"
 cd "$ROOT"
-env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 "$PY" -m fastppo.inspect --all-configs --json "$OUT" ${INSPECT_ARGS:-}
+env -u TRITON_INTERPRET "$PY" -m fastppo.inspect --all-configs --json "$OUT" ${INSPECT_ARGS:-}

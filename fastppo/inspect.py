@@ -5,11 +5,12 @@ How it works, in three steps:
 
 1. **Capture.** The public kernel ops (``fastppo.kernels.*``) are called on small CPU stand-in
    tensors whose shapes drive the launchers' block choices (``CASES``: logprob at the four
-   vocabularies, the advantage ops at 512x4096, 2048x1024 and 8x262144, the losses at 64k and 2M
-   tokens, the linear_logprobs chunk kernels). Triton's own launch path binds and specializes the
-   arguments exactly as on a GPU (pointer dtypes, 16-divisibility of ints and pointers,
-   constexprs, ``num_warps``), against a stand-in driver that reports the target GPU; Triton's
-   ``jit_cache_hook`` then records the specialization and cancels the compile and the launch.
+   vocabularies, on 2-D rows and on the ``[:, :-1]`` view of ``[B, T + 1, V]`` logits, the
+   advantage ops at 512x4096, 2048x1024 and 8x262144, the losses at 64k and 2M tokens, the
+   linear_logprobs chunk kernels). Triton's own launch path binds and specializes the arguments
+   exactly as on a GPU (pointer dtypes, 16-divisibility of ints and pointers, constexprs,
+   ``num_warps``, the FP fusion default a user's process gets), against a stand-in driver that
+   reports the target GPU; Triton's ``jit_cache_hook`` then records the specialization and cancels the compile and the launch.
    Nothing executes, so a changed launcher is inspected as it now is, with no list to update.
 2. **Compile** each distinct specialization with ``triton.compile`` for ``sm_90`` (or ``sm_80``),
    using the ptxas Triton ships, in worker processes without ``TRITON_INTERPRET``. Results are
@@ -30,8 +31,9 @@ Works with no GPU and no CUDA driver. ``python -m fastppo.inspect`` is the same 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import base64
+import contextlib
+import dataclasses
 import gzip
 import hashlib
 import importlib
@@ -44,7 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable
+import warnings
+from typing import Any, Callable, Iterable, Iterator
 
 INSPECT_VERSION = "2"
 
@@ -150,6 +153,25 @@ def _logprob_case(V: int, dtype_name: str) -> Callable[[], None]:
         _backward(lp_op(logits, labels))
         _backward(*lp_op(logits, labels, return_entropy=True, mask=mask))
         _backward(ent_op(logits))
+
+    return run
+
+
+def _logprob_view_case(V: int, dtype_name: str) -> Callable[[], None]:
+    """The PPO call: the ``[:, :-1]`` view of ``[B, T + 1, V]`` logits (the last position has no
+    next token), with a mask and the entropy, backward included. At odd V its rows are not
+    16-byte aligned and the batch stride is (T + 1) * V, so its specialization differs from the
+    2-D stand-in's."""
+
+    def run():
+        import torch
+
+        dtype = getattr(torch, dtype_name)
+        B, T = 2, 8
+        full = torch.zeros(B, T + 1, V, dtype=dtype, requires_grad=True)
+        labels = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.ones(B, T, dtype=torch.bool)
+        _backward(*_op("logprob", "logprobs_from_logits")(full[:, :-1], labels, return_entropy=True, mask=mask))
 
     return run
 
@@ -272,6 +294,8 @@ def build_cases(families: Iterable[str] = FAMILIES, all_configs: bool = False) -
                 per_row = {"_logprob_fwd_kernel": LOGPROB_ROWS, "_logprob_bwd_kernel": LOGPROB_ROWS}
                 cases.append(Case("logprob", f"{LOGPROB_ROWS}x{V} {_DT[dt]}",
                                   _logprob_case(V, dt), per_row))
+                cases.append(Case("logprob", f"{LOGPROB_ROWS}x{V} {_DT[dt]} [:, :-1]",
+                                  _logprob_view_case(V, dt), per_row))
     if "advantage" in families:
         for B, T in ADV_SHAPES:
             cases.append(Case("advantage", f"{B}x{T}", _advantage_case(B, T)))
@@ -357,7 +381,6 @@ def _interpreter_on() -> bool:
 def _clean_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return env
 
 
@@ -366,6 +389,8 @@ def _config_string(fn, signature: dict, constants: dict, attrs: dict, options: d
     parts = [f"{names[path[0]]}={int(v) if isinstance(v, bool) else v}" for path, v in sorted(constants.items())
              if len(path) == 1 and signature.get(names[path[0]]) == "constexpr"]
     parts.append(f"warps={options['num_warps']}")
+    if not options.get("enable_fp_fusion", True):
+        parts.append("fp_fusion=0")
     if options.get("num_stages") not in (None, 3):
         parts.append(f"stages={options['num_stages']}")
     ptrs = [t for t in signature.values() if t.startswith("*")]
@@ -385,15 +410,32 @@ _ALIGN_ARGS = {"stride_t", "stride_b", "grad_stride_t", "grad_stride_b", "V", "s
                "stride_a", "stride_v", "stride_m", "n_cols"}
 
 
-def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress: Callable[[str], None] | None = None,
-            all_configs: bool = False) -> list[Launch]:
-    """Run every case's ops with Triton's launch path intercepted; returns the distinct launches.
+def fp_fusion_default() -> tuple[bool, str]:
+    """(FP fusion on?, where that comes from) for a kernel launched without ``enable_fp_fusion``:
+    what a user's process compiles. Triton's own default (on up to 3.9, off from 3.10), unless
+    ``TRITON_DEFAULT_FP_FUSION`` is set; the inspection never forces it either way."""
+    import triton
 
-    Must run in a process where ``TRITON_INTERPRET`` is unset (the kernels must be JITFunctions).
-    """
+    env = os.environ.get("TRITON_DEFAULT_FP_FUSION")
+    try:
+        from triton import knobs
+
+        on = bool(knobs.language.default_fp_fusion) and not bool(getattr(knobs.language, "force_disable_fp_fusion",
+                                                                          False))
+    except (ImportError, AttributeError):  # pragma: no cover - Triton < 3.4
+        on = env is None or env.strip().lower() in ("1", "true", "on", "yes")
+    source = f"TRITON_DEFAULT_FP_FUSION={env}" if env is not None else f"Triton {triton.__version__} default"
+    return on, source
+
+
+@contextlib.contextmanager
+def _intercepted(target: str, on_compile: Callable[[Any, Any, dict], None]) -> Iterator[None]:
+    """Inside this block every ``@triton.jit`` launch binds and specializes its arguments as on a
+    ``target`` GPU, then calls ``on_compile(jit_function, grid, compile)`` (``compile``: what
+    Triton's ``jit_cache_hook`` gets: signature, constants, attrs, options) and is cancelled:
+    nothing compiles or executes. Needs ``TRITON_INTERPRET`` unset."""
     if _interpreter_on():
-        raise RuntimeError("capture() needs TRITON_INTERPRET unset (run fastppo inspect, which re-executes itself)")
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        raise RuntimeError("capture needs TRITON_INTERPRET unset (run fastppo inspect, which re-executes itself)")
     import torch  # noqa: F401
     import triton
     from triton.backends.compiler import GPUTarget
@@ -406,7 +448,6 @@ def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress:
         raise RuntimeError(f"fastppo inspect needs Triton >= 3.4 (triton.knobs), found {triton.__version__}") from exc
 
     hw = HARDWARE[target]
-    found: dict[str, Launch] = {}
     current: dict[str, Any] = {}
     orig_run = JITFunction.run
 
@@ -414,9 +455,58 @@ def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress:
         current["grid"] = grid
         return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled, **_):
-        jf = fn.jit_function
-        grid = current.get("grid")
+    def hook(*, fn, compile, **_):
+        on_compile(fn.jit_function, current.get("grid"), compile)
+        return True  # cancel the compile (and with it the launch)
+
+    saved_hook = knobs.runtime.jit_cache_hook
+    saved_driver = driver._active if hasattr(driver, "_active") else None
+    driver.set_active(_StandInDriver(GPUTarget("cuda", hw.cc, 32)))
+    knobs.runtime.jit_cache_hook = hook
+    JITFunction.run = run
+    try:
+        from fastppo import _dispatch
+
+        with warnings.catch_warnings():
+            # Triton 3.9 warns once that its FP fusion default changes in 3.10: the rows record
+            # the setting (fp_fusion_default), so the warning says nothing new here.
+            warnings.filterwarnings("ignore", message=".*fp.fusion.*", category=Warning)
+            warnings.filterwarnings("ignore", message=".*FP_FUSION.*", category=Warning)
+            with _dispatch.use_backend("triton"):
+                yield
+    finally:
+        JITFunction.run = orig_run
+        knobs.runtime.jit_cache_hook = saved_hook
+        if hasattr(driver, "_active"):
+            driver._active = saved_driver
+
+
+def _repr(v):
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+def _ident(jf, compile: dict) -> str:
+    """The specialization Triton compiles one variant for: signature, constexprs and ints (or
+    pointers) it specialized (16-divisible, == 1), and the compile options."""
+    options = {"num_warps": compile["num_warps"], "num_stages": compile["num_stages"],
+               "num_ctas": compile["num_ctas"], "enable_fp_fusion": compile["enable_fp_fusion"]}
+    return json.dumps([jf.__module__, jf.__name__, dict(compile["signature"]),
+                       sorted((list(k), _repr(v)) for k, v in dict(compile["constants"]).items()),
+                       sorted((list(k), _repr(v)) for k, v in compile["configs"][0].items()), options], sort_keys=True)
+
+
+def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress: Callable[[str], None] | None = None,
+            all_configs: bool = False) -> list[Launch]:
+    """Run every case's ops with Triton's launch path intercepted; returns the distinct launches.
+
+    Must run in a process where ``TRITON_INTERPRET`` is unset (the kernels must be JITFunctions).
+    """
+    import triton
+
+    found: dict[str, Launch] = {}
+    current: dict[str, Any] = {}
+
+    def on_compile(jf, grid, compile):
         case: Case = current["case"]
         programs = case.programs.get(jf.__name__)
         if programs is None:
@@ -427,8 +517,7 @@ def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress:
         options = {"num_warps": compile["num_warps"], "num_stages": compile["num_stages"],
                    "num_ctas": compile["num_ctas"], "enable_fp_fusion": compile["enable_fp_fusion"]}
         signature = dict(compile["signature"])
-        ident = json.dumps([jf.__module__, jf.__name__, signature, sorted((list(k), repr_(v)) for k, v in constants.items()),
-                            sorted((list(k), repr_(v)) for k, v in attrs.items()), options], sort_keys=True)
+        ident = _ident(jf, compile)
         launch = found.get(ident)
         if launch is None:
             launch = found[ident] = Launch(
@@ -441,31 +530,66 @@ def capture(target: str = "sm_90", families: Iterable[str] = FAMILIES, progress:
         if case.shape not in launch.shapes:
             launch.shapes.append(case.shape)
             launch.programs = max(launch.programs, programs)
-        return True  # cancel the compile (and with it the launch)
 
-    def repr_(v):
-        return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-
-    saved_hook = knobs.runtime.jit_cache_hook
-    saved_driver = driver._active if hasattr(driver, "_active") else None
-    driver.set_active(_StandInDriver(GPUTarget("cuda", hw.cc, 32)))
-    knobs.runtime.jit_cache_hook = hook
-    JITFunction.run = run
-    try:
-        from fastppo import _dispatch
-
-        with _dispatch.use_backend("triton"):
-            for case in build_cases(families, all_configs):
-                if progress:
-                    progress(f"capture {case.family} {case.shape}")
-                current["case"] = case
-                case.run()
-    finally:
-        JITFunction.run = orig_run
-        knobs.runtime.jit_cache_hook = saved_hook
-        if hasattr(driver, "_active"):
-            driver._active = saved_driver
+    with _intercepted(target, on_compile):
+        for case in build_cases(families, all_configs):
+            if progress:
+                progress(f"capture {case.family} {case.shape}")
+            current["case"] = case
+            case.run()
     return list(found.values())
+
+
+def specializations(run: Callable[[], None], target: str = "sm_90") -> dict[str, set[str]]:
+    """Kernel name -> the distinct specializations ``run()`` launches, i.e. the variants a GPU
+    process compiles (one compile each, seconds apiece with ptxas); nothing compiles here."""
+    seen: dict[str, set[str]] = {}
+
+    def on_compile(jf, grid, compile):
+        seen.setdefault(jf.__name__, set()).add(_ident(jf, compile))
+
+    with _intercepted(target, on_compile):
+        run()
+    return seen
+
+
+SWEEP_OPS = ("view", "flat", "advantage", "loss")
+
+
+def length_sweep(lengths: Iterable[int], V: int = 50257, B: int = 2, ops: Iterable[str] = SWEEP_OPS
+                 ) -> Callable[[], None]:
+    """One training step's kernel ops per response length T: log-probs and entropy of a
+    ``[B, T + 1, V][:, :-1]`` view (backward included) and of the flat ``[B * T, V]`` rows,
+    compute_advantages with whitening, ppo_loss (backward included). For ``specializations``:
+    how many variants a run whose lengths vary compiles."""
+    lengths, ops = list(lengths), set(ops)
+
+    def run():
+        import torch
+
+        f = torch.float32
+        for T in lengths:
+            labels = torch.zeros(B, T, dtype=torch.long)
+            mask = torch.ones(B, T, dtype=torch.bool)
+            lp_op = _op("logprob", "logprobs_from_logits")
+            if "view" in ops:
+                full = torch.zeros(B, T + 1, V, dtype=torch.bfloat16, requires_grad=True)
+                _backward(*lp_op(full[:, :-1], labels, return_entropy=True, mask=mask))
+            if "flat" in ops:
+                flat = torch.zeros(B * T, V, dtype=torch.bfloat16, requires_grad=True)
+                _backward(lp_op(flat, labels.reshape(-1)))
+            if "advantage" in ops:
+                lp, ref, vals = (torch.zeros(B, T, dtype=f) for _ in range(3))
+                _op("advantage", "compute_advantages")(torch.zeros(B, dtype=f), lp, ref, vals, mask, kl_coef=0.05)
+            if "loss" in ops:
+                def t(grad=False):
+                    return torch.zeros(B, T, dtype=f, requires_grad=grad)
+
+                loss, _ = _op("ppo_loss", "ppo_loss")(t(True), t(), t(), t(True), t(), t(), mask, entropy=t(True),
+                                                      ent_coef=0.01)
+                _backward(loss)
+
+    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,15 +779,27 @@ def predict(hw: Hardware, row: dict) -> dict[str, Any]:
 
     One pass of the hot region (a loop iteration, or a whole one-tile program) takes
     t = latency + (hot instructions x CPI + barriers x barrier cycles) / clock for one CTA, its
-    loads not overlapping its own compute (no software pipelining). Resident CTAs overlap:
-    bandwidth = min(programs, CTAs/SM x SMs) x bytes per pass / t. Three bounds, the lowest
-    wins: that latency bound, the issue bound (4 warp instructions per SM per cycle) and the
-    reachable peak; then the last partial wave scales it by waves / ceil(waves).
+    loads not overlapping its own compute (no software pipelining survives ptxas).
+
+    Overlapped regime (loop kernels; tile kernels at >= 3 CTAs/SM and >= 4 waves, where resident
+    CTAs drift out of phase and one's loads hide another's compute): three bounds, the lowest
+    wins: the latency bound (min(programs, CTAs/SM x SMs) CTAs overlap: CTAs x bytes per pass / t),
+    the issue bound (4 warp instructions per SM per cycle) and the reachable peak; then the last
+    partial wave scales it by waves / ceil(waves).
+
+    Serial regime (one-tile-per-program kernels at 1-2 CTAs/SM or under 4 waves): the CTAs of a
+    wave start together and stay in step, so a wave's phases add up instead of overlapping:
+    load (latency + the wave's load bytes at the reachable peak), compute (one warp's chain, or
+    the SM's issue slots shared by its resident CTAs, whichever is longer), store (the wave's
+    store bytes, less what drains behind the next wave's load latency); summed over the waves,
+    the last one with its own CTA count. ``predicted_us`` is that launch time for the captured
+    program count; the serial finisher and the gaps between launches are not in it.
     """
     ctas = row["ctas_per_sm"]
     programs = row.get("programs") or ctas * hw.sms
     resident_sm = min(ctas, programs / hw.sms)
-    t_pass = hw.latency_s + (row["hot_instructions"] * CPI + row["barriers_per_iteration"] * BARRIER_CYCLES) / hw.clock_hz
+    t_chain = (row["hot_instructions"] * CPI + row["barriers_per_iteration"] * BARRIER_CYCLES) / hw.clock_hz
+    t_pass = hw.latency_s + t_chain
     peak = hw.hbm_bytes_per_s
     concurrent = min(programs, ctas * hw.sms)
     latency_bound = concurrent * row["bytes_per_pass"] / t_pass / peak
@@ -675,13 +811,47 @@ def predict(hw: Hardware, row: dict) -> dict[str, Any]:
     limiter = min(bounds, key=bounds.get)
     if tail < 0.9:
         limiter += "+tail"
-    return {
+    fraction = bounds[min(bounds, key=bounds.get)] * tail
+    out = {
         "bytes_in_flight_per_sm": int(row["load_bytes_per_pass"] * resident_sm),
         "waves": round(waves, 2),
         "pass_us": round(t_pass * 1e6, 3),
-        "predicted_hbm_fraction": round(bounds[min(bounds, key=bounds.get)] * tail, 3),
-        "limiter": limiter,
+        "regime": "overlapped",
+        "predicted_us": None,
     }
+    if row.get("hot_region") == "tile" and ctas and programs:
+        total = programs * row["bytes_per_pass"]
+        if ctas <= 2 or waves < 4:
+            t = serial_waves_time(hw, row, programs)
+            fraction = total / t / peak
+            limiter, out["regime"] = "serial phases", "serial"
+        else:
+            t = total / (fraction * peak)
+        out["predicted_us"] = round(t * 1e6, 2)
+    out.update({"predicted_hbm_fraction": round(fraction, 3), "limiter": limiter})
+    return out
+
+
+def serial_waves_time(hw: Hardware, row: dict, programs: int) -> float:
+    """Seconds for ``programs`` one-tile CTAs whose waves run load, compute and store in step
+    (the serial regime of :func:`predict`)."""
+    ctas, warps = row["ctas_per_sm"], row["num_warps"]
+    per_wave = ctas * hw.sms
+    bw = hw.reachable * hw.hbm_bytes_per_s
+    load_b = row["load_bytes_per_pass"]
+    store_b = row["bytes_per_pass"] - load_b
+    chain = row["hot_instructions"] * CPI + row["barriers_per_iteration"] * BARRIER_CYCLES
+    total, left = 0.0, programs
+    while left > 0:
+        n = min(left, per_wave)
+        on_sm = math.ceil(n / hw.sms)  # resident CTAs of the busiest SM in this wave
+        issue = on_sm * row["hot_instructions"] * warps / hw.issue_per_sm_per_clock
+        t_load = hw.latency_s + n * load_b / bw
+        t_compute = max(chain, issue) / hw.clock_hz
+        t_store = max(0.0, n * store_b / bw - hw.latency_s)
+        total += t_load + t_compute + t_store
+        left -= n
+    return total
 
 
 # Model constants (benchmarks/NOTES.md): average cycles between dependent-ish warp instructions
@@ -743,7 +913,6 @@ def compile_one(item: dict) -> dict:
     out: dict[str, Any] = {"compiled": False, "error": None, "cached": False}
     try:
         os.environ.pop("TRITON_INTERPRET", None)
-        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         import triton
         from triton.backends.compiler import GPUTarget
 
@@ -849,7 +1018,7 @@ def inspect_kernels(targets: Iterable[str] = ("sm_90",), families: Iterable[str]
             }
             row = {"kernel": la.kernel, "family": la.family, "config": la.config, "shapes": la.shapes,
                    "target": target, "triton": triton.__version__, "num_warps": la.options["num_warps"],
-                   "programs": la.programs, "key": la.key}
+                   "fp_fusion": bool(la.options["enable_fp_fusion"]), "programs": la.programs, "key": la.key}
             items.append((item, row))
     n = len(items)
     jobs = max(1, min(jobs or (os.cpu_count() or 1), n or 1))
@@ -1046,8 +1215,10 @@ def main(args) -> int:
     t0 = time.time()
     rows = inspect_kernels(targets, families, args.jobs, cache_dir, progress, args.all_configs, args.one_per_constexpr,
                            not args.no_sass)
+    fusion, source = fp_fusion_default()
     print(f"fastppo inspect: Triton {triton.__version__}, offline compile for {', '.join(targets)} "
           f"({', '.join(HARDWARE[t].name for t in targets)}); no GPU needed. {time.time() - t0:.0f} s")
+    print(f"FP fusion (a * b + c as one FMA) {'on' if fusion else 'off'}: {source}, as a process of yours compiles")
     print(format_table(rows))
     print(summary(rows))
     if args.json:

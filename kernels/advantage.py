@@ -635,10 +635,10 @@ def _summary_kernel(
         # Make every thread's stores visible before taking a ticket; the last ticket reduces.
         tl.debug_barrier()
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        # The counter is this launch's own (zeroed by the launcher), so the condition does not
+        # depend on what an earlier launch left behind, and there is nothing to reset.
         if ticket == n_programs - 1:
             _finish_stats(ws_ptr, score_ptr, B, NC, P, eps, MODE, FIN_B, FIN_C)
-            # Reset for the next launch on this stream: the counter lives across calls.
-            tl.atomic_xchg(counter_ptr, 0, sem="acq_rel")
 
 
 @triton.jit
@@ -775,10 +775,6 @@ def _finalize_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# One ticket counter per (device, stream); the finishing program resets it to 0, so a launch
-# needs no memset (no extra kernel) and consecutive launches on one stream never overlap.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
 # Tokens per program tile (one segment of _SEG positions per thread, 8 warps): few registers,
 # 2 x 16 bytes in flight per input per thread.
 _TILE = 2048
@@ -797,15 +793,14 @@ _MAX_CHUNK = 32 * 32 * _SEG
 
 
 def _counter(device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type, device.index, 0)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        buf = torch.zeros(1, dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
+    """The summary launch's ticket counter: a fresh int32 zero per launch, never cached.
+
+    A counter kept across calls (reset by the finishing program) is only right if every earlier
+    launch ran to its end: one that died midway, or a CUDA graph replayed around it, leaves a
+    non-zero count and every later launch silently skips its finisher. The zero fill is one
+    small stream-ordered kernel that a CUDA graph captures and replays with the launch.
+    """
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,11 @@ def _merge_lanes(m, s, t, mh, sh, th, scale2):
     return mm, tl.sum(sl, axis=0) + shd, tl.sum(tlane, axis=0) + thd
 
 
-@triton.jit
+# T (rows per batch) and the batch stride change with every response length (the batch stride of
+# a [:, :-1] view is (T + 1) * V); specialized, each new length's 16-divisibility (and T == 1)
+# would be a new compile. They only pick a row's start, whose alignment the launcher already
+# proved (PEEL, ptr_off), so they stay out of the specialization.
+@triton.jit(do_not_specialize=["T", "stride_b"])
 def _logprob_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -208,7 +212,9 @@ def _logprob_fwd_kernel(
         m, s, t = _lse_update(xe, m, s, t, scale2, WITH_ENTROPY)
     else:
         n_body = n_cols
-        body = base
+        # Not peeled: the launcher found the pointer and every stride 16-aligned, which Triton
+        # no longer sees in the unspecialized T and stride_b.
+        body = tl.multiple_of(base, 16)
     # Column of each 16-byte chunk ([K, LANES, 1]) and of each element ([K, LANES, CV]). The
     # load mask is per chunk: n_body is a multiple of CV (VEC when peeled, V % 16 == 0 when not),
     # so a chunk is all in or all out and the loads stay 16 bytes wide.
@@ -276,7 +282,7 @@ def _dlogits(x, cols, label, m, scale2, log2_s, g_lp, g_ent2, entropy2,
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "stride_b", "grad_stride_b"])
 def _logprob_bwd_kernel(
     logits_ptr,
     grad_ptr,
@@ -375,8 +381,12 @@ def _logprob_bwd_kernel(
     else:
         n_body = V
         n_body_read = n_read
-        body = base
-        grad_body = grad_base
+        # Aligned rows (the launcher checked; T and the batch strides are not specialized).
+        body = tl.multiple_of(base, 16)
+        if GRAD_ALIGNED:
+            grad_body = tl.multiple_of(grad_base, 16)
+        else:
+            grad_body = grad_base
         body_label = label
     offs = tl.arange(0, BLOCK)
     for start in range(0, n_body, BLOCK):
@@ -441,6 +451,37 @@ def _alignment(t: torch.Tensor, stride_b: int, stride_t: int, V: int) -> tuple[i
     return vec, ptr_off, peel
 
 
+def _grad_buffer(logits: torch.Tensor, T: int, stride_b: int, stride_t: int, N: int, ptr_off: int,
+                 aligned: bool = True) -> torch.Tensor:
+    """A new d logits tensor of the logits' shape and dtype whose every row starts at the same
+    offset modulo 16 elements (and so modulo 16 bytes) as the logits row it belongs to.
+
+    A contiguous gradient for a view such as ``logits[:, :-1]`` at V = 50257 would shift row b
+    by b * V elements against the logits: the peeled body could not store 16 bytes at a time
+    (2-byte stores, 80 registers, 4 barriers per block on Triton 3.6). Instead the strides are
+    the smallest ones at least as large as a packed layout that are congruent to the logits'
+    modulo 16 (at most 15 padding elements per row or per batch), and the data pointer sits
+    ``ptr_off`` elements past a 16-byte boundary like the logits'. For contiguous logits that is
+    the contiguous layout. Autograd takes any strides for an input's gradient (a slice's
+    backward copies it into its base's gradient). ``aligned=False``: a contiguous tensor.
+    """
+    V = logits.shape[-1]
+    if N == 0 or V == 0 or not aligned:
+        return new_output(logits.shape, logits.dtype, logits.device)
+    g_t = V + (stride_t - V) % 16
+    if logits.dim() == 3:
+        g_b = T * g_t + (stride_b - T * g_t) % 16
+        strides = (g_b, g_t, 1)
+        span = (logits.shape[0] - 1) * g_b + (T - 1) * g_t + V
+    else:
+        strides = (g_t, 1)
+        span = (N - 1) * g_t + V
+    # new_output's allocation (and its poisoning in tests), viewed at the logits' alignment;
+    # the allocator returns 16-byte aligned blocks, so the view starts ptr_off elements past one.
+    buf = new_output((ptr_off + span,), logits.dtype, logits.device)
+    return buf.as_strided(logits.shape, strides, ptr_off)
+
+
 def _valid_flags(mask: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
     """``[N]`` uint8 0/1 from a bool or numeric mask (a few bytes per row, never per logit)."""
     if mask is None:
@@ -501,26 +542,30 @@ def _forward(logits, labels, valid, inv_temp, with_logprob, with_entropy):
     return logprob, entropy, rowmax, logsum
 
 
-def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad_entropy, inv_temp, inplace):
+def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad_entropy, inv_temp, inplace,
+              aligned_grad=False):
     """Launch the backward kernel; returns d logits with the shape and dtype of ``logits``.
 
     ``grad_logprob`` / ``grad_entropy``: ``[N]`` float tensors or None (that output got no
-    gradient). With ``inplace`` the gradient is written over ``logits`` itself.
+    gradient). With ``inplace`` the gradient is written over ``logits`` itself. Otherwise it is a
+    new tensor: with ``aligned_grad`` laid out at the logits' alignment (:func:`_grad_buffer`;
+    what autograd gets), else contiguous (for callers that need a contiguous result, such as the
+    torch.compile custom op, whose outputs are contiguous: a strided one would cost a copy there).
     """
     logits, T, stride_b, stride_t, N = _row_layout(logits)
     V = logits.shape[-1]
     if inplace and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
         # Rows that share memory (an expand()) would be written by several programs at once.
         inplace = False
+    vec, ptr_off, peel = _alignment(logits, stride_b, stride_t, V)
     if inplace:
         grad = logits.detach()
         grad_stride_b, grad_stride_t = stride_b, stride_t
     else:
-        grad = new_output(logits.shape, logits.dtype, logits.device)
+        grad = _grad_buffer(logits, T, stride_b, stride_t, N, ptr_off, aligned_grad)
         _, _, grad_stride_b, grad_stride_t, _ = _row_layout(grad)
     if N > 0:
         block, num_warps = _block_and_warps(V, logits.element_size())
-        vec, ptr_off, peel = _alignment(logits, stride_b, stride_t, V)
         # Gradient rows at the same offset modulo 16 bytes as the logits rows (inplace, or both
         # laid out alike): the body's stores are 16 bytes wide as well.
         g_off = (grad.data_ptr() % 16) // grad.element_size()
@@ -548,7 +593,7 @@ def _backward(logits, labels, valid, rowmax, logsum, entropy, grad_logprob, grad
             HAS_GRAD_ENTROPY=grad_entropy is not None,
             BLOCK=block,
             PEEL=peel,
-            GRAD_ALIGNED=peel and grad_aligned,
+            GRAD_ALIGNED=grad_aligned,
             VEC=vec,
             num_warps=num_warps,
         )
@@ -602,6 +647,7 @@ class _LogprobEntropy(torch.autograd.Function):
             _flat_grad(grad_entropy, n_rows),
             ctx.inv_temp,
             ctx.inplace,
+            aligned_grad=True,
         )
         return grad_logits, None, None, None, None, None, None
 

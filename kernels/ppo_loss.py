@@ -240,7 +240,7 @@ def _ppo_fwd_kernel(
     part_ptr,                                 # [P, NPART] f32 scratch: one slot per program
     row_part_ptr,                             # [4, NCB, B] f32 scratch: per-row partials (split rows)
     row_inv_ptr,                              # [B] f32 out: 1 / max(row count, 1)  (seq-mean-token-mean)
-    ticket_ptr,                               # [1] int32, 0 on entry, reset to 0 on exit
+    ticket_ptr,                               # [1] int32, 0 on entry: this launch's own
     loss_ptr,                                 # [] f32 out
     stats_ptr,                                # [7] f32 out, in STAT_NAMES order
     scale_ptr,                                # [1] f32 out: d loss / d term[t] up to row_inv
@@ -394,8 +394,6 @@ def _ppo_fwd_kernel(
         tl.store(stats_ptr + 5, s_kl * inv_n)
         tl.store(stats_ptr + 6, s_vclip * inv_n)
         tl.store(scale_ptr, scale)
-        # Leave the ticket at 0 so that a cached counter needs no memset before the next launch.
-        tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
@@ -543,23 +541,16 @@ def _tiling(B: int, T: int) -> Tiling:
     return Tiling(block_r, block_t, triton.cdiv(B, block_r), triton.cdiv(T, block_t), num_warps)
 
 
-_TICKETS: dict[tuple, torch.Tensor] = {}
-
-
 def _ticket(device: torch.device) -> torch.Tensor:
-    """An int32 counter holding 0. The kernel leaves it at 0, so on CUDA one per (device,
-    stream) is cached and reused without a memset launch; launches on one stream are ordered,
-    so they never share it concurrently. On the CPU (interpreter) a fresh one is cheap and
-    safe even if a previous run raised mid-kernel. While a CUDA graph is being captured nothing
-    executes, so a cached counter first allocated then would never be zeroed: the graph gets
-    its own, zeroed by a captured fill at every replay."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    t = _TICKETS.get(key)
-    if t is None:
-        t = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
+    """The forward's ticket counter: a fresh int32 zero per launch, never cached.
+
+    A counter kept per stream and reset by the finishing program is only right if every earlier
+    launch ran to its end: one that died midway (or a CUDA graph replayed around it) leaves a
+    non-zero count, and every later launch would silently skip its finisher and return stale
+    loss and statistics. The zero fill is one small stream-ordered kernel that a CUDA graph
+    captures and replays with the launch, so capture needs no special case.
+    """
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _mask_arg(mask: torch.Tensor) -> torch.Tensor:

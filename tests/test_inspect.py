@@ -34,7 +34,6 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect") / "rows.json"
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cmd = [sys.executable, "-m", "fastppo.inspect", "--all-configs", "--one-per-constexpr", "--no-sass", "--json", str(out), "-q"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-20000:])
@@ -87,9 +86,64 @@ def test_hot_loads_are_wide_where_rows_are_aligned(rows):
                 and ("unaligned" not in r["config"] or r["kernel"].startswith("_logprob")) \
                 and r["elements_per_pass"] >= 256:
             assert r["widest_load_bytes"] == 16, _name(r)
-        if r["kernel"] == "_logprob_bwd_kernel" and ("PEEL=0" in r["config"] or "GRAD_ALIGNED=1" in r["config"]) \
-                and r["elements_per_pass"] >= 256:
-            assert r["widest_store_bytes"] == 16, _name(r)
+        if r["kernel"] == "_logprob_bwd_kernel":
+            # A new gradient is laid out at the logits' alignment (the [:, :-1] view of odd-V
+            # logits included), so the stores are as wide as the loads.
+            assert "GRAD_ALIGNED=1" in r["config"], _name(r)
+            if r["elements_per_pass"] >= 256:
+                assert r["widest_store_bytes"] == 16, _name(r)
+
+
+def test_the_sliced_view_is_inspected(rows):
+    view = [r for r in rows if r["kernel"] == "_logprob_bwd_kernel" and any("[:, :-1]" in sh for sh in r["shapes"])]
+    assert any("50257" in sh for r in view for sh in r["shapes"])
+    for r in view:
+        assert r["widest_store_bytes"] == 16 and r["barriers_per_iteration"] == 0, _name(r)
+
+
+def test_rows_record_the_fp_fusion_a_user_process_gets(rows):
+    expected, _ = fi.fp_fusion_default()
+    assert {r["fp_fusion"] for r in rows} == {expected}
+
+
+# ---- capture only (no compile) -------------------------------------------------------------------
+
+_SWEEP = r"""
+import json, sys
+from fastppo import inspect as fi
+lengths = [1, 17, 32, 100, 255, 257]
+out = {op: {k: len(v) for k, v in fi.specializations(fi.length_sweep(lengths, ops=(op,))).items()}
+       for op in ("view", "flat")}
+keys = set().union(*fi.specializations(fi.length_sweep([5], ops=("flat",))).values())
+out["fusion"] = sorted({json.loads(k)[-1]["enable_fp_fusion"] for k in keys})
+out["default"] = fi.fp_fusion_default()[0]
+print(json.dumps(out))
+"""
+
+
+def _sweep(**env_set):
+    pytest.importorskip("triton.knobs")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("TRITON_DEFAULT_FP_FUSION", None)
+    env.update(env_set)
+    proc = subprocess.run([sys.executable, "-c", _SWEEP], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_response_lengths_compile_one_logprob_variant_and_fp_fusion_is_not_forced():
+    """T = 1, 17, 32, 100, 255, 257 (a [:, :-1] view's batch stride (T + 1) * V is 16-divisible at
+    T = 255, the flat rows B * T at T = 32): one specialization of each logprob kernel per call
+    kind, so a run whose response lengths vary compiles them once. The launches carry Triton's own
+    FP fusion default unless TRITON_DEFAULT_FP_FUSION says otherwise."""
+    out = _sweep()
+    one = {"_logprob_fwd_kernel": 1, "_logprob_bwd_kernel": 1}
+    assert out["view"] == one and out["flat"] == one, out
+    assert out["fusion"] == [out["default"]]
+    off = _sweep(TRITON_DEFAULT_FP_FUSION="0")
+    assert off["fusion"] == [False] and off["default"] is False
 
 
 # ---- pure functions (no compile) ----------------------------------------------------------------
@@ -141,6 +195,36 @@ def test_occupancy_h100():
     assert fi.occupancy(hw, 128, 0, 8)[0] == 2  # registers: 65536 / (128 * 256)
     assert fi.occupancy(hw, 255, 0, 4)[0] == 2  # 255 -> 256 per thread, 8192 per warp
     assert fi.occupancy(hw, 32, 100 * 1024, 4)[0] == 2  # shared memory
+
+
+def _tile_row(ctas, programs, warps=4, hot=100, barriers=2, load=40000, store=40000, elements=1024):
+    return {"hot_region": "tile", "ctas_per_sm": ctas, "programs": programs, "num_warps": warps,
+            "hot_instructions": hot, "barriers_per_iteration": barriers, "load_bytes_per_pass": load,
+            "bytes_per_pass": load + store, "instructions_per_element": hot * warps / elements,
+            "bytes_per_element": (load + store) / elements}
+
+
+def test_tile_kernels_at_low_occupancy_add_their_phases():
+    """1 CTA/SM, 2 waves: each wave loads (latency + its bytes at 92% of 3.35 TB/s), computes
+    (100 instructions x 2 cycles + 2 barriers x 30 cycles at 1.755 GHz; one CTA's 4 warps do not
+    fill the issue slots) and stores (its bytes, less the 0.6 us that drain behind the next
+    wave's load latency), one after the other. The old model took the lowest of three
+    bandwidth bounds as if the phases overlapped: ~6.9 us for these 21 MB."""
+    hw = fi.HARDWARE["sm_90"]
+    bw = 0.92 * 3.35e12
+    wave = 0.6e-6 + 132 * 40000 / bw + (100 * 2 + 2 * 30) / 1.755e9 + (132 * 40000 / bw - 0.6e-6)
+    p = fi.predict(hw, _tile_row(1, 264))
+    assert p["regime"] == "serial"
+    assert p["predicted_us"] == pytest.approx(2 * wave * 1e6, abs=0.01)
+    assert p["predicted_hbm_fraction"] == pytest.approx(264 * 80000 / (2 * wave) / 3.35e12, abs=1e-3)
+    # 2 CTAs/SM of 16 warps: the SM's 4 schedulers, shared, bound the compute phase.
+    p2 = fi.predict(hw, _tile_row(2, 264, warps=16, hot=800, barriers=0, store=0))
+    assert p2["predicted_us"] == pytest.approx((0.6e-6 + 264 * 40000 / bw + 2 * 800 * 16 / 4 / 1.755e9) * 1e6, abs=0.01)
+    # 4 CTAs/SM over 8 waves: resident CTAs overlap; the lowest of the three bounds.
+    p3 = fi.predict(hw, _tile_row(4, 8 * 4 * 132))
+    assert p3["regime"] == "overlapped"
+    assert p3["predicted_us"] == pytest.approx(8 * 4 * 132 * 80000 / (p3["predicted_hbm_fraction"] * 3.35e12) * 1e6,
+                                               rel=2e-3)
 
 
 def test_cli_registers_inspect():

@@ -519,3 +519,30 @@ def test_compute_advantages_never_syncs_on_gpu(rng):
     _check_all(got, want, SCAN, ["advantages", "returns", "rewards", "kl"])
     _check_all(got_gae, gt_gae(v.double(), v.double(), mask, whiten=True), SCAN, ["advantages", "returns"])
     _check_all([got_w], [gt_whiten(lp.double(), mask)], SCAN, ["whitened"])
+
+
+class _DiesAfterTickets:
+    """Stands in for a ``@triton.jit`` kernel: launches it, then writes 1000 into every
+    1-element int32 argument (a ticket counter), as a launch that died after some programs took
+    their tickets would leave it."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.numel() == 1:
+                    a.fill_(1000)
+
+        return launch
+
+
+def test_a_dead_launch_cannot_skip_a_later_finisher(rng, run_kernel, kernel_device, monkeypatch):
+    """The whitening statistics come from the summary launch's last-ticket finisher: a counter
+    left non-zero by an earlier launch (one that died midway, a CUDA graph replay) must not
+    change a later result. Each launch now gets its own zeroed counter."""
+    monkeypatch.setattr(K, "_summary_kernel", _DiesAfterTickets(K._summary_kernel))
+    for _ in range(2):
+        _advantages_case(rng, run_kernel, kernel_device, 5, 18, kl_coef=0.05, whiten=True, chunk=4, rows=2)

@@ -372,6 +372,69 @@ def test_peeled_strided_view(run_kernel, rng, small_blocks, dtype, inplace):
     assert g.data_ptr() == logits.data_ptr()
 
 
+class _Launches:
+    """Stands in for ``_logprob_bwd_kernel``: records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("start", [0, 1], ids=["[:, :-1]", "[:, 1:]"])
+def test_new_gradient_of_a_sliced_view_shares_the_logits_alignment(run_kernel, rng, small_blocks, monkeypatch,
+                                                                   dtype, start):
+    """``full[:, :-1]`` (and ``[:, 1:]``, whose data pointer is off a 16-byte boundary) at
+    V = 1001, odd like GPT-2's 50257: a contiguous new gradient would put row b at b * V elements
+    from the logits' row, so the backward could only store element by element. The new gradient's
+    rows start at the logits' offsets modulo 16 bytes (and its strides are congruent modulo 16
+    elements, Triton's divisibility unit), so the launch gets 16-byte stores (GRAD_ALIGNED).
+    Autograd takes that gradient for the view as a leaf and through the slice into the base's
+    gradient; both against float64, outputs poisoned."""
+    B, T, V = 2, 4, 1001
+    full = _randn((B, T + 1, V), rng, dtype)
+    labels = torch.randint(0, V, (B, T), generator=rng).to(DEV)
+    labels[:, 0], labels[:, 1] = 0, V - 1
+    mask = random_mask(B, T, rng).to(DEV)
+    cots = [torch.randn(labels.shape, generator=rng).to(DEV) for _ in range(2)]
+    launches = _Launches(K._logprob_bwd_kernel)
+    monkeypatch.setattr(K, "_logprob_bwd_kernel", launches)
+
+    # The view itself as the leaf: torch.autograd.grad hands back the kernel's tensor as it is.
+    leaf = full[:, start:start + T].detach().requires_grad_(True)
+    assert not leaf.is_contiguous()
+    want_lp, want_ent, want_grad = ground_truth(leaf, labels, mask=mask, g_lp=cots[0], g_ent=cots[1])
+    lp, ent = run_kernel(fastppo.logprobs_from_logits, leaf, labels, return_entropy=True, mask=mask)
+    assert_same(lp, want_lp, TOL_FP32_OUT[dtype], "logprobs")
+    assert_same(ent, want_ent, TOL_FP32_OUT[dtype], "entropy")
+    with poisoned():
+        (g,) = torch.autograd.grad([lp, ent], leaf, cots)
+    assert g.shape == leaf.shape and g.dtype == dtype
+    assert_same(g, want_grad, TOL[dtype], "d logits (new gradient of a view)")
+    assert [s % 16 for s in g.stride()] == [s % 16 for s in leaf.stride()]
+    for b in range(B):
+        for t in range(T):
+            assert g[b, t].data_ptr() % 16 == leaf[b, t].data_ptr() % 16, (b, t)
+    (kw,) = launches.kwargs
+    assert kw["PEEL"] and kw["GRAD_ALIGNED"]
+
+    # The slice of a base that requires grad: the base's gradient, zero outside the slice.
+    base = full.detach().requires_grad_(True)
+    lp, ent = run_kernel(fastppo.logprobs_from_logits, base[:, start:start + T], labels, return_entropy=True,
+                         mask=mask)
+    with poisoned():
+        (g_base,) = torch.autograd.grad([lp, ent], base, cots)
+    want_base = torch.zeros(full.shape, dtype=torch.float64, device=DEV)
+    want_base[:, start:start + T] = want_grad
+    assert_same(g_base, want_base, TOL[dtype], "d base through the slice")
+
+
 def test_peeled_nan_and_inf_in_head_and_tail(run_kernel, rng, small_blocks):
     """A NaN in a row's head or tail (not its body) makes that row's outputs and gradient NaN;
     -inf in a head is p = 0."""

@@ -400,3 +400,19 @@ def test_packed_counts_at_the_largest_tile(run_kernel, kernel_device, tiles, sig
             assert stats["policy_loss"].item() == pytest.approx(term_p * n * scale, rel=1e-4)
             assert stats["value_loss"].item() == pytest.approx(1.62 * n * scale, rel=1e-4)
             assert loss.item() == pytest.approx((stats["policy_loss"] + stats["value_loss"]).item(), rel=1e-6)
+
+
+def test_a_dead_launch_cannot_skip_a_later_finisher(run_kernel, kernel_device, rng, monkeypatch):
+    """The loss and statistics come from the last-ticket finisher: a ticket counter left
+    non-zero by an earlier launch (one that died midway, a CUDA graph replay) must not change
+    a later result. Each launch now gets its own zeroed counter (on CUDA it used to be cached per
+    stream; the CPU path already allocated one per launch)."""
+    from test_kernel_advantage import _DiesAfterTickets
+    from test_trust_ppo_loss import FULL, _compare, _inputs
+
+    monkeypatch.setattr(K, "_ppo_fwd_kernel", _DiesAfterTickets(K._ppo_fwd_kernel))
+    with K.block_sizes(**TINY):
+        for _ in range(2):
+            t = _inputs(3, 9, rng, torch.float32, kernel_device)
+            mask = random_mask(3, 9, rng).to(kernel_device)
+            _compare(run_kernel, t, mask, agg="seq-mean-token-mean", **FULL)
