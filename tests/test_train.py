@@ -342,7 +342,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)  # dies after the weights, before the trainer state
+    monkeypatch.setattr(checkpoint, "write_state", crash)  # dies after the weights, before the trainer state
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint()
     assert checkpoint.latest_checkpoint(str(tmp_path)) == good

@@ -163,8 +163,9 @@ def test_two_ranks_never_run_a_payload_in_their_checkpoint(poisoned):
     warning, quiet = (ours(r["all_planted"][2]) for r in ranks)  # (transformers' progress bars aside)
     assert len(warning) == 1 and warning[0].startswith(f"fastppo train: warning: skipped checkpoint {STEP2}: ")
     assert warning[0].endswith(f"resuming from {STEP1}") and quiet == []
-    # Torch's reason, without its advice to load the file unsafely or its terminal colours.
-    assert "Unsupported global: GLOBAL io.open" in warning[0]
+    # The reader's reason: the planted pickle is no safetensors/JSON state (found without unpickling).
+    assert "the trainer state (trainer_state.json, trainer_state.safetensors) cannot be read" in warning[0]
+    assert "nothing in it was run" in warning[0]
     assert "weights_only" not in warning[0] and "\x1b" not in warning[0]
     # Both poisoned: `fastppo train --resume` refuses on every rank in one line, exit 2.
     for r in ranks:
