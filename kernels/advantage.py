@@ -188,6 +188,15 @@ def _pow2_scale(a):
 
 
 @triton.jit
+def _centre_scale(x, mean, scale):
+    """(x - mean) * scale, also where x - mean overflows float32 (|x| near 3.4e38 and a mean of the
+    other sign): there x * scale - mean * scale, whose terms stay finite. Elsewhere the plain form,
+    one rounding fewer. NaN stays NaN (it fails the test and NaN * scale is NaN)."""
+    d = x - mean
+    return tl.where(tl.abs(d) < float("inf"), d * scale, x * scale - mean * scale)
+
+
+@triton.jit
 def _kl_kernel(lp_ptr, ref_ptr, out_ptr, N, clamp_val, EST: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -275,6 +284,11 @@ def _excl_flag_combine(ph1, lh1, ph2, lh2):
 @triton.jit
 def _sum3_max_combine(a1, b1, c1, m1, a2, b2, c2, m2):
     return a1 + a2, b1 + b2, c1 + c2, _fmax(m1, m2)
+
+
+@triton.jit
+def _sum4_max_combine(a1, b1, c1, d1, m1, a2, b2, c2, d2, m2):
+    return a1 + a2, b1 + b2, c1 + c2, d1 + d2, _fmax(m1, m2)
 
 
 @triton.jit
@@ -468,7 +482,10 @@ def _finish_stats(ws_ptr, score_ptr, B, NC, P, eps,
             # so every scaled term below stays O(CHUNK).
             mag = _fmax(_fmax(tl.abs(mean_a), sp), tl.abs(X))
         mag = tl.where(has, mag, 0.0)
-        s_tile = _pow2_scale(tl.reduce(tl.reduce(mag, 1, _max_nan_combine), 0, _max_nan_combine)) * 2.0
+        p2 = _pow2_scale(tl.reduce(tl.reduce(mag, 1, _max_nan_combine), 0, _max_nan_combine))
+        # 2 * p2 keeps every scaled magnitude below 1; at p2 = 2^127 it would be inf, so there
+        # the scale stays 2^127 and scaled magnitudes stay below 2 (still far from overflow).
+        s_tile = tl.where(p2 < 1.7014118346046923e38, p2 * 2.0, p2)
         s_new = _fmax(s_tile, acc_s)
         rescale = acc_s / s_new
         acc_mean = acc_mean * rescale
@@ -522,15 +539,25 @@ def _chunk_moments(ws_ptr, P, entry, row_ok, mL, mH, pL, pH, wL, wH, HAS_W: tl.c
     """
     n_t = tl.sum(mL.to(tl.float32), axis=2) + tl.sum(mH.to(tl.float32), axis=2)
     sp_t = tl.sum(pL, axis=2) + tl.sum(pH, axis=2)
-    sw_t = tl.sum(wL, axis=2) + tl.sum(wH, axis=2)
+    # The same sum in units of 2^14 (exact: a power of two), which cannot overflow for a chunk of
+    # at most _MAX_CHUNK = 2^13 values; used only where the plain sum overflowed (|p| ~ 1e35 and up).
+    ps_t = tl.sum(pL * 0.00006103515625, axis=2) + tl.sum(pH * 0.00006103515625, axis=2)
     mx_t = _fmax(tl.reduce(tl.abs(pL), 2, _max_nan_combine), tl.reduce(tl.abs(pH), 2, _max_nan_combine))
-    n, s_p, s_w, mx = tl.reduce((n_t, sp_t, sw_t, mx_t), 1, _sum3_max_combine)
+    if HAS_W:
+        sw_t = tl.sum(wL, axis=2) + tl.sum(wH, axis=2)
+        n, s_p, s_w, s_ps, mx = tl.reduce((n_t, sp_t, sw_t, ps_t, mx_t), 1, _sum4_max_combine)
+    else:
+        n, s_p, s_ps, mx = tl.reduce((n_t, sp_t, ps_t, mx_t), 1, _sum3_max_combine)
+        s_w = s_p
     n1 = _fmax(n, 1.0)
-    mp = s_p / n1
+    # A NaN at a valid position makes both sums NaN, so the select keeps it.
+    mp = tl.where(tl.abs(s_p) < float("inf"), s_p / n1, (s_ps / n1) * 16384.0)
     sp = _pow2_scale(mx)
     inv = 1.0 / sp
-    cpL = tl.where(mL, (pL - mp[:, None, None]) * inv[:, None, None], 0.0)
-    cpH = tl.where(mH, (pH - mp[:, None, None]) * inv[:, None, None], 0.0)
+    # inv is a power of two: p * inv - mp * inv equals (p - mp) * inv exactly, and cannot overflow
+    # where p - mp would (|p| near float32's max, a mean of the other sign).
+    cpL = tl.where(mL, pL * inv[:, None, None] - mp[:, None, None] * inv[:, None, None], 0.0)
+    cpH = tl.where(mH, pH * inv[:, None, None] - mp[:, None, None] * inv[:, None, None], 0.0)
     tl.store(ws_ptr + _N * P + entry, n, mask=row_ok)
     tl.store(ws_ptr + _MP * P + entry, mp, mask=row_ok)
     tl.store(ws_ptr + _SP * P + entry, sp, mask=row_ok)
@@ -666,8 +693,8 @@ def _finalize_kernel(
         xL = _ld(a_ptr, rows, t_lo, stride_a, in_lo)
         xH = _ld(a_ptr, rows, t_hi, stride_a, in_hi)
         okL, okH = _valid_pair(mask_ptr, rows, c_idx, j, t_lo, t_hi, in_lo, in_hi, stride_m, CHUNK)
-        yL = (xL - mean) * scale
-        yH = (xH - mean) * scale
+        yL = _centre_scale(xL, mean, scale)
+        yH = _centre_scale(xH, mean, scale)
         if not SHIFT_MEAN:
             yL = yL + mean
             yH = yH + mean
@@ -743,8 +770,8 @@ def _finalize_kernel(
             if WHITEN:
                 mean = tl.load(ws_ptr + _PLANES * P)
                 scale = tl.load(ws_ptr + _PLANES * P + 1)
-                advL = (advL - mean) * scale
-                advH = (advH - mean) * scale
+                advL = _centre_scale(advL, mean, scale)
+                advH = _centre_scale(advH, mean, scale)
             _st(out0_ptr, rows, t_lo, T, tl.where(mL, advL, 0.0), in_lo)
             _st(out0_ptr, rows, t_hi, T, tl.where(mH, advH, 0.0), in_hi)
             _st(out1_ptr, rows, t_lo, T, retL, in_lo)

@@ -308,3 +308,27 @@ def test_grpo_of_scores_at_float32_max_matches_float64(backend, rng):
     with fastppo.use_backend(backend):
         got = fastppo.group_advantages(scores, K, mask)
     assert_close(got, want, TOL_FP32_OUT[torch.float32], "grpo at float32 max")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_up_to_float32_max_matches_float64(backend, shift_mean, rng):
+    """Whitening statistics never overflow: values of magnitude 1e36 .. 3.3e38 (random signs, and
+    all of one sign), rows long enough that a chunk's plain float32 sum overflows (the kernel
+    returned NaN from ~1e37 at 240 valid positions a row), and x - mean beyond float32 where x
+    and the mean have opposite signs. The whitened values are of order 1 and equal float64's."""
+    x0 = torch.rand(3, 300, generator=rng)
+    signs = torch.where(torch.rand(3, 300, generator=rng) < 0.5, -1.0, 1.0)
+    mask = torch.rand(3, 300, generator=rng) < 0.8
+    mask[2, 150:] = False
+    for mag in (1e36, 1e37, 1e38, 3.3e38):
+        for x in (x0 * mag, x0 * signs * mag):
+            x = x.masked_fill(~mask, NAN)  # masked positions never leak
+            want = gt.masked_whiten(x, mask, shift_mean=shift_mean)
+            with fastppo.use_backend(backend):
+                got = fastppo.masked_whiten(x, mask, shift_mean=shift_mean)
+            assert bool(torch.isfinite(want).all())
+            # shift_mean=False adds the mean back: outputs in the scale of the values.
+            atol, rtol = TOL_FP32_OUT[torch.float32]
+            scale = 1.0 if shift_mean else mag
+            assert_close(got, want, (atol * scale, rtol), f"masked_whiten at |x| ~ {mag:.0e}")
