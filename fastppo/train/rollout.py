@@ -261,26 +261,7 @@ class VLLMEngine:
             path = self._tmp.name
         self.cuda = trainer.device.type == "cuda"
         self.sleep_mode = self.cuda and cfg.vllm_sleep
-        rows = cfg.batch_size  # every response of the iteration in flight at once
-        max_len = cfg.max_prompt_length + cfg.max_new_tokens
-        kw: dict[str, Any] = dict(
-            # The weights are read from the model's files once, then replaced by the actor's (a resumed
-            # or changed actor); load_format="dummy" is no shortcut: on CPU a later in-place reload
-            # of dummy-initialised layers leaves them wrong.
-            model=path, skip_tokenizer_init=True, seed=cfg.seed,
-            dtype="bfloat16" if trainer.bf16 else "float32", max_model_len=max_len,
-            max_num_seqs=max(rows, 8),
-            # The sampled token's log-prob after temperature: what the trainer's old log-probs are.
-            logprobs_mode="processed_logprobs", enable_prefix_caching=False,
-            # Output embedding untied: on CPU vLLM repacks the head after loading, and an in-place
-            # reload that brings only the input embedding leaves the tied head's packed copy stale.
-            hf_overrides={"tie_word_embeddings": False})
-        if self.cuda:
-            kw.update(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=self.sleep_mode,
-                      device=str(trainer.device))
-        else:
-            # An explicit KV-cache size: on CPU vLLM otherwise reserves a fraction of the machine's memory.
-            kw.update(enforce_eager=True, kv_cache_memory_bytes=_cpu_kv_bytes(model_config, rows, max_len))
+        kw = engine_args(cfg, path, model_config, trainer.device, trainer.bf16)
         set_threads = torch.set_num_threads
         threads = torch.get_num_threads()
         try:
@@ -354,6 +335,29 @@ class VLLMEngine:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def engine_args(cfg, path: str, model_config, device: torch.device, bf16: bool) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for a run of ``cfg`` on ``device`` (see :class:`VLLMEngine`)."""
+    rows = cfg.batch_size  # every response of the iteration in flight at once
+    max_len = cfg.max_prompt_length + cfg.max_new_tokens
+    kw: dict[str, Any] = dict(
+        # The weights are read from the model's files once, then replaced by the actor's (a resumed
+        # or changed actor); load_format="dummy" is no shortcut: on CPU a later in-place reload
+        # of dummy-initialised layers leaves them wrong.
+        model=path, skip_tokenizer_init=True, seed=cfg.seed, dtype="bfloat16" if bf16 else "float32",
+        max_model_len=max_len, max_num_seqs=max(rows, 8),
+        # The sampled token's log-prob after temperature: what the trainer's old log-probs are.
+        logprobs_mode="processed_logprobs", enable_prefix_caching=False,
+        # Output embedding untied: on CPU vLLM repacks the head after loading, and an in-place
+        # reload that brings only the input embedding leaves the tied head's packed copy stale.
+        hf_overrides={"tie_word_embeddings": False})
+    if device.type == "cuda":
+        kw.update(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep)
+    else:
+        # An explicit KV-cache size: on CPU vLLM otherwise reserves a fraction of the machine's memory.
+        kw.update(enforce_eager=True, kv_cache_memory_bytes=_cpu_kv_bytes(model_config, rows, max_len))
+    return kw
 
 
 def _base(actor):
