@@ -334,3 +334,33 @@ def test_checkpoint_taken_with_vllm_resumes(tmp_path, engine):
         for key in ("score_mean", "kl", "policy_loss", "value_loss", "response_length"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
     assert not math.isnan(b[-1]["rollout_logprob_diff_max"])
+
+
+def test_trl_vllm_keys_map_to_the_rollout_engine():
+    from fastppo.train.trl_compat import translate
+
+    out, notes = translate({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.5})
+    assert out == {"rollout_engine": "vllm", "vllm_gpu_memory_utilization": 0.5}
+    assert any("use_vllm: True -> rollout_engine: 'vllm'" in n for n in notes)
+    assert translate({"use_vllm": False})[0] == {"rollout_engine": "hf"}
+    with pytest.raises(ConfigError, match="vllm_mode: 'server' .* colocated"):
+        translate({"vllm_mode": "server"})
+    with pytest.raises(ConfigError, match="sets both rollout_engine"):
+        translate({"use_vllm": True, "rollout_engine": "hf"})
+
+
+@needs_vllm
+def test_cli_refuses_an_unservable_model_with_one_line(tmp_path, capfd):
+    from fastppo.cli import main as cli_main
+
+    model16, prompts = builtin.materialize(str(tmp_path / "b"), seed=0)  # head size 16
+    capfd.readouterr()
+    try:
+        rc = cli_main(["train", "--rollout-engine", "vllm", "--model", model16, "--dataset", prompts, "--reward",
+                       "sentiment", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    except SystemExit as exc:
+        rc = exc.code
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2
+    assert len(err) == 1 and "head size 16" in err[0] and "--rollout-engine hf" in err[0], err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

