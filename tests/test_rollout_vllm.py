@@ -364,3 +364,25 @@ def test_cli_refuses_an_unservable_model_with_one_line(tmp_path, capfd):
     assert rc == 2
     assert len(err) == 1 and "head size 16" in err[0] and "--rollout-engine hf" in err[0], err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@needs_vllm
+def test_trl_recipe_example_runs_with_use_vllm(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+    env = dict(os.environ, FASTPPO_BACKEND="torch", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "trl_recipe", "run.py"), "--quick",
+                           "--use-vllm", "--workdir", str(tmp_path)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TRL key use_vllm: True -> rollout_engine: 'vllm'" in proc.stderr
+    import json
+
+    rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # a LoRA actor (r=32 on every linear layer), merged into vLLM after each iteration
+        assert r["rollout_logprob_diff_max"] <= LOGPROB_ATOL, r["rollout_logprob_diff_max"]
+        assert r["time_weight_sync"] > 0
