@@ -386,3 +386,32 @@ def test_trl_recipe_example_runs_with_use_vllm(tmp_path):
     for r in rows:  # a LoRA actor (r=32 on every linear layer), merged into vLLM after each iteration
         assert r["rollout_logprob_diff_max"] <= LOGPROB_ATOL, r["rollout_logprob_diff_max"]
         assert r["time_weight_sync"] > 0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_in_memory_actor_is_written_as_vllm_loads_it(tmp_path, rng, lora):
+    """A model given to PPOTrainer in memory has no directory: the engine starts from files written
+    by rollout.write_model_files. Read back with transformers, they are the actor (LoRA merged)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    actor = AutoModelForCausalLM.from_config(builtin.build_model_config(num_attention_heads=2,
+                                                                        num_key_value_heads=2)).eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        actor = get_peft_model(actor, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+        with torch.no_grad():  # peft starts B at 0: a non-zero adapter makes the merge matter
+            for n, p in actor.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    rollout.write_model_files(actor, str(tmp_path))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = torch.randint(4, len(builtin.VOCAB), (3, 7), generator=rng)
+    with torch.no_grad():
+        want, got = actor(input_ids=ids).logits, back(input_ids=ids).logits
+        if lora:
+            with actor.disable_adapter():
+                assert (actor(input_ids=ids).logits - want).abs().max() > 1e-3  # the adapter is in there
+    # float32: the merged W + scale * B A against the unmerged forward, a few ulps of the logits.
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -251,6 +251,15 @@ def vllm_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name.replace(".base_layer.", "."), w
 
 
+def write_model_files(actor: torch.nn.Module, directory: str) -> None:
+    """``config.json`` and ``model.safetensors`` of the actor as vLLM loads them (:func:`vllm_weights`:
+    a LoRA actor merged; a tied output embedding written under its own name too)."""
+    from safetensors.torch import save_file
+
+    _base(actor).config.save_pretrained(directory)
+    save_file({n: t.contiguous().clone() for n, t in vllm_weights(actor)}, os.path.join(directory, "model.safetensors"))
+
+
 class VLLMEngine:
     """vLLM's in-process engine colocated with the trainer (see the module docstring)."""
 
@@ -266,12 +275,8 @@ class VLLMEngine:
         self._tmp = None
         path = trainer.model_path
         if path is None:  # a model given in memory: vLLM starts from files, written once here
-            from safetensors.torch import save_file
-
             self._tmp = tempfile.TemporaryDirectory(prefix="fastppo-vllm-")
-            model_config.save_pretrained(self._tmp.name)
-            save_file({n: t.contiguous().clone() for n, t in vllm_weights(trainer.actor)},
-                      os.path.join(self._tmp.name, "model.safetensors"))
+            write_model_files(trainer.actor, self._tmp.name)
             path = self._tmp.name
         self.cuda = trainer.device.type == "cuda"
         self.sleep_mode = self.cuda and cfg.vllm_sleep
