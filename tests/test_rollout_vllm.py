@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -176,7 +177,7 @@ def test_refusals_are_one_line(tmp_path, monkeypatch):
 
 
 @needs_vllm
-def test_unservable_models_are_refused_before_training(tmp_path, monkeypatch):
+def test_unservable_models_are_refused_before_training(tmp_path):
     # The built-in model as --rollout-engine hf builds it: 4 heads of 16, which vLLM's CPU attention lacks.
     model16, prompts = builtin.materialize(str(tmp_path / "b"), seed=0)
     c = cfg(tmp_path / "out", model=model16, dataset=prompts, reward="sentiment", device="cpu")
@@ -188,9 +189,6 @@ def test_unservable_models_are_refused_before_training(tmp_path, monkeypatch):
     odd.architectures = ["NoSuchForCausalLM"]
     with pytest.raises(ConfigError, match="no implementation of .* NoSuchForCausalLM"):
         rollout.check_servable(odd, "the model", "cpu")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="under torchrun use --rollout-engine hf"):
-        validate(cfg(tmp_path / "out2"))
 
 
 @needs_vllm
@@ -415,3 +413,67 @@ def test_an_in_memory_actor_is_written_as_vllm_loads_it(tmp_path, rng, lora):
                 assert (actor(input_ids=ids).logits - want).abs().max() > 1e-3  # the adapter is in there
     # float32: the merged W + scale * B A against the unmerged forward, a few ulps of the logits.
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun: each rank its own engine on its own rows, fed from the gathered FSDP2 actor. Run as a
+# script (python -m torch.distributed.run ... tests/test_rollout_vllm.py ranks OUT) this file is the
+# worker the test launches.
+
+def _worker_ranks(out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    c = builtin.default_config(output_dir=out, iterations=3, batch_size=16, mini_batch_size=8, micro_batch_size=8,
+                               max_new_tokens=8, ppo_epochs=1, learning_rate=1e-2, rollout_engine="vllm",
+                               progress=False, plot=False)
+    trainer = PPOTrainer(c)
+    history = trainer.train()["history"]
+    ids, attn = left_pad(trainer.prompt_ids[:4], trainer.tokenizer.pad_token_id, trainer.device)
+    sampled = trainer.rollout.generate(ids, attn)  # the same 4 prompts on both ranks, each rank's own stream
+    mine = {"rank": dist.get_rank(), "responses": sampled.responses.tolist(), "history": history}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "ranks.json"), "w", encoding="utf-8") as f:
+            json.dump(everyone, f)
+    trainer.rollout.close()
+    dist.destroy_process_group()
+
+
+@needs_vllm
+def test_two_ranks_each_sample_with_their_own_synced_engine(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               FASTPPO_DIST_TIMEOUT="120", FASTPPO_BACKEND="torch")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.abspath(__file__), "ranks", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(tmp_path / "ranks.json", encoding="utf-8") as f:
+        ranks = json.load(f)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for a, b in zip(ranks[0]["history"], ranks[1]["history"]):  # metrics of the global batch, the same on both
+        assert {k: v for k, v in a.items() if "time" not in k and "per_s" not in k} == \
+            {k: v for k, v in b.items() if "time" not in k and "per_s" not in k}
+    for row in ranks[0]["history"]:
+        # Over both ranks' rows: each rank's engine serves the updated actor of every iteration.
+        assert row["rollout_logprob_diff_max"] <= LOGPROB_ATOL, row
+        assert row["time_weight_sync"] > 0
+    # Data-parallel: each rank samples from its own random stream (vLLM's start-up seeds the global
+    # generators with its seed; the engine puts the trainer's streams back).
+    assert ranks[0]["responses"] != ranks[1]["responses"]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "ranks":
+        with __import__("fastppo").use_backend("torch"):
+            _worker_ranks(sys.argv[2])
+    sys.exit(0)

@@ -12,7 +12,8 @@ their mask and, where the engine has them, its log-probs of the sampled tokens o
   the updated weights in place after every iteration through the model runner's
   ``reload_weights`` (no disk round trip). A LoRA actor is pushed as merged weights
   ``W + scale * B A`` (peft's own delta), its base weights untouched. On CUDA the engine sleeps
-  during the updates (KV cache freed, weights offloaded) when ``vllm_sleep`` is on.
+  during the updates (KV cache freed, weights offloaded) when ``vllm_sleep`` is on. Under torchrun
+  every rank runs its own engine on its own rows, fed from the gathered (FSDP2) actor.
 
 The rollout-training mismatch: the engine's log-probs of the tokens it sampled (``r``) and the
 trainer's recomputed old log-probs (``o``) never agree exactly (other kernels, other precision).
@@ -106,16 +107,22 @@ def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask
     return torch.where(mask.bool(), w, 0.0)
 
 
-def correction(config, old_logprobs: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """``(is_weights or None, mismatch metrics)`` of one iteration: the weights under ``rollout_is tis``,
-    the metrics whenever the engine returned log-probs (none for ``hf``)."""
+def correction(config, old_logprobs: torch.Tensor, rollout: Rollout, dist=None
+               ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """``(is_weights or None, mismatch metrics)`` of one iteration: the weights (of this process's
+    rows) under ``rollout_is tis``, the metrics whenever the engine returned log-probs (none for
+    ``hf``); under torchrun (``dist`` enabled) the metrics are those of every rank's rows."""
     if rollout.logprobs is None:
         return None, {}
-    stats = mismatch_stats(old_logprobs, rollout.logprobs, rollout.mask)
     weights = None
     if config.rollout_is == "tis":
         weights = tis_weights(old_logprobs, rollout.logprobs, rollout.mask, config.rollout_is_cap)
-        stats["rollout_is_weight_mean"] = float(weights[rollout.mask.bool()].double().mean()) if rollout.mask.any() else 0.0
+    old, roll, mask, w = (old_logprobs, rollout.logprobs, rollout.mask, weights)
+    if dist is not None and dist.enabled:  # [dist] metrics over the global batch
+        old, roll, mask, w = dist.gather_rows(old, roll, mask, w)
+    stats = mismatch_stats(old, roll, mask)
+    if w is not None:
+        stats["rollout_is_weight_mean"] = float(w[mask.bool()].double().mean()) if mask.any() else 0.0
     return weights, stats
 
 
@@ -227,7 +234,7 @@ def vllm_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     # holds it untied, see VLLMEngine).
     if not hasattr(actor, "get_base_model"):
         for name, p in actor.named_parameters(remove_duplicate=False):
-            yield name, p.detach()
+            yield name, _whole(p.detach())
         return
     from peft.tuners.lora import LoraLayer
 
@@ -238,14 +245,14 @@ def vllm_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             delta = None
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    d = module.get_delta_weight(adapter)
+                    d = _whole(module.get_delta_weight(adapter))
                     delta = d if delta is None else delta + d
             if delta is not None:
                 deltas[f"{mod_name}.base_layer.weight"] = delta
     for name, p in base.named_parameters(remove_duplicate=False):
         if ".lora_" in name:
             continue
-        w = p.detach()
+        w = _whole(p.detach())
         if name in deltas:
             w = w + deltas[name].to(w.dtype)
         yield name.replace(".base_layer.", "."), w
@@ -258,6 +265,12 @@ def write_model_files(actor: torch.nn.Module, directory: str) -> None:
 
     _base(actor).config.save_pretrained(directory)
     save_file({n: t.contiguous().clone() for n, t in vllm_weights(actor)}, os.path.join(directory, "model.safetensors"))
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    # [dist] an FSDP2 parameter is a DTensor shard: the engine of every rank takes the whole tensor
+    # (a collective; every rank walks the parameters in the same order).
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class VLLMEngine:
@@ -281,15 +294,21 @@ class VLLMEngine:
         self.cuda = trainer.device.type == "cuda"
         self.sleep_mode = self.cuda and cfg.vllm_sleep
         kw = engine_args(cfg, path, model_config, trainer.device, trainer.bf16)
+        from . import checkpoint
+
         set_threads = torch.set_num_threads
         threads = torch.get_num_threads()
+        rng = checkpoint.rng_state()
         try:
             self.llm = LLM(**kw)
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op; the trainer
-            # (and anything else in this process) keeps its own.
+            # (and anything else in this process) keeps its own. vLLM also seeds the global random
+            # generators with its seed: the trainer's streams (restored by a resume, distinct per
+            # rank under torchrun) are put back.
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
+            checkpoint.set_rng_state(rng)
         self.sync_weights()
 
     def _rpc(self, method: str, **kwargs):
@@ -300,7 +319,8 @@ class VLLMEngine:
         t0 = time.perf_counter()
         if self.sleep_mode and self.llm.llm_engine.is_sleeping():
             self.llm.wake_up(tags=["weights"])
-        with torch.no_grad():
+        # [dist] the actor's FSDP2 parameters gathered for the walk
+        with torch.no_grad(), self.trainer.dist.unsharded(self.trainer.actor):
             self._rpc("reload_weights", weights_iterator=vllm_weights(self.trainer.actor))
         if self.cuda:
             torch.cuda.synchronize(self.trainer.device)
@@ -322,7 +342,8 @@ class VLLMEngine:
         stops = sorted({t for t in (eos, cfg.stop_token_id) if t is not None})
         b = prompt_ids.shape[0]
         # Per-request seeds from torch's generator: a run is reproducible and a resumed run samples
-        # what the uninterrupted one would (the checkpoint restores that generator).
+        # what the uninterrupted one would (the checkpoint restores that generator); under torchrun
+        # each rank draws from its own stream (distributed.seed_rank).
         base_seed = int(torch.randint(0, 2**31 - 1 - b, (1,)))
         ids, keep = prompt_ids.cpu(), prompt_mask.bool().cpu()
         prompts = [TokensPrompt(prompt_token_ids=ids[i][keep[i]].tolist()) for i in range(b)]
@@ -332,6 +353,8 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         seqs = [o.outputs[0] for o in outs]
         r = max((len(s.token_ids) for s in seqs), default=0)
+        if self.trainer.dist.enabled:  # [dist] one response width for the global batch, as the hf loop gives
+            r = int(self.trainer.dist.max(float(r)))
         responses = torch.full((b, r), pad, dtype=torch.long)
         mask = torch.zeros((b, r), dtype=torch.bool)
         logprobs = torch.zeros((b, r), dtype=torch.float32)
@@ -348,6 +371,11 @@ class VLLMEngine:
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
+            # [dist] under torchrun vLLM's shutdown (also run when the engine is garbage-collected)
+            # destroys the trainer's process group, which vLLM found and used: the engine then stays
+            # until the process ends.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                return
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
             self.llm = None

@@ -299,10 +299,7 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
             raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) + max_new_tokens ({config.max_new_tokens}) "
                               f"= {need} tokens exceeds the context of {where} ({ctx} positions); lower "
                               "--max-prompt-length or --max-new-tokens")
-    if config.rollout_engine == "vllm":
-        if distributed.launched():
-            raise ConfigError("rollout_engine (--rollout-engine) vllm runs in one process for now; under torchrun "
-                              "use --rollout-engine hf")
+    if config.rollout_engine == "vllm":  # [dist] under torchrun each rank runs its own engine on its rows
         rollout.check_servable(model_configs["model"], config.model or (
             "the model given" if model is not None else "the built-in model"), device.type)
     if (config.lora_r > 0 and not (model is not None and api.is_peft(model))) or config.critic_lora_r > 0:
@@ -657,7 +654,7 @@ class PPOTrainer:
         old_logprobs, entropy = torch.cat(old_logprobs), torch.cat(entropy)
         ref_logprobs = torch.cat(ref_logprobs)
         old_values = torch.cat(old_values) if self.critic is not None else None
-        is_weights, mismatch = rollout.correction(cfg, old_logprobs, sampled)  # rollout engine vs trainer
+        is_weights, mismatch = rollout.correction(cfg, old_logprobs, sampled, self.dist)  # rollout engine vs trainer
         shaped = scores.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else scores
         kl_coef_used = self.kl.value
         if cfg.advantage_estimator == "gae":
