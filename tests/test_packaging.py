@@ -91,3 +91,22 @@ def test_checkout_on_sys_path_leaves_hf_kernels_importable(how):
     hf, ours = out.stdout.strip().splitlines()[-2:]
     assert "site-packages" in hf, out.stdout
     assert Path(ours).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+
+
+def test_checkout_on_sys_path_without_hf_kernels_lets_transformers_probe():
+    """Without Hugging Face's ``kernels`` package (transformers before 5.25 does not require it),
+    a process started in the checkout (vLLM's model-inspection subprocess is one) finds our
+    kernels/ folder under that name; transformers' probe then imports it and must learn "not
+    installed", not die of an ImportError."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None and "site-packages" in (spec.origin or ""):
+        pytest.skip("Hugging Face's kernels package is installed here")
+    code = ("import sys\nsys.path.insert(0, '')\n"
+            "from transformers.utils.import_utils import is_kernels_available\n"
+            "import transformers.activations\nimport fastppo.kernels\n"
+            "print(is_kernels_available(), 'gae' in fastppo.kernels.KERNEL_OPS)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout

@@ -45,7 +45,7 @@ def read_jsonl(path: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # 1. the SFT model: a tiny Llama and a byte-level BPE tokenizer trained on the example texts
 
-def build_base_model(path: str, seed: int, steps: int) -> None:
+def build_base_model(path: str, seed: int, steps: int, heads: int = 4) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -62,7 +62,7 @@ def build_base_model(path: str, seed: int, steps: int) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(seed)
@@ -140,7 +140,8 @@ def train_reward_model(base: str, path: str, steps: int, seed: int) -> float:
 # --------------------------------------------------------------------------------------------
 # 3. fastppo train, configured with TRL's PPOConfig names
 
-def write_config(path: str, base: str, reward: str, output_dir: str, iterations: int, quick: bool) -> None:
+def write_config(path: str, base: str, reward: str, output_dir: str, iterations: int, quick: bool,
+                 use_vllm: bool = False) -> None:
     per_device, minis = 4, 2  # 8 responses per iteration in 2 mini-batches
     lines = [
         "# TRL PPOConfig / ModelConfig names; fastppo maps each and says so in one line.",
@@ -177,6 +178,8 @@ def write_config(path: str, base: str, reward: str, output_dir: str, iterations:
         "critic_lora_r: 8           # the critic (from the reward model) trains a LoRA adapter and its value head",
         "num_threads: 1",
     ]
+    if use_vllm:
+        lines.append("use_vllm: true            # TRL GRPOConfig's switch: vLLM samples the rollouts, colocated")
     if quick:
         lines.append("plot: false")
     with open(path, "w", encoding="utf-8") as f:
@@ -222,6 +225,9 @@ def main() -> int:
     parser.add_argument("--workdir", default="trl_recipe_run", help="where every step writes (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few reward steps, 2 PPO iterations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--use-vllm", action="store_true",
+                        help="rollouts through vLLM (pip install 'fastppo[vllm]'; the tiny model then has 2 heads of "
+                             "32, a head size vLLM's CPU attention takes)")
     args = parser.parse_args()
     import time
 
@@ -238,7 +244,7 @@ def main() -> int:
     base, reward, output = (os.path.join(work, n) for n in ("base", "reward", "ppo"))
 
     step("1/4 tiny SFT model and tokenizer ->", base)
-    build_base_model(base, args.seed, steps=30 if args.quick else 300)
+    build_base_model(base, args.seed, steps=30 if args.quick else 300, heads=2 if args.use_vllm else 4)
 
     step("2/4 reward model with trl.RewardTrainer ->", reward)
     accuracy = train_reward_model(base, reward, steps=6 if args.quick else 60, seed=args.seed)
@@ -246,7 +252,8 @@ def main() -> int:
 
     step("3/4 fastppo train with a TRL-style config ->", output)
     config = os.path.join(work, "ppo_config.yaml")
-    write_config(config, base, reward, output, iterations=2 if args.quick else 40, quick=args.quick)
+    write_config(config, base, reward, output, iterations=2 if args.quick else 40, quick=args.quick,
+                 use_vllm=args.use_vllm)
     run_fastppo(config, args.quick)
 
     step("4/4 AutoPeftModelForCausalLM + merge_and_unload, then generate")

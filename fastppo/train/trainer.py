@@ -39,7 +39,7 @@ import torch
 import fastppo
 
 from . import api
-from . import builtin, checkpoint
+from . import builtin, checkpoint, rollout
 from . import distributed  # [dist] several processes (torchrun); a no-op for one
 from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
@@ -293,7 +293,7 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
         if obj is not None:
             model_configs[what] = obj.config
     if "model" not in model_configs:
-        model_configs["model"] = builtin.build_model_config()
+        model_configs["model"] = builtin.build_model_config(**builtin.model_overrides(config))
     vocab = getattr(model_configs["model"], "vocab_size", None)
     if config.stop_token_id is not None and isinstance(vocab, int) and config.stop_token_id >= vocab:
         raise ConfigError(f"stop_token_id (--stop-token-id) {config.stop_token_id} is not a token id of the model "
@@ -307,6 +307,9 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
             raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) + max_new_tokens ({config.max_new_tokens}) "
                               f"= {need} tokens exceeds the context of {where} ({ctx} positions); lower "
                               "--max-prompt-length or --max-new-tokens")
+    if config.rollout_engine == "vllm":  # [dist] under torchrun each rank runs its own engine on its rows
+        rollout.check_servable(model_configs["model"], config.model or (
+            "the model given" if model is not None else "the built-in model"), device.type)
     if (config.lora_r > 0 and not (model is not None and api.is_peft(model))) or config.critic_lora_r > 0:
         _check_lora_targets(config, model_configs["model"], config.model or (
             "the model given" if model is not None else "the built-in model"))
@@ -403,7 +406,8 @@ class PPOTrainer:
             self.dataset_path = cfg.dataset
         elif cfg.model is None:
             with self.dist.main_first():  # [dist] one rank writes the built-in files, the others read them
-                model_dir, prompts_file = builtin.materialize(os.path.join(cfg.output_dir, "builtin"), seed=cfg.seed)
+                model_dir, prompts_file = builtin.materialize(os.path.join(cfg.output_dir, "builtin"), seed=cfg.seed,
+                                                             **builtin.model_overrides(cfg))
             self.model_path = model_dir
             self.dataset_path = cfg.dataset or (None if train_dataset is not None else prompts_file)
         else:
@@ -495,6 +499,7 @@ class PPOTrainer:
         resume = distributed.resume if self.dist.enabled else checkpoint.resume  # [dist] into FSDP2 shards
         self.resumed_from: str | None = resume(self, candidates)
         self.resumed_from = self._resume_finite(resume, candidates, self.resumed_from)
+        self.rollout = rollout.make_engine(self)  # built from the restored weights on a resume
 
     # ----------------------------------------------------------------------------------------
     def _lr_factor(self, update: int) -> float:
@@ -678,8 +683,8 @@ class PPOTrainer:
         idx = self.dist.local_rows(idx)  # [dist] this rank's share of the global batch
         prompts = [self.prompts[i] for i in idx]
         prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in idx], self.tokenizer.pad_token_id, dev)
-        with self.dist.unsharded(self.actor):  # [dist] the actor's weights gathered once for all tokens
-            responses, mask = self.generate(prompt_ids, prompt_mask)
+        sampled = self.rollout.generate(prompt_ids, prompt_mask)  # rollout.HFEngine: self.generate
+        responses, mask = sampled.responses, sampled.mask
         width = prompt_ids.shape[1]
         seq = torch.cat([prompt_ids, responses], 1)
         attn = torch.cat([prompt_mask, mask.long()], 1)
@@ -710,6 +715,7 @@ class PPOTrainer:
         old_logprobs, entropy = torch.cat(old_logprobs), torch.cat(entropy)
         ref_logprobs = torch.cat(ref_logprobs)
         old_values = torch.cat(old_values) if self.critic is not None else None
+        is_weights, mismatch = rollout.correction(cfg, old_logprobs, sampled, self.dist)  # rollout engine vs trainer
         shaped = scores.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else scores
         kl_coef_used = self.kl.value
         if cfg.advantage_estimator == "gae":
@@ -753,7 +759,7 @@ class PPOTrainer:
                                                                            cfg.loss_agg):
                     ta = self._sync()
                     loss, stats = self._loss(micro, seq, attn, pos, width, mask, old_logprobs, advantages,
-                                             old_values, returns, ref_logprobs)
+                                             old_values, returns, ref_logprobs, is_weights)
                     tb = self._sync()
                     # Each micro-batch loss is aggregated over its own rows; weighting it by its share
                     # of the mini-batch's rows makes the accumulated gradient that of the whole
@@ -799,6 +805,7 @@ class PPOTrainer:
             if bad:
                 self.diverged = f"training diverged at iteration {self.step + 1}: after its updates {bad}"
         t4 = self._sync()
+        time_weight_sync = self.rollout.sync_weights()  # the engine serves the updated actor next iteration
 
         self.step += 1
         if self.dist.enabled:  # [dist] metrics over the global batch, the same on every rank
@@ -832,6 +839,8 @@ class PPOTrainer:
             "tokens_per_s": n_tokens / max(t4 - t0, 1e-9),
             "generate_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "peak_memory_mb": self.dist.max(peak_memory_mb(dev)),  # [dist] the largest rank's
+            "time_weight_sync": time_weight_sync,
+            **mismatch,
         }
         if self.critic is not None:  # critic-free runs have no values to report
             row["explained_variance"] = explained_variance(old_values, returns, mask)
@@ -839,9 +848,10 @@ class PPOTrainer:
         return row
 
     def _loss(self, micro, seq, attn, pos, width, mask, old_logprobs, advantages, old_values, returns,
-              ref_logprobs):
+              ref_logprobs, is_weights=None):
         cfg = self.config
         m = mask[micro]
+        w = None if is_weights is None else is_weights[micro]
         with autocast(self.device, self.bf16):
             logprobs, entropy = distributed.response_logprobs(self.actor, seq[micro], attn[micro], pos[micro], width,
                                                               m, cfg.temperature, cfg.fused_head)
@@ -853,11 +863,11 @@ class PPOTrainer:
                 logprobs, old_logprobs[micro], advantages[micro], values, old_values[micro], returns[micro], m,
                 entropy=entropy if cfg.ent_coef else entropy.detach(), clip_low=cfg.clip_low,
                 clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
-                ent_coef=cfg.ent_coef, agg=cfg.loss_agg)
+                ent_coef=cfg.ent_coef, agg=cfg.loss_agg, is_weights=w)
         else:  # critic-free: the clipped policy loss and the entropy bonus, as ppo_loss without its value term
             pg_loss, pg = fastppo.policy_loss(logprobs, old_logprobs[micro], advantages[micro], m,
                                               clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                              dual_clip=cfg.dual_clip, agg=cfg.loss_agg)
+                                              dual_clip=cfg.dual_clip, agg=cfg.loss_agg, is_weights=w)
             ent = fastppo.aggregate(entropy if cfg.ent_coef else entropy.detach(), m, cfg.loss_agg)
             loss = pg_loss - cfg.ent_coef * ent if cfg.ent_coef else pg_loss
             stats = {"policy_loss": pg_loss.detach(), "entropy": ent.detach(), **pg}

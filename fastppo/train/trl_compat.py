@@ -121,6 +121,7 @@ def _warmup_steps(value: Any) -> Any:
 # the table
 
 _PPO, _TA, _MC, _SA = "PPOConfig", "TrainingArguments", "ModelConfig", "ScriptArguments"
+_GRPO = "GRPOConfig"
 _OLD_MC = "ModelConfig (before TRL 1.16)"
 _OLD_TA = "TrainingArguments (before transformers 5)"
 _BATCH = "batch_size, mini_batch_size, micro_batch_size"
@@ -162,6 +163,15 @@ KEYS: tuple[Key, ...] = (
     Key("missing_eos_penalty", _PPO, None, SAME, "missing_eos_penalty",
         "subtracted from the score of a response that ends without EOS"),
     Key("num_sample_generations", _PPO, 10, IGNORED, None, "fastppo prints no debugging samples"),
+    # --- the rollout engine: GRPOConfig's keys (TRL's PPOConfig samples with transformers' generate)
+    Key("use_vllm", _GRPO, False, DERIVED, "rollout_engine",
+        "true -> rollout_engine: vllm (vLLM in fastppo's own process); false -> hf"),
+    Key("vllm_mode", _GRPO, "colocate", FIXED, None,
+        "fastppo runs vLLM colocated in its process; a separate vLLM server is refused", accept=("colocate",)),
+    Key("vllm_gpu_memory_utilization", _GRPO, 0.3, SAME, "vllm_gpu_memory_utilization",
+        "fraction of GPU memory vLLM may take (CUDA)"),
+    Key("vllm_enable_sleep_mode", _GRPO, False, RENAMED, "vllm_sleep",
+        "vLLM sleeps during the updates (CUDA); fastppo's default is on"),
     # --- models and data
     Key("sft_model_path", _PPO, "EleutherAI/pythia-160m", RENAMED, "model", "the policy (a local directory)"),
     Key("reward_model_path", _PPO, "EleutherAI/pythia-160m", RENAMED, "reward_model",
@@ -359,6 +369,14 @@ def translate(data: dict[str, Any], world_size: int | None = None) -> tuple[dict
             else:
                 note("TRL key use_peft: false -> lora_r: 0 (the whole actor is trained)")
             out["lora_r"] = 0
+
+    # --- the rollout engine
+    if "use_vllm" in data:
+        if not isinstance(data["use_vllm"], bool):
+            raise ConfigError(f"use_vllm (TRL) must be true or false, got {data['use_vllm']!r}")
+        engine = "vllm" if data["use_vllm"] else "hf"
+        _set(out, given, "rollout_engine", engine, "use_vllm")
+        note(f"TRL key use_vllm: {_shown(data['use_vllm'])} -> rollout_engine: {engine!r}")
 
     # --- the model: sft_model_path wins, as in TRL's PPO script
     if "model_name_or_path" in data:
