@@ -552,6 +552,27 @@ def test_critic_free_estimators_refuse_only_what_the_user_gave(tmp_path):
         PPOConfig.from_file(f, lam=0.9)
 
 
+def test_a_critic_free_runs_own_config_yaml_is_a_valid_config(tmp_path):
+    # A checkpoint's config.yaml lists every option, lam and vf_coef included, at the values the
+    # run took without anyone giving them: reused as --config (built-in task or a model's defaults)
+    # it must load; a value that differs is still refused.
+    import yaml
+
+    from fastppo.train import PPOConfig, builtin
+    from fastppo.train.config import ConfigError
+
+    for cfg, load in ((builtin.default_config(advantage_estimator="grpo", num_generations=2),
+                       lambda f: _resolve(["train", "--config", str(f)])),
+                      (PPOConfig(advantage_estimator="rloo", num_generations=2), PPOConfig.from_file)):
+        f = tmp_path / "config.yaml"
+        f.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        again = load(f)
+        assert (again.advantage_estimator, again.lam, again.kl_coef) == (cfg.advantage_estimator, 0.95, 0.05)
+        f.write_text(yaml.safe_dump(dict(cfg.to_dict(), kl_coef=0.2), sort_keys=False))
+        with pytest.raises(ConfigError, match=r"^kl_coef \(--kl-coef\) is given, but .* its KL term is --kl-loss-coef\); remove it"):
+            load(f)
+
+
 def test_a_model_run_says_its_threads_and_lora_warns_nothing(runs, capfd):
     # With --model, torch's default thread count applies (the built-in task sets 1): the first line
     # says how many. peft's wrapping under transformers 5 must not open the run with a FutureWarning.

@@ -364,15 +364,21 @@ _UNUSED = {
 _WHY = {"lam": "GAE's lambda, and there is no GAE", "vf_coef": "the value loss weight, and there is no critic",
         "value_clip": "the value loss clip, and there is no critic",
         "critic_learning_rate": "the critic's learning rate, and there is no critic",
-        "kl_coef": "the KL reward penalty, which it does not use (use kl_loss_coef)",
+        "kl_coef": "the KL reward penalty; its KL term is --kl-loss-coef",
         "gamma": "a discount over tokens, and its advantage is one per response"}
 
 
-def check_given(config: "PPOConfig", given: Any) -> None:
+def check_given(config: "PPOConfig", given: Any, defaults: dict[str, Any] | None = None) -> None:
     """``ConfigError`` for an option in ``given`` (the names a config file or the command line set)
-    that ``config.advantage_estimator`` does not use: refused rather than dropped in silence."""
+    that ``config.advantage_estimator`` does not use: refused rather than dropped in silence.
+
+    A value equal to the one the run would take anyway (``defaults``, else PPOConfig's) passes: a
+    checkpoint's ``config.yaml`` lists every option, and reusing it as ``--config`` must work."""
+    defaults = defaults if defaults is not None else {f.name: f.default for f in dataclasses.fields(PPOConfig)}
     for name, estimators in _UNUSED.items():
-        if name in given and config.advantage_estimator in estimators and getattr(config, name) is not None:
+        value = getattr(config, name)
+        if (name in given and config.advantage_estimator in estimators and value is not None
+                and value != defaults.get(name)):
             raise ConfigError(f"{_opt(name)} is given, but {_opt('advantage_estimator')} {config.advantage_estimator} "
                               f"does not use it ({_WHY[name]}); remove it or use gae")
 
