@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -372,15 +373,23 @@ def check_given(config: "PPOConfig", given: Any, defaults: dict[str, Any] | None
     """``ConfigError`` for an option in ``given`` (the names a config file or the command line set)
     that ``config.advantage_estimator`` does not use: refused rather than dropped in silence.
 
-    A value equal to the one the run would take anyway (``defaults``, else PPOConfig's) passes: a
-    checkpoint's ``config.yaml`` lists every option, and reusing it as ``--config`` must work."""
+    One given at the value the run takes anyway (``defaults``, else PPOConfig's) changes nothing:
+    it gets one notice line instead, as a checkpoint's ``config.yaml``, which lists every option,
+    must work as ``--config`` for the estimator that wrote it."""
     defaults = defaults if defaults is not None else {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    idle = []
     for name, estimators in _UNUSED.items():
         value = getattr(config, name)
-        if (name in given and config.advantage_estimator in estimators and value is not None
-                and value != defaults.get(name)):
-            raise ConfigError(f"{_opt(name)} is given, but {_opt('advantage_estimator')} {config.advantage_estimator} "
-                              f"does not use it ({_WHY[name]}); remove it or use gae")
+        if name not in given or config.advantage_estimator not in estimators or value is None:
+            continue
+        if value == defaults.get(name):
+            idle.append(f"{name}: {value}")
+            continue
+        raise ConfigError(f"{_opt(name)} is given, but {_opt('advantage_estimator')} {config.advantage_estimator} "
+                          f"does not use it ({_WHY[name]}); remove it or use gae")
+    if idle:
+        print(f"fastppo train: config: {', '.join(idle)} (the defaults) have no effect with advantage_estimator "
+              f"{config.advantage_estimator}", file=sys.stderr)
 
 
 LR_SCHEDULES = ("constant", "linear")
