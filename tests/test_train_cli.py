@@ -191,7 +191,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("rloo-gamma", T("--advantage-estimator", "rloo", "--num-generations", "2", "--gamma", "0.9"), "gamma"),
     ("rloo-vf-coef", T("--advantage-estimator", "rloo", "--num-generations", "2", "--vf-coef", "0.1"), "vf_coef"),
     ("reinforce-value-clip", T("--advantage-estimator", "reinforce++", "--value-clip", "0.3"), "value_clip"),
-    ("reinforce-lam-default-value", T("--advantage-estimator", "reinforce++", "--lam", "0.95"), "lam (--lam)"),
+    ("reinforce-lam-other-value", T("--advantage-estimator", "reinforce++", "--lam", "0.9"), "lam (--lam)"),
     ("grpo-vf-coef-in-file", ["train", "--config", "{yaml_grpo_vf}", *QUICK], "vf_coef (--vf-coef) is given"),
     # --- resume -----------------------------------------------------------------------------
     ("resume-pickle-payload", ["train", *QUICK, "--output-dir", "{pickled_run}", "--resume", "--iterations", "3"],
@@ -550,6 +550,31 @@ def test_critic_free_estimators_refuse_only_what_the_user_gave(tmp_path):
     assert PPOConfig.from_file(f).lam == 0.95
     with pytest.raises(ConfigError, match=r"lam \(--lam\) is given, but advantage_estimator .* grpo does not use it"):
         PPOConfig.from_file(f, lam=0.9)
+
+
+def test_a_critic_free_runs_own_config_yaml_is_a_valid_config(tmp_path, capsys):
+    # A checkpoint's config.yaml lists every option, lam and vf_coef included, at the values the
+    # run took without anyone giving them: reused as --config (built-in task or a model's defaults)
+    # it must load, with one line naming them as without effect; a value that differs is refused.
+    import yaml
+
+    from fastppo.train import PPOConfig, builtin
+    from fastppo.train.config import ConfigError
+
+    for cfg, load in ((builtin.default_config(advantage_estimator="grpo", num_generations=2),
+                       lambda f: _resolve(["train", "--config", str(f)])),
+                      (PPOConfig(advantage_estimator="rloo", num_generations=2), PPOConfig.from_file)):
+        f = tmp_path / "config.yaml"
+        f.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        capsys.readouterr()
+        again = load(f)
+        notes = capsys.readouterr().err.splitlines()
+        assert len(notes) == 1 and notes[0].startswith("fastppo train: config: ") and "lam: 0.95" in notes[0]
+        assert notes[0].endswith(f"(the defaults) have no effect with advantage_estimator {cfg.advantage_estimator}")
+        assert (again.advantage_estimator, again.lam, again.kl_coef) == (cfg.advantage_estimator, 0.95, 0.05)
+        f.write_text(yaml.safe_dump(dict(cfg.to_dict(), kl_coef=0.2), sort_keys=False))
+        with pytest.raises(ConfigError, match=r"^kl_coef \(--kl-coef\) is given, but .* its KL term is --kl-loss-coef\); remove it"):
+            load(f)
 
 
 def test_a_model_run_says_its_threads_and_lora_warns_nothing(runs, capfd):

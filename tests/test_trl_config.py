@@ -316,10 +316,10 @@ def test_cli_refuses_in_one_line_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "whiten_rewards" in err[0] and err[0].startswith("fastppo train: error:")
     # a TRL file's value-loss clip with a critic-free estimator: the mapping line, then the refusal
-    path.write_text("advantage_estimator: rloo\nnum_generations: 2\ncliprange_value: 0.2\n")
+    path.write_text("advantage_estimator: rloo\nnum_generations: 2\ncliprange_value: 0.3\n")
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0] == "fastppo train: config: TRL key cliprange_value: 0.2 -> value_clip: 0.2"
+    assert err[0] == "fastppo train: config: TRL key cliprange_value: 0.3 -> value_clip: 0.3"
     assert len(err) == 2 and err[1].startswith("fastppo train: error: value_clip (--value-clip) is given, but")
     path.write_text("{not json")
     bad = tmp_path / "bad.json"

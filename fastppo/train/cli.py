@@ -99,14 +99,16 @@ def resolve_config(args: argparse.Namespace) -> PPOConfig:
         if value is not None:
             data[name] = None if value is _NONE else value
     given = set(data)  # what the user set, in the file or as a flag
+    defaults = None  # PPOConfig's
     if data.get("model") is None:
-        base = builtin.default_config().to_dict()
+        defaults = builtin.default_config().to_dict()
+        base = dict(defaults)
         if data.get("reward_model") is not None:
             base["reward"] = None  # the built-in task's reward gives way to a reward model
         base.update(data)
         data = base
     config = PPOConfig.from_dict(data)
-    check_given(config, given)
+    check_given(config, given, defaults)
     if trl_style:
         note_trl_defaults(config, given)
     return config

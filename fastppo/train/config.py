@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -395,17 +396,31 @@ _UNUSED = {
 _WHY = {"lam": "GAE's lambda, and there is no GAE", "vf_coef": "the value loss weight, and there is no critic",
         "value_clip": "the value loss clip, and there is no critic",
         "critic_learning_rate": "the critic's learning rate, and there is no critic",
-        "kl_coef": "the KL reward penalty, which it does not use (use kl_loss_coef)",
+        "kl_coef": "the KL reward penalty; its KL term is --kl-loss-coef",
         "gamma": "a discount over tokens, and its advantage is one per response"}
 
 
-def check_given(config: "PPOConfig", given: Any) -> None:
+def check_given(config: "PPOConfig", given: Any, defaults: dict[str, Any] | None = None) -> None:
     """``ConfigError`` for an option in ``given`` (the names a config file or the command line set)
-    that ``config.advantage_estimator`` does not use: refused rather than dropped in silence."""
+    that ``config.advantage_estimator`` does not use: refused rather than dropped in silence.
+
+    One given at the value the run takes anyway (``defaults``, else PPOConfig's) changes nothing:
+    it gets one notice line instead, as a checkpoint's ``config.yaml``, which lists every option,
+    must work as ``--config`` for the estimator that wrote it."""
+    defaults = defaults if defaults is not None else {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    idle = []
     for name, estimators in _UNUSED.items():
-        if name in given and config.advantage_estimator in estimators and getattr(config, name) is not None:
-            raise ConfigError(f"{_opt(name)} is given, but {_opt('advantage_estimator')} {config.advantage_estimator} "
-                              f"does not use it ({_WHY[name]}); remove it or use gae")
+        value = getattr(config, name)
+        if name not in given or config.advantage_estimator not in estimators or value is None:
+            continue
+        if value == defaults.get(name):
+            idle.append(f"{name}: {value}")
+            continue
+        raise ConfigError(f"{_opt(name)} is given, but {_opt('advantage_estimator')} {config.advantage_estimator} "
+                          f"does not use it ({_WHY[name]}); remove it or use gae")
+    if idle:
+        print(f"fastppo train: config: {', '.join(idle)} (the defaults) have no effect with advantage_estimator "
+              f"{config.advantage_estimator}", file=sys.stderr)
 
 
 LR_SCHEDULES = ("constant", "linear")
