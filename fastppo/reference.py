@@ -730,6 +730,13 @@ def linear_logprobs(
     This reference builds the full ``[N, V]`` logits (in float32, float64 for float64 inputs);
     ``fastppo.linear_logprobs`` gives the same numbers in vocabulary chunks without them.
 
+    Frozen head (LoRA: ``weight`` and ``bias`` need no gradient, ``hidden`` does; eager mode): the
+    chunked paths then accumulate, in the forward, d logprob / d hidden = (W[label] -
+    sum_v p_v W_v) / T and d entropy / d hidden = -sum_v p_v (log p_v + H) W_v / T, so the
+    backward is a per-row combination with no matmul over the vocabulary (two vocabulary-sized
+    matmuls in all, three with entropy, instead of three). The price: the forward keeps one
+    ``[N_valid, H]`` float32 tensor (two with entropy) until the backward.
+
     Args:
         hidden: ``[B, T, H]`` or ``[N, H]`` float32 / bfloat16 / float16.
         weight: ``[V, H]`` of the same dtype (``lm_head.weight``, or the input embedding's
