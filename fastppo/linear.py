@@ -160,14 +160,16 @@ class TorchFolds:
         # entropy sum then needs the floor whatever the bias holds.
         if floor or with_entropy:
             d.clamp_(min=_FLOOR)
-        e = torch.exp(d)
+        # Without entropy d is not needed again: exponentiate in place (no tile allocation).
+        e = torch.exp(d) if with_entropy else d.exp_()
         step = None
         if with_entropy:
             step = torch.where(m == -math.inf, 0.0, (shift - m) * inv_temp)
             t.copy_(alpha * (t - s * step) + torch.linalg.vecdot(e, d))
         s.copy_(s * alpha + e.sum(1))
         m.copy_(m_new)
-        # For the frozen-head pass: the rescale of the running sums, e = exp(d) and d (in ``z``).
+        # For the frozen-head pass: the rescale of the running sums, e = exp(d) and d (both in ``z``
+        # without entropy: d is not needed then).
         return alpha, step, e, d
 
     @staticmethod
