@@ -48,7 +48,7 @@ import math
 
 import torch
 
-__all__ = ["linear_logprobs", "DEFAULT_CHUNK", "WORKSPACE_ELEMENTS"]
+__all__ = ["linear_logprobs", "linear_ppo_loss", "DEFAULT_CHUNK", "WORKSPACE_ELEMENTS"]
 
 # Vocabulary columns per chunk when ``chunk_size`` is None, per device type.
 DEFAULT_CHUNK = {"cuda": 4096, "cpu": 4096}
@@ -659,3 +659,89 @@ def linear_logprobs(
     """
     return run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
                mask=mask, chunk_size=chunk_size, folds=TorchFolds)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_ppo_loss: the clipped PPO objective from hidden states
+# --------------------------------------------------------------------------------------------
+
+_STATS = ("policy_loss", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl")
+
+
+class FrozenHeadPPOLoss(torch.autograd.Function):
+    """``linear_ppo_loss`` for a frozen head: ``(loss, *stats)``, differentiable in ``hidden`` only.
+
+    The forward runs :func:`frozen_forward_rows`, then the ``[B, T]`` loss with autograd on the
+    log-probs (and entropy) alone: its per-token d loss / d logprob and d loss / d entropy scale
+    the rows' d logprob / d h and d entropy / d h into d loss / d h right away. Only that
+    ``[N_valid, H]`` tensor is kept; the backward multiplies it by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, chunk_size, floor, loss_args):
+        (old, adv, mask, ref, kwargs, ops) = loss_args
+        with_entropy = kwargs["ent_coef"] != 0.0
+        lp, ent, sel, _, _, d_lp, d_ent = frozen_forward_rows(
+            hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, floor
+        )
+        from . import reference
+
+        leaves = [x.view(labels.shape).requires_grad_() for x in (lp, ent) if x is not None]
+        with torch.enable_grad():
+            loss, stats = reference.ppo_objective(leaves[0], leaves[1] if with_entropy else None, old, adv, mask, ref,
+                                                  ops=ops, **kwargs)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        # Masked rows' gradients are 0 (never read: the rows are compacted away).
+        take = (lambda g: g.reshape(-1)) if sel is None else (lambda g: g.reshape(-1).index_select(0, sel))
+        dh = d_lp.mul_(take(grads[0]).to(d_lp.dtype).unsqueeze(1))
+        if with_entropy:
+            dh.addcmul_(d_ent, take(grads[1]).to(d_ent.dtype).unsqueeze(1))
+        ctx.save_for_backward(hidden, sel, dh)
+        out = [loss.detach()] + [stats[k] for k in _STATS]
+        ctx.mark_non_differentiable(*out[1:])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        hidden, sel, dh = ctx.saved_tensors
+        if g_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        with torch.no_grad():
+            dhidden = spread_hidden_grad(dh * g_loss.to(dh.dtype), sel, hidden)
+        if torch.is_grad_enabled():
+            (dhidden,) = _NoDoubleBackward.apply(1, dhidden, hidden)
+        return (dhidden,) + (None,) * 7
+
+
+def ppo_loss_run(hidden, weight, labels, *, old_logprobs, advantages, mask, bias, temperature, clip_low, clip_high,
+                 dual_clip, agg, is_weights, ent_coef, ref_logprobs, kl_coef, kl_estimator, chunk_size, folds,
+                 ops=None):
+    """``linear_ppo_loss`` on the chunked loops (``folds``: their chunk steps; ``ops``: the
+    implementations of the ``[B, T]`` loss ops, see ``reference.ppo_objective``)."""
+    from . import reference
+
+    kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,
+                  ent_coef=ent_coef, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    if frozen_head(hidden, weight, bias):
+        out = FrozenHeadPPOLoss.apply(
+            hidden, weight, bias, labels, 1.0 / float(temperature), chunk_size, floor_needed(TorchFolds, bias, True),
+            (old_logprobs, advantages, mask, ref_logprobs, kwargs, ops),
+        )
+        return out[0], dict(zip(_STATS, out[1:]))
+    with_entropy = ent_coef != 0.0
+    out = run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=with_entropy, mask=mask,
+              chunk_size=chunk_size, folds=folds)
+    lp, ent = out if with_entropy else (out, None)
+    return reference.ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, ops=ops, **kwargs)
+
+
+def linear_ppo_loss(
+    hidden, weight, labels, *, old_logprobs, advantages, mask, bias=None, temperature=1.0, clip_low=0.2,
+    clip_high=None, dual_clip=None, agg="token-mean", is_weights=None, ent_coef=0.0, ref_logprobs=None,
+    kl_coef=0.0, kl_estimator="k3", chunk_size=None,
+):
+    """Chunked PyTorch ``linear_ppo_loss`` (arguments already validated): the CPU fast path."""
+    return ppo_loss_run(hidden, weight, labels, old_logprobs=old_logprobs, advantages=advantages, mask=mask, bias=bias,
+                        temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                        is_weights=is_weights, ent_coef=ent_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+                        kl_estimator=kl_estimator, chunk_size=chunk_size, folds=TorchFolds)
