@@ -288,7 +288,7 @@ def linear_ppo_loss(hidden, weight, labels, *, old_logprobs, advantages, mask, b
     pg, pg_stats = policy_loss(lp, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                                dual_clip=dual_clip, agg=agg, is_weights=is_weights)
     zero = torch.zeros((), dtype=F64, device=pg.device)
-    ent_agg = aggregate(ent, mask, agg) if ent_coef != 0 else zero
+    ent_agg = aggregate(ent, mask, agg)
     kl_agg = zero
     if ref_logprobs is not None:
         valid = _valid(mask)

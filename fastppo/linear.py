@@ -247,25 +247,26 @@ def finalize(m, s, t, zl, inv_temp, with_entropy):
     return logprob, entropy, log_s
 
 
-def frozen_forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_size, floor):
+def frozen_forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_size, floor, entropy_grad=None):
     """:func:`forward_pass` for a frozen head, plus what the backward needs: ``(m, s, t, zl, A, B)``.
 
-    A = sum_v e_v W_v and B = sum_v e_v d_v W_v ([Nv, H], compute dtype; B None without
-    entropy), with e_v = exp(d_v), d_v = (z_v - m) / T relative to the running max m. When m
-    moves up by T * step, every e_v is scaled by alpha = exp(-step) and every d_v drops by step,
+    A = sum_v e_v W_v and B = sum_v e_v d_v W_v ([Nv, H], compute dtype; B None without entropy,
+    or with ``entropy_grad=False``: the entropy's value only), with e_v = exp(d_v) and
+    d_v = (z_v - m) / T relative to the running max m. When m moves up by T * step, every e_v is scaled by alpha = exp(-step) and every d_v drops by step,
     so A <- alpha A and B <- alpha (B - step A) before the chunk's own terms are added: one
     matmul e @ W_c (two with entropy) per tile. The chunk steps run in PyTorch ops on every
     device (the Triton fold keeps e in registers).
     """
     Nv, H = h.shape
     V = weight.shape[0]
+    entropy_grad = with_entropy if entropy_grad is None else entropy_grad
     cdt, upcast, h_mm, bias_c = _operands(h, weight, bias)
     m = torch.full((Nv,), -math.inf, dtype=cdt, device=h.device)
     s = torch.zeros(Nv, dtype=cdt, device=h.device)
     t = torch.zeros(Nv, dtype=cdt, device=h.device)
     zl = torch.zeros(Nv, dtype=cdt, device=h.device)
     A = torch.zeros(Nv, H, dtype=cdt, device=h.device)
-    B = torch.zeros(Nv, H, dtype=cdt, device=h.device) if with_entropy else None
+    B = torch.zeros(Nv, H, dtype=cdt, device=h.device) if entropy_grad else None
     if Nv == 0:
         return m, s, t, zl, A, B
     chunk, rows = chunk_plan(h.device, V, chunk_size)
@@ -283,7 +284,7 @@ def frozen_forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_s
                 z, labels[r0:r1], c0, V, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor
             )
             A_t = A[r0:r1]
-            if with_entropy:
+            if B is not None:
                 B_t = B[r0:r1]
                 B_t.addcmul_(A_t, step.unsqueeze(1), value=-1.0).mul_(alpha.unsqueeze(1))
                 # d was floored wherever e = 0, so e * d is 0 there, never 0 * -inf.
@@ -448,17 +449,20 @@ def _spread_rows(x_v, sel, compact, N, out_dtype):
     return torch.where(sel, x_v, 0.0).to(out_dtype)
 
 
-def frozen_forward_rows(hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, floor):
+def frozen_forward_rows(hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, floor,
+                        entropy_grad=None):
     """The frozen-head forward on the compacted valid rows: ``(lp, ent, sel, lp_v, ent_v, d_lp, d_ent)``.
 
     ``lp`` / ``ent``: ``[N]`` as from :func:`forward_rows`; ``lp_v`` / ``ent_v``: the valid rows'
     values (compute dtype); ``d_lp`` / ``d_ent``: their ``[Nv, H]`` gradients with respect to the
-    hidden state (:func:`frozen_row_gradients`; ``d_ent`` None without entropy).
+    hidden state (:func:`frozen_row_gradients`; ``d_ent`` None without entropy or with
+    ``entropy_grad=False``: the entropy's value without its gradient, no extra matmul).
     """
     V = weight.shape[0]
     N = labels.numel()
     h, lab, sel = select_rows(hidden, labels, mask, V, True)
-    m, s, t, zl, A, B = frozen_forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, floor)
+    m, s, t, zl, A, B = frozen_forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, floor,
+                                            entropy_grad)
     lp_v, ent_v, _ = finalize(m, s, t, zl, inv_temp, with_entropy)
     d_lp, d_ent = frozen_row_gradients(weight, lab, s, t, A, B, inv_temp)
     out_dtype = compute_dtype(hidden, weight, bias)
@@ -680,16 +684,17 @@ class FrozenHeadPPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_temp, chunk_size, floor, loss_args):
         (old, adv, mask, ref, kwargs, ops) = loss_args
+        # The entropy is always reported; its gradient (one more matmul per tile) only when it is
+        # in the loss.
         with_entropy = kwargs["ent_coef"] != 0.0
         lp, ent, sel, _, _, d_lp, d_ent = frozen_forward_rows(
-            hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, floor
+            hidden, weight, bias, labels, mask, inv_temp, True, chunk_size, floor, entropy_grad=with_entropy
         )
         from . import reference
 
-        leaves = [x.view(labels.shape).requires_grad_() for x in (lp, ent) if x is not None]
+        leaves = [x.view(labels.shape).requires_grad_() for x in (lp, ent)]
         with torch.enable_grad():
-            loss, stats = reference.ppo_objective(leaves[0], leaves[1] if with_entropy else None, old, adv, mask, ref,
-                                                  ops=ops, **kwargs)
+            loss, stats = reference.ppo_objective(leaves[0], leaves[1], old, adv, mask, ref, ops=ops, **kwargs)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
         # Masked rows' gradients are 0 (never read: the rows are compacted away).
         take = (lambda g: g.reshape(-1)) if sel is None else (lambda g: g.reshape(-1).index_select(0, sel))
@@ -728,10 +733,8 @@ def ppo_loss_run(hidden, weight, labels, *, old_logprobs, advantages, mask, bias
             (old_logprobs, advantages, mask, ref_logprobs, kwargs, ops),
         )
         return out[0], dict(zip(_STATS, out[1:]))
-    with_entropy = ent_coef != 0.0
-    out = run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=with_entropy, mask=mask,
-              chunk_size=chunk_size, folds=folds)
-    lp, ent = out if with_entropy else (out, None)
+    lp, ent = run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True, mask=mask,
+                  chunk_size=chunk_size, folds=folds)
     return reference.ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, ops=ops, **kwargs)
 
 

@@ -272,10 +272,8 @@ def linear_ppo_loss(
     _checks.run(_checks.linear_ppo_loss, hidden, weight, labels, **kwargs)
     if _tracing():
         # No custom op of its own: the registered ops it is made of (the recomputing backward).
-        with_entropy = ent_coef != 0.0
-        out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=with_entropy,
-                              mask=mask, chunk_size=chunk_size)
-        lp, ent = out if with_entropy else (out, None)
+        lp, ent = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+                                  mask=mask, chunk_size=chunk_size)
         ops = {"policy_loss": policy_loss, "aggregate": aggregate, "kl_penalty": kl_penalty}
         return reference.ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low=clip_low,
                                        clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,

@@ -843,7 +843,7 @@ def linear_ppo_loss(
     """The clipped PPO policy objective straight from hidden states, per-token advantages.
 
     logprobs, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                        return_entropy=True, mask=mask)   (entropy only if ent_coef != 0)
+                                        return_entropy=True, mask=mask)
     loss = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
                        agg, is_weights)
            - ent_coef * aggregate(entropy, mask, agg)
@@ -867,13 +867,12 @@ def linear_ppo_loss(
     Returns:
         ``(loss, stats)``: a 0-d float32 loss (float64 for float64 inputs), differentiable in
         ``hidden``, ``weight`` and ``bias``; stats (detached 0-d tensors): ``policy_loss``,
-        ``entropy`` (0 when ent_coef == 0: not computed), ``kl`` (0 without ref_logprobs),
+        ``entropy`` (aggregated like the loss; reported whatever ent_coef, its gradient taken
+        only when ent_coef != 0), ``kl`` (0 without ref_logprobs),
         ``clipfrac``, ``clipfrac_lower``, ``approx_kl``.
     """
-    with_entropy = ent_coef != 0.0
-    out = linear_logprobs.raw(hidden, weight, labels, bias=bias, temperature=temperature,
-                              return_entropy=with_entropy, mask=mask)
-    lp, ent = out if with_entropy else (out, None)
+    lp, ent = linear_logprobs.raw(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+                                  mask=mask)
     return ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low=clip_low,
                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,
                          ent_coef=ent_coef, kl_coef=kl_coef, kl_estimator=kl_estimator)
@@ -881,7 +880,7 @@ def linear_ppo_loss(
 
 def ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, *, clip_low, clip_high, dual_clip, agg,
                   is_weights, ent_coef, kl_coef, kl_estimator, ops=None):
-    """The loss part of :func:`linear_ppo_loss` from ``[B, T]`` log-probs (and entropy or None).
+    """The loss part of :func:`linear_ppo_loss` from ``[B, T]`` log-probs and entropy (or None).
 
     ``ops(name)`` gives the implementation of ``policy_loss``, ``aggregate`` and ``kl_penalty``
     (the Triton path passes its kernels); default: this module's.
@@ -892,8 +891,9 @@ def ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, *, clip
     stats = {"policy_loss": loss.detach()}
     stats["entropy"] = torch.zeros_like(stats["policy_loss"])
     if ent is not None:
-        ent_agg = get("aggregate")(ent, mask, agg)
-        loss = loss - ent_coef * ent_agg
+        ent_agg = get("aggregate")(ent if ent_coef != 0.0 else ent.detach(), mask, agg)
+        if ent_coef != 0.0:
+            loss = loss - ent_coef * ent_agg
         stats["entropy"] = ent_agg.detach()
     stats["kl"] = torch.zeros_like(stats["policy_loss"])
     if ref_logprobs is not None:

@@ -229,12 +229,19 @@ def test_equals_linear_logprobs_then_policy_loss(rng, head, agg):
         assert_close(g, t, TOL[torch.float32], f"d {name}")
 
 
-def test_frozen_head_keeps_one_row_tensor_and_backward_does_no_matmul(rng, monkeypatch):
-    """With a frozen head the op saves d loss / d h ([N_valid, H]) and nothing vocabulary-sized;
-    the backward only scales it."""
-    d = _inputs(rng, B=3, T=4, H=8, V=50)
+@pytest.mark.parametrize("ent_coef", [0.0, 0.01])
+def test_frozen_head_keeps_one_row_tensor_and_backward_does_no_matmul(rng, monkeypatch, ent_coef):
+    """With a frozen head the forward does two vocabulary matmuls per chunk (three when the
+    entropy is in the loss; its value alone costs none), the op saves d loss / d h
+    ([N_valid, H]) and nothing vocabulary-sized, and the backward only scales it."""
+    d = _inputs(rng, B=3, T=4, H=8, V=50, bias=False)  # no bias: every product goes through mm_acc
     h, w, b, _ = _leaves(d, "frozen")
-    loss, _ = fastppo.linear_ppo_loss(h, w, d["labels"], **{**_kwargs(d), "bias": b})
+    calls = []
+    real = linear.mm_acc
+    monkeypatch.setattr(linear, "mm_acc", lambda *a: calls.append(1) or real(*a))
+    loss, stats = fastppo.linear_ppo_loss(h, w, d["labels"], **{**_kwargs(d, ent_coef=ent_coef), "bias": b})
+    assert len(calls) == (3 if ent_coef else 2) * 4  # 4 chunks of 16 columns, one row tile
+    assert float(stats["entropy"]) > 0
     saved = loss.grad_fn.saved_tensors
     n_valid = int((d["mask"] != 0).sum())
     assert [tuple(t.shape) for t in saved if t.dim() == 2] == [(n_valid, 8)]
