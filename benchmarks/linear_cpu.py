@@ -156,12 +156,13 @@ def _child_heads(args) -> dict:
     step()
     first = time.perf_counter() - start
     peak = _status("VmHWM")
-    times = []
+    times, cpu = [], []
     for _ in range(args.reps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
-    return {"variant": v, "extra_peak_mib": (peak - base) / MiB, "first_s": first, "times_s": times,
+        cpu.append(time.process_time() - start_cpu)
+    return {"variant": v, "extra_peak_mib": (peak - base) / MiB, "first_s": first, "times_s": times, "cpu_s": cpu,
             "threads": torch.get_num_threads()}
 
 
@@ -191,16 +192,29 @@ def main_heads(args) -> int:
     what = "log-probs and entropy" if args.entropy else "log-probs"
     print(f"N={args.N} H={args.H} V={args.V} fp32, forward + backward of {what}, {runs[variants[0]][0]['threads']} "
           f"torch threads, {args.rounds} interleaved rounds x {args.reps} reps (median), load average {' -> '.join(loads)}")
-    print(f"{'variant':<10} {'extra peak MiB':>15} {'median s':>9} {'vs trainable':>13} {'vs recompute':>13}")
+    # Wall time swings with the other jobs on the machine; the process's CPU time (both threads)
+    # much less. Ratios: the median over rounds of this round's time / the baseline's in the same
+    # round (neighbours in time, so under about the same load).
+    print(f"{'variant':<10} {'extra peak MiB':>15} {'wall s':>8} {'CPU s':>8} {'wall/trainable':>15} "
+          f"{'wall/recompute':>15} {'CPU/trainable':>14} {'CPU/recompute':>14}")
     med = {v: statistics.median(t for run in runs[v] for t in run["times_s"]) for v in variants}
+    cpu = {v: statistics.median(t for run in runs[v] for t in run["cpu_s"]) for v in variants}
     mem = {v: statistics.median(run["extra_peak_mib"] for run in runs[v]) for v in variants}
+
+    def paired(v, base, key):
+        return statistics.median(statistics.median(a[key]) / statistics.median(b[key])
+                                 for a, b in zip(runs[v], runs[base]))
+
+    ratios = {v: {f"{key}/{base}": paired(v, base, key) for key in ("times_s", "cpu_s")
+                  for base in ("trainable", "recompute")} for v in variants}
     for v in variants:
-        print(f"{v:<10} {mem[v]:>15.1f} {med[v]:>9.3f} {med[v] / med['trainable']:>13.2f} "
-              f"{med[v] / med['recompute']:>13.2f}")
+        r = ratios[v]
+        print(f"{v:<10} {mem[v]:>15.1f} {med[v]:>8.2f} {cpu[v]:>8.2f} {r['times_s/trainable']:>15.2f} "
+              f"{r['times_s/recompute']:>15.2f} {r['cpu_s/trainable']:>14.2f} {r['cpu_s/recompute']:>14.2f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "runs": runs, "median_s": med, "extra_peak_mib": mem, "load": loads}, fh,
-                      indent=1)
+            json.dump({"args": vars(args), "runs": runs, "median_s": med, "median_cpu_s": cpu, "extra_peak_mib": mem,
+                       "paired_ratios": ratios, "load": loads}, fh, indent=1)
     return 0
 
 
