@@ -427,6 +427,31 @@ def linear_logprobs(
     _label_range(labels, mask, weight.shape[0], "the rows of weight")
 
 
+def linear_ppo_loss(
+    hidden, weight, labels, *, old_logprobs, advantages, mask, bias=None, temperature=1.0, clip_low=0.2,
+    clip_high=None, dual_clip=None, agg="token-mean", is_weights=None, ent_coef=0.0, ref_logprobs=None,
+    kl_coef=0.0, kl_estimator="k3", chunk_size=None,
+) -> None:
+    if isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H] (the loss aggregates per sequence), got shape {_shape(hidden)}")
+    linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, mask=mask, chunk_size=chunk_size)
+    _loss_common([("old_logprobs", old_logprobs), ("advantages", advantages), ("is_weights", is_weights)], mask, agg)
+    _number("clip_low", clip_low, low=0.0, high=1.0)
+    _number("clip_high", clip_high, low=0.0, allow_none=True)
+    _number("dual_clip", dual_clip, low=1.0, low_open=True, allow_none=True)
+    if tuple(old_logprobs.shape) != tuple(labels.shape):
+        raise ValueError(f"old_logprobs has shape {_shape(old_logprobs)} but labels {_shape(labels)}; expected the same")
+    _same_device([("hidden", hidden), ("old_logprobs", old_logprobs)])
+    if ref_logprobs is not None:
+        _float_tensor("ref_logprobs", ref_logprobs)
+        _same_shape([("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)])
+        _same_device([("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)])
+        _same_dtype([("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)])
+    _number("ent_coef", ent_coef)
+    _number("kl_coef", kl_coef)
+    _choice("KL estimator (kl_estimator)", kl_estimator, ESTIMATORS)
+
+
 # --------------------------------------------------------------------------------------------
 # Critic-free advantages (issue 11, item 5)
 # --------------------------------------------------------------------------------------------

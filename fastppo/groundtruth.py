@@ -281,6 +281,24 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     return loss, stats
 
 
+def linear_ppo_loss(hidden, weight, labels, *, old_logprobs, advantages, mask, bias=None, temperature=1.0,
+                    clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", is_weights=None, ent_coef=0.0,
+                    ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", chunk_size=None):
+    lp, ent = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True, mask=mask)
+    pg, pg_stats = policy_loss(lp, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                               dual_clip=dual_clip, agg=agg, is_weights=is_weights)
+    zero = torch.zeros((), dtype=F64, device=pg.device)
+    ent_agg = aggregate(ent, mask, agg)
+    kl_agg = zero
+    if ref_logprobs is not None:
+        valid = _valid(mask)
+        kl_agg = aggregate(kl_penalty(_zero_masked(lp, valid), _zero_masked(ref_logprobs, valid), kl_estimator),
+                           mask, agg)
+    loss = pg - ent_coef * ent_agg + kl_coef * kl_agg
+    stats = {"policy_loss": pg.detach(), "entropy": ent_agg.detach(), "kl": kl_agg.detach(), **pg_stats}
+    return loss, stats
+
+
 # --------------------------------------------------------------------------------------------
 # Critic-free advantages (issue 11)
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,16 @@ and accumulates d hidden += d z @ W[c0:c1] (float32, ``[N_valid, H]``), d W[c0:c
 tiles and the weight is not float32) and d b[c0:c1] = sum d z. The workspace is a few
 ``[rows, chunk]`` tiles, O(N * chunk + V * H), never O(N * V).
 
+Frozen head (weight and bias need no gradient, hidden does; eager only, :class:`FrozenHeadLinearLogprob`):
+the forward's fold also returns e = exp(d) of each tile and accumulates A = sum_v e_v W_v and,
+with entropy, B = sum_v e_v d_v W_v (one more matmul per tile each, float32 ``[N_valid, H]``,
+rescaled like s and t when the running max moves). At the end d logprob / d h =
+(W[label] - A / s) / T and d entropy / d h = -(B - (t / s) A) / (s T) replace A and B; the
+backward is ``g_logprob * d_lp + g_entropy * d_ent`` per row. Without entropy that is two
+vocabulary matmuls instead of three; with entropy three, as before, but the backward's exp pass
+is gone too. Extra memory: ``[N_valid, H]`` float32, two with entropy, held until the backward.
+The registered op (``torch.compile``) keeps the recomputing backward.
+
 Numerics as in ``kernels/logprob.py``: the row max is subtracted before the temperature, the
 entropy is accumulated relative to the running max, and -inf logits (a -inf bias entry, or a
 matmul that overflows float32) are floored so that 0 * -inf never makes a NaN. The backward is
@@ -38,7 +48,7 @@ import math
 
 import torch
 
-__all__ = ["linear_logprobs", "DEFAULT_CHUNK", "WORKSPACE_ELEMENTS"]
+__all__ = ["linear_logprobs", "linear_ppo_loss", "DEFAULT_CHUNK", "WORKSPACE_ELEMENTS"]
 
 # Vocabulary columns per chunk when ``chunk_size`` is None, per device type.
 DEFAULT_CHUNK = {"cuda": 4096, "cpu": 4096}
@@ -48,6 +58,10 @@ DEFAULT_CHUNK = {"cuda": 4096, "cpu": 4096}
 # practice: every PyTorch op on a tile is one OpenMP fork-join, and on a loaded machine each
 # join waits for a descheduled thread (2 KB-row tiles of 2 MB ran ~30x slower per element).
 WORKSPACE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}
+
+# A head that needs no gradient (LoRA) takes FrozenHeadLinearLogprob when True; False forces
+# the recomputing backward (benchmarks and tests compare both).
+FROZEN_HEAD_PATH = True
 
 # Floor for -inf exponents: exp(-1e30) is 0 and 0 * -1e30 is 0, not NaN; NaN stays NaN.
 _FLOOR = -1e30
@@ -146,12 +160,17 @@ class TorchFolds:
         # entropy sum then needs the floor whatever the bias holds.
         if floor or with_entropy:
             d.clamp_(min=_FLOOR)
-        e = torch.exp(d)
+        # Without entropy d is not needed again: exponentiate in place (no tile allocation).
+        e = torch.exp(d) if with_entropy else d.exp_()
+        step = None
         if with_entropy:
             step = torch.where(m == -math.inf, 0.0, (shift - m) * inv_temp)
             t.copy_(alpha * (t - s * step) + torch.linalg.vecdot(e, d))
         s.copy_(s * alpha + e.sum(1))
         m.copy_(m_new)
+        # For the frozen-head pass: the rescale of the running sums, e = exp(d) and d (both in ``z``
+        # without entropy: d is not needed then).
+        return alpha, step, e, d
 
     @staticmethod
     def dlogits(z, labels, c0, V, m, logs, ent, glp, gent, bias_c, inv_temp, floor, out_dtype):
@@ -226,6 +245,77 @@ def finalize(m, s, t, zl, inv_temp, with_entropy):
     logprob = (zl - m) * inv_temp - log_s
     entropy = log_s - t / s if with_entropy else None
     return logprob, entropy, log_s
+
+
+def frozen_forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_size, floor, entropy_grad=None):
+    """:func:`forward_pass` for a frozen head, plus what the backward needs: ``(m, s, t, zl, A, B)``.
+
+    A = sum_v e_v W_v and B = sum_v e_v d_v W_v ([Nv, H], compute dtype; B None without entropy,
+    or with ``entropy_grad=False``: the entropy's value only), with e_v = exp(d_v) and
+    d_v = (z_v - m) / T relative to the running max m. When m moves up by T * step, every e_v is scaled by alpha = exp(-step) and every d_v drops by step,
+    so A <- alpha A and B <- alpha (B - step A) before the chunk's own terms are added: one
+    matmul e @ W_c (two with entropy) per tile. The chunk steps run in PyTorch ops on every
+    device (the Triton fold keeps e in registers).
+    """
+    Nv, H = h.shape
+    V = weight.shape[0]
+    entropy_grad = with_entropy if entropy_grad is None else entropy_grad
+    cdt, upcast, h_mm, bias_c = _operands(h, weight, bias)
+    m = torch.full((Nv,), -math.inf, dtype=cdt, device=h.device)
+    s = torch.zeros(Nv, dtype=cdt, device=h.device)
+    t = torch.zeros(Nv, dtype=cdt, device=h.device)
+    zl = torch.zeros(Nv, dtype=cdt, device=h.device)
+    A = torch.zeros(Nv, H, dtype=cdt, device=h.device)
+    B = torch.zeros(Nv, H, dtype=cdt, device=h.device) if entropy_grad else None
+    if Nv == 0:
+        return m, s, t, zl, A, B
+    chunk, rows = chunk_plan(h.device, V, chunk_size)
+    in_mm = h_mm.dtype == cdt  # addmm needs one dtype; a CUDA bf16/fp16 head adds the bias after
+    for c0 in range(0, V, chunk):
+        c1 = min(c0 + chunk, V)
+        w_c = weight[c0:c1].to(cdt) if upcast else weight[c0:c1]
+        b_c = None if bias_c is None else bias_c[c0:c1]
+        for r0 in range(0, Nv, rows):
+            r1 = min(r0 + rows, Nv)
+            z = _tile_logits(h_mm[r0:r1], w_c, b_c, in_mm)
+            if b_c is not None and not in_mm:
+                z.add_(b_c)
+            alpha, step, e, d = TorchFolds.fold_fwd(
+                z, labels[r0:r1], c0, V, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor
+            )
+            A_t = A[r0:r1]
+            if B is not None:
+                B_t = B[r0:r1]
+                B_t.addcmul_(A_t, step.unsqueeze(1), value=-1.0).mul_(alpha.unsqueeze(1))
+                # d was floored wherever e = 0, so e * d is 0 there, never 0 * -inf.
+                mm_acc(_operand(d.mul_(e), w_c), w_c, B_t)
+            A_t.mul_(alpha.unsqueeze(1))
+            mm_acc(_operand(e, w_c), w_c, A_t)
+    return m, s, t, zl, A, B
+
+
+def _operand(x, w_c):
+    """``x`` (compute dtype) as the left operand of ``x @ w_c``: a CUDA bf16/fp16 head takes it in
+    its own dtype (one rounding, as the trainable path rounds its d logits for cuBLAS)."""
+    return x if x.dtype == w_c.dtype else x.to(w_c.dtype)
+
+
+def frozen_row_gradients(weight, labels, s, t, A, B, inv_temp):
+    """d logprob / d h and d entropy / d h ([Nv, H], compute dtype), in place of ``A`` and ``B``.
+
+    With p_v = e_v / s:  d logprob / d h = (W[label] - sum_v p_v W_v) / T = (W[label] - A / s) / T
+    and d entropy / d h = -sum_v p_v (log p_v + H) W_v / T = -(B - (t / s) A) / (s T), since
+    log p_v + H = d_v - t / s.
+    """
+    inv_s = (1.0 / s).unsqueeze(1)
+    d_ent = None
+    if B is not None:
+        d_ent = B.addcmul_(A, (t / s).unsqueeze(1), value=-1.0).mul_(inv_s * (-inv_temp))
+    w_lab = weight.index_select(0, labels)
+    d_lp = A.mul_(-inv_s).add_(w_lab if w_lab.dtype == A.dtype else w_lab.to(A.dtype))
+    if inv_temp != 1.0:
+        d_lp.mul_(inv_temp)
+    return d_lp, d_ent
 
 
 def backward_pass(h, weight, bias, labels, m, logs, ent, glp, gent, inv_temp, chunk_size, folds, floor,
@@ -346,15 +436,47 @@ def forward_rows(hidden, weight, bias, labels, mask, inv_temp, with_entropy, chu
     m, s, t, zl = forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, folds, floor)
     lp_v, ent_v, logs = finalize(m, s, t, zl, inv_temp, with_entropy)
     out_dtype = compute_dtype(hidden, weight, bias)
-    if sel is None:
-        lp, ent = lp_v.to(out_dtype), None if ent_v is None else ent_v.to(out_dtype)
-    elif compact:
-        lp = torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, lp_v.to(out_dtype))
-        ent = None if ent_v is None else torch.zeros(N, dtype=out_dtype, device=hidden.device).index_copy_(0, sel, ent_v.to(out_dtype))
-    else:
-        lp = torch.where(sel, lp_v, 0.0).to(out_dtype)
-        ent = None if ent_v is None else torch.where(sel, ent_v, 0.0).to(out_dtype)
+    lp, ent = (None if x is None else _spread_rows(x, sel, compact, N, out_dtype) for x in (lp_v, ent_v))
     return lp, ent, lab, sel, m, logs, ent_v
+
+
+def _spread_rows(x_v, sel, compact, N, out_dtype):
+    """``[N]`` in ``out_dtype`` from the selected rows' values ``x_v``, 0 at masked rows."""
+    if sel is None:
+        return x_v.to(out_dtype)
+    if compact:
+        return torch.zeros(N, dtype=out_dtype, device=x_v.device).index_copy_(0, sel, x_v.to(out_dtype))
+    return torch.where(sel, x_v, 0.0).to(out_dtype)
+
+
+def frozen_forward_rows(hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, floor,
+                        entropy_grad=None):
+    """The frozen-head forward on the compacted valid rows: ``(lp, ent, sel, lp_v, ent_v, d_lp, d_ent)``.
+
+    ``lp`` / ``ent``: ``[N]`` as from :func:`forward_rows`; ``lp_v`` / ``ent_v``: the valid rows'
+    values (compute dtype); ``d_lp`` / ``d_ent``: their ``[Nv, H]`` gradients with respect to the
+    hidden state (:func:`frozen_row_gradients`; ``d_ent`` None without entropy or with
+    ``entropy_grad=False``: the entropy's value without its gradient, no extra matmul).
+    """
+    V = weight.shape[0]
+    N = labels.numel()
+    h, lab, sel = select_rows(hidden, labels, mask, V, True)
+    m, s, t, zl, A, B = frozen_forward_pass(h, weight, bias, lab, inv_temp, with_entropy, chunk_size, floor,
+                                            entropy_grad)
+    lp_v, ent_v, _ = finalize(m, s, t, zl, inv_temp, with_entropy)
+    d_lp, d_ent = frozen_row_gradients(weight, lab, s, t, A, B, inv_temp)
+    out_dtype = compute_dtype(hidden, weight, bias)
+    lp, ent = (None if x is None else _spread_rows(x, sel, True, N, out_dtype) for x in (lp_v, ent_v))
+    return lp, ent, sel, lp_v, ent_v, d_lp, d_ent
+
+
+def spread_hidden_grad(dh_v, sel, hidden):
+    """d hidden (``hidden``'s shape and dtype) from the valid rows' ``[Nv, H]`` gradient."""
+    if sel is None:
+        return dh_v.to(hidden.dtype).view(hidden.shape)
+    H = hidden.shape[-1]
+    out = torch.zeros(math.prod(hidden.shape[:-1]), H, dtype=hidden.dtype, device=hidden.device)
+    return out.index_copy_(0, sel, dh_v.to(hidden.dtype)).view(hidden.shape)
 
 
 def backward_rows(hidden, weight, bias, lab, sel, m, logs, ent, glp, gent, inv_temp, chunk_size, folds, floor,
@@ -455,6 +577,56 @@ class LinearLogprob(torch.autograd.Function):
         return dhidden, dw, db, None, None, None, None, None, None, None, None
 
 
+class FrozenHeadLinearLogprob(torch.autograd.Function):
+    """:class:`LinearLogprob` for a frozen head (gradient for ``hidden`` only): the forward also
+    accumulates d logprob / d h (and d entropy / d h), so the backward is a per-row combination
+    ``g_logprob * d_lp + g_entropy * d_ent`` with no matmul over the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, floor):
+        lp, ent, sel, _, _, d_lp, d_ent = frozen_forward_rows(
+            hidden, weight, bias, labels, mask, inv_temp, with_entropy, chunk_size, floor
+        )
+        ctx.save_for_backward(hidden, sel, d_lp, d_ent)
+        ctx.set_materialize_grads(False)
+        return (lp, ent) if with_entropy else lp
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, sel, d_lp, d_ent = ctx.saved_tensors
+        glp = grads[0]
+        gent = grads[1] if len(grads) > 1 else None
+        nothing = (None,) * 9
+        if (glp is None and gent is None) or not ctx.needs_input_grad[0]:
+            return nothing
+        N = d_lp.shape[0] if sel is None else None
+
+        def pick(g):
+            # Masked rows' incoming gradients (even NaN) are never read.
+            g = g.reshape(-1)
+            return (g if N is not None else g.index_select(0, sel)).to(d_lp.dtype).unsqueeze(1)
+
+        with torch.no_grad():
+            dh = None
+            if glp is not None:
+                dh = d_lp * pick(glp)
+            if gent is not None:
+                dh = d_ent * pick(gent) if dh is None else dh.addcmul_(d_ent, pick(gent))
+            dhidden = spread_hidden_grad(dh, sel, hidden)
+        if torch.is_grad_enabled():
+            (dhidden,) = _NoDoubleBackward.apply(1, dhidden, hidden)
+        return (dhidden,) + (None,) * 8
+
+
+def frozen_head(hidden, weight, bias, compact=True):
+    """Whether :func:`run` takes the frozen-head path: eager (compacted rows), a head that needs
+    no gradient, and a hidden state that does."""
+    return (
+        FROZEN_HEAD_PATH and compact and torch.is_grad_enabled() and hidden.requires_grad
+        and not weight.requires_grad and (bias is None or not bias.requires_grad)
+    )
+
+
 def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chunk_size, folds, compact=True):
     """Apply :class:`LinearLogprob` and shape the outputs like ``labels``.
 
@@ -464,11 +636,16 @@ def run(hidden, weight, labels, *, bias, temperature, return_entropy, mask, chun
     ``torch.compile``): every row goes through the matmuls, masked rows zeroed by ``where`` and
     their outputs and gradients zeroed after; no synchronisation, same numbers.
     """
-    floor = floor_needed(folds, bias, compact)
-    out = LinearLogprob.apply(
-        hidden, weight, bias, labels, mask, 1.0 / float(temperature), return_entropy, chunk_size, folds,
-        floor, compact,
-    )
+    if frozen_head(hidden, weight, bias, compact):
+        out = FrozenHeadLinearLogprob.apply(
+            hidden, weight, bias, labels, mask, 1.0 / float(temperature), return_entropy, chunk_size,
+            floor_needed(TorchFolds, bias, compact),
+        )
+    else:
+        out = LinearLogprob.apply(
+            hidden, weight, bias, labels, mask, 1.0 / float(temperature), return_entropy, chunk_size, folds,
+            floor_needed(folds, bias, compact), compact,
+        )
     if return_entropy:
         lp, ent = out
         return lp.view(labels.shape), ent.view(labels.shape)
@@ -486,3 +663,88 @@ def linear_logprobs(
     """
     return run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
                mask=mask, chunk_size=chunk_size, folds=TorchFolds)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_ppo_loss: the clipped PPO objective from hidden states
+# --------------------------------------------------------------------------------------------
+
+_STATS = ("policy_loss", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl")
+
+
+class FrozenHeadPPOLoss(torch.autograd.Function):
+    """``linear_ppo_loss`` for a frozen head: ``(loss, *stats)``, differentiable in ``hidden`` only.
+
+    The forward runs :func:`frozen_forward_rows`, then the ``[B, T]`` loss with autograd on the
+    log-probs (and entropy) alone: its per-token d loss / d logprob and d loss / d entropy scale
+    the rows' d logprob / d h and d entropy / d h into d loss / d h right away. Only that
+    ``[N_valid, H]`` tensor is kept; the backward multiplies it by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, chunk_size, floor, loss_args):
+        (old, adv, mask, ref, kwargs, ops) = loss_args
+        # The entropy is always reported; its gradient (one more matmul per tile) only when it is
+        # in the loss.
+        with_entropy = kwargs["ent_coef"] != 0.0
+        lp, ent, sel, _, _, d_lp, d_ent = frozen_forward_rows(
+            hidden, weight, bias, labels, mask, inv_temp, True, chunk_size, floor, entropy_grad=with_entropy
+        )
+        from . import reference
+
+        leaves = [x.view(labels.shape).requires_grad_() for x in (lp, ent)]
+        with torch.enable_grad():
+            loss, stats = reference.ppo_objective(leaves[0], leaves[1], old, adv, mask, ref, ops=ops, **kwargs)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        # Masked rows' gradients are 0 (never read: the rows are compacted away).
+        take = (lambda g: g.reshape(-1)) if sel is None else (lambda g: g.reshape(-1).index_select(0, sel))
+        dh = d_lp.mul_(take(grads[0]).to(d_lp.dtype).unsqueeze(1))
+        if with_entropy:
+            dh.addcmul_(d_ent, take(grads[1]).to(d_ent.dtype).unsqueeze(1))
+        ctx.save_for_backward(hidden, sel, dh)
+        out = [loss.detach()] + [stats[k] for k in _STATS]
+        ctx.mark_non_differentiable(*out[1:])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        hidden, sel, dh = ctx.saved_tensors
+        if g_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        with torch.no_grad():
+            dhidden = spread_hidden_grad(dh * g_loss.to(dh.dtype), sel, hidden)
+        if torch.is_grad_enabled():
+            (dhidden,) = _NoDoubleBackward.apply(1, dhidden, hidden)
+        return (dhidden,) + (None,) * 7
+
+
+def ppo_loss_run(hidden, weight, labels, *, old_logprobs, advantages, mask, bias, temperature, clip_low, clip_high,
+                 dual_clip, agg, is_weights, ent_coef, ref_logprobs, kl_coef, kl_estimator, chunk_size, folds,
+                 ops=None):
+    """``linear_ppo_loss`` on the chunked loops (``folds``: their chunk steps; ``ops``: the
+    implementations of the ``[B, T]`` loss ops, see ``reference.ppo_objective``)."""
+    from . import reference
+
+    kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,
+                  ent_coef=ent_coef, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    if frozen_head(hidden, weight, bias):
+        out = FrozenHeadPPOLoss.apply(
+            hidden, weight, bias, labels, 1.0 / float(temperature), chunk_size, floor_needed(TorchFolds, bias, True),
+            (old_logprobs, advantages, mask, ref_logprobs, kwargs, ops),
+        )
+        return out[0], dict(zip(_STATS, out[1:]))
+    lp, ent = run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True, mask=mask,
+                  chunk_size=chunk_size, folds=folds)
+    return reference.ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, ops=ops, **kwargs)
+
+
+def linear_ppo_loss(
+    hidden, weight, labels, *, old_logprobs, advantages, mask, bias=None, temperature=1.0, clip_low=0.2,
+    clip_high=None, dual_clip=None, agg="token-mean", is_weights=None, ent_coef=0.0, ref_logprobs=None,
+    kl_coef=0.0, kl_estimator="k3", chunk_size=None,
+):
+    """Chunked PyTorch ``linear_ppo_loss`` (arguments already validated): the CPU fast path."""
+    return ppo_loss_run(hidden, weight, labels, old_logprobs=old_logprobs, advantages=advantages, mask=mask, bias=bias,
+                        temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                        is_weights=is_weights, ent_coef=ent_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+                        kl_estimator=kl_estimator, chunk_size=chunk_size, folds=TorchFolds)

@@ -243,6 +243,50 @@ def linear_logprobs(
     return impl(hidden, weight, labels, **kwargs)
 
 
+@_doc("linear_ppo_loss")
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+    ent_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    chunk_size: int | None = None,
+):
+    kwargs = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask, bias=bias, temperature=temperature,
+                  clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,
+                  ent_coef=ent_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                  chunk_size=chunk_size)
+    _checks.run(_checks.linear_ppo_loss, hidden, weight, labels, **kwargs)
+    if _tracing():
+        # No custom op of its own: the registered ops it is made of (the recomputing backward).
+        lp, ent = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+                                  mask=mask, chunk_size=chunk_size)
+        ops = {"policy_loss": policy_loss, "aggregate": aggregate, "kl_penalty": kl_penalty}
+        return reference.ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low=clip_low,
+                                       clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,
+                                       ent_coef=ent_coef, kl_coef=kl_coef, kl_estimator=kl_estimator, ops=ops.get)
+    if current_backend() == "auto" and hidden.device.type != "cuda":
+        from . import linear
+
+        impl = linear.linear_ppo_loss
+    else:
+        impl = pick("linear_ppo_loss", hidden.device)
+    return impl(hidden, weight, labels, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # Critic-free advantages (issue 11)
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ __all__ = [
     "ppo_loss",
     "compute_dtype",
     "linear_logprobs",
+    "linear_ppo_loss",
     "group_advantages",
     "reinforce_pp_advantages",
 ]
@@ -730,6 +731,13 @@ def linear_logprobs(
     This reference builds the full ``[N, V]`` logits (in float32, float64 for float64 inputs);
     ``fastppo.linear_logprobs`` gives the same numbers in vocabulary chunks without them.
 
+    Frozen head (LoRA: ``weight`` and ``bias`` need no gradient, ``hidden`` does; eager mode): the
+    chunked paths then accumulate, in the forward, d logprob / d hidden = (W[label] -
+    sum_v p_v W_v) / T and d entropy / d hidden = -sum_v p_v (log p_v + H) W_v / T, so the
+    backward is a per-row combination with no matmul over the vocabulary (two vocabulary-sized
+    matmuls in all, three with entropy, instead of three). The price: the forward keeps one
+    ``[N_valid, H]`` float32 tensor (two with entropy) until the backward.
+
     Args:
         hidden: ``[B, T, H]`` or ``[N, H]`` float32 / bfloat16 / float16.
         weight: ``[V, H]`` of the same dtype (``lm_head.weight``, or the input embedding's
@@ -808,6 +816,95 @@ def _linear_logprobs_backward(hidden, weight, labels, bias, mask, temperature, r
     d_weight = (dz.T @ h).to(weight.dtype) if need_weight else None
     d_bias = dz.sum(0).to(bias.dtype) if need_bias and bias is not None else None
     return d_hidden, d_weight, d_bias
+
+
+@_validated(_checks.linear_ppo_loss)
+def linear_ppo_loss(
+    hidden,
+    weight,
+    labels,
+    *,
+    old_logprobs,
+    advantages,
+    mask,
+    bias=None,
+    temperature=1.0,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    is_weights=None,
+    ent_coef=0.0,
+    ref_logprobs=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    chunk_size=None,
+):
+    """The clipped PPO policy objective straight from hidden states, per-token advantages.
+
+    logprobs, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                        return_entropy=True, mask=mask)
+    loss = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
+                       agg, is_weights)
+           - ent_coef * aggregate(entropy, mask, agg)
+           + kl_coef * aggregate(kl_penalty(logprobs, ref_logprobs, kl_estimator), mask, agg)
+
+    (the KL term only with ``ref_logprobs``). This reference builds the full logits;
+    ``fastppo.linear_ppo_loss`` gives the same numbers in vocabulary chunks, and with a frozen
+    head (LoRA) the loss's d hidden is formed in the forward from the per-row vectors of
+    ``linear_logprobs``' frozen-head path scaled by each token's d loss / d logprob and
+    d loss / d entropy: the forward keeps one ``[N_valid, H]`` float32 tensor (two, briefly, with
+    entropy) and the backward is a scale of it.
+
+    Args:
+        hidden: ``[B, T, H]`` float32 / bfloat16 / float16; weight ``[V, H]`` of its dtype;
+            labels ``[B, T]`` integer; bias optional ``[V]``; temperature > 0; chunk_size as in
+            ``linear_logprobs``.
+        old_logprobs, advantages: ``[B, T]`` float (one dtype); is_weights, ref_logprobs:
+            optional ``[B, T]`` of that dtype; mask: ``[B, T]`` bool or 0/1 (required).
+        clip_low, clip_high, dual_clip, agg: as in ``policy_loss``; ent_coef, kl_coef: the
+            weights of the entropy bonus and the KL loss; kl_estimator: as in ``kl_penalty``.
+    Returns:
+        ``(loss, stats)``: a 0-d float32 loss (float64 for float64 inputs), differentiable in
+        ``hidden``, ``weight`` and ``bias``; stats (detached 0-d tensors): ``policy_loss``,
+        ``entropy`` (aggregated like the loss; reported whatever ent_coef, its gradient taken
+        only when ent_coef != 0), ``kl`` (0 without ref_logprobs),
+        ``clipfrac``, ``clipfrac_lower``, ``approx_kl``.
+    """
+    lp, ent = linear_logprobs.raw(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+                                  mask=mask)
+    return ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low=clip_low,
+                         clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=is_weights,
+                         ent_coef=ent_coef, kl_coef=kl_coef, kl_estimator=kl_estimator)
+
+
+def ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs, *, clip_low, clip_high, dual_clip, agg,
+                  is_weights, ent_coef, kl_coef, kl_estimator, ops=None):
+    """The loss part of :func:`linear_ppo_loss` from ``[B, T]`` log-probs and entropy (or None).
+
+    ``ops(name)`` gives the implementation of ``policy_loss``, ``aggregate`` and ``kl_penalty``
+    (the Triton path passes its kernels); default: this module's.
+    """
+    get = ops or (lambda name: globals()[name].raw)
+    loss, pg = get("policy_loss")(lp, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                  dual_clip=dual_clip, agg=agg, is_weights=is_weights)
+    stats = {"policy_loss": loss.detach()}
+    stats["entropy"] = torch.zeros_like(stats["policy_loss"])
+    if ent is not None:
+        ent_agg = get("aggregate")(ent if ent_coef != 0.0 else ent.detach(), mask, agg)
+        if ent_coef != 0.0:
+            loss = loss - ent_coef * ent_agg
+        stats["entropy"] = ent_agg.detach()
+    stats["kl"] = torch.zeros_like(stats["policy_loss"])
+    if ref_logprobs is not None:
+        # Masked positions of ref_logprobs may hold anything: replaced by the log-prob itself
+        # (0 there), so that not even the gradient's 0 * NaN can reach a valid row.
+        ref = torch.where(valid_positions(mask), ref_logprobs, lp.detach().to(ref_logprobs.dtype))
+        kl_agg = get("aggregate")(get("kl_penalty")(lp, ref.to(lp.dtype), kl_estimator), mask, agg)
+        loss = loss + kl_coef * kl_agg
+        stats["kl"] = kl_agg.detach()
+    stats.update(pg)
+    return loss, stats
 
 
 # --------------------------------------------------------------------------------------------

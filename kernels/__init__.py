@@ -52,6 +52,7 @@ KERNEL_OPS: dict[str, str] = {
     "logprobs_from_logits": "logprob:logprobs_from_logits",
     "entropy_from_logits": "logprob:entropy_from_logits",
     "linear_logprobs": "linear_logprob:linear_logprobs",
+    "linear_ppo_loss": "linear_logprob:linear_ppo_loss",
     "group_advantages": "group_advantage:group_advantages",
     "reinforce_pp_advantages": "group_advantage:reinforce_pp_advantages",
 }

@@ -31,7 +31,7 @@ from fastppo import linear
 
 from ._common import new_output
 
-__all__ = ["linear_logprobs", "MAX_BLOCK", "TritonFolds"]
+__all__ = ["linear_logprobs", "linear_ppo_loss", "MAX_BLOCK", "TritonFolds"]
 
 # Cap on the block width, for tests (the interpreter is slow; small blocks give several blocks
 # per chunk at small V). None: the launcher's own choice.
@@ -285,3 +285,22 @@ def linear_logprobs(
     folds = linear.TorchFolds if hidden.dtype == torch.float64 else TritonFolds
     return linear.run(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
                       mask=mask, chunk_size=chunk_size, folds=folds)
+
+
+def linear_ppo_loss(
+    hidden, weight, labels, *, old_logprobs, advantages, mask, bias=None, temperature=1.0, clip_low=0.2,
+    clip_high=None, dual_clip=None, agg="token-mean", is_weights=None, ent_coef=0.0, ref_logprobs=None,
+    kl_coef=0.0, kl_estimator="k3", chunk_size=None,
+):
+    """``fastppo.linear_ppo_loss`` on the Triton backend: the log-probs as in :func:`linear_logprobs`
+    (a frozen head: ``fastppo.linear``'s frozen-head pass), the ``[B, T]`` loss by the Triton
+    ``policy_loss``, ``aggregate`` and ``kl_penalty`` kernels."""
+    from fastppo import _dispatch
+
+    folds = linear.TorchFolds if hidden.dtype == torch.float64 else TritonFolds
+    return linear.ppo_loss_run(
+        hidden, weight, labels, old_logprobs=old_logprobs, advantages=advantages, mask=mask, bias=bias,
+        temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+        is_weights=is_weights, ent_coef=ent_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, chunk_size=chunk_size, folds=folds, ops=_dispatch.load_kernel,
+    )

@@ -16,12 +16,14 @@ make every call take several chunks, several blocks per chunk and several row ti
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
@@ -39,6 +41,17 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _name(d):
     return str(d).replace("torch.", "")
+
+
+HEADS = ["trainable", "frozen"]
+
+
+@pytest.fixture(params=HEADS)
+def head(request):
+    """Which backward runs: ``trainable`` (the weight and bias require grad: the backward
+    recomputes each logits tile) or ``frozen`` (they do not: the forward accumulates d hidden's
+    per-row vectors and the backward does no vocabulary matmul)."""
+    return request.param
 
 
 @pytest.fixture
@@ -115,16 +128,21 @@ def nan_aware_close(actual, expected, tol, what):
 
 
 def check(backend, run_kernel, gen, hidden, weight, labels, *, bias=None, temperature=1.0, mask=None,
-          chunk_size=None, cot_nan_at_masked=False, grads=("logprob", "entropy")):
-    """Forward and d hidden / d weight / d bias against :func:`truth`; returns the outputs."""
+          chunk_size=None, cot_nan_at_masked=False, grads=("logprob", "entropy"), head="trainable"):
+    """Forward and d hidden / d weight / d bias against :func:`truth`; returns the outputs.
+
+    ``head="frozen"``: the weight and bias need no gradient, only d hidden is compared, and the
+    recomputing backward (``linear.backward_pass``) must not run."""
     dtype = hidden.dtype
     h, w, b, lab, m = _to(backend, hidden, weight, bias, labels, mask)
     h = h.detach().requires_grad_(True)
-    w = w.detach().requires_grad_(True)
-    leaves = [h, w]
+    frozen = head == "frozen"
+    w = w.detach().requires_grad_(not frozen)
+    leaves = [h] if frozen else [h, w]
     if b is not None:
-        b = b.detach().requires_grad_(True)
-        leaves.append(b)
+        b = b.detach().requires_grad_(not frozen)
+        if not frozen:
+            leaves.append(b)
     lp, ent = call(backend, run_kernel, h, w, lab, bias=b, temperature=temperature, return_entropy=True,
                    mask=m, chunk_size=chunk_size)
     t_leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight) + ((bias,) if bias is not None else ())]
@@ -151,7 +169,9 @@ def check(backend, run_kernel, gen, hidden, weight, labels, *, bias=None, temper
         got.append(outs[name][0])
         want.append(outs[name][1])
         cots.append((cot.float().to(lp.device), t_cot))
-    with poisoned_outputs():
+    no_recompute = mock.patch.object(linear, "backward_pass", side_effect=AssertionError("recomputed")) if frozen \
+        else contextlib.nullcontext()
+    with poisoned_outputs(), no_recompute:
         got_grads = torch.autograd.grad(got, leaves, [c for c, _ in cots])
     (d_logits,) = torch.autograd.grad(want, t_z, [c for _, c in cots])
     want_grads = torch.autograd.grad(t_logits, t_leaves, d_logits)
@@ -195,7 +215,7 @@ def _inputs(gen, shape, H, V, dtype, *, bias=True, w_scale=0.4):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-def test_masked_3d_with_bias_and_temperature(run_kernel, rng, small_tiles, backend, dtype):
+def test_masked_3d_with_bias_and_temperature(run_kernel, rng, small_tiles, backend, dtype, head):
     """[B, T, H] hidden (a strided view), H = 33, V = 203 in chunks of 64, bias, T = 0.7, a mask
     with every row layout including an empty row, rows in tiles of 4."""
     B, T, H, V = 4, 5, 33, 203
@@ -205,42 +225,59 @@ def test_masked_3d_with_bias_and_temperature(run_kernel, rng, small_tiles, backe
     labels = torch.randint(0, V, (B, T), generator=rng)
     mask = random_mask(B, T, rng)
     assert not mask.any(dim=1).all(), "random_mask gives an empty row"
-    check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, temperature=0.7, mask=mask, chunk_size=64)
+    check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, temperature=0.7, mask=mask, chunk_size=64, head=head)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-def test_2d_without_bias_default_chunk(run_kernel, rng, backend, dtype):
+def test_2d_without_bias_default_chunk(run_kernel, rng, backend, dtype, head):
     """[N, H] hidden, H = 17, V = 150, no bias, no mask, the default chunk and tile."""
     hidden, weight, _, labels = _inputs(rng, (13,), 17, 150, dtype, bias=False)
-    check(backend, run_kernel, rng, hidden, weight, labels, temperature=1.3)
+    check(backend, run_kernel, rng, hidden, weight, labels, temperature=1.3, head=head)
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("grads", [("logprob",), ("entropy",)], ids=["logprob-only", "entropy-only"])
-def test_gradient_of_one_output(run_kernel, rng, small_tiles, backend, grads):
+def test_gradient_of_one_output(run_kernel, rng, small_tiles, backend, grads, head):
     hidden, weight, bias, labels = _inputs(rng, (9,), 20, 97, torch.float32)
-    check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, chunk_size=40, grads=grads)
+    check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, chunk_size=40, grads=grads, head=head)
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
-def test_logprobs_without_entropy(run_kernel, rng, small_tiles, backend):
+def test_logprobs_without_entropy(run_kernel, rng, small_tiles, backend, head):
     hidden, weight, bias, labels = _inputs(rng, (2, 4), 11, 70, torch.float32)
     h, w, b, lab = _to(backend, hidden, weight, bias, labels)
+    h.requires_grad_(True)
+    if head == "trainable":
+        w.requires_grad_(True)
     lp = call(backend, run_kernel, h, w, lab, bias=b, chunk_size=32)
     assert isinstance(lp, torch.Tensor) and lp.shape == (2, 4)
-    nan_aware_close(lp, truth(hidden, weight, labels, bias=bias)[0], TOL_FP32_OUT[torch.float32], "logprobs")
+    h64 = hidden.double().requires_grad_(True)
+    t_lp = truth(h64, weight, labels, bias=bias)[0]
+    nan_aware_close(lp, t_lp, TOL_FP32_OUT[torch.float32], "logprobs")
+    cot = torch.randn(2, 4, generator=rng, dtype=torch.float64)
+    (dh,) = torch.autograd.grad(lp, h, cot.float().to(lp.device))
+    (t_dh,) = torch.autograd.grad(t_lp, h64, cot)
+    nan_aware_close(dh, t_dh, TOL[torch.float32], "d hidden")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float64_inputs_are_exact(run_kernel, rng, small_tiles, backend):
+def test_float64_inputs_are_exact(run_kernel, rng, small_tiles, backend, head):
     hidden, weight, bias, labels = _inputs(rng, (7,), 9, 61, torch.float64)
-    lp, ent = call(backend, run_kernel, *_to(backend, hidden, weight, labels), bias=_to(backend, bias)[0],
-                   return_entropy=True, chunk_size=16)
+    h, w, b, lab = _to(backend, hidden, weight, bias, labels)
+    h.requires_grad_(True)
+    if head == "trainable":
+        w.requires_grad_(True)
+    lp, ent = call(backend, run_kernel, h, w, lab, bias=b, return_entropy=True, chunk_size=16)
     assert lp.dtype == torch.float64
-    t_lp, t_ent = truth(hidden, weight, labels, bias=bias)
+    h64 = hidden.clone().requires_grad_(True)
+    t_lp, t_ent = truth(h64, weight, labels, bias=bias)
     nan_aware_close(lp, t_lp, TOL[torch.float64], "logprobs")
     nan_aware_close(ent, t_ent, TOL[torch.float64], "entropy")
+    cot = torch.randn(2, 7, generator=rng, dtype=torch.float64)
+    (dh,) = torch.autograd.grad((lp, ent), h, (cot[0].to(lp.device), cot[1].to(lp.device)))
+    (t_dh,) = torch.autograd.grad((t_lp, t_ent), h64, (cot[0], cot[1]))
+    nan_aware_close(dh, t_dh, TOL[torch.float64], "d hidden")
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,28 +307,28 @@ def _exact_1e4_inputs(gen, N, V, dtype, sign):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_name)
 @pytest.mark.parametrize("sign", [1, -1], ids=["plus", "minus"])
-def test_logits_of_magnitude_1e4_and_neg_inf_bias(run_kernel, rng, small_tiles, backend, dtype, sign):
+def test_logits_of_magnitude_1e4_and_neg_inf_bias(run_kernel, rng, small_tiles, backend, dtype, sign, head):
     hidden, weight, bias, labels = _exact_1e4_inputs(rng, 10, 77, dtype, sign)
-    lp, ent = check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, temperature=0.7, chunk_size=24)
+    lp, ent = check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, temperature=0.7, chunk_size=24, head=head)
     assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(ent).all())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_at_a_valid_row_propagates(run_kernel, rng, small_tiles, backend):
+def test_nan_at_a_valid_row_propagates(run_kernel, rng, small_tiles, backend, head):
     """A NaN hidden state at a valid row: that row's outputs are NaN (not a finite number), the
     other rows are untouched, and the gradients are NaN exactly where float64 autograd has them."""
     hidden, weight, bias, labels = _inputs(rng, (3, 4), 10, 90, torch.float32)
     hidden[1, 2, 5] = float("nan")
     mask = torch.ones(3, 4, dtype=torch.bool)
     mask[0, 3] = False
-    lp, ent = check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, mask=mask, chunk_size=32)
+    lp, ent = check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, mask=mask, chunk_size=32, head=head)
     assert bool(lp[1, 2].isnan()) and bool(ent[1, 2].isnan())
     assert int(lp.isnan().sum()) == 1 and int(ent.isnan().sum()) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_name)
-def test_masked_rows_leak_nothing(run_kernel, rng, small_tiles, backend, dtype):
+def test_masked_rows_leak_nothing(run_kernel, rng, small_tiles, backend, dtype, head):
     """Masked rows hold NaN / inf hidden states, out-of-range labels and NaN incoming gradients:
     outputs there are 0, every gradient is finite, and d hidden there is exactly 0."""
     B, T, V = 4, 5, 80
@@ -304,7 +341,7 @@ def test_masked_rows_leak_nothing(run_kernel, rng, small_tiles, backend, dtype):
     labels[off] = V + 1000
     labels[b0, t0] = -5
     lp, ent = check(backend, run_kernel, rng, hidden, weight, labels, bias=bias, mask=mask, chunk_size=32,
-                    cot_nan_at_masked=True)
+                    cot_nan_at_masked=True, head=head)
     assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(ent).all())
 
 
@@ -315,7 +352,7 @@ def test_masked_rows_leak_nothing(run_kernel, rng, small_tiles, backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["T=0", "N=0", "all-masked"])
-def test_empty_inputs(run_kernel, backend, case):
+def test_empty_inputs(run_kernel, backend, case, head):
     H, V = 6, 11
     shape = {"T=0": (2, 0), "N=0": (0,), "all-masked": (2, 3)}[case]
     hidden = torch.randn(*shape, H)
@@ -324,7 +361,7 @@ def test_empty_inputs(run_kernel, backend, case):
     labels = torch.zeros(shape, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.bool) if case == "all-masked" else None
     h, w, b, lab, m = _to(backend, hidden, weight, bias, labels, mask)
-    leaves = [x.requires_grad_(True) for x in (h, w, b)]
+    leaves = [x.requires_grad_(True) for x in ((h, w, b) if head == "trainable" else (h,))]
     lp, ent = call(backend, run_kernel, h, w, lab, bias=b, return_entropy=True, mask=m)
     assert lp.shape == shape and ent.shape == shape
     assert bool((lp == 0).all()) and bool((ent == 0).all())
@@ -357,23 +394,38 @@ def test_tied_embeddings(run_kernel, rng, small_tiles, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_head_gives_hidden_gradient_only(run_kernel, rng, small_tiles, backend, monkeypatch):
-    """LoRA-style: the head does not require grad, so the backward skips every d weight matmul."""
+@pytest.mark.parametrize("frozen_path", [True, False], ids=["frozen-path", "recompute-path"])
+def test_frozen_head_gives_hidden_gradient_only(run_kernel, rng, small_tiles, backend, frozen_path, monkeypatch):
+    """LoRA-style: the head does not require grad. The frozen-head path (the default) does all its
+    vocabulary matmuls in the forward (one logits tile and one e @ W_c product per chunk and row
+    tile, two with entropy) and none in the backward; with it switched off the recomputing
+    backward skips every d weight matmul."""
+    monkeypatch.setattr(linear, "FROZEN_HEAD_PATH", frozen_path)
     hidden, weight, _, labels = _inputs(rng, (8,), 16, 45, torch.float32, bias=False)
     h, w, lab = _to(backend, hidden, weight, labels)
     h.requires_grad_(True)
-    asked = []
-    real = linear.backward_pass
+    asked, products = [], []
+    real, real_mm = linear.backward_pass, linear.mm_acc
 
     def spy(*args, **kwargs):
         asked.append(args[-3:])  # (need_h, need_w, need_b)
         return real(*args, **kwargs)
 
+    def mm_spy(a, b, acc=None):
+        products.append(tuple(a.shape))  # every matmul of the loops is a [rows, chunk]-sized one
+        return real_mm(a, b, acc)
+
     monkeypatch.setattr(linear, "backward_pass", spy)
+    monkeypatch.setattr(linear, "mm_acc", mm_spy)
     lp, ent = call(backend, run_kernel, h, w, lab, return_entropy=True, chunk_size=16)
+    n_fwd = len(products)
     (lp.sum() - ent.sum()).backward()
     if backend != "reference":
-        assert asked == [(True, False, False)]
+        chunks = math.ceil(45 / 16) * math.ceil(8 / (256 // 16))
+        if frozen_path:
+            assert asked == [] and n_fwd == 3 * chunks and len(products) == n_fwd
+        else:
+            assert asked == [(True, False, False)] and n_fwd == chunks and len(products) == 3 * chunks
     assert w.grad is None
     h64 = hidden.detach().double().requires_grad_(True)
     t_lp, t_ent = truth(h64, weight, labels)
@@ -439,9 +491,9 @@ def test_signatures_match_the_reference():
         assert [p.default for _, p in params] == [p.default for _, p in ref], fn
 
 
-def test_auto_on_cpu_is_chunked_and_skips_masked_rows(rng, monkeypatch):
+def test_auto_on_cpu_is_chunked_and_skips_masked_rows(rng, monkeypatch, head):
     """auto on CPU never calls the reference and never builds more than a [rows, chunk] tile;
-    masked rows reach no matmul."""
+    masked rows reach no matmul (a frozen head: no tile at all in the backward)."""
 
     def no_reference(*a, **k):
         raise AssertionError("auto on CPU must not use the full-logits reference")
@@ -459,7 +511,7 @@ def test_auto_on_cpu_is_chunked_and_skips_masked_rows(rng, monkeypatch):
     monkeypatch.setattr(linear, "_tile_logits", spy)
     N, H, V = 40, 8, 300
     hidden = torch.randn(N, H, generator=rng).requires_grad_(True)
-    weight = torch.randn(V, H, generator=rng).requires_grad_(True)
+    weight = torch.randn(V, H, generator=rng).requires_grad_(head == "trainable")
     labels = torch.randint(0, V, (N,), generator=rng)
     mask = torch.rand(N, generator=rng) < 0.5
     lp, ent = fastppo.linear_logprobs(hidden, weight, labels, mask=mask, return_entropy=True, chunk_size=64)
@@ -468,7 +520,7 @@ def test_auto_on_cpu_is_chunked_and_skips_masked_rows(rng, monkeypatch):
     chunks = math.ceil(V / 64)
     assert sum(r for r, _ in fwd) == int(mask.sum()) * chunks, "only the valid rows reach the matmuls"
     (lp.sum() + ent.sum()).backward()
-    assert sum(r for r, _ in tiles[len(fwd):]) == int(mask.sum()) * chunks
+    assert sum(r for r, _ in tiles[len(fwd):]) == (int(mask.sum()) * chunks if head == "trainable" else 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,14 +32,23 @@ def _run(out, fused: bool, **kw):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_fused_trainer_metrics_equal_the_logits_path(tmp_path, lora):
+@pytest.mark.parametrize("lora, extra", [
+    (0, {}), (4, {}),
+    # Critic-free, with the entropy bonus and the KL loss: every term of linear_ppo_loss.
+    (4, dict(advantage_estimator="grpo", num_generations=2, ent_coef=0.01, kl_loss_coef=0.1)),
+], ids=["full", "lora", "lora-grpo-entropy-kl"])
+def test_fused_trainer_metrics_equal_the_logits_path(tmp_path, lora, extra, monkeypatch):
     """Same seed, same built-in task (a tied-embedding Llama): every metric of the fused run equals
     the logits run's within float32 tolerance, with a full actor and with LoRA (whose reference is
-    the adapter-disabled actor)."""
+    the adapter-disabled actor; its frozen head makes the update's policy loss one
+    ``fastppo.linear_ppo_loss`` from the hidden states)."""
+    calls = []
+    real = fastppo.linear_ppo_loss
+    monkeypatch.setattr(fastppo, "linear_ppo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     with fastppo.use_backend("auto"):  # on CPU: the chunked PyTorch path of linear_logprobs
-        fused = _run(tmp_path / "fused", True, lora_r=lora)
-        logits = _run(tmp_path / "logits", False, lora_r=lora)
+        fused = _run(tmp_path / "fused", True, lora_r=lora, **extra)
+        assert (len(calls) > 0) == (lora > 0), len(calls)
+        logits = _run(tmp_path / "logits", False, lora_r=lora, **extra)
     assert len(fused) == len(logits) == 2
     for a, b in zip(fused, logits):
         for key, want in b.items():

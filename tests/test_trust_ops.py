@@ -175,20 +175,24 @@ def _linear_truth(leaves, labels):
 
 
 @pytest.mark.parametrize("backend", LOOP_PATHS)
-def test_linear_logprobs_double_backward_is_refused_by_name_after_exact_first_grads(backend, rng):
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_linear_logprobs_double_backward_is_refused_by_name_after_exact_first_grads(backend, head, rng):
+    """Both backwards (the recomputing one, and a frozen head's per-row one) refuse by name."""
     N, Hd, Vd = 6, 5, 7
     hidden, weight, bias = (torch.randn(*s, generator=rng).requires_grad_() for s in ((N, Hd), (Vd, Hd), (Vd,)))
     labels = torch.randint(0, Vd, (N,), generator=rng)
+    leaves = (hidden, weight, bias) if head == "trainable" else (hidden,)
     with fastppo.use_backend(backend):
-        lp, ent = fastppo.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, chunk_size=3)
-        first = torch.autograd.grad((lp + ent).sum(), (hidden, weight, bias), create_graph=True)
+        args = (hidden, weight, bias) if head == "trainable" else (hidden, weight.detach(), bias.detach())
+        lp, ent = fastppo.linear_logprobs(args[0], args[1], labels, bias=args[2], return_entropy=True, chunk_size=3)
+        first = torch.autograd.grad((lp + ent).sum(), leaves, create_graph=True)
     (t_lp, t_ent), t_leaves = _linear_truth((hidden, weight, bias), labels)
-    want = torch.autograd.grad((t_lp + t_ent).sum(), t_leaves)
+    want = torch.autograd.grad((t_lp + t_ent).sum(), t_leaves[: len(leaves)])
     for name, g, w in zip(("hidden", "weight", "bias"), first, want):
         assert_close(g, w, (1e-4, 1e-4), f"d {name} with create_graph=True")
     with pytest.raises(NotImplementedError, match=r"double backward of linear_logprobs is not supported .*"
                                                   r"FASTPPO_BACKEND=torch"):
-        torch.autograd.grad(first[0].square().sum(), weight)
+        torch.autograd.grad(first[0].square().sum(), leaves[-1])
 
 
 def test_linear_logprobs_double_backward_still_works_on_the_reference(rng):
@@ -211,7 +215,8 @@ def test_linear_logprobs_double_backward_still_works_on_the_reference(rng):
 
 
 @pytest.mark.parametrize("backend", LOOP_PATHS)
-def test_linear_logprobs_minus_inf_logits_from_the_matmul_match_float64(backend, rng):
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_linear_logprobs_minus_inf_logits_from_the_matmul_match_float64(backend, head, rng):
     """Finite inputs whose product overflows float32 to a -inf logit in row 0 (1e30 * -1e20 at
     column 1; float64 keeps -1e50, p = 0 there), with a finite bias, then with a -inf bias entry
     (column 2) as well. Each -inf adds 0 to the entropy sum and its gradient, as in the float64
@@ -228,12 +233,14 @@ def test_linear_logprobs_minus_inf_logits_from_the_matmul_match_float64(backend,
         bias = torch.randn(Vd, generator=rng)
         if minus_inf_bias:
             bias[2] = -INF
-        leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias)]
+        args = [x.detach().requires_grad_(i == 0 or head == "trainable") for i, x in enumerate((hidden, weight, bias))]
+        leaves = args if head == "trainable" else args[:1]
         with fastppo.use_backend(backend):
-            lp, ent = fastppo.linear_logprobs(*leaves[:2], labels, bias=leaves[2], return_entropy=True, chunk_size=4)
+            lp, ent = fastppo.linear_logprobs(*args[:2], labels, bias=args[2], return_entropy=True, chunk_size=4)
             cot = torch.randn(2, N, generator=rng)
             got = torch.autograd.grad((lp, ent), leaves, (cot[0], cot[1]))
-        (t_lp, t_ent), t_leaves = _linear_truth(leaves, labels)
+        (t_lp, t_ent), t_leaves = _linear_truth(args, labels)
+        t_leaves = t_leaves[: len(leaves)]
         assert bool(torch.isfinite(t_ent).all())
         what = f"-inf bias {minus_inf_bias}"
         assert_close(lp, t_lp, TOL_FP32_OUT[torch.float32], f"logprobs, {what}")

@@ -500,6 +500,11 @@ def _fused_logprobs(model, seq, attn, pos, mask, prompt_width, temperature):
     return plain(model, seq, attn, pos, prompt_width, mask, temperature, True)
 
 
+def sharded_fused(model: nn.Module) -> bool:
+    """Whether the fused head of ``model`` runs through FSDP2's hooks (its registered method)."""
+    return hasattr(model, _FUSED_METHOD)
+
+
 def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
                       prompt_width: int, mask: torch.Tensor, temperature: float, fused: bool = True):
     """``models.response_logprobs``, through FSDP2's hooks when ``model`` is sharded."""

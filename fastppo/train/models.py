@@ -209,6 +209,35 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return None
 
 
+def _response_head_inputs(model, parts, seq, attn, pos, prompt_width):
+    """(hidden ``[B, R, H]``, weight, bias) at the response positions for the fused head ``parts``."""
+    backbone, head = parts
+    with checkpointing(model):
+        hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+    hidden = hidden[:, prompt_width - 1 : -1]
+    # Under autocast the hidden states are bf16 while the head's weight is float32; the logits
+    # path multiplies them in bf16 too.
+    weight = head.weight.to(hidden.dtype)
+    bias = None if head.bias is None else head.bias.to(hidden.dtype)
+    return hidden, weight, bias
+
+
+def response_policy_loss(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+                         prompt_width: int, temperature: float, **loss_kwargs):
+    """``fastppo.linear_ppo_loss`` of the response tokens (``loss_kwargs``: its keyword
+    arguments), or None unless the head is fused (:func:`fused_head`) and frozen, as a LoRA
+    actor's is: then the forward forms d loss / d hidden and the head costs no vocabulary matmul
+    in the backward, nor the entropy's gradient matmul when ``ent_coef`` is 0."""
+    import fastppo
+
+    parts = fused_head(model)
+    if parts is None or parts[1].weight.requires_grad or (parts[1].bias is not None and parts[1].bias.requires_grad):
+        return None
+    hidden, weight, bias = _response_head_inputs(model, parts, seq, attn, pos, prompt_width)
+    return fastppo.linear_ppo_loss(hidden, weight, seq[:, prompt_width:], bias=bias, temperature=temperature,
+                                   **loss_kwargs)
+
+
 def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
                       prompt_width: int, mask: torch.Tensor, temperature: float, fused: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,14 +255,7 @@ def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, p
     labels = seq[:, prompt_width:]
     parts = fused_head(model) if fused else None
     if parts is not None:
-        backbone, head = parts
-        with checkpointing(model):
-            hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
-        hidden = hidden[:, prompt_width - 1 : -1]
-        # Under autocast the hidden states are bf16 while the head's weight is float32; the logits
-        # path multiplies them in bf16 too.
-        weight = head.weight.to(hidden.dtype)
-        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        hidden, weight, bias = _response_head_inputs(model, parts, seq, attn, pos, prompt_width)
         return fastppo.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                        return_entropy=True, mask=mask)
     with checkpointing(model):

@@ -46,7 +46,8 @@ from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_pr
                    prompt_text, prompts_from_dataset)
 from .metrics import MetricsLog, explained_variance, masked_mean, peak_memory_mb, plot_metrics, read_metrics
 from .models import (TokenScorer, apply_memory_switches, autocast, load_actor, load_critic, load_reward_model,
-                     pick_attention, pick_device, position_ids_from, reference_policy, response_logprobs, use_bf16)
+                     pick_attention, pick_device, position_ids_from, reference_policy, response_logprobs,
+                     response_policy_loss, use_bf16)
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -853,10 +854,22 @@ class PPOTrainer:
         m = mask[micro]
         w = None if is_weights is None else is_weights[micro]
         with autocast(self.device, self.bf16):
-            logprobs, entropy = distributed.response_logprobs(self.actor, seq[micro], attn[micro], pos[micro], width,
-                                                              m, cfg.temperature, cfg.fused_head)
+            fused = None
+            if cfg.fused_head and not distributed.sharded_fused(self.actor):
+                # A frozen fused head (LoRA): the whole policy objective from the hidden states.
+                fused = response_policy_loss(
+                    self.actor, seq[micro], attn[micro], pos[micro], width, cfg.temperature,
+                    old_logprobs=old_logprobs[micro], advantages=advantages[micro], mask=m, clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg, ent_coef=cfg.ent_coef,
+                    ref_logprobs=ref_logprobs[micro] if cfg.kl_loss_coef else None, kl_coef=cfg.kl_loss_coef,
+                    kl_estimator=cfg.kl_estimator)
+            if fused is None:
+                logprobs, entropy = distributed.response_logprobs(self.actor, seq[micro], attn[micro], pos[micro],
+                                                                  width, m, cfg.temperature, cfg.fused_head)
             if self.critic is not None:
                 values = self.critic(seq[micro], attn[micro], pos[micro], width - 1, -1)
+        if fused is not None:
+            return self._fused_loss(fused, values if self.critic is not None else None, m, micro, old_values, returns)
         if self.critic is not None:
             values = torch.where(m, values, 0.0)
             loss, stats = fastppo.ppo_loss(
@@ -877,6 +890,26 @@ class PPOTrainer:
                                         cfg.loss_agg)
             loss = loss + cfg.kl_loss_coef * kl_loss
             stats["kl_loss"] = kl_loss.detach()
+        return loss, stats
+
+    def _fused_loss(self, fused, values, m, micro, old_values, returns):
+        """:meth:`_loss` from ``linear_ppo_loss``'s (loss, stats), plus the value loss: the same
+        loss and stats as the log-probs path."""
+        cfg = self.config
+        loss, s = fused
+        stats = {"policy_loss": s["policy_loss"]}
+        if values is not None:
+            values = torch.where(m, values, 0.0)
+            vf_loss, vf = fastppo.value_loss(values, old_values[micro], returns[micro], m, clip=cfg.value_clip,
+                                             agg=cfg.loss_agg)
+            loss = loss + cfg.vf_coef * vf_loss
+            stats["value_loss"] = vf_loss.detach()
+        stats.update(entropy=s["entropy"], clipfrac=s["clipfrac"], clipfrac_lower=s["clipfrac_lower"],
+                     approx_kl=s["approx_kl"])
+        if values is not None:
+            stats["value_clipfrac"] = vf["clipfrac"]
+        if cfg.kl_loss_coef:
+            stats["kl_loss"] = s["kl"]
         return loss, stats
 
     def _clip_grads(self) -> dict[str, torch.Tensor]:
