@@ -1,3 +1,16 @@
 """Comparison helpers for the tests (they live in fastppo.testing so `fastppo verify` shares them)."""
 
 from fastppo.testing import TOL, TOL_FP32_OUT, assert_close, errors, random_mask, within  # noqa: F401
+
+
+def small_config(out, *, mini_batch_size=8, **kw):
+    """The built-in task at its smallest for trainer tests: 2 iterations of 8 responses of at most
+    4 tokens, one PPO epoch, a checkpoint every iteration, no progress bar or plot; mini- and
+    micro-batches of ``mini_batch_size`` rows (8: one optimizer step per iteration)."""
+    from fastppo.train import builtin
+
+    base = dict(output_dir=str(out), iterations=2, batch_size=8, mini_batch_size=mini_batch_size,
+                micro_batch_size=mini_batch_size, max_new_tokens=4, ppo_epochs=1, progress=False, plot=False,
+                save_every=1)
+    base.update(kw)
+    return builtin.default_config(**base)

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 import fastppo  # noqa: E402
 from fastppo.train import ConfigError, PPOTrainer  # noqa: E402
 from fastppo.train import builtin, checkpoint  # noqa: E402
+from helpers import small_config  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("torch_backend")]
 
@@ -22,10 +23,7 @@ STEP1, STEP2 = "step-00000001", "step-00000002"
 
 
 def small(out, **kw):
-    base = dict(output_dir=str(out), iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=8,
-                max_new_tokens=4, ppo_epochs=1, progress=False, plot=False, save_every=1)
-    base.update(kw)
-    return builtin.default_config(**base)
+    return small_config(out, mini_batch_size=8, **kw)
 
 
 @pytest.fixture(scope="module")
