@@ -206,7 +206,8 @@ def test_accepted_fixed_values_say_so():
 DIFFERING = {"ppo_epochs": (2, 4), "vf_coef": (0.5, 0.1), "max_new_tokens": (16, 53), "temperature": (1.0, 0.7),
              "learning_rate": (1e-5, 5e-5), "lr_schedule": ("constant", "linear"),
              "gradient_checkpointing": (False, True), "seed": (0, 42), "save_every": (0, 500),
-             "batch_size": (64, 8), "mini_batch_size": (32, 8), "micro_batch_size": (32, 8), "iterations": (60, None)}
+             "batch_size": (64, 8), "mini_batch_size": (32, 8), "micro_batch_size": (32, 8), "iterations": (60, None),
+             "vllm_sleep": (True, False)}
 
 
 def _named(line: str) -> set[str]:
