@@ -7,6 +7,7 @@ Importing fastppo does not import triton.
 
 from . import reference
 from ._dispatch import current_backend, use_backend
+from .objectives import POLICY_LOSSES, get_policy_loss, register_policy_loss
 from .ops import (
     aggregate,
     compute_advantages,
@@ -41,6 +42,7 @@ def __getattr__(name):
 
 __all__ = [
     "ConfigError",
+    "POLICY_LOSSES",
     "PPOConfig",
     "PPOTrainer",
     "aggregate",
@@ -48,6 +50,7 @@ __all__ = [
     "current_backend",
     "entropy_from_logits",
     "gae",
+    "get_policy_loss",
     "group_advantages",
     "kl_penalty",
     "linear_logprobs",
@@ -57,6 +60,7 @@ __all__ = [
     "policy_loss",
     "ppo_loss",
     "reference",
+    "register_policy_loss",
     "reinforce_pp_advantages",
     "shape_rewards",
     "use_backend",
