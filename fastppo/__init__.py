@@ -8,6 +8,7 @@ Importing fastppo does not import triton.
 from . import reference
 from ._dispatch import current_backend, use_backend
 from .objectives import POLICY_LOSSES, get_policy_loss, register_policy_loss
+from .policy_objectives import cispo_loss, dppo_kl_loss, dppo_tv_loss, dro_loss, gpg_loss, sapo_loss
 from .ops import (
     aggregate,
     compute_advantages,
@@ -46,11 +47,16 @@ __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "aggregate",
+    "cispo_loss",
     "compute_advantages",
     "current_backend",
+    "dppo_kl_loss",
+    "dppo_tv_loss",
+    "dro_loss",
     "entropy_from_logits",
     "gae",
     "get_policy_loss",
+    "gpg_loss",
     "group_advantages",
     "kl_penalty",
     "linear_logprobs",
@@ -62,6 +68,7 @@ __all__ = [
     "reference",
     "register_policy_loss",
     "reinforce_pp_advantages",
+    "sapo_loss",
     "shape_rewards",
     "use_backend",
     "value_loss",

@@ -486,3 +486,57 @@ def reinforce_pp_advantages(rewards, mask, *, gamma=1.0) -> None:
     _token_2d("rewards", rewards)
     _mask("mask", mask, rewards, "rewards")
     _number("gamma", gamma, low=0.0, high=1.0)
+
+
+# Token-level policy objectives of verl 0.9.1 (issue 19; fastppo.policy_objectives)
+
+
+def _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights) -> None:
+    _loss_common(
+        [
+            ("logprobs", logprobs),
+            ("old_logprobs", old_logprobs),
+            ("advantages", advantages),
+            ("is_weights", is_weights),
+        ],
+        mask,
+        agg,
+    )
+
+
+def _dppo(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=3.0,
+          agg="token-mean", is_weights=None) -> None:
+    _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights)
+    # Divergence thresholds (a probability gap for TV, nats for the binary KL), not ratio clips.
+    _number("clip_low", clip_low, low=0.0)
+    _number("clip_high", clip_high, low=0.0, allow_none=True)
+    _number("clip_ratio_c", clip_ratio_c, low=0.0, low_open=True)
+
+
+dppo_tv_loss = _dppo
+dppo_kl_loss = _dppo
+
+
+def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean",
+              is_weights=None) -> None:
+    _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights)
+    _number("tau_pos", tau_pos, low=0.0, low_open=True)
+    _number("tau_neg", tau_neg, low=0.0, low_open=True)
+
+
+def gpg_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None) -> None:
+    _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights)
+
+
+def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, agg="token-mean",
+               is_weights=None) -> None:
+    _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights)
+    _number("clip_low", clip_low, low=0.0, high=1.0)
+    _number("clip_high", clip_high, low=0.0, allow_none=True)
+
+
+def dro_loss(logprobs, old_logprobs, advantages, mask, *, beta=None, agg="token-mean", is_weights=None) -> None:
+    _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights)
+    if beta is None:
+        raise ValueError("dro needs beta > 0 (verl's policy_loss.dro_beta, which has no default), got None")
+    _number("beta", beta, low=0.0, low_open=True)

@@ -348,3 +348,93 @@ def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
                 returns[b][t] = running
     ret = torch.tensor(returns, dtype=F64).reshape(rewards.shape).to(rewards.device)
     return masked_whiten(ret, mask), ret
+
+
+# --------------------------------------------------------------------------------------------
+# Token-level policy objectives of verl 0.9.1 (issue 19)
+# --------------------------------------------------------------------------------------------
+
+
+def _token_prep(logprobs, old_logprobs, advantages, mask, is_weights):
+    valid = _valid(mask)
+    lp = _zero_masked(logprobs, valid)
+    old = _zero_masked(old_logprobs, valid)
+    A = _zero_masked(advantages, valid)
+    w = torch.ones_like(A) if is_weights is None else _zero_masked(is_weights, valid)
+    return valid, lp, old, A, w
+
+
+def _mean_over(x, mask):
+    return aggregate(x.detach(), mask, "token-mean")
+
+
+def _dppo_truth(kind, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, clip_ratio_c, agg, is_weights):
+    valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
+    up = clip_low if clip_high is None else clip_high
+    d = torch.clamp(lp - old, min=-20.0, max=20.0)
+    r = d.exp()
+    p, q = lp.detach().exp(), old.exp()
+    if kind == "tv":
+        inside = torch.where(A > 0, (p - q) <= up, (q - p) <= clip_low)
+    else:
+        bkl = q * (old - lp.detach()) + (1 - q) * (torch.log(1 - q + 1e-8) - torch.log(1 - p + 1e-8))
+        inside = torch.where(A > 0, (bkl <= up) | (p <= q), (bkl <= clip_low) | (p >= q))
+    keep = inside.to(F64)
+    capped = torch.minimum(r.detach(), torch.full_like(r, clip_ratio_c))
+    per_token = -(A * capped * keep) * lp * w
+    stats = {
+        "pg_clipfrac": _fraction(~inside, valid),
+        "ppo_kl": _mean_over(-d, mask),
+        "pg_clipfrac_lower": _fraction((r.detach() > clip_ratio_c) & inside, valid),
+    }
+    return aggregate(per_token, mask, agg), stats
+
+
+def dppo_tv_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=3.0,
+                 agg="token-mean", is_weights=None):
+    return _dppo_truth("tv", logprobs, old_logprobs, advantages, mask, clip_low, clip_high, clip_ratio_c, agg,
+                       is_weights)
+
+
+def dppo_kl_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=3.0,
+                 agg="token-mean", is_weights=None):
+    return _dppo_truth("kl", logprobs, old_logprobs, advantages, mask, clip_low, clip_high, clip_ratio_c, agg,
+                       is_weights)
+
+
+def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean",
+              is_weights=None):
+    valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
+    d = torch.clamp(lp - old, min=-20.0, max=20.0)
+    r = d.exp()
+    tau = torch.full_like(A, tau_neg).masked_fill(A > 0, tau_pos)
+    gate = (4.0 / tau) / (1.0 + torch.exp(-tau * (r - 1.0)))
+    zero = torch.zeros((), dtype=F64, device=A.device)
+    stats = {"pg_clipfrac": zero, "ppo_kl": _mean_over(-d, mask), "pg_clipfrac_lower": zero}
+    return aggregate(-(gate * A) * w, mask, agg), stats
+
+
+def gpg_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None):
+    valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
+    return aggregate(-(A * lp) * w, mask, agg), {}
+
+
+def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, agg="token-mean",
+               is_weights=None):
+    valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
+    up = clip_low if clip_high is None else clip_high
+    d = torch.clamp(lp.detach() - old, min=-20.0, max=20.0)
+    r = d.exp()
+    rc = torch.minimum(torch.maximum(r, torch.full_like(r, 1 - clip_low)), torch.full_like(r, 1 + up))
+    stats = {
+        "pg_clipfrac": _fraction(r != rc, valid),
+        "ppo_kl": _mean_over(-d, mask),
+        "pg_clipfrac_lower": torch.zeros((), dtype=F64, device=A.device),
+    }
+    return aggregate(-(rc * A) * lp * w, mask, agg), stats
+
+
+def dro_loss(logprobs, old_logprobs, advantages, mask, *, beta=None, agg="token-mean", is_weights=None):
+    valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
+    d = lp - old
+    return aggregate((0.5 * beta * d * d - A * lp) * w, mask, agg), {"ppo_kl": _mean_over(-d, mask)}

@@ -39,6 +39,12 @@ __all__ = [
     "linear_ppo_loss",
     "group_advantages",
     "reinforce_pp_advantages",
+    "dppo_tv_loss",
+    "dppo_kl_loss",
+    "sapo_loss",
+    "gpg_loss",
+    "cispo_loss",
+    "dro_loss",
 ]
 
 
@@ -1029,3 +1035,212 @@ def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
         running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
         returns[:, t] = torch.where(valid[:, t], running, 0.0)
     return masked_whiten.raw(returns, valid), returns
+
+
+# --------------------------------------------------------------------------------------------
+# Token-level policy objectives of verl 0.9.1: dppo_tv, dppo_kl, sapo, gpg, cispo, dro (issue 19)
+# --------------------------------------------------------------------------------------------
+#
+# Each is a per-token term L[t] of (lp, old, A), times is_weights[t] when given, reduced by
+# ``aggregate``. Only ``logprobs`` carries a gradient; "sg" marks a factor held constant (detached)
+# in the backward. Statistics are named as verl 0.9.1 names its metrics (without "actor/"):
+# ``pg_clipfrac``, ``pg_clipfrac_lower``, ``ppo_kl`` (masked means over the valid tokens).
+
+
+def _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights):
+    """(dtype, valid, lp, old, A, w or None, log_ratio = lp - old), masked positions zeroed first."""
+    dtype = compute_dtype(logprobs, old_logprobs, advantages, is_weights)
+    valid = valid_positions(mask)
+    # Zero masked positions before any arithmetic: a where() afterwards would keep the forward
+    # clean but not the backward (0 * NaN = NaN).
+    lp = torch.where(valid, logprobs.to(dtype), 0.0)
+    old = torch.where(valid, old_logprobs.to(dtype), 0.0)
+    adv = torch.where(valid, advantages.to(dtype), 0.0)
+    w = None if is_weights is None else torch.where(valid, is_weights.to(dtype), 0.0)
+    return dtype, valid, lp, old, adv, w, lp - old
+
+
+def _weighted(per_token, w):
+    return per_token if w is None else per_token * w
+
+
+def _masked_mean(x, mask):
+    return aggregate.raw(x.detach(), mask, "token-mean")
+
+
+def _dppo(logprobs, old_logprobs, advantages, mask, *, divergence, clip_low, clip_high, clip_ratio_c, agg,
+          is_weights):
+    dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
+    high = clip_low if clip_high is None else clip_high
+    log_ratio = torch.clamp(raw, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    truncated = torch.clamp(ratio, max=clip_ratio_c).detach()
+    prob, old_prob = torch.exp(lp), torch.exp(old)
+    if divergence == "tv":
+        gap = prob - old_prob
+        keep_pos, keep_neg = gap <= high, gap >= -clip_low
+    else:
+        # KL between the two Bernoulli distributions (p_old, 1 - p_old) and (p, 1 - p); the 1e-8
+        # is verl's, kept so the trust region is the same at p -> 1.
+        binary_kl = old_prob * (old - lp) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        keep_pos = (binary_kl <= high) | (prob <= old_prob)
+        keep_neg = (binary_kl <= clip_low) | (prob >= old_prob)
+    keep = torch.where(adv > 0, keep_pos, keep_neg).to(dtype).detach()
+    per_token = _weighted(-adv * truncated * lp * keep, w)
+    loss = aggregate.raw(per_token, mask, agg)
+    stats = {
+        "pg_clipfrac": _masked_mean(1.0 - keep, mask),
+        "ppo_kl": _masked_mean(-log_ratio, mask),
+        "pg_clipfrac_lower": _masked_mean((ratio > clip_ratio_c).to(dtype) * keep, mask),
+    }
+    return loss, stats
+
+
+@_validated(_checks.dppo_tv_loss)
+def dppo_tv_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=3.0,
+                 agg="token-mean", is_weights=None):
+    """DPPO-Binary-TV policy loss (verl 0.9.1 ``dppo_tv``; DPPO, arXiv:2602.04879).
+
+    A policy-gradient loss whose trust region is a threshold on the binary total-variation
+    distance between new and old token probabilities, instead of a ratio clip:
+
+        ratio    = exp(clamp(lp - old, -20, 20)),  r_c = sg(min(ratio, clip_ratio_c))  (truncated IS)
+        gap      = exp(lp) - exp(old)
+        keep     = sg(gap <= clip_high)    if A > 0
+                   sg(gap >= -clip_low)    otherwise
+        L[t]     = -A * r_c * lp * keep    (* is_weights[t])
+        loss     = aggregate(L, mask, agg)
+
+    clip_high defaults to clip_low (verl's ``clip_ratio``, ``clip_ratio_low``/``_high``, here a
+    probability gap); clip_ratio_c is verl's ``clip_ratio_c`` (ActorConfig default 3.0).
+    Gradient: dL/dlp = -A * r_c * keep. Stats: ``pg_clipfrac`` = mean(1 - keep), ``ppo_kl`` =
+    mean(-clamp(lp - old)), ``pg_clipfrac_lower`` = mean((ratio > clip_ratio_c) * keep).
+
+    Worked example: lp = log 0.5, old = log 0.4, A = 1, clip 0.2: gap 0.1 <= 0.2 keeps the token,
+    ratio 1.25, L = -1.25 * log 0.5 = 0.8664.
+
+    Args:
+        logprobs: ``[B, T]`` (differentiable); old_logprobs, advantages, is_weights (optional): ``[B, T]``.
+        mask: ``[B, T]``, valid where ``!= 0``.
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss and detached 0-d float32 stats.
+    """
+    return _dppo(logprobs, old_logprobs, advantages, mask, divergence="tv", clip_low=clip_low, clip_high=clip_high,
+                 clip_ratio_c=clip_ratio_c, agg=agg, is_weights=is_weights)
+
+
+@_validated(_checks.dppo_kl_loss)
+def dppo_kl_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=3.0,
+                 agg="token-mean", is_weights=None):
+    """DPPO-Binary-KL policy loss (verl 0.9.1 ``dppo_kl``; DPPO, arXiv:2602.04879).
+
+    As :func:`dppo_tv_loss` with the binary KL divergence of the token's probability as the trust
+    region (p = exp(lp), q = exp(old)):
+
+        D     = q * (old - lp) + (1 - q) * log((1 - q + 1e-8) / (1 - p + 1e-8))
+        keep  = sg(D <= clip_high or p <= q)   if A > 0
+                sg(D <= clip_low  or p >= q)   otherwise
+        L[t]  = -A * sg(min(ratio, clip_ratio_c)) * lp * keep    (* is_weights[t])
+
+    A token moving against its advantage's direction is never dropped. Same stats as
+    :func:`dppo_tv_loss`.
+
+    Worked example: lp = log 0.5, old = log 0.4, A = 1: D = 0.4 log 0.8 + 0.6 log 1.2 = 0.0201
+    <= 0.2 keeps the token, L = -1.25 * log 0.5 = 0.8664.
+    """
+    return _dppo(logprobs, old_logprobs, advantages, mask, divergence="kl", clip_low=clip_low, clip_high=clip_high,
+                 clip_ratio_c=clip_ratio_c, agg=agg, is_weights=is_weights)
+
+
+@_validated(_checks.sapo_loss)
+def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean",
+              is_weights=None):
+    """Soft Adaptive Policy Optimization (verl 0.9.1 ``sapo``; Gao et al., SAPO, arXiv:2511.20347).
+
+    A smooth sigmoid gate of the ratio replaces the hard clip:
+
+        ratio = exp(clamp(lp - old, -20, 20))
+        tau   = tau_pos if A > 0 else tau_neg
+        f(r)  = sigmoid(tau * (r - 1)) * 4 / tau         (f(1) = 2 / tau, f'(1) = 1)
+        L[t]  = -f(ratio) * A                            (* is_weights[t])
+
+    verl always aggregates SAPO with ``seq-mean-token-mean`` whatever its ``loss_agg_mode`` says;
+    here ``agg`` defaults to that mode and is honoured when given (the verl adapter passes
+    ``seq-mean-token-mean``). Gradient: dL/dlp = -A * 4 * s * (1 - s) * ratio with
+    s = sigmoid(tau * (ratio - 1)) (0 where lp - old is clamped). Stats: ``pg_clipfrac`` and
+    ``pg_clipfrac_lower`` are 0 (verl's), ``ppo_kl`` = mean(-clamp(lp - old)).
+
+    Worked example: ratio 1, A = 1, tau_pos = 1: L = -2, dL/dlp = -1 (the PPO gradient on-policy).
+    """
+    dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
+    log_ratio = torch.clamp(raw, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    tau = torch.where(adv > 0, tau_pos, tau_neg).to(dtype)
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+    loss = aggregate.raw(_weighted(-gate * adv, w), mask, agg)
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    return loss, {"pg_clipfrac": zero, "ppo_kl": _masked_mean(-log_ratio, mask), "pg_clipfrac_lower": zero.clone()}
+
+
+@_validated(_checks.gpg_loss)
+def gpg_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None):
+    """Group Policy Gradient (verl 0.9.1 ``gpg``; Chu et al., GPG, arXiv:2504.02546).
+
+    Plain REINFORCE on the given advantages, no ratio and no clip:
+
+        L[t] = -lp * A      (* is_weights[t]),     loss = aggregate(L, mask, agg)
+
+    ``old_logprobs`` is checked but not used. Gradient: dL/dlp = -A. Stats: none (verl returns
+    an empty metrics dict), so ``stats == {}``.
+
+    Worked example: lp = -2, A = 0.5: L = 1.0.
+    """
+    dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
+    return aggregate.raw(_weighted(-lp * adv, w), mask, agg), {}
+
+
+@_validated(_checks.cispo_loss)
+def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, agg="token-mean",
+               is_weights=None):
+    """Clipped IS-weight Policy Optimization (verl 0.9.1 ``cispo``; MiniMax-M1, arXiv:2506.13585).
+
+    The importance weight is clipped and detached; every token keeps a gradient through lp:
+
+        ratio = exp(clamp(lp - old, -20, 20))
+        r_c   = sg(clamp(ratio, 1 - clip_low, 1 + clip_high))
+        L[t]  = -r_c * A * lp          (* is_weights[t])
+
+    clip_high defaults to clip_low. Gradient: dL/dlp = -r_c * A. Stats: ``pg_clipfrac`` = mean of
+    ratio != r_c, ``ppo_kl`` = mean(-clamp(lp - old)), ``pg_clipfrac_lower`` = 0 (verl's).
+
+    Worked example: lp = -1, old = -1.5 (ratio 1.6487), A = 2, clip 0.2: r_c = 1.2, L = 2.4.
+    """
+    dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
+    high = clip_low if clip_high is None else clip_high
+    log_ratio = torch.clamp(raw, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + high)
+    loss = aggregate.raw(_weighted(-clipped.detach() * adv * lp, w), mask, agg)
+    stats = {
+        "pg_clipfrac": _masked_mean((ratio != clipped).to(dtype), mask),
+        "ppo_kl": _masked_mean(-log_ratio, mask),
+        "pg_clipfrac_lower": torch.zeros((), dtype=dtype, device=lp.device),
+    }
+    return loss, stats
+
+
+@_validated(_checks.dro_loss)
+def dro_loss(logprobs, old_logprobs, advantages, mask, *, beta=None, agg="token-mean", is_weights=None):
+    """DRO: policy gradient with a quadratic log-ratio penalty (verl 0.9.1 ``dro``; Richemond et
+    al., "Offline Regularised RL for LLM Alignment" (DRO), arXiv:2405.19107, in verl's token form).
+
+        L[t] = -(lp * A - beta / 2 * (lp - old)^2)       (* is_weights[t])
+
+    No clamp of the log-ratio. beta (verl's ``policy_loss.dro_beta``) has no default and must be
+    > 0. Gradient: dL/dlp = -(A - beta * (lp - old)). Stats: ``ppo_kl`` = mean(-(lp - old)).
+
+    Worked example: lp = -1, old = -1.5, A = 1, beta = 0.1: L = 1 + 0.05 * 0.25 = 1.0125.
+    """
+    dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
+    loss = aggregate.raw(_weighted(-(lp * adv - 0.5 * beta * raw.square()), w), mask, agg)
+    return loss, {"ppo_kl": _masked_mean(-raw, mask)}

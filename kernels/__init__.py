@@ -55,4 +55,10 @@ KERNEL_OPS: dict[str, str] = {
     "linear_ppo_loss": "linear_logprob:linear_ppo_loss",
     "group_advantages": "group_advantage:group_advantages",
     "reinforce_pp_advantages": "group_advantage:reinforce_pp_advantages",
+    "dppo_tv_loss": "policy_objectives:dppo_tv_loss",
+    "dppo_kl_loss": "policy_objectives:dppo_kl_loss",
+    "sapo_loss": "policy_objectives:sapo_loss",
+    "gpg_loss": "policy_objectives:gpg_loss",
+    "cispo_loss": "policy_objectives:cispo_loss",
+    "dro_loss": "policy_objectives:dro_loss",
 }
