@@ -55,6 +55,7 @@ import torch
 
 import fastppo
 from fastppo.integrations import _as_float, _cfg, _global_aggregate, _promote
+from fastppo.integrations._verl_policy_losses import ADAPTERS as _POLICY_ADAPTERS
 from fastppo.reference import compute_dtype
 
 __all__ = [
@@ -473,6 +474,7 @@ _SWAPS: dict[str, tuple[tuple[str, Any], ...]] = {
     "vanilla": (("compute_policy_loss_vanilla", compute_policy_loss_fastppo),),
     "kl_penalty": (("kl_penalty", kl_penalty), ("kl_penalty_forward", kl_penalty_forward)),
     "agg_loss": (("agg_loss", agg_loss),),
+    "policy_losses": tuple((f"compute_policy_loss_{n}", fn) for n, fn in _POLICY_ADAPTERS.items()),
     "estimators": (
         ("compute_grpo_outcome_advantage", compute_grpo_outcome_advantage),
         ("compute_rloo_outcome_advantage", compute_rloo_outcome_advantage),
@@ -483,13 +485,14 @@ _SWAPS: dict[str, tuple[tuple[str, Any], ...]] = {
 _REGISTRY_SWAPS: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "gae": (("ADV_ESTIMATOR_REGISTRY", "gae", compute_gae_advantage_return),),
     "vanilla": (("POLICY_LOSS_REGISTRY", "vanilla", compute_policy_loss_fastppo),),
+    "policy_losses": tuple(("POLICY_LOSS_REGISTRY", n, fn) for n, fn in _POLICY_ADAPTERS.items()),
     "estimators": (
         ("ADV_ESTIMATOR_REGISTRY", "grpo", compute_grpo_outcome_advantage),
         ("ADV_ESTIMATOR_REGISTRY", "rloo", compute_rloo_outcome_advantage),
         ("ADV_ESTIMATOR_REGISTRY", "reinforce_plus_plus", compute_reinforce_plus_plus_outcome_advantage),
     ),
 }
-PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators")
+PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators", "policy_losses")
 
 
 def _swap_everywhere(attr: str, replacement: Any, original: Any) -> None:
@@ -515,6 +518,7 @@ def install(
     kl_penalty: bool = False,
     agg_loss: bool = False,
     estimators: bool = False,
+    policy_losses: bool = False,
     name: str = LOSS_NAME,
 ) -> None:
     """Put fastppo into verl (idempotent).
@@ -531,6 +535,9 @@ def install(
     * ``agg_loss``: replace ``agg_loss`` (every verl loss is reduced by it).
     * ``estimators``: replace GRPO, RLOO and REINFORCE++ and their registry entries (``grpo``,
       ``rloo``, ``reinforce_plus_plus``).
+    * ``policy_losses``: verl's other policy losses (``dppo_tv``, ``dppo_kl``, ``sapo``, ``gpg``,
+      ``cispo``, ``dro``...: ``fastppo.integrations._verl_policy_losses.ADAPTERS``), their
+      registry entries and ``compute_policy_loss_<name>`` functions.
 
     Every function is swapped in ``core_algos`` and in the verl modules that imported it by name.
     Raises ImportError when verl's ``core_algos`` cannot be imported.
@@ -540,7 +547,7 @@ def install(
         core_algos.register_policy_loss(name)(compute_policy_loss_fastppo)
         _registered_names.add(name)
     wanted = dict(gae=gae, value_loss=value_loss, vanilla=vanilla, kl_penalty=kl_penalty,
-                  agg_loss=agg_loss, estimators=estimators)
+                  agg_loss=agg_loss, estimators=estimators, policy_losses=policy_losses)
     for part, on in wanted.items():
         if not on:
             continue
