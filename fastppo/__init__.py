@@ -7,6 +7,7 @@ Importing fastppo does not import triton.
 
 from . import reference
 from ._dispatch import current_backend, use_backend
+from .estimators import ADVANTAGE_ESTIMATORS, get_advantage_estimator
 from .objectives import POLICY_LOSSES, get_policy_loss, register_policy_loss
 from .ops import (
     aggregate,
@@ -41,6 +42,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastppo' has no attribute {name!r}")
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "ConfigError",
     "POLICY_LOSSES",
     "PPOConfig",
@@ -50,6 +52,7 @@ __all__ = [
     "current_backend",
     "entropy_from_logits",
     "gae",
+    "get_advantage_estimator",
     "get_policy_loss",
     "group_advantages",
     "kl_penalty",
