@@ -7,6 +7,7 @@ Importing fastppo does not import triton.
 
 from . import reference
 from ._dispatch import current_backend, use_backend
+from .estimators import ADVANTAGE_ESTIMATORS, get_advantage_estimator
 from .objectives import POLICY_LOSSES, get_policy_loss, register_policy_loss
 from .policy_objectives import cispo_loss, dppo_kl_loss, dppo_tv_loss, dro_loss, gpg_loss, sapo_loss
 from .ops import (
@@ -42,6 +43,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastppo' has no attribute {name!r}")
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "ConfigError",
     "POLICY_LOSSES",
     "PPOConfig",
@@ -55,6 +57,7 @@ __all__ = [
     "dro_loss",
     "entropy_from_logits",
     "gae",
+    "get_advantage_estimator",
     "get_policy_loss",
     "gpg_loss",
     "group_advantages",

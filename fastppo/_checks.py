@@ -456,7 +456,7 @@ def linear_ppo_loss(
 # Critic-free advantages (issue 11, item 5)
 # --------------------------------------------------------------------------------------------
 
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "grpo_passk", "opo", "gpg")
 
 
 def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=True, eps=1e-6) -> None:

@@ -321,8 +321,19 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
         else:
             mean, std = picked.mean(), picked.std(unbiased=True)
         n = len(members)
+        if estimator == "grpo_passk":
+            _passk_rows(row_adv, s, members, std, norm_by_std, eps)
+            continue
+        if estimator == "opo":
+            lengths = [float(valid[b].sum()) for b in members]
+            baseline = 0.0 if n == 1 else sum(w * s[b] for w, b in zip(lengths, members)) / sum(lengths)
+            for b in members:
+                row_adv[b] = s[b] - baseline
+            continue
         for i, b in enumerate(members):
-            if estimator == "rloo":
+            if estimator == "gpg":
+                row_adv[b] = s[b] - mean  # alpha is a batch statistic: applied below
+            elif estimator == "rloo":
                 if n == 1:
                     row_adv[b] = s[b]
                 else:  # the leave-one-out baseline: the others' sum over n - 1 (verl's form: an
@@ -332,7 +343,26 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
                 row_adv[b] = (s[b] - mean) / (std + eps)
             else:
                 row_adv[b] = s[b] - mean
+    if estimator == "gpg":
+        all_members = [b for b in range(B) if bool(valid[b].any())]
+        nonzero = sum(1 for b in all_members if not bool(s[b] == 0))
+        row_adv = row_adv * (len(all_members) / max(nonzero, 1))
     return torch.where(valid, row_adv.unsqueeze(1), 0.0)
+
+
+def _passk_rows(row_adv, s, members, std, norm_by_std, eps):
+    """Pass@k: the first best member gets (best - second best) [/ (std + eps)], the rest 0."""
+    values = [float(s[b]) for b in members]
+    if any(v != v for v in values):
+        for b in members:
+            row_adv[b] = float("nan")
+        return
+    if len(members) < 2:
+        return
+    best_at = max(range(len(values)), key=lambda i: (values[i], -i))  # the first of the maxima
+    second = max(v for i, v in enumerate(values) if i != best_at)
+    gap = s[members[best_at]] - second
+    row_adv[members[best_at]] = gap / (std + eps) if norm_by_std else gap
 
 
 @torch.no_grad()
@@ -438,3 +468,97 @@ def dro_loss(logprobs, old_logprobs, advantages, mask, *, beta=None, agg="token-
     valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
     d = lp - old
     return aggregate((0.5 * beta * d * d - A * lp) * w, mask, agg), {"ppo_kl": _mean_over(-d, mask)}
+
+
+# --------------------------------------------------------------------------------------------
+# More advantage estimators (issue 19): fastppo.estimators
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reinforce_pp_baseline_advantages(scores, group_size, mask, *, eps=1e-8):
+    centred = group_advantages(scores, group_size, mask, estimator="dr_grpo")
+    return masked_whiten(centred, mask, eps=eps)
+
+
+@torch.no_grad()
+def gdpo_advantages(scores, group_size, mask, *, weights=None, norm_by_std=True, eps=1e-6, whiten_eps=1e-8):
+    s = scores.to(F64)
+    s = s.unsqueeze(1) if s.dim() == 1 else s
+    weights = [1.0] * s.shape[1] if weights is None else [float(w) for w in weights]
+    total = sum(w * group_advantages(s[:, k], group_size, mask, estimator="grpo", norm_by_std=norm_by_std, eps=eps)
+                for k, w in enumerate(weights))
+    return masked_whiten(total, mask, eps=whiten_eps)
+
+
+@torch.no_grad()
+def gpg_advantages(scores, group_size, mask, *, f_norm=1.0):
+    return group_advantages(scores, group_size, mask, estimator="gpg") / f_norm
+
+
+@torch.no_grad()
+def remax_advantages(rewards, baselines, mask):
+    valid = _valid(mask)
+    r, ok, base = rewards.to(F64).tolist(), valid.tolist(), baselines.to(F64).tolist()
+    adv = [[0.0] * len(row) for row in r]
+    ret = [[0.0] * len(row) for row in r]
+    for b in range(len(r)):
+        running = 0.0
+        for t in reversed(range(len(r[b]))):
+            if ok[b][t]:
+                running = running + r[b][t]
+                ret[b][t] = running
+                adv[b][t] = running - base[b]
+    shape = rewards.shape
+    return torch.tensor(adv, dtype=F64).reshape(shape), torch.tensor(ret, dtype=F64).reshape(shape)
+
+
+@torch.no_grad()
+def optimal_token_baseline_advantages(rewards, mask, group_size, old_logprobs, sum_pi_squared, *, is_weights=None,
+                                      handle_zero_tail=True, eps=1e-8, multi_turn=False):
+    valid = _valid(mask)
+    B, T = valid.shape
+    r, lp, sp = rewards.to(F64), old_logprobs.to(F64), sum_pi_squared.to(F64)
+    iw = None if is_weights is None else is_weights.to(F64)
+    # Per row: the valid positions, the return-to-go and cumulative path variance at each.
+    rows = []
+    for b in range(B):
+        pos = [t for t in range(T) if bool(valid[b, t])]
+        G, W, acc = {}, {}, 0.0
+        for t in pos:
+            w = 1.0 - 2.0 * torch.exp(lp[b, t]) + sp[b, t]
+            if iw is not None:
+                w = w * iw[b, t] ** 2
+            acc = acc + w
+            W[t] = acc
+        run = 0.0
+        for t in reversed(pos):
+            run = run + r[b, t]
+            G[t] = run
+        rows.append((pos, G, W))
+    adv = torch.zeros(B, T, dtype=F64)
+    ret = torch.zeros(B, T, dtype=F64)
+    for start in range(0, B, group_size):
+        members = [b for b in range(start, start + group_size) if rows[b][0]]
+        lengths = sorted(len(rows[b][0]) for b in members)
+        for b in members:
+            pos, G, W = rows[b]
+            for j, t in enumerate(pos):
+                ret[b, t] = G[t]
+                if len(members) < 2:
+                    base = 0.0
+                else:
+                    num = den = 0.0
+                    for c in members:  # the members' entries at the same time step / valid index
+                        cpos, cG, cW = rows[c]
+                        key = (cpos[j] if j < len(cpos) else None) if multi_turn else (t if t in cG else None)
+                        if key is not None:
+                            num = num + cG[key] * cW[key]
+                            den = den + cW[key]
+                    base = num / (den + eps)
+                    step = j if multi_turn else t
+                    alone = lengths[-1] > lengths[-2] and len(pos) == lengths[-1]
+                    if handle_zero_tail and alone and step >= lengths[-2]:
+                        base = 0.0
+                adv[b, t] = G[t] - base
+    return adv.to(rewards.device), ret.to(rewards.device)

@@ -955,16 +955,32 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
         out[b, t] = a_b at valid t (mask != 0), 0 elsewhere.
 
     A group with a single member has no baseline (verl's rule): mean 0 and std 1, so grpo gives
-    s / (1 + eps) and dr_grpo and rloo give s. ``norm_by_std`` is read by ``grpo`` only (verl's
+    s / (1 + eps) and dr_grpo, rloo, opo give s, gpg alpha * s; grpo_passk, which compares the
+    best response with the second best, gives a lone member 0 (verl raises there). ``norm_by_std`` is read by ``grpo`` only (verl's
     ``norm_adv_by_std_in_grpo``); ``eps`` by ``grpo`` with std only. These are the numbers of
     verl 0.9.1's ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage`` with
     ``index`` = row // K and the score summed from the token rewards.
 
+        grpo_passk: only the best member i* (the first of the group's maximal scores) gets
+                  a_i* = (s_max - s_second) / (std + eps)  (norm_by_std=True; without std:
+                  s_max - s_second), every other member 0       (Pass@k training, arXiv 2503.19595)
+        opo:      a_i = s_i - sum_j |y_j| s_j / sum_j |y_j|  (|y_j| = valid tokens of row j: the
+                  length-weighted baseline of On-Policy RL with Optimal reward baseline, 2505.23585)
+        gpg:      a_i = alpha * (s_i - mean), alpha = (members of the whole batch) / (members
+                  whose score != 0, at least 1)              (GPG, arXiv 2504.02546; verl's alpha)
+
     Worked example, one group of K = 4 with scores 1, 0, 0, 1: mean 0.5, std = sqrt(1/3) = 0.577;
     grpo gives +0.866, -0.866, -0.866, +0.866; dr_grpo +0.5, -0.5, -0.5, +0.5; rloo compares each
-    with the mean of the other three (1/3, 2/3, 2/3, 1/3): +0.667, -0.667, -0.667, +0.667.
+    with the mean of the other three (1/3, 2/3, 2/3, 1/3): +0.667, -0.667, -0.667, +0.667;
+    grpo_passk gives (1 - 1) / 0.577 = 0 to row 0 (the first best, tied with row 3) and 0 to the
+    rest; gpg with two of four nonzero scores: alpha = 2, so +1, -1, -1, +1. With scores 3, 1, 0, 0
+    grpo_passk gives row 0 (3 - 1) / std(3, 1, 0, 0) = 2 / 1.414 = 1.414. opo with lengths
+    1, 3, 1, 3 on scores 1, 0, 0, 1: baseline (1 + 3) / 8 = 0.5, advantages +0.5, -0.5, -0.5, +0.5.
 
-    A NaN or inf score of a member makes its whole group NaN (and only its group). Any finite
+    A NaN or inf score of a member makes its whole group NaN (and only its group); gpg's alpha
+    is a batch statistic, a NaN score counts as nonzero there. grpo_passk without std: an inf
+    best score gives inf to that row and 0 to the others (the literal formula), a NaN score
+    makes its group NaN. Any finite
     scores are fine, up to float32's max: the statistics are taken in a power-of-two unit of the
     scores (:func:`_group_unit`), so the sum of squares does not overflow. Rollout data: the
     output carries no gradient.
@@ -989,7 +1005,18 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
     std = (centered.square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
     several = n >= 2
     # Statistics and centred scores are in units; a lone member (mean 0, std 1) is not.
-    if estimator == "rloo":
+    if estimator == "grpo_passk":
+        adv = _passk(u, member, std, unit, several, norm_by_std, eps)
+    elif estimator == "opo":
+        length = valid.sum(dim=1).to(dtype).view(-1, group_size)  # 0 for non-members
+        baseline = (length * u).sum(dim=1, keepdim=True) / length.sum(dim=1, keepdim=True).clamp(min=1)
+        adv = torch.where(several, (u - baseline) * unit, s)
+    elif estimator == "gpg":
+        raw = scores.to(dtype).view(-1, group_size)
+        nonzero = (member & (raw != 0)).sum()  # NaN != 0: a NaN score counts, as in verl
+        alpha = member.sum().to(dtype) / nonzero.clamp(min=1).to(dtype)
+        adv = alpha * torch.where(several, (u - mean) * unit, s)
+    elif estimator == "rloo":
         adv = torch.where(several, (u - mean) * n / (n - 1).clamp(min=1) * unit, s)
     elif estimator == "grpo" and norm_by_std:
         adv = torch.where(several, (u - mean) / (std + eps / unit), s / (1.0 + eps))
@@ -997,6 +1024,23 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
         adv = torch.where(several, (u - mean) * unit, s)
     adv = torch.where(member, adv, 0.0).reshape(B, 1)
     return torch.where(valid, adv, 0.0)
+
+
+def _passk(u, member, std, unit, several, norm_by_std, eps):
+    """grpo_passk's row advantages ``[G, K]`` from the scores in units ``u`` (see group_advantages)."""
+    K = u.shape[1]
+    nan = (member & torch.isnan(u)).any(dim=1, keepdim=True)
+    lowest = torch.tensor(-math.inf, dtype=u.dtype, device=u.device)
+    top = torch.where(member, u, lowest)
+    best = top.max(dim=1, keepdim=True).values
+    slot = torch.arange(K, device=u.device).expand_as(u)
+    # The first member holding the maximum; an index past the group when there is none.
+    first = torch.where(member & (top == best), slot, K).min(dim=1, keepdim=True).values
+    second = torch.where(slot == first, lowest, top).max(dim=1, keepdim=True).values
+    gap = best - second
+    gap = gap / (std + eps / unit) if norm_by_std else gap * unit
+    adv = torch.where((slot == first) & several, gap, 0.0)
+    return torch.where(nan & member, math.nan, adv)
 
 
 @_validated(_checks.reinforce_pp_advantages)
