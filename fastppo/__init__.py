@@ -25,6 +25,7 @@ from .ops import (
     shape_rewards,
     value_loss,
 )
+from .rollout_correction import rollout_correction
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "reference",
     "register_policy_loss",
     "reinforce_pp_advantages",
+    "rollout_correction",
     "shape_rewards",
     "use_backend",
     "value_loss",
