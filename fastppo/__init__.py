@@ -25,7 +25,7 @@ from .ops import (
     shape_rewards,
     value_loss,
 )
-from .rollout_correction import rollout_correction
+from .rollout_correction import bypass_mode_loss, rollout_correction
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "aggregate",
+    "bypass_mode_loss",
     "compute_advantages",
     "current_backend",
     "entropy_from_logits",

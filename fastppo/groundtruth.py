@@ -559,3 +559,29 @@ def rollout_correction(old_logprobs, rollout_logprobs, mask, *, level="token", m
     seq_sum = torch.stack([r.sum() for r in rows]) if B else torch.zeros(0, dtype=F64)
     metrics["chi2_seq"] = mean(torch.exp(2.0 * bound(seq_sum))) - 1.0
     return weights, keep, metrics
+
+
+def bypass_mode_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None,
+                     loss_type="ppo_clip", clip_low=0.2, clip_high=None, dual_clip=3.0, level=None,
+                     mode="truncate", upper=2.0, lower=None, batch_normalize=False, rs=None, rs_threshold=None,
+                     veto=None):
+    """Float64: the rollout correction of the detached log-probs, then the loss over kept tokens."""
+    w, keep, metrics = rollout_correction(logprobs.detach(), old_logprobs, mask, level=level, mode=mode,
+                                          upper=upper, lower=lower, batch_normalize=batch_normalize, rs=rs,
+                                          rs_threshold=rs_threshold, veto=veto)
+    if loss_type == "ppo_clip":
+        loss, stats = policy_loss(logprobs, old_logprobs, advantages, keep, clip_low=clip_low, clip_high=clip_high,
+                                  dual_clip=dual_clip, agg=agg, is_weights=is_weights)
+    else:
+        lp = _zero_masked(logprobs, keep)
+        per_token = -_zero_masked(advantages, keep) * lp
+        if w is not None:
+            per_token = per_token * _zero_masked(w, keep)
+        if is_weights is not None:
+            per_token = per_token * _zero_masked(is_weights, keep)
+        loss = aggregate(per_token, keep, agg)
+        n = int(keep.sum())
+        kl = (_zero_masked(old_logprobs, keep) - lp.detach()).sum()
+        stats = {"approx_kl": kl / n if n else kl * 0}
+    stats.update({"rollout_corr/" + k: v for k, v in metrics.items()})
+    return loss, stats

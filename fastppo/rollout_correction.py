@@ -33,9 +33,13 @@ from typing import Sequence
 
 import torch
 
+from .objectives import register_policy_loss
+from .ops import aggregate, policy_loss
 from .reference import _k3
 
 __all__ = [
+    "BYPASS_LOSS_TYPES",
+    "bypass_mode_loss",
     "IS_LEVELS",
     "IS_MODES",
     "RS_ALIASES",
@@ -464,3 +468,92 @@ def _offpolicy_metrics(old, roll, log_ratio, valid):
     seq = log_ratio.sum(-1).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     m["chi2_seq"] = _all_mean(torch.exp(2.0 * seq)) - 1.0
     return m
+
+
+# --------------------------------------------------------------------------------------------
+# verl's bypass_mode policy loss
+# --------------------------------------------------------------------------------------------
+
+BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
+
+
+@register_policy_loss("bypass_mode")
+def bypass_mode_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    agg: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+    loss_type: str = "ppo_clip",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = 3.0,
+    level: str | None = None,
+    mode: str = "truncate",
+    upper: float = 2.0,
+    lower: float | None = None,
+    batch_normalize: bool = False,
+    rs=None,
+    rs_threshold=None,
+    veto: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``bypass_mode`` loss: the rollout's log-probs stand in for the old policy's.
+
+    ``old_logprobs`` here *are* the rollout (sampler) log-probs: verl's bypass mode skips the
+    old-policy forward and corrects against the sampler directly (Liu et al. 2025, "When Speed
+    Kills Stability"). First :func:`rollout_correction` of ``logprobs`` (detached) against
+    ``old_logprobs`` with the given ``level`` / ``mode`` / ``upper`` / ``lower`` /
+    ``batch_normalize`` / ``rs`` / ``rs_threshold`` / ``veto`` gives weights ``w`` and the kept
+    tokens, then over the kept tokens only:
+
+    * ``loss_type="ppo_clip"``: the clipped surrogate of :func:`fastppo.policy_loss` with ratio
+      ``pi / pi_rollout`` (``clip_low``, ``clip_high``, ``dual_clip``; verl's vanilla applies its
+      ``clip_ratio_c`` = 3 dual clip always). ``w`` is not applied: the ratio already is the
+      importance weight (verl: "would be double-counting"); it still feeds the metrics.
+    * ``loss_type="reinforce"``: ``-A * w * log pi`` (REINFORCE with detached truncated IS;
+      ``w = 1`` when ``level`` is None), aggregated by ``agg``.
+
+    ``is_weights`` (extra per-token weights from the caller; verl passes none here) multiply the
+    per-token loss of either type.
+
+    Args:
+        logprobs: ``[B, T]`` current policy log-probs (differentiable).
+        old_logprobs: ``[B, T]`` the rollout engine's log-probs of the sampled tokens.
+        advantages, mask, is_weights: ``[B, T]``, as :func:`fastppo.policy_loss`.
+    Returns:
+        ``(loss, stats)``: float32 0-d loss; ``stats``: ``approx_kl`` (masked mean of ``rollout
+        - current`` over kept tokens, verl's ``actor/ppo_kl``), with ``ppo_clip`` also
+        ``clipfrac`` and ``clipfrac_lower``, and every ``rollout_corr/...`` metric of
+        :func:`rollout_correction`.
+    """
+    if loss_type not in BYPASS_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(BYPASS_LOSS_TYPES)}")
+    if not isinstance(logprobs, torch.Tensor):
+        raise ValueError(f"logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
+    weights, keep, rc_metrics = rollout_correction(
+        logprobs.detach(), old_logprobs, mask, level=level, mode=mode, upper=upper, lower=lower,
+        batch_normalize=batch_normalize, rs=rs, rs_threshold=rs_threshold, veto=veto,
+    )
+    if loss_type == "ppo_clip":
+        loss, stats = policy_loss(logprobs, old_logprobs, advantages, keep, clip_low=clip_low, clip_high=clip_high,
+                                  dual_clip=dual_clip, agg=agg, is_weights=is_weights)
+    else:
+        if not isinstance(advantages, torch.Tensor) or advantages.shape != logprobs.shape:
+            raise ValueError(f"advantages must be a tensor of logprobs' shape {list(logprobs.shape)}")
+        if is_weights is not None and (not isinstance(is_weights, torch.Tensor) or is_weights.shape != logprobs.shape):
+            raise ValueError(f"is_weights must be None or a tensor of logprobs' shape {list(logprobs.shape)}")
+        # Selected, not multiplied: a NaN at a dropped position reaches neither loss nor gradient.
+        lp = torch.where(keep, logprobs.float(), 0.0)
+        coef = torch.where(keep, advantages.detach().float(), 0.0)
+        if weights is not None:
+            coef = coef * torch.where(keep, weights, 0.0)
+        if is_weights is not None:
+            coef = coef * torch.where(keep, is_weights.detach().float(), 0.0)
+        loss = aggregate(-coef * lp, keep, agg)
+        # verl's REINFORCE reports the unclamped mean of rollout - current as actor/ppo_kl.
+        old = torch.where(keep, old_logprobs.detach().float(), 0.0)
+        stats = {"approx_kl": (old - lp.detach()).sum() / keep.sum().clamp_min(1)}
+    stats.update(rc_metrics)
+    return loss, stats
