@@ -27,6 +27,7 @@ from .ops import (
     shape_rewards,
     value_loss,
 )
+from .rollout_correction import bypass_mode_loss, rollout_correction
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "PPOTrainer",
     "aggregate",
     "cispo_loss",
+    "bypass_mode_loss",
     "compute_advantages",
     "current_backend",
     "dppo_kl_loss",
@@ -72,6 +74,7 @@ __all__ = [
     "register_policy_loss",
     "reinforce_pp_advantages",
     "sapo_loss",
+    "rollout_correction",
     "shape_rewards",
     "use_backend",
     "value_loss",

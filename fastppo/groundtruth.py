@@ -562,3 +562,237 @@ def optimal_token_baseline_advantages(rewards, mask, group_size, old_logprobs, s
                         base = 0.0
                 adv[b, t] = G[t] - base
     return adv.to(rewards.device), ret.to(rewards.device)
+# Rollout correction
+# --------------------------------------------------------------------------------------------
+
+
+def _rc_thresholds(rs, rs_threshold):
+    """verl's rollout_rs / rollout_rs_threshold strings (or lists) -> [(option, lower, upper)]."""
+    alias = {"token": "token_k1", "sequence": "seq_sum_k1", "geometric": "seq_mean_k1"}
+    names = rs.split(",") if isinstance(rs, str) else list(rs)
+    options = []
+    for n in names:
+        n = alias.get(n.strip(), n.strip())
+        if n and n not in options:
+            options.append(n)
+    specs = rs_threshold.split(",") if isinstance(rs_threshold, str) else (
+        list(rs_threshold) if isinstance(rs_threshold, (list, tuple)) else [rs_threshold])
+    if len(specs) == 1:
+        specs = specs * len(options)
+    out = []
+    for n, spec in zip(options, specs):
+        if isinstance(spec, str) and "_" in spec:
+            lo, hi = (float(v) for v in spec.split("_"))
+        elif isinstance(spec, (list, tuple)):
+            lo, hi = float(spec[0]), float(spec[1])
+        else:
+            hi = float(spec)
+            lo = 1.0 / hi if n.endswith("k1") else None
+        out.append((n, lo, hi))
+    return out
+
+
+def rollout_correction(old_logprobs, rollout_logprobs, mask, *, level="token", mode="truncate", upper=2.0,
+                       lower=None, batch_normalize=False, rs=None, rs_threshold=None, veto=None):
+    """Float64 weights, keep mask and metrics (metric names without the ``rollout_corr/`` prefix).
+
+    Written row by row from the definitions: each row's valid log-ratios are selected first, so
+    every per-row figure is a plain sum / mean / max of a short float64 vector.
+    """
+    import math
+
+    valid = _valid(mask)
+    B, T = valid.shape
+    lr_all = _zero_masked(old_logprobs, valid) - _zero_masked(rollout_logprobs, valid)
+    rows = [lr_all[b][valid[b]] for b in range(B)]
+    nonempty = [b for b in range(B) if rows[b].numel() > 0]
+    toks = torch.cat(rows) if rows else torch.zeros(0, dtype=F64)
+    metrics = {}
+
+    def mean(xs):
+        xs = list(xs) if not isinstance(xs, torch.Tensor) else xs
+        if isinstance(xs, list):
+            xs = torch.stack(xs) if xs else torch.zeros(0, dtype=F64)
+        return xs.mean() if xs.numel() else torch.zeros((), dtype=F64)
+
+    def bound(x):
+        return x.clamp(-20.0, 20.0)
+
+    weights = None
+    if level is not None:
+        lower_m = 1.0 / upper if lower is None else lower
+        raw = torch.zeros(B, T, dtype=F64)
+        row_log = []
+        for b in range(B):
+            if level == "token":
+                raw[b][valid[b]] = torch.exp(bound(rows[b]))
+            else:
+                s = rows[b].sum()
+                if level == "geometric" and rows[b].numel():
+                    s = s / rows[b].numel()
+                row_log.append(s)
+                raw[b][valid[b]] = torch.exp(bound(s))
+        if mode == "truncate":
+            w = torch.minimum(raw, torch.tensor(upper, dtype=F64))
+            w = torch.where(torch.isnan(raw), raw, w)
+        else:
+            outside = (raw < lower_m) | (raw > upper)
+            w = torch.where(outside, torch.zeros((), dtype=F64), raw)
+            metrics["rollout_is_oob_ratio"] = outside[valid].to(F64).mean() if valid.any() else torch.zeros((), dtype=F64)
+        wv, rv = w[valid], raw[valid]
+        metrics["rollout_is_mean"] = mean(wv)
+        if level == "token":
+            metrics["rollout_is_max"] = wv.max() if wv.numel() else torch.zeros((), dtype=F64)
+            metrics["rollout_is_min"] = wv.min() if wv.numel() else torch.zeros((), dtype=F64)
+            metrics["rollout_is_ratio_fraction_high"] = mean((rv > upper).to(F64))
+            metrics["rollout_is_ratio_fraction_low"] = mean((rv < lower_m).to(F64))
+        else:
+            rl = torch.stack(row_log) if row_log else torch.zeros(0, dtype=F64)
+            metrics["rollout_is_max"] = torch.exp(rl.max().clamp(max=20.0)) if B else torch.ones((), dtype=F64)
+            metrics["rollout_is_min"] = torch.exp(rl.min()) if B else torch.ones((), dtype=F64)
+            metrics["rollout_is_ratio_fraction_high"] = mean((rl > math.log(upper)).to(F64))
+            metrics["rollout_is_ratio_fraction_low"] = mean((rl < math.log(lower_m)).to(F64))
+        c = wv.clamp(0.0, upper)
+        metrics["rollout_is_std"] = (
+            torch.sqrt(torch.clamp((c * c).mean() - c.mean() ** 2, min=0.0)) if c.numel() > 1 else torch.zeros((), dtype=F64)
+        )
+        metrics["rollout_is_eff_sample_size"] = 1.0 / mean((c / (mean(c) + 1e-8)) ** 2) if c.numel() else torch.tensor(math.inf, dtype=F64)
+        seq_w = torch.stack([mean(w[b][valid[b]]) for b in range(B)]) if B else torch.zeros(0, dtype=F64)
+        raw_seq = torch.stack([mean(raw[b][valid[b]]) for b in range(B)]) if B else torch.zeros(0, dtype=F64)
+        metrics["rollout_is_seq_mean"] = mean(seq_w)
+        metrics["rollout_is_seq_std"] = seq_w.std() if B > 1 else torch.zeros((), dtype=F64)
+        metrics["rollout_is_seq_max"] = seq_w.max() if B else torch.zeros((), dtype=F64)
+        metrics["rollout_is_seq_min"] = seq_w.min() if B else torch.zeros((), dtype=F64)
+        metrics["rollout_is_seq_max_deviation"] = (seq_w - 1).abs().max() if B else torch.zeros((), dtype=F64)
+        metrics["rollout_is_seq_fraction_high"] = mean((raw_seq > upper).to(F64))
+        metrics["rollout_is_seq_fraction_low"] = mean((raw_seq < lower_m).to(F64))
+        if batch_normalize:
+            if level == "token":
+                norm = mean(wv)
+            else:
+                norm = mean([seq_w[b] for b in nonempty])
+            if norm > 1e-8:
+                w = w / norm
+                metrics["rollout_is_batch_norm_factor"] = norm
+            else:
+                metrics["rollout_is_batch_norm_factor"] = torch.ones((), dtype=F64)
+        weights = w
+
+    keep = valid.clone()
+    if rs is not None:
+        def stat(kind, x):
+            s = bound(x)
+            return {"k1": -s, "k2": s * s / 2, "k3": _k3_exact(s)}[kind]
+
+        for opt, lo, hi in _rc_thresholds(rs, rs_threshold):
+            kind = opt[-2:]
+            lo_t = math.log(lo) if kind == "k1" else None
+            hi_t = math.log(hi) if kind == "k1" else hi
+
+            def ok(v):
+                return (v <= hi_t) & (v >= lo_t) if lo_t is not None else (v <= hi_t)
+
+            opt_keep = torch.ones(B, T, dtype=torch.bool)
+            per_tok, seq_vals = [], []
+            for b in range(B):
+                v = stat(kind, rows[b])
+                if opt.startswith("token"):
+                    opt_keep[b][valid[b]] = ok(v)
+                    per_tok.append(v)
+                    seq_vals.append(mean(v))
+                else:
+                    if opt.startswith("seq_sum"):
+                        r = v.sum()
+                    elif opt.startswith("seq_mean"):
+                        r = mean(v)
+                    else:
+                        r = v.max() if v.numel() else torch.zeros((), dtype=F64)
+                    opt_keep[b] = bool(ok(r))
+                    per_tok.append(r.expand(v.numel()))
+                    seq_vals.append(r)
+            keep &= opt_keep
+            flat = torch.cat(per_tok) if per_tok else torch.zeros(0, dtype=F64)
+            sv = torch.stack([seq_vals[b] for b in nonempty]) if nonempty else torch.zeros(0, dtype=F64)
+            p = f"rollout_rs_{opt}"
+            metrics[f"{p}_mean"] = mean(flat)
+            if opt.startswith("token"):
+                metrics[f"{p}_max"] = flat.max() if flat.numel() else torch.zeros((), dtype=F64)
+                metrics[f"{p}_min"] = flat.min() if flat.numel() else torch.zeros((), dtype=F64)
+                metrics[f"{p}_fraction_high"] = mean((flat > hi_t).to(F64))
+                metrics[f"{p}_fraction_low"] = mean((flat < lo_t).to(F64)) if lo_t is not None else torch.zeros((), dtype=F64)
+            else:
+                metrics[f"{p}_max"] = sv.max() if sv.numel() else torch.zeros((), dtype=F64)
+                metrics[f"{p}_min"] = sv.min() if sv.numel() else torch.zeros((), dtype=F64)
+                metrics[f"{p}_fraction_high"] = mean((sv > hi_t).to(F64))
+                metrics[f"{p}_fraction_low"] = mean((sv < lo_t).to(F64)) if lo_t is not None else torch.zeros((), dtype=F64)
+            c = flat.clamp(lo_t if lo_t is not None else 0.0, hi_t)
+            metrics[f"{p}_std"] = (
+                torch.sqrt(torch.clamp((c * c).mean() - c.mean() ** 2, min=0.0)) if c.numel() > 1 else torch.zeros((), dtype=F64)
+            )
+            metrics[f"{p}_seq_mean"] = mean(sv)
+            metrics[f"{p}_seq_std"] = sv.std() if sv.numel() > 1 else torch.zeros((), dtype=F64)
+            metrics[f"{p}_seq_max"] = sv.max() if sv.numel() else torch.zeros((), dtype=F64)
+            metrics[f"{p}_seq_min"] = sv.min() if sv.numel() else torch.zeros((), dtype=F64)
+            metrics[f"{p}_seq_max_deviation"] = sv.abs().max() if sv.numel() else torch.zeros((), dtype=F64)
+            metrics[f"{p}_seq_fraction_high"] = mean((sv > hi_t).to(F64))
+            if lo_t is not None:
+                metrics[f"{p}_seq_fraction_low"] = mean((sv < lo_t).to(F64))
+            metrics[f"{p}_masked_fraction"] = mean((~opt_keep[valid]).to(F64))
+            metrics[f"{p}_seq_masked_fraction"] = mean([(~opt_keep[b][valid[b]]).any().to(F64) for b in nonempty])
+        metrics["rollout_rs_masked_fraction"] = mean((~keep[valid]).to(F64))
+        metrics["rollout_rs_seq_masked_fraction"] = mean([(~keep[b][valid[b]]).any().to(F64) for b in range(B)])
+    if veto is not None:
+        bad = [(rows[b] < math.log(veto)) for b in range(B)]
+        metrics["rollout_is_veto_fraction"] = mean([bad[b].any().to(F64) for b in nonempty])
+        metrics["rollout_is_catastrophic_token_fraction"] = mean(torch.cat(bad).to(F64)) if bad else torch.zeros((), dtype=F64)
+        for b in range(B):
+            if bad[b].any():
+                keep[b] = False
+    keep &= valid
+
+    old_rows = [_zero_masked(old_logprobs, valid)[b][valid[b]] for b in range(B)]
+    roll_rows = [_zero_masked(rollout_logprobs, valid)[b][valid[b]] for b in range(B)]
+    m_old = torch.stack([mean(r) for r in old_rows]) if B else torch.zeros(0, dtype=F64)
+    m_roll = torch.stack([mean(r) for r in roll_rows]) if B else torch.zeros(0, dtype=F64)
+    metrics["training_ppl"] = mean(torch.exp(-m_old))
+    metrics["training_log_ppl"] = mean(-m_old)
+    metrics["kl"] = mean(-toks)
+    metrics["k3_kl"] = mean(_k3_exact(toks))
+    metrics["rollout_ppl"] = mean(torch.exp(-m_roll))
+    metrics["rollout_log_ppl"] = mean(-m_roll)
+    d = m_roll - m_old
+    metrics["log_ppl_diff"] = mean(d)
+    metrics["log_ppl_abs_diff"] = mean(d.abs())
+    metrics["log_ppl_diff_max"] = d.max() if B else torch.zeros((), dtype=F64)
+    metrics["log_ppl_diff_min"] = d.min() if B else torch.zeros((), dtype=F64)
+    metrics["ppl_ratio"] = mean(torch.exp(d))
+    metrics["chi2_token"] = mean(torch.exp(bound(toks)) ** 2) - 1.0
+    seq_sum = torch.stack([r.sum() for r in rows]) if B else torch.zeros(0, dtype=F64)
+    metrics["chi2_seq"] = mean(torch.exp(2.0 * bound(seq_sum))) - 1.0
+    return weights, keep, metrics
+
+
+def bypass_mode_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None,
+                     loss_type="ppo_clip", clip_low=0.2, clip_high=None, dual_clip=3.0, level=None,
+                     mode="truncate", upper=2.0, lower=None, batch_normalize=False, rs=None, rs_threshold=None,
+                     veto=None):
+    """Float64: the rollout correction of the detached log-probs, then the loss over kept tokens."""
+    w, keep, metrics = rollout_correction(logprobs.detach(), old_logprobs, mask, level=level, mode=mode,
+                                          upper=upper, lower=lower, batch_normalize=batch_normalize, rs=rs,
+                                          rs_threshold=rs_threshold, veto=veto)
+    if loss_type == "ppo_clip":
+        loss, stats = policy_loss(logprobs, old_logprobs, advantages, keep, clip_low=clip_low, clip_high=clip_high,
+                                  dual_clip=dual_clip, agg=agg, is_weights=is_weights)
+    else:
+        lp = _zero_masked(logprobs, keep)
+        per_token = -_zero_masked(advantages, keep) * lp
+        if w is not None:
+            per_token = per_token * _zero_masked(w, keep)
+        if is_weights is not None:
+            per_token = per_token * _zero_masked(is_weights, keep)
+        loss = aggregate(per_token, keep, agg)
+        n = int(keep.sum())
+        kl = (_zero_masked(old_logprobs, keep) - lp.detach()).sum()
+        stats = {"approx_kl": kl / n if n else kl * 0}
+    stats.update({"rollout_corr/" + k: v for k, v in metrics.items()})
+    return loss, stats

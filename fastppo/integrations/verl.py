@@ -492,7 +492,7 @@ _REGISTRY_SWAPS: dict[str, tuple[tuple[str, str, Any], ...]] = {
         ("ADV_ESTIMATOR_REGISTRY", "reinforce_plus_plus", compute_reinforce_plus_plus_outcome_advantage),
     ),
 }
-PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators", "policy_losses")
+PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators", "policy_losses", "rollout_correction")
 
 
 def _swap_everywhere(attr: str, replacement: Any, original: Any) -> None:
@@ -519,6 +519,7 @@ def install(
     agg_loss: bool = False,
     estimators: bool = False,
     policy_losses: bool = False,
+    rollout_correction: bool = False,
     name: str = LOSS_NAME,
 ) -> None:
     """Put fastppo into verl (idempotent).
@@ -538,6 +539,9 @@ def install(
     * ``policy_losses``: verl's other policy losses (``dppo_tv``, ``dppo_kl``, ``sapo``, ``gpg``,
       ``cispo``, ``dro``...: ``fastppo.integrations._verl_policy_losses.ADAPTERS``), their
       registry entries and ``compute_policy_loss_<name>`` functions.
+    * ``rollout_correction``: replace ``rollout_corr_helper``'s IS-weight, rejection and metric
+      functions by ``fastppo.rollout_correction`` and ``loss_mode=bypass_mode`` by
+      ``fastppo.bypass_mode_loss`` (``fastppo.integrations._verl_rollout_corr``).
 
     Every function is swapped in ``core_algos`` and in the verl modules that imported it by name.
     Raises ImportError when verl's ``core_algos`` cannot be imported.
@@ -546,6 +550,10 @@ def install(
     if policy_loss:
         core_algos.register_policy_loss(name)(compute_policy_loss_fastppo)
         _registered_names.add(name)
+    if rollout_correction:
+        from fastppo.integrations import _verl_rollout_corr
+
+        _verl_rollout_corr.install()
     wanted = dict(gae=gae, value_loss=value_loss, vanilla=vanilla, kl_penalty=kl_penalty,
                   agg_loss=agg_loss, estimators=estimators, policy_losses=policy_losses)
     for part, on in wanted.items():
@@ -565,6 +573,9 @@ def install(
 
 def uninstall() -> None:
     """Undo ``install()``: verl's own functions and registry entries come back."""
+    from fastppo.integrations import _verl_rollout_corr
+
+    _verl_rollout_corr.uninstall()
     core_algos = sys.modules.get(_CORE_ALGOS)
     if core_algos is None:
         _saved.clear()
@@ -604,7 +615,12 @@ def installed() -> dict[str, bool]:
     if core_algos is None:
         return dict.fromkeys(PARTS, False)
     state = {"policy_loss": core_algos.POLICY_LOSS_REGISTRY.get(LOSS_NAME) is compute_policy_loss_fastppo}
+    from fastppo.integrations import _verl_rollout_corr
+
+    state["rollout_correction"] = _verl_rollout_corr.installed()
     for part in PARTS[1:]:
+        if part not in _SWAPS:
+            continue
         state[part] = all(getattr(core_algos, attr, None) is ours for attr, ours in _SWAPS[part]) and all(
             getattr(core_algos, registry_name).get(key) is ours
             for registry_name, key, ours in _REGISTRY_SWAPS.get(part, ())
