@@ -502,6 +502,8 @@ def resume(trainer, candidates: list[str]) -> str | None:
 # Clearing the directory changes nothing a run computes; nor does when a diverging run gives up.
 RUNTIME_OPTIONS = RUNTIME_OPTIONS | {"overwrite", "max_skipped_steps"}
 _ADDED_OPTIONS.update({"chat_template": "auto", "stop_token_id": None, "missing_eos_penalty": None})
+# Packed rows and token-budget micro-batches change how the forwards are laid out, not the numbers.
+RUNTIME_OPTIONS = RUNTIME_OPTIONS | {"padding_free", "micro_batch_tokens"}
 
 RUN_MARKER = "fastppo_run.json"
 _FINAL_TMP = re.compile(r"^\.tmp-final-\d+")

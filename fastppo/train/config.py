@@ -106,6 +106,11 @@ class PPOConfig:
     """Sequences per optimizer step."""
     micro_batch_size: int = 32
     """Sequences per forward/backward; mini_batch_size / micro_batch_size accumulation steps."""
+    micro_batch_tokens: int | None = None
+    """Group each mini-batch (and the rollout's no-grad forwards) into micro-batches of at most this
+    many real tokens (prompt + response) instead of micro_batch_size rows, by first-fit decreasing;
+    a longer sequence gets one of its own. Each is weighted by its share of the mini-batch's tokens or
+    rows, as loss_agg needs (verl's ppo_max_token_len_per_gpu). None: micro_batch_size rows."""
     learning_rate: float = 1e-5
     critic_learning_rate: float | None = None
     """Default: ``learning_rate``."""
@@ -155,6 +160,11 @@ class PPOConfig:
     """``auto``: flash_attention_2 when flash-attn is installed and on a GPU, else sdpa."""
     bf16: bool | None = None
     """Autocast to bfloat16; None: on when the device is CUDA with bf16 support."""
+    padding_free: bool = True
+    """Every forward runs on packed rows (each sequence's real tokens end to end, position ids
+    restarting per sequence, no padding) and gathers back the response positions. Each model is
+    checked at start on two packed sequences; one that gives other numbers runs padded, with a
+    notice. ``false`` always pads."""
     fused_head: bool = True
     """Log-probs from the last hidden state at the response positions through
     ``fastppo.linear_logprobs``: the ``[B, L, V]`` logits are never built. Models whose head is not
@@ -229,6 +239,9 @@ class PPOConfig:
             _at_least(self, name, 1, "an integer >= 1")
         for name in ("lora_r", "critic_lora_r", "warmup_steps", "save_every", "num_threads"):
             _at_least(self, name, 0, "an integer >= 0")
+        if self.micro_batch_tokens is not None and not self.micro_batch_tokens >= 1:
+            raise ConfigError(f"{_opt('micro_batch_tokens')} must be an integer >= 1 or none (micro-batches of "
+                              f"micro_batch_size rows), got {self.micro_batch_tokens}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"{_opt('seed')} must be an integer in [0, 2**63), got {self.seed}")
         for name, why in (("learning_rate", ""), ("temperature", ""), ("max_grad_norm", ""),

@@ -48,6 +48,7 @@ from torch import nn
 from .config import ConfigError
 
 _FUSED_METHOD = "fastppo_response_logprobs"
+_CALL_METHOD = "fastppo_call"
 
 
 def launched() -> bool:
@@ -491,7 +492,22 @@ def _fully_shard(model: nn.Module, mesh) -> nn.Module:
     # root's parameters (embeddings, final norm, head) and its gradients are reduce-scattered.
     setattr(model, _FUSED_METHOD, _fused_logprobs.__get__(model))
     register_fsdp_forward_method(model, _FUSED_METHOD)
+    # Any other function of the whole model outside its forward (the packed fused head): the same hooks.
+    setattr(model, _CALL_METHOD, _call.__get__(model))
+    register_fsdp_forward_method(model, _CALL_METHOD)
     return model
+
+
+def _call(model, fn, *args):
+    return fn(model, *args)
+
+
+def call_method(model: nn.Module, fn, *args):
+    """``fn(model, *args)``, inside FSDP2's forward hooks of ``model`` when it is sharded (its root
+    parameters, such as the embeddings and the LM head, are gathered for ``fn``)."""
+    if hasattr(model, _CALL_METHOD):
+        return getattr(model, _CALL_METHOD)(fn, *args)
+    return fn(model, *args)
 
 
 def _fused_logprobs(model, seq, attn, pos, mask, prompt_width, temperature):

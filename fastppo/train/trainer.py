@@ -41,6 +41,7 @@ import fastppo
 from . import api
 from . import builtin, checkpoint, rollout
 from . import distributed  # [dist] several processes (torchrun); a no-op for one
+from . import packing
 from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
                    prompt_text, prompts_from_dataset)
@@ -501,6 +502,8 @@ class PPOTrainer:
         self.resumed_from: str | None = resume(self, candidates)
         self.resumed_from = self._resume_finite(resume, candidates, self.resumed_from)
         self.rollout = rollout.make_engine(self)  # built from the restored weights on a resume
+        # --padding-free: each model checked once on packed rows; --micro-batch-tokens groups
+        self.packing = packing.Packing(self)
 
     # ----------------------------------------------------------------------------------------
     def _lr_factor(self, update: int) -> float:
@@ -634,12 +637,14 @@ class PPOTrainer:
               responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32 scores from the reward model (at the last response token) or function."""
         if self.reward_model is not None:
-            last = seq.shape[1] - responses.shape[1] + mask.long().sum(1) - 1
-            out = []
+            out = torch.zeros(seq.shape[0], dtype=torch.float32, device=seq.device)
+            width = seq.shape[1] - responses.shape[1]
             with autocast(self.device, self.bf16):
-                for rows in torch.arange(seq.shape[0], device=seq.device).split(self.config.micro_batch_size):
-                    out.append(self.reward_model.score_last(seq[rows], attn[rows], pos[rows], last[rows]).float())
-            return torch.cat(out)
+                # the reward model is whole on every rank: no rank needs the others' forward count
+                for rows, _ in self.packing.forward_groups(attn, self.config.micro_batch_size, collective=False):
+                    batch = self.packing.batch(seq[rows], attn[rows], pos[rows], width)
+                    out[rows] = self.packing.score_last(self.reward_model, batch).float()
+            return out
         completions = [self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True)
                        for r, m in zip(responses.cpu(), mask.cpu())]
         scores = self.reward_fn([prompt_text(p, self.tokenizer) for p in prompts], completions)
@@ -698,24 +703,22 @@ class PPOTrainer:
         t2 = self._sync()
 
         # Micro-batched like the updates: a rollout-sized forward would hold B x T x V logits at once.
-        old_logprobs, entropy, ref_logprobs, old_values = [], [], [], []
+        # (packed rows where the models take them; groups of micro_batch_tokens when set)
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
+        old_logprobs, entropy, ref_logprobs = zeros.clone(), zeros.clone(), zeros.clone()
+        old_values = zeros.clone() if self.critic is not None else None
         with torch.no_grad(), autocast(dev, self.bf16):
-            for rows in torch.arange(len(idx), device=dev).split(cfg.micro_batch_size):
-                s_, a_, p_, m_ = seq[rows], attn[rows], pos[rows], mask[rows]
-                lp, ent = distributed.response_logprobs(self.actor, s_, a_, p_, width, m_, cfg.temperature,
-                                                        cfg.fused_head)
+            for rows, keep in self.packing.forward_groups(attn, cfg.micro_batch_size):
+                batch, m_ = self.packing.batch(seq[rows], attn[rows], pos[rows], width), mask[rows]
+                lp, ent = self.packing.logprobs(self.actor, batch, m_, cfg.temperature, cfg.fused_head)
                 with reference_policy(self.actor, self.reference) as ref:
-                    rlp, _ = distributed.response_logprobs(ref, s_, a_, p_, width, m_, cfg.temperature,
-                                                           cfg.fused_head)
-                old_logprobs.append(lp)
-                entropy.append(ent)
-                ref_logprobs.append(rlp)
-                if self.critic is not None:
-                    v = self.critic(s_, a_, p_, width - 1, -1)
-                    old_values.append(torch.where(m_, v, 0.0))
-        old_logprobs, entropy = torch.cat(old_logprobs), torch.cat(entropy)
-        ref_logprobs = torch.cat(ref_logprobs)
-        old_values = torch.cat(old_values) if self.critic is not None else None
+                    rlp, _ = self.packing.logprobs(ref, batch, m_, cfg.temperature, cfg.fused_head)
+                v = self.packing.values(self.critic, batch) if self.critic is not None else None
+                if not keep:  # [dist] a pass that only keeps this rank's forward count equal to the others'
+                    continue
+                old_logprobs[rows], entropy[rows], ref_logprobs[rows] = lp.float(), ent.float(), rlp.float()
+                if v is not None:
+                    old_values[rows] = torch.where(m_, v, 0.0)
         is_weights, mismatch = rollout.correction(cfg, old_logprobs, sampled, self.dist)  # rollout engine vs trainer
         shaped = scores.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else scores
         kl_coef_used = self.kl.value
@@ -756,8 +759,8 @@ class PPOTrainer:
                 loss_finite = torch.ones((), dtype=torch.bool, device=dev)
                 # [dist] with N ranks: this rank's rows of the global mini-batch, weighted by their
                 # share of its tokens (see distributed.Distributed.micro_batches)
-                for micro, weight, stats_weight in self.dist.micro_batches(mini, mask, cfg.micro_batch_size,
-                                                                           cfg.loss_agg):
+                for micro, weight, stats_weight in self.packing.micro_batches(mini, mask, attn, cfg.micro_batch_size,
+                                                                              cfg.loss_agg):
                     ta = self._sync()
                     loss, stats = self._loss(micro, seq, attn, pos, width, mask, old_logprobs, advantages,
                                              old_values, returns, ref_logprobs, is_weights)
@@ -853,21 +856,21 @@ class PPOTrainer:
         cfg = self.config
         m = mask[micro]
         w = None if is_weights is None else is_weights[micro]
+        batch = self.packing.batch(seq[micro], attn[micro], pos[micro], width)
         with autocast(self.device, self.bf16):
             fused = None
             if cfg.fused_head and not distributed.sharded_fused(self.actor):
                 # A frozen fused head (LoRA): the whole policy objective from the hidden states.
-                fused = response_policy_loss(
-                    self.actor, seq[micro], attn[micro], pos[micro], width, cfg.temperature,
+                fused = self.packing.policy_loss(
+                    self.actor, batch, cfg.temperature,
                     old_logprobs=old_logprobs[micro], advantages=advantages[micro], mask=m, clip_low=cfg.clip_low,
                     clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg, ent_coef=cfg.ent_coef,
                     ref_logprobs=ref_logprobs[micro] if cfg.kl_loss_coef else None, kl_coef=cfg.kl_loss_coef,
                     kl_estimator=cfg.kl_estimator)
             if fused is None:
-                logprobs, entropy = distributed.response_logprobs(self.actor, seq[micro], attn[micro], pos[micro],
-                                                                  width, m, cfg.temperature, cfg.fused_head)
+                logprobs, entropy = self.packing.logprobs(self.actor, batch, m, cfg.temperature, cfg.fused_head)
             if self.critic is not None:
-                values = self.critic(seq[micro], attn[micro], pos[micro], width - 1, -1)
+                values = self.packing.values(self.critic, batch)
         if fused is not None:
             return self._fused_loss(fused, values if self.critic is not None else None, m, micro, old_values, returns)
         if self.critic is not None:

@@ -1,0 +1,451 @@
+"""Padding-free forwards and token-budget micro-batches (``--padding-free``, ``--micro-batch-tokens``).
+
+A rollout is ``[B, P + R]``: prompts left-padded to the longest prompt, responses right-padded to
+the longest response. With response lengths that spread from a few tokens to ``max_new_tokens``,
+half or more of those positions are padding, and every forward of an iteration (old and reference
+log-probs, values, reward-model scores, each update's actor and critic passes) computes them.
+
+Packed, each micro-batch's sequences (the real prompt tokens followed by the real response tokens,
+no padding) are laid end to end into a few rows as wide as its longest sequence (first-fit
+decreasing), with ``position_ids`` that restart at 0 for each sequence and no ``attention_mask``.
+transformers then builds a block-diagonal causal mask for sdpa and eager
+(``masking_utils.find_packed_sequence_indices``) and runs flash-attention's varlen kernels, so each
+token attends to its own sequence only; ``use_cache=False`` is required (with a cache the packed
+detection is skipped). Rows at most as wide as the longest sequence keep the attention cost at or
+below the padded one (a single row of all sequences would pay (sum of lengths)^2 on sdpa/eager).
+What the ops need is gathered back into the ``[B, R]`` layout: the hidden state (or logits) before
+each response token, the critic's value there, the reward model's score at the last token. The
+numbers are those of the padded forwards up to float rounding (``tests/test_train_packing.py``).
+
+Whether a model takes packed rows is checked, not assumed: :class:`Packing` runs each model once
+on two short sequences packed into one row and separately, and a model whose outputs differ (or
+that raises) runs padded, with a one-line notice.
+
+``--micro-batch-tokens N`` groups the rows of a mini-batch (and of the rollout's no-grad forwards)
+by first-fit decreasing so that no group holds more than N real tokens (prompt + response); a
+sequence longer than N gets a group of its own, with a notice. Each group's loss is weighted by its
+share of the mini-batch as the aggregation needs (valid tokens for ``token-mean``, rows with a
+valid token for ``seq-mean-*``, 1 for ``token-sum``), so the accumulated gradient is the mini-batch's.
+Under torchrun each rank groups the rows it holds into the same number of groups, balanced by
+tokens (largest first into the lightest group), padding with zero-weighted groups where it holds
+fewer, so every rank meets the same FSDP2 collectives.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .models import autocast, checkpointing, fused_head
+
+
+# --------------------------------------------------------------------------------------------
+# grouping
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped so that each group's sum is at most ``capacity`` (an item
+    larger than ``capacity`` alone in its group): longest first, each into the first group with
+    room. Groups come out in the order they were opened, each listing its items longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for g, left in enumerate(room):
+            if n <= left:
+                groups[g].append(i)
+                room[g] -= n
+                break
+        else:
+            groups.append([i])
+            room.append(capacity - n)
+    return groups
+
+
+def balanced_groups(lengths: list[int], k: int) -> list[list[int]]:
+    """Indices of ``lengths`` in exactly ``k`` groups of near-equal sums: longest first, each into
+    the group with the smallest sum so far (some groups stay empty when there are fewer items)."""
+    groups: list[list[int]] = [[] for _ in range(k)]
+    sums = [0] * k
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        g = min(range(k), key=lambda g: (sums[g], g))
+        groups[g].append(i)
+        sums[g] += lengths[i]
+    return groups
+
+
+def budget_groups(lengths: list[int], budget: int, k: int | None = None) -> list[list[int]]:
+    """Groups of at most ``budget`` tokens (an item over it alone); with ``k`` (at least the number
+    first-fit decreasing needs) exactly ``k`` groups, balanced when that still respects the budget."""
+    groups = first_fit_decreasing(lengths, budget)
+    if k is None or k == len(groups):
+        return groups
+    balanced = balanced_groups(lengths, k)
+    if all(len(g) <= 1 or sum(lengths[i] for i in g) <= budget for g in balanced):
+        return balanced
+    return groups + [[] for _ in range(k - len(groups))]
+
+
+# --------------------------------------------------------------------------------------------
+# the packed layout of one micro-batch
+
+@dataclass
+class Layout:
+    """``b`` padded rows laid out packed.
+
+    input_ids, position_ids: int64 ``[rows, width]`` (``width``: the longest sequence); the tail of
+    a row after its last sequence holds pad ids at positions that start a sequence of their own
+    (their outputs are never read). index: int64 ``[b, R]`` into the flattened ``rows * width``
+    positions, the state before each response token (any position of the row's sequence where the
+    response is masked); last: int64 ``[b]``, each sequence's last real token.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    index: torch.Tensor
+    last: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def build_layout(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, width: int, pad_id: int) -> Layout | None:
+    """The packed :class:`Layout` of padded rows ``seq``/``attn``/``pos`` ``[b, P + R]`` (prompt width
+    ``P = width``), or None when a row has no prompt token (nothing before its first response token
+    to score it from: such a batch runs padded). One host sync (the lengths)."""
+    b, total = seq.shape
+    valid = attn != 0
+    n = valid.sum(1)
+    p = valid[:, :width].sum(1)
+    if b == 0:
+        return None
+    lengths, prompts = torch.stack([n, p]).tolist()
+    if min(prompts) == 0:
+        return None
+    cap = max(lengths)
+    rows = first_fit_decreasing(lengths, cap)
+    base = [0] * b
+    for r, members in enumerate(rows):
+        offset = r * cap
+        for i in members:
+            base[i] = offset
+            offset += lengths[i]
+    dev = seq.device
+    base_t = torch.tensor(base, dtype=torch.long, device=dev)
+    dest = (base_t[:, None] + pos)[valid]
+    ids = torch.full((len(rows) * cap,), pad_id, dtype=seq.dtype, device=dev)
+    ids[dest] = seq[valid]
+    # Tail positions count on from the row's width: a jump from the last sequence, so a sequence of its own.
+    positions = torch.arange(cap, device=dev).repeat(len(rows))
+    positions[dest] = pos[valid].to(positions.dtype)
+    index = base_t[:, None] + pos[:, width - 1:total - 1]
+    index = torch.where(valid[:, width:], index, base_t[:, None])
+    last = base_t + n - 1
+    return Layout(ids.view(len(rows), cap), positions.view(len(rows), cap), index, last)
+
+
+class Batch:
+    """One micro-batch in both layouts: the padded rows (``seq``, ``attn``, ``pos`` ``[b, P + R]``,
+    prompt width ``width``) and, built on first use and shared by the models, the packed one."""
+
+    def __init__(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, width: int, pad_id: int):
+        self.seq, self.attn, self.pos, self.width, self.pad_id = seq, attn, pos, width, pad_id
+        self._layout: Layout | None | bool = False
+
+    @property
+    def layout(self) -> Layout | None:
+        if self._layout is False:
+            self._layout = build_layout(self.seq, self.attn, self.pos, self.width, self.pad_id)
+        return self._layout  # type: ignore[return-value]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.seq[:, self.width:]
+
+
+# --------------------------------------------------------------------------------------------
+# packed forwards
+
+def _hidden(model: nn.Module, backbone: nn.Module, lay: Layout) -> torch.Tensor:
+    """``[rows * width, H]`` last hidden states of the packed rows."""
+    with checkpointing(model):
+        hidden = backbone(input_ids=lay.input_ids, attention_mask=None, position_ids=lay.position_ids,
+                          use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _head(parts, hidden: torch.Tensor):
+    head = parts[1]
+    # Under autocast the hidden states are bf16 while the head is float32, as in the padded path.
+    weight = head.weight.to(hidden.dtype)
+    bias = None if head.bias is None else head.bias.to(hidden.dtype)
+    return weight, bias
+
+
+def packed_logprobs(model: nn.Module, lay: Layout, labels: torch.Tensor, mask: torch.Tensor, temperature: float,
+                    fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``models.response_logprobs`` from packed rows: float32 ``[b, R]`` log-probs and entropy."""
+    import fastppo
+
+    parts = fused_head(model) if fused else None
+    if parts is not None:
+        hidden = _hidden(model, parts[0], lay)[lay.index]
+        weight, bias = _head(parts, hidden)
+        return fastppo.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                       return_entropy=True, mask=mask)
+    with checkpointing(model):
+        logits = model(input_ids=lay.input_ids, attention_mask=None, position_ids=lay.position_ids,
+                       use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])[lay.index]
+    return fastppo.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True, mask=mask)
+
+
+def packed_policy_loss(model: nn.Module, lay: Layout, labels: torch.Tensor, temperature: float, **loss_kwargs):
+    """``models.response_policy_loss`` from packed rows (None unless the head is fused and frozen)."""
+    import fastppo
+
+    parts = fused_head(model)
+    if parts is None or parts[1].weight.requires_grad or (parts[1].bias is not None and parts[1].bias.requires_grad):
+        return None
+    hidden = _hidden(model, parts[0], lay)[lay.index]
+    weight, bias = _head(parts, hidden)
+    return fastppo.linear_ppo_loss(hidden, weight, labels, bias=bias, temperature=temperature, **loss_kwargs)
+
+
+def _hooked(model: nn.Module, fn: Callable, *args):
+    """``fn(model, *args)``, through FSDP2's forward hooks when ``model`` is sharded."""
+    from .distributed import call_method
+
+    return call_method(model, fn, *args)
+
+
+# --------------------------------------------------------------------------------------------
+# the support check
+
+def _probe_ids(vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = (torch.arange(9, device=device) * 7 + 5) % max(vocab, 1)
+    return ids[:5], ids[5:]
+
+
+def _compare(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor], vocab: int,
+             device: torch.device, bf16: bool) -> str | None:
+    """Why two sequences packed into one row do not give their separate outputs, or None."""
+    a, b = _probe_ids(vocab, device)
+    pa, pb = torch.arange(len(a), device=device), torch.arange(len(b), device=device)
+    try:
+        with torch.no_grad(), autocast(device, bf16):
+            alone_a = run(a[None], pa[None], torch.ones_like(a)[None]).float()
+            alone_b = run(b[None], pb[None], torch.ones_like(b)[None]).float()
+            packed = run(torch.cat([a, b])[None], torch.cat([pa, pb])[None], None).float()
+    except Exception as exc:  # noqa: BLE001 - a model that does not take position_ids without a mask
+        return f"its packed forward raised {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    alone = torch.cat([alone_a, alone_b], dim=1)
+    if packed.shape != alone.shape:
+        return f"its packed output has shape {tuple(packed.shape)}, the separate ones {tuple(alone.shape)}"
+    scale = float(alone.abs().max().clamp(min=1.0))
+    err = float((packed - alone).abs().max())
+    tol = (3e-2 if bf16 else 1e-4) * scale
+    if not err <= tol:
+        return f"two sequences packed into one row differ from their separate forwards by {err:.3g} (> {tol:.2g})"
+    return None
+
+
+def _vocab(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "vocab_size", None) or 32)
+
+
+def probe_causal_lm(model: nn.Module, device: torch.device, bf16: bool = False) -> str | None:
+    """Why ``model`` (a causal LM, or a peft model around one) cannot run packed, or None."""
+    def run(ids, pos, attn):
+        return model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+
+    return _compare(run, _vocab(model), device, bf16)
+
+
+def probe_scorer(scorer: nn.Module, device: torch.device, bf16: bool = False) -> str | None:
+    """Why a ``TokenScorer`` (critic, reward model) cannot run packed, or None."""
+    return _compare(lambda ids, pos, attn: scorer(ids, attn, pos)[..., None], _vocab(scorer.model), device, bf16)
+
+
+# --------------------------------------------------------------------------------------------
+# what the trainer calls
+
+class Packing:
+    """The trainer's forwards, packed where the model takes it, padded otherwise.
+
+    Built once per trainer after the models are loaded and sharded: with ``padding_free`` each
+    model (actor, separate reference, critic, reward model) is probed once (all ranks alike); a
+    model that fails runs padded, with a one-line notice.
+    """
+
+    def __init__(self, trainer, *, enabled: bool | None = None):
+        cfg = trainer.config
+        self.trainer = trainer
+        self.dist = trainer.dist
+        self.budget: int | None = getattr(cfg, "micro_batch_tokens", None) or None
+        self.pad_id = trainer.tokenizer.pad_token_id
+        enabled = getattr(cfg, "padding_free", True) if enabled is None else enabled
+        self.enabled = bool(enabled)
+        self._packed: dict[int, bool] = {}
+        self._over_budget_noticed = False
+        if not self.enabled:
+            return
+        dev, bf16 = trainer.device, trainer.bf16
+        checks = [("actor", trainer.actor, probe_causal_lm)]
+        if trainer.reference is not None:
+            checks.append(("reference", trainer.reference, probe_causal_lm))
+        if trainer.critic is not None:
+            checks.append(("critic", trainer.critic, probe_scorer))
+        if getattr(trainer, "reward_model", None) is not None:
+            checks.append(("reward model", trainer.reward_model, probe_scorer))
+        for role, model, probe in checks:
+            why = probe(model, dev, bf16)
+            self._packed[id(model)] = why is None
+            if why is not None and self.dist.is_main:
+                base = model.model if hasattr(model, "backbone") else model
+                base = base.get_base_model() if hasattr(base, "get_base_model") else base
+                print(f"fastppo train: padding-free: the {role} ({type(base).__name__}) runs on padded rows: {why}",
+                      file=sys.stderr, flush=True)
+
+    def packs(self, model: nn.Module) -> bool:
+        """Whether ``model``'s forwards run packed (a LoRA actor's reference is the actor itself)."""
+        return self.enabled and self._packed.get(id(model), False)
+
+    def batch(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, width: int) -> Batch:
+        return Batch(seq, attn, pos, width, self.pad_id)
+
+    # -- forwards ----------------------------------------------------------------------------
+    def logprobs(self, model: nn.Module, batch: Batch, mask: torch.Tensor, temperature: float, fused: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropy of the response tokens, float32 ``[b, R]``, 0 where ``mask`` is false."""
+        from . import distributed
+
+        lay = batch.layout if self.packs(model) else None
+        if lay is None:
+            return distributed.response_logprobs(model, batch.seq, batch.attn, batch.pos, batch.width, mask,
+                                                 temperature, fused)
+        if fused and fused_head(model) is not None:
+            return _hooked(model, packed_logprobs, lay, batch.labels, mask, temperature, True)
+        return packed_logprobs(model, lay, batch.labels, mask, temperature, fused)
+
+    def policy_loss(self, model: nn.Module, batch: Batch, temperature: float, **loss_kwargs):
+        """``fastppo.linear_ppo_loss`` of the response tokens through a frozen fused head, or None."""
+        from .models import response_policy_loss
+
+        lay = batch.layout if self.packs(model) else None
+        if lay is None:
+            return response_policy_loss(model, batch.seq, batch.attn, batch.pos, batch.width, temperature,
+                                        **loss_kwargs)
+        return packed_policy_loss(model, lay, batch.labels, temperature, **loss_kwargs)
+
+    def values(self, critic: nn.Module, batch: Batch) -> torch.Tensor:
+        """The critic's float32 ``[b, R]`` values at the states before the response tokens."""
+        lay = batch.layout if self.packs(critic) else None
+        if lay is None:
+            return critic(batch.seq, batch.attn, batch.pos, batch.width - 1, -1)
+        return critic(lay.input_ids, None, lay.position_ids).reshape(-1)[lay.index]
+
+    def score_last(self, scorer: nn.Module, batch: Batch) -> torch.Tensor:
+        """``[b]`` float32: the reward model's score at each row's last real token."""
+        lay = batch.layout if self.packs(scorer) else None
+        if lay is None:
+            last = batch.width + (batch.attn[:, batch.width:] != 0).long().sum(1) - 1
+            return scorer.score_last(batch.seq, batch.attn, batch.pos, last)
+        return scorer(lay.input_ids, None, lay.position_ids).reshape(-1)[lay.last]
+
+    # -- grouping ----------------------------------------------------------------------------
+    def _lengths(self, attn: torch.Tensor) -> list[int]:
+        return (attn != 0).sum(1).tolist()
+
+    def _notice_over_budget(self, lengths: list[int]) -> None:
+        longest = max(lengths, default=0)
+        if self.budget is not None and longest > self.budget and not self._over_budget_noticed:
+            self._over_budget_noticed = True
+            if self.dist.is_main:
+                print(f"fastppo train: micro_batch_tokens (--micro-batch-tokens) {self.budget}: a sequence of "
+                      f"{longest} tokens is longer; it gets a micro-batch of its own", file=sys.stderr, flush=True)
+
+    def forward_groups(self, attn: torch.Tensor, micro_size: int, *, collective: bool = True
+                       ) -> list[tuple[torch.Tensor, bool]]:
+        """Row groups for the no-grad forwards of a rollout ``attn`` ``[B, L]``: ``[(rows, keep)]``.
+
+        Without a token budget: ``micro_size`` rows at a time, in order. With one: groups of at most
+        ``micro_batch_tokens`` real tokens; under torchrun (``collective``: the model is sharded)
+        every rank runs the same number, the extra ones on row 0 with ``keep`` false.
+        """
+        b = attn.shape[0]
+        dev = attn.device
+        if self.budget is None:
+            return [(rows, True) for rows in torch.arange(b, device=dev).split(micro_size)]
+        lengths = self._lengths(attn)
+        self._notice_over_budget(lengths)
+        groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
+        k = len(groups)
+        if collective and self.dist.enabled:
+            k = self._max_over_ranks(k)
+        out = [(torch.tensor(sorted(g), dtype=torch.long, device=dev), True) for g in groups]
+        out += [(torch.zeros(1, dtype=torch.long, device=dev), False)] * (k - len(groups))
+        return out
+
+    def _max_over_ranks(self, k: int) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([k], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def micro_batches(self, mini: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor, micro_size: int, agg: str
+                      ) -> list[tuple[torch.Tensor, float, Any]]:
+        """``[(rows, loss_weight, stats_weight)]`` for one mini-batch, as
+        ``distributed.Distributed.micro_batches`` gives them; with a token budget the rows are
+        grouped by tokens and each group weighted by its exact share of the mini-batch."""
+        from .distributed import _by_kind, _const
+
+        if self.budget is None:
+            return self.dist.micro_batches(mini, mask, micro_size, agg)
+        d = self.dist
+        n_local = mask.shape[0]
+        if d.enabled:
+            owner = torch.div(mini, n_local, rounding_mode="floor")
+            local = mini[owner == d.rank] - d.rank * n_local
+        else:
+            local = mini
+        valid = mask != 0
+        tokens = valid.sum(1).to(torch.float64)
+        if agg == "token-mean":
+            per_row = tokens
+        elif agg.startswith("seq-mean"):
+            per_row = valid.any(1).to(torch.float64)
+        else:  # token-sum: a sum over tokens needs no normaliser
+            per_row = None
+        totals = torch.stack([tokens[local].sum(), (per_row if per_row is not None else tokens)[local].sum()])
+        lengths = self._lengths(attn[local]) if local.numel() else []
+        self._notice_over_budget(lengths)
+        groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
+        k = len(groups)
+        if d.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+            k = self._max_over_ranks(k)
+            groups = [g for g in budget_groups(lengths, self.budget, k) if g]
+        total_tokens, total = (float(x) for x in totals.clamp(min=1))
+        out = []
+        for g in groups:
+            rows = local[torch.tensor(sorted(g), dtype=torch.long, device=local.device)]
+            w_tok = float(tokens[rows].sum()) / total_tokens
+            if per_row is None:
+                w, stat = 1.0, _by_kind(w_tok, 1.0)
+            else:
+                w = float(per_row[rows].sum()) / total
+                stat = _by_kind(w_tok, w)
+            out.append((rows, w * d.world, stat))
+        # A rank holding fewer groups runs zero-weighted passes: every rank meets the same collectives.
+        out += [(torch.zeros(1, dtype=torch.long, device=mask.device), 0.0, _const(0.0))] * (k - len(groups))
+        return out
