@@ -139,6 +139,14 @@ class PPOConfig:
     vf_coef: float = 0.5
     ent_coef: float = 0.0
     loss_agg: str = "token-mean"
+    policy_loss: str = "vanilla"
+    """Policy objective by verl's loss_mode name (``fastppo.POLICY_LOSSES``): ``vanilla`` (the clipped
+    surrogate, with clip_low, clip_high, dual_clip), ``dppo_tv``, ``dppo_kl``, ``sapo``, ``gpg``,
+    ``cispo``, ``dro``... An objective with clip_low / clip_high options takes them from here unless
+    policy_loss_options gives them."""
+    policy_loss_options: str = ""
+    """The objective's own options as ``name=value,...`` (``beta=0.1``, ``tau_neg=1.05``, ``none`` unsets);
+    a config file may give a mapping instead. An option the objective does not have is refused."""
     kl_estimator: str = "k1"
     kl_coef: float = 0.05
     kl_target: float | None = None
@@ -206,6 +214,10 @@ class PPOConfig:
         each, as in a config file); text that holds a number is read as one for number options."""
         trl_style = trl_compat.is_trl_style(data)
         data = _fastppo_names(data)
+        if isinstance(data.get("policy_loss_options"), dict):
+            from .objective import options_text
+
+            data["policy_loss_options"] = options_text(data["policy_loss_options"])
         config = cls(**coerce_numbers(data))
         if trl_style:
             note_trl_defaults(config, data)

@@ -39,7 +39,7 @@ import torch
 import fastppo
 
 from . import api
-from . import builtin, checkpoint, rollout
+from . import builtin, checkpoint, objective, rollout
 from . import distributed  # [dist] several processes (torchrun); a no-op for one
 from . import packing
 from .config import ConfigError, PPOConfig, lora_targets
@@ -250,6 +250,7 @@ def validate(config: PPOConfig, reward_fn: RewardFn | None = None, *, model=None
     from transformers import AutoTokenizer
 
     config.check()
+    objective.resolve(config)
     _check_added_options(config)
     _check_output_dir(config.output_dir)
     api.check_objects(model, reward_model, value_model, tokenizer, train_dataset, config)
@@ -389,6 +390,8 @@ class PPOTrainer:
                  tokenizer=tokenizer, train_dataset=train_dataset)
         api.note_defaults(config, model)
         self.config = config
+        # (None, {}) for vanilla, which keeps the fused ppo_loss / linear_ppo_loss path.
+        self._objective = objective.resolve(config)
         cfg = config
         self.dist = distributed.Distributed.setup(cfg)  # [dist] process group from the launcher's env
         random.seed(cfg.seed)
@@ -859,7 +862,8 @@ class PPOTrainer:
         batch = self.packing.batch(seq[micro], attn[micro], pos[micro], width)
         with autocast(self.device, self.bf16):
             fused = None
-            if cfg.fused_head and not distributed.sharded_fused(self.actor):
+            objective_fn, objective_options = self._objective
+            if cfg.fused_head and objective_fn is None and not distributed.sharded_fused(self.actor):
                 # A frozen fused head (LoRA): the whole policy objective from the hidden states.
                 fused = self.packing.policy_loss(
                     self.actor, batch, cfg.temperature,
@@ -873,7 +877,27 @@ class PPOTrainer:
                 values = self.packing.values(self.critic, batch)
         if fused is not None:
             return self._fused_loss(fused, values if self.critic is not None else None, m, micro, old_values, returns)
-        if self.critic is not None:
+        if objective_fn is not None:
+            # Another registered objective (fastppo.POLICY_LOSSES): its loss, the entropy bonus and
+            # the value loss as ppo_loss adds them, and its stats under the trainer's names.
+            pg_loss, pg = objective_fn(logprobs, old_logprobs[micro], advantages[micro], m, agg=cfg.loss_agg,
+                                       is_weights=w, **objective_options)
+            ent = fastppo.aggregate(entropy if cfg.ent_coef else entropy.detach(), m, cfg.loss_agg)
+            loss = pg_loss - cfg.ent_coef * ent if cfg.ent_coef else pg_loss
+            stats = {"policy_loss": pg_loss.detach(), "entropy": ent.detach()}
+            stats.update({objective.STAT_NAMES.get(k, k): v.detach() for k, v in pg.items()})
+            # The columns every run reports, for an objective that has none of its own (gpg).
+            stats.setdefault("clipfrac", torch.zeros((), device=loss.device))
+            stats.setdefault("clipfrac_lower", torch.zeros((), device=loss.device))
+            if "approx_kl" not in stats:
+                stats["approx_kl"] = fastppo.aggregate((old_logprobs[micro] - logprobs).detach(), m, "token-mean")
+            if self.critic is not None:
+                values = torch.where(m, values, 0.0)
+                vf_loss, vf = fastppo.value_loss(values, old_values[micro], returns[micro], m, clip=cfg.value_clip,
+                                                 agg=cfg.loss_agg)
+                loss = loss + cfg.vf_coef * vf_loss
+                stats.update(value_loss=vf_loss.detach(), value_clipfrac=vf["clipfrac"])
+        elif self.critic is not None:
             values = torch.where(m, values, 0.0)
             loss, stats = fastppo.ppo_loss(
                 logprobs, old_logprobs[micro], advantages[micro], values, old_values[micro], returns[micro], m,
