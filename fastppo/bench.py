@@ -142,6 +142,57 @@ def _loss_case(tokens: int, dtype: torch.dtype) -> BenchCase:
     return BenchCase("ppo_loss", "fwd+bwd", f"B*T={tokens}", dtype, make, floor)
 
 
+# The token-level objectives of verl 0.9.1 (fastppo.policy_objectives): op -> its options here.
+OBJECTIVES = {
+    "dppo_tv_loss": {"clip_ratio_c": 3.0},
+    "dppo_kl_loss": {"clip_ratio_c": 3.0},
+    "sapo_loss": {},
+    "gpg_loss": {},
+    "cispo_loss": {"clip_high": 0.28},
+    "dro_loss": {"beta": 0.1},
+}
+
+
+def _objective_case(op: str, tokens: int, dtype: torch.dtype) -> BenchCase:
+    B = max(1, tokens // 1024)
+    T = tokens // B
+
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        old = -torch.rand(B, T, device=device, generator=gen) * 3.0
+        lp = (old + 0.3 * torch.randn(B, T, device=device, generator=gen)).clamp(max=-1e-3).to(dtype)
+        lp.requires_grad_()
+        adv = torch.randn(B, T, device=device, generator=gen).to(dtype)
+        mask = torch.rand(B, T, device=device, generator=gen) < 0.9
+        return (lp, old.to(dtype), adv, mask), dict(OBJECTIVES[op]), [lp]
+
+    e = _esize(dtype)
+    # forward reads 3 token tensors and the mask (1 byte); backward re-reads them and writes d logprobs.
+    fwd = tokens * (3 * e + 1)
+    return BenchCase(op, "fwd+bwd", f"B*T={tokens}", dtype, make, fwd + fwd + tokens * e,
+                     impls=("torch", "torch.compile", "triton", "verl"))
+
+
+def _verl_objective(op: str) -> tuple[Callable | None, str]:
+    """verl 0.9.1's own ``compute_policy_loss_<name>`` with the case's options, or None and why."""
+    try:
+        from verl.trainer.ppo import core_algos
+        from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+    except Exception:
+        return None, "verl not installed"
+    name = op[: -len("_loss")]
+    opts = OBJECTIVES[op]
+    config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                         clip_ratio_high=opts.get("clip_high"), clip_ratio_c=opts.get("clip_ratio_c", 3.0),
+                         policy_loss=PolicyLossConfig(loss_mode=name, dro_beta=opts.get("beta")))
+    verl_fn = getattr(core_algos, f"compute_policy_loss_{name}")
+
+    def run(lp, old, adv, mask, **_):
+        return verl_fn(old, lp, adv, mask, "token-mean", config)
+
+    return run, "computes in the input dtype; .item()s its metrics"
+
+
 def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
     """linear_logprobs is matmul bound: its columns are TFLOP/s over the two matmul FLOPs and the
     percent of a plain torch.mm of the same shape timed in the same run (``linear_flops``). The
@@ -208,6 +259,8 @@ def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
     for tokens in loss_tokens:
         for dtype in (torch.float32, torch.bfloat16) if on_gpu else (torch.float32,):
             cases.append(_loss_case(tokens, dtype))
+            for op in OBJECTIVES:
+                cases.append(_objective_case(op, tokens, dtype))
     if on_gpu:
         linear_grid = [(N, H, V) for N in (4096, 16384) for H in (896, 4096) for V in (32000, 151936)]
     else:
@@ -266,6 +319,8 @@ def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:
     """(function with the op's signature, or None) and a note saying why not."""
     if impl == "row-loop":
         return _row_loop_logprobs, ""
+    if impl == "verl":
+        return _verl_objective(case.op)
     if impl == "chunked":
         from . import linear
 

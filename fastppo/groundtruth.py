@@ -414,8 +414,8 @@ def _dppo_truth(kind, logprobs, old_logprobs, advantages, mask, clip_low, clip_h
     per_token = -(A * capped * keep) * lp * w
     stats = {
         "pg_clipfrac": _fraction(~inside, valid),
-        "ppo_kl": _mean_over(-d, mask),
         "pg_clipfrac_lower": _fraction((r.detach() > clip_ratio_c) & inside, valid),
+        "ppo_kl": _mean_over(-d, mask),
     }
     return aggregate(per_token, mask, agg), stats
 
@@ -440,7 +440,7 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=
     tau = torch.full_like(A, tau_neg).masked_fill(A > 0, tau_pos)
     gate = (4.0 / tau) / (1.0 + torch.exp(-tau * (r - 1.0)))
     zero = torch.zeros((), dtype=F64, device=A.device)
-    stats = {"pg_clipfrac": zero, "ppo_kl": _mean_over(-d, mask), "pg_clipfrac_lower": zero}
+    stats = {"pg_clipfrac": zero, "pg_clipfrac_lower": zero, "ppo_kl": _mean_over(-d, mask)}
     return aggregate(-(gate * A) * w, mask, agg), stats
 
 
@@ -458,8 +458,8 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_h
     rc = torch.minimum(torch.maximum(r, torch.full_like(r, 1 - clip_low)), torch.full_like(r, 1 + up))
     stats = {
         "pg_clipfrac": _fraction(r != rc, valid),
-        "ppo_kl": _mean_over(-d, mask),
         "pg_clipfrac_lower": torch.zeros((), dtype=F64, device=A.device),
+        "ppo_kl": _mean_over(-d, mask),
     }
     return aggregate(-(rc * A) * lp * w, mask, agg), stats
 

@@ -92,6 +92,8 @@ ELEMENTS = {
     "_finalize_kernel": ("BLOCK_B", "CHUNK"),
     "_ppo_fwd_kernel": ("BLOCK_R", "BLOCK_T"),
     "_ppo_bwd_kernel": ("BLOCK_R", "BLOCK_T"),
+    "_tok_fwd_kernel": ("BLOCK_R", "BLOCK_T"),
+    "_tok_bwd_kernel": ("BLOCK_R", "BLOCK_T"),
     # group advantages: a [BLOCK_B, BLOCK_T] tile of the token mask / outputs, a group of BLOCK_K scores
     "_row_member_kernel": ("BLOCK_B", "BLOCK_T"),
     "_broadcast_kernel": ("BLOCK_B", "BLOCK_T"),
@@ -120,7 +122,7 @@ class Case:
     programs: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-FAMILIES = ("logprob", "advantage", "loss", "linear")
+FAMILIES = ("logprob", "advantage", "loss", "linear", "objective")
 VOCABS = (32000, 50257, 128256, 151936)
 ADV_SHAPES = ((512, 4096), (2048, 1024), (8, 262144))
 LOSS_SHAPES = ((64, 1024), (1024, 2048))
@@ -243,6 +245,31 @@ def _loss_sweep_case(B: int, T: int, aggs: tuple[str, ...]) -> Callable[[], None
     return run
 
 
+# The token-level objectives (kernels/policy_objectives.py) and options valid for each.
+OBJECTIVE_OPTIONS = {"dppo_tv_loss": {}, "dppo_kl_loss": {}, "sapo_loss": {}, "gpg_loss": {}, "cispo_loss": {},
+                     "dro_loss": {"beta": 0.1}}
+
+
+def _objective_case(B: int, T: int, ops=tuple(OBJECTIVE_OPTIONS), aggs=("token-mean", "seq-mean-token-mean")
+                    ) -> Callable[[], None]:
+    """Each objective forward and backward: the first aggregation plain, the others with is_weights."""
+
+    def run():
+        import torch
+
+        def t(grad=False):
+            return torch.zeros(B, T, dtype=torch.float32, requires_grad=grad)
+
+        mask = torch.ones(B, T, dtype=torch.bool)
+        for op in ops:
+            for i, how in enumerate(aggs):
+                loss, _ = _op("policy_objectives", op)(t(True), t(), t(), mask, agg=how, is_weights=t() if i else None,
+                                                       **OBJECTIVE_OPTIONS[op])
+                _backward(loss)
+
+    return run
+
+
 def _advantage_sweep_case(B: int, T: int) -> Callable[[], None]:
     def run():
         import torch
@@ -307,6 +334,9 @@ def build_cases(families: Iterable[str] = FAMILIES, all_configs: bool = False) -
             # Programs: one per row of a 16384-row tile (the CUDA workspace at 4096 columns).
             per_row = {"_fold_fwd_kernel": 16384, "_dlogits_kernel": 16384}
             cases.append(Case("linear", f"16384xH->{V} bf16", _linear_case(V), per_row))
+    if "objective" in families:
+        for B, T in LOSS_SHAPES:
+            cases.append(Case("objective", f"{B}x{T}", _objective_case(B, T)))
     if not all_configs:
         return cases
     if "logprob" in families:
@@ -323,6 +353,11 @@ def build_cases(families: Iterable[str] = FAMILIES, all_configs: bool = False) -
     if "linear" in families:
         cases.append(Case("linear", "16xH->151936 fp32 bias", _linear_case(151936, "float32", True)))
         cases.append(Case("linear", "16xH->50257 fp16 bias", _linear_case(50257, "float16", True)))
+    if "objective" in families:
+        # Whole rows in one program (no split), and the other aggregations (one objective: the
+        # aggregation code does not depend on it).
+        cases.append(Case("objective", "8192x1", _objective_case(8192, 1)))
+        cases.append(Case("objective", "64x1024 other aggs", _objective_case(64, 1024, ("gpg_loss",), OTHER_AGGS)))
     return cases
 
 

@@ -1134,8 +1134,8 @@ def _dppo(logprobs, old_logprobs, advantages, mask, *, divergence, clip_low, cli
     loss = aggregate.raw(per_token, mask, agg)
     stats = {
         "pg_clipfrac": _masked_mean(1.0 - keep, mask),
-        "ppo_kl": _masked_mean(-log_ratio, mask),
         "pg_clipfrac_lower": _masked_mean((ratio > clip_ratio_c).to(dtype) * keep, mask),
+        "ppo_kl": _masked_mean(-log_ratio, mask),
     }
     return loss, stats
 
@@ -1223,7 +1223,7 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     loss = aggregate.raw(_weighted(-gate * adv, w), mask, agg)
     zero = torch.zeros((), dtype=dtype, device=lp.device)
-    return loss, {"pg_clipfrac": zero, "ppo_kl": _masked_mean(-log_ratio, mask), "pg_clipfrac_lower": zero.clone()}
+    return loss, {"pg_clipfrac": zero, "pg_clipfrac_lower": zero.clone(), "ppo_kl": _masked_mean(-log_ratio, mask)}
 
 
 @_validated(_checks.gpg_loss)
@@ -1267,8 +1267,8 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_h
     loss = aggregate.raw(_weighted(-clipped.detach() * adv * lp, w), mask, agg)
     stats = {
         "pg_clipfrac": _masked_mean((ratio != clipped).to(dtype), mask),
-        "ppo_kl": _masked_mean(-log_ratio, mask),
         "pg_clipfrac_lower": torch.zeros((), dtype=dtype, device=lp.device),
+        "ppo_kl": _masked_mean(-log_ratio, mask),
     }
     return loss, stats
 

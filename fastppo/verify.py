@@ -179,6 +179,36 @@ def _policy_case(B, T, agg, dual):
     return make
 
 
+# The token-level objectives of verl 0.9.1 (fastppo.policy_objectives) and options that make
+# every trust region / clip trigger on some tokens.
+TOKEN_OBJECTIVES = {
+    "dppo_tv_loss": dict(clip_low=0.05, clip_high=0.1, clip_ratio_c=1.5),
+    "dppo_kl_loss": dict(clip_low=0.01, clip_high=0.02, clip_ratio_c=1.5),
+    "sapo_loss": dict(tau_pos=1.0, tau_neg=1.05),
+    "gpg_loss": {},
+    "cispo_loss": dict(clip_low=0.1, clip_high=0.28),
+    "dro_loss": dict(beta=0.1),
+}
+
+
+def _objective_case(B, T, op, agg, extreme=False):
+    def make(gen, dtype):
+        # Log-probs of probabilities (<= 0), the old ones 0.6 nats around them.
+        old = -torch.rand(B, T, generator=gen) * 3.0
+        lp = (old + 0.6 * torch.randn(B, T, generator=gen)).clamp(max=-1e-3)
+        adv = torch.randn(B, T, generator=gen)
+        mask = random_mask(B, T, gen)
+        w = torch.rand(B, T, generator=gen) + 0.5
+        if extreme:
+            # 1e4 magnitudes at valid tokens, NaN / inf garbage at masked ones.
+            lp, old, adv = lp * 1e4, old * 1e4, adv * 1e4
+            lp, old, adv, w = (_poisoned(mask, x, gen) for x in (lp, old, adv, w))
+        kwargs = dict(agg=agg, is_weights=w.to(dtype), **TOKEN_OBJECTIVES[op])
+        return (lp.to(dtype), old.to(dtype), adv.to(dtype), mask), kwargs
+
+    return make
+
+
 def _value_case(B, T, agg, clip):
     def make(gen, dtype):
         old = _randn((B, T), gen, dtype)
@@ -360,6 +390,12 @@ def build_cases(large: bool) -> list[Case]:
         cases.append(Case("ppo_loss", f"{B}x{T} 1e4 poisoned", dtype, _poisoned_ppo_case(B, T), grad=(0, 3, "entropy"), note="extreme", scaled=True))
         cases.append(Case("compute_advantages", f"{B}x{T} 1e4 poisoned", dtype, _poisoned_advantages_case(B, T), note="extreme", scaled=True))
         cases.append(Case("policy_loss", f"{B}x{T} NaN at a valid token", dtype, _nan_policy_case(B, T), grad=(0,), note="extreme"))
+    for dtype in (torch.float32, torch.bfloat16):
+        for op in TOKEN_OBJECTIVES:
+            for agg in ("token-mean", "seq-mean-token-mean"):
+                cases.append(Case(op, f"{B}x{T} {agg}", dtype, _objective_case(B, T, op, agg), grad=(0,)))
+            cases.append(Case(op, f"{B}x{T} 1e4 poisoned", dtype, _objective_case(B, T, op, "seq-mean-token-sum", True),
+                              grad=(0,), note="extreme", scaled=True))
     cases += _linear_cases(large)
     for est in ("grpo", "dr_grpo", "rloo"):
         cases.append(Case("group_advantages", f"{B}x{T} K=2 {est}", torch.float32, _group_case(B, T, 2, est)))
