@@ -25,6 +25,7 @@ from .ops import (
     shape_rewards,
     value_loss,
 )
+from .seq_objectives import clip_cov_loss, geo_mean_loss, gspo_loss, kl_cov_loss
 
 __version__ = "0.1.0"
 
@@ -46,12 +47,16 @@ __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "aggregate",
+    "clip_cov_loss",
     "compute_advantages",
     "current_backend",
     "entropy_from_logits",
     "gae",
+    "geo_mean_loss",
     "get_policy_loss",
     "group_advantages",
+    "gspo_loss",
+    "kl_cov_loss",
     "kl_penalty",
     "linear_logprobs",
     "linear_ppo_loss",

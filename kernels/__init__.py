@@ -55,4 +55,6 @@ KERNEL_OPS: dict[str, str] = {
     "linear_ppo_loss": "linear_logprob:linear_ppo_loss",
     "group_advantages": "group_advantage:group_advantages",
     "reinforce_pp_advantages": "group_advantage:reinforce_pp_advantages",
+    "gspo_loss": "seq_policy_loss:gspo_loss",
+    "geo_mean_loss": "seq_policy_loss:geo_mean_loss",
 }
