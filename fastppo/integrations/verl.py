@@ -516,6 +516,7 @@ def install(
     agg_loss: bool = False,
     estimators: bool = False,
     name: str = LOSS_NAME,
+    policy_losses: bool = False,
 ) -> None:
     """Put fastppo into verl (idempotent).
 
@@ -531,6 +532,8 @@ def install(
     * ``agg_loss``: replace ``agg_loss`` (every verl loss is reduced by it).
     * ``estimators``: replace GRPO, RLOO and REINFORCE++ and their registry entries (``grpo``,
       ``rloo``, ``reinforce_plus_plus``).
+    * ``policy_losses``: verl's other policy losses by fastppo under their registry names
+      (``loss_mode=gspo`` ...); the sequence-level ones are ``_verl_seq_losses.VERL_SEQ_LOSSES``.
 
     Every function is swapped in ``core_algos`` and in the verl modules that imported it by name.
     Raises ImportError when verl's ``core_algos`` cannot be imported.
@@ -554,6 +557,11 @@ def install(
                 # Written directly: register_adv_est refuses to overwrite a registered name.
                 _saved.setdefault((registry_name, key), registry.get(key))
                 registry[key] = ours
+    if policy_losses:
+        # gspo, geo_mean, clip_cov, kl_cov (fastppo/integrations/_verl_seq_losses.py)
+        from fastppo.integrations import _verl_seq_losses
+
+        _verl_seq_losses.register(core_algos, _saved)
 
 
 def uninstall() -> None:
@@ -567,6 +575,9 @@ def uninstall() -> None:
         if core_algos.POLICY_LOSS_REGISTRY.get(name) is compute_policy_loss_fastppo:
             del core_algos.POLICY_LOSS_REGISTRY[name]
     _registered_names.clear()
+    from fastppo.integrations import _verl_seq_losses
+
+    _verl_seq_losses.unregister(core_algos, _saved)
     for swaps in _REGISTRY_SWAPS.values():
         for registry_name, key, ours in swaps:
             if (registry_name, key) not in _saved:
