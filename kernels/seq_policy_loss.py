@@ -107,7 +107,7 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
             dsum += lp - old
         n = tl.sum(count, axis=0)
         d_total = tl.sum(dsum, axis=0)
-        s = d_total / tl.maximum(n, 1.0)
+        s = d_total / _max_nan(n, 1.0)
         lsum = zero
         csum = zero
         for start in range(0, T, BLOCK_T):

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {
     "_logprob_fwd_kernel", "_logprob_bwd_kernel", "_kl_kernel", "_kl_bwd_kernel", "_summary_kernel",
     "_finalize_kernel", "_ppo_fwd_kernel", "_ppo_bwd_kernel", "_fold_fwd_kernel", "_dlogits_kernel",
+    "_seq_fwd_kernel", "_seq_bwd_kernel",
 }
 
 
