@@ -156,10 +156,12 @@ def _seq_loss_case(op: str, tokens: int, dtype: torch.dtype) -> BenchCase:
         return (lp, old, adv, mask), {"agg": "seq-mean-token-mean"}, [lp]
 
     e = _esize(dtype)
-    # forward reads lp, old, adv and the mask twice for GSPO (two passes), once for GMPO; the
-    # backward re-reads them and writes d lp.
-    reads = tokens * (3 * e + 1)
-    floor = reads * (2 if op == "gspo_loss" else 1) + reads + tokens * e
+    # GSPO: forward pass 1 reads lp, old, mask, pass 2 lp, adv, mask; backward reads lp, adv, mask
+    # and writes d lp. GMPO: forward reads lp, old, adv, mask; backward reads them, writes d lp.
+    if op == "gspo_loss":
+        floor = tokens * (2 * (2 * e + 1) + (2 * e + 1) + e)
+    else:
+        floor = tokens * ((3 * e + 1) + (3 * e + 1) + e)
     return BenchCase(op, "fwd+bwd", f"B*T={tokens}", dtype, make, floor, impls=("torch", "torch.compile", "triton", "verl"))
 
 
