@@ -39,9 +39,12 @@ def _common(logprobs, old_logprobs, advantages, mask, agg, is_weights, clip_low,
 
 
 def check_gspo(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
-               clip_low=0.2, clip_high=None) -> None:
+               clip_low=0.2, clip_high=None, dual_clip=None, seq_grad=False) -> None:
     _common(logprobs, old_logprobs, advantages, mask, agg, is_weights, clip_low, clip_high)
     _number("clip_low", clip_low, low=0.0, high=1.0)
+    _number("dual_clip", dual_clip, low=1.0, low_open=True, allow_none=True)
+    if not isinstance(seq_grad, bool):
+        raise ValueError(f"seq_grad must be a bool, got {seq_grad!r}")
 
 
 def check_geo_mean(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
@@ -90,7 +93,7 @@ def _zero(like):
 
 @_validated(check_gspo)
 def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
-              clip_low=0.2, clip_high=None):
+              clip_low=0.2, clip_high=None, dual_clip=None, seq_grad=False):
     """GSPO: the clipped surrogate on a sequence-level importance ratio (verl's ``gspo``).
 
     Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071 (GSPO-token form)::
@@ -99,14 +102,19 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-m
         s_b     = sum_t (lp - old)[b, t] / max(n_b, 1)             sequence log-ratio (detached)
         r[b, t] = exp(min(lp[b, t] - sg(lp[b, t]) + sg(s_b), 10))    value exp(s_b); d r / d lp = r
         L[b, t] = max(-A * r, -A * clamp(r, 1 - clip_low, 1 + clip_high))   (* is_weights)
+        dual clip (c > 1), tokens with A < 0:   L[b, t] = min(L[b, t], -A * c)
         loss    = aggregate(L, mask, agg)
 
     The sequence ratio is the geometric mean of the token ratios; each token's gradient is its own
-    token's (the stop-gradients), scaled by the sequence ratio. clip_high defaults to clip_low
+    token's (the stop-gradients), scaled by the sequence ratio. ``seq_grad=True`` takes the
+    gradient through the sequence mean instead, r[b, t] = exp(min(s_b, 10)) with s_b not detached:
+    the paper's sequence-level GSPO, OpenRLHF's and TRL's form (the same gradient as the token form
+    when A is constant along each row). ``dual_clip`` is not in verl's GSPO (OpenRLHF has it). clip_high defaults to clip_low
     (verl: ``clip_ratio_low`` / ``clip_ratio_high``); ``agg`` defaults to ``seq-mean-token-mean``,
     the paper's and verl's default for this loss. Statistics (verl's metric names in brackets):
     ``clipfrac`` (``pg_clipfrac``, valid tokens whose clipped term is strictly larger),
-    ``clipfrac_lower`` (always 0, as in verl), ``approx_kl`` (``ppo_kl``, masked mean of old - lp).
+    ``clipfrac_lower`` (0 without dual clip, as in verl; else valid tokens with A < 0 whose dual
+    bound is strictly smaller), ``approx_kl`` (``ppo_kl``, masked mean of old - lp).
 
     Args:
         logprobs: ``[B, T]`` current log-probs (differentiable); old_logprobs, advantages,
@@ -122,17 +130,26 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-m
     log_ratio = lp - _zeroed(old_logprobs, valid, dtype)
     n = valid.to(dtype).sum(dim=-1)
     seq_log_ratio = log_ratio.sum(dim=-1) / n.clamp(min=1)
-    token_log_ratio = lp - lp.detach() + seq_log_ratio.detach().unsqueeze(-1)
+    if seq_grad:
+        token_log_ratio = seq_log_ratio.unsqueeze(-1).expand_as(lp)
+    else:
+        token_log_ratio = lp - lp.detach() + seq_log_ratio.detach().unsqueeze(-1)
     ratio = torch.exp(torch.clamp(token_log_ratio, max=GSPO_LOG_RATIO_MAX))
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    clipfrac_lower = torch.zeros((), dtype=dtype, device=lp.device)
+    if dual_clip is not None:
+        lower_bound = -adv * dual_clip
+        negative = adv < 0
+        clipfrac_lower = _masked_fraction((per_token > lower_bound) & negative, mask, dtype)
+        per_token = torch.where(negative, torch.minimum(per_token, lower_bound), per_token)
     if is_weights is not None:
         per_token = per_token * _zeroed(is_weights, valid, dtype)
     loss = aggregate.raw(per_token, mask, agg)
     stats = {
         "clipfrac": _masked_fraction(clipped > unclipped, mask, dtype).detach(),
-        "clipfrac_lower": _zero(loss),
+        "clipfrac_lower": clipfrac_lower.detach(),
         "approx_kl": aggregate.raw(-log_ratio.detach(), mask, "token-mean"),
     }
     return loss, stats

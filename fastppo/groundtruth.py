@@ -356,7 +356,7 @@ def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
 
 
 def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
-              clip_low=0.2, clip_high=None):
+              clip_low=0.2, clip_high=None, dual_clip=None, seq_grad=False):
     """GSPO row by row: s_b = mean of the valid log-ratios, token ratio exp(min(lp - sg(lp) + sg(s_b), 10))."""
     valid = _valid(mask)
     high = clip_low if clip_high is None else clip_high
@@ -366,16 +366,25 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-m
     rows = []
     for b in range(lp.shape[0]):
         n = int(valid[b].sum())
-        s = d[b].detach().sum() / n if n else d[b].detach().sum() * 0
-        rows.append(torch.exp(torch.clamp((lp[b] - lp[b].detach()) + s, max=10.0)))
+        if seq_grad:  # the gradient through the sequence mean
+            s = d[b].sum() / n if n else d[b].sum() * 0
+            rows.append(torch.exp(torch.clamp(s, max=10.0)).expand(lp.shape[1]))
+        else:
+            s = d[b].detach().sum() / n if n else d[b].detach().sum() * 0
+            rows.append(torch.exp(torch.clamp((lp[b] - lp[b].detach()) + s, max=10.0)))
     ratio = torch.stack(rows) if rows else lp.clone()
     first, second = -A * ratio, -A * torch.clamp(ratio, 1 - clip_low, 1 + high)
     per_token = torch.maximum(first, second)
+    lower = torch.zeros((), dtype=F64, device=lp.device)
+    if dual_clip is not None:
+        bound = -A * dual_clip
+        lower = _fraction((per_token > bound) & (A < 0), valid)
+        per_token = torch.where(A < 0, torch.minimum(per_token, bound), per_token)
     if is_weights is not None:
         per_token = per_token * _zero_masked(is_weights, valid)
     stats = {
         "clipfrac": _fraction(second > first, valid),
-        "clipfrac_lower": torch.zeros((), dtype=F64, device=lp.device),
+        "clipfrac_lower": lower,
         "approx_kl": aggregate(-d.detach(), mask, "token-mean"),
     }
     return aggregate(per_token, mask, agg), stats

@@ -229,6 +229,8 @@ def _loss_case(B: int, T: int) -> Callable[[], None]:
             seq = _op("seq_policy_loss", name)
             _backward(seq(t(True), t(), t(), mask)[0])
             _backward(seq(t(True), t(), t(), mask, is_weights=t(), agg="token-mean")[0])
+        # GSPO with OpenRLHF's options: dual clip, gradient through the sequence mean.
+        _backward(_op("seq_policy_loss", "gspo_loss")(t(True), t(), t(), mask, dual_clip=3.0, seq_grad=True)[0])
 
     return run
 

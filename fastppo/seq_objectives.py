@@ -30,8 +30,9 @@ def _doc(fn):
 @_doc
 def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               agg: str = "seq-mean-token-mean", is_weights: torch.Tensor | None = None, clip_low: float = 0.2,
-              clip_high: float | None = None):
-    kwargs = dict(agg=agg, is_weights=is_weights, clip_low=clip_low, clip_high=clip_high)
+              clip_high: float | None = None, dual_clip: float | None = None, seq_grad: bool = False):
+    kwargs = dict(agg=agg, is_weights=is_weights, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                  seq_grad=seq_grad)
     _checks.run(_seq_reference.check_gspo, logprobs, old_logprobs, advantages, mask, **kwargs)
     return pick("gspo_loss", logprobs.device)(logprobs, old_logprobs, advantages, mask, **kwargs)
 

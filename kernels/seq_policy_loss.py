@@ -15,7 +15,9 @@ synchronisation), which also carries autograd from the loss back to the per-row 
 
 The per-token derivative is local in both losses: GSPO's stop-gradients make d r / d lp = r, and
 GMPO's sequence ratio is exp(sum c / n), whose derivative in lp_t is that of c_t scaled by the
-row. Trust rules as in kernels/ppo_loss.py: masked positions become 0 right after the load (a NaN
+row. GSPO's sequence form (``seq_grad=True``, OpenRLHF's and TRL's) differentiates through the
+row mean: the forward also sums d L / d r over the row, and the backward spreads it as
+g_b * that sum * r_b / n_b. Trust rules as in kernels/ppo_loss.py: masked positions become 0 right after the load (a NaN
 there never reaches an output or a gradient), NaN at a valid position propagates (NaN-propagating
 max/min/clamp; ``lp - lp`` keeps GSPO's NaN for an infinite log-prob as PyTorch does),
 B = 0 or T = 0 gives a 0 loss without a launch.
@@ -27,7 +29,7 @@ public functions with the reference's signatures (``fastppo.reference.gspo_loss`
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import triton
@@ -43,7 +45,8 @@ NCOL = 8
 _NCOL = tl.constexpr(NCOL)
 # Columns of the [B, 8] row table each forward program writes (unused columns are written as 0).
 ROW_COLUMNS = {
-    "gspo": ("count", "loss_sum", "clipped", "log_ratio_sum", "seq_log_ratio", "-", "-", "-"),
+    "gspo": ("count", "loss_sum", "clipped", "log_ratio_sum", "seq_log_ratio", "dual_clipped",
+             "dloss_dratio_sum (seq_grad)", "-"),
     "geo_mean": ("count", "clipped_log_ratio_sum", "adv_sum", "log_weight_sum", "log_ratio_sum",
                  "clipped_high", "clipped_low", "-"),
 }
@@ -63,12 +66,38 @@ def _sign(a):
 
 
 @triton.jit
-def _gspo_token(lp, adv, s, clip_lo, clip_hi):
-    """(log r, r, -A r, -A clamp(r)) of GSPO's token ratio r = exp(min((lp - lp) + s, 10))."""
-    # lp - lp, not 0: an infinite lp gives NaN here, as lp - sg(lp) does in PyTorch.
-    log_r = (lp - lp) + s
+def _gspo_token(lp, adv, s, clip_lo, clip_hi, SEQ: tl.constexpr):
+    """(log r, r, -A r, -A clamp(r)) of GSPO's token ratio r = exp(min((lp - lp) + s, 10))
+    (SEQ, the sequence form: r = exp(min(s, 10)))."""
+    if SEQ:
+        log_r = tl.zeros_like(lp) + s
+    else:
+        # lp - lp, not 0: an infinite lp gives NaN here, as lp - sg(lp) does in PyTorch.
+        log_r = (lp - lp) + s
     r = tl.exp(_min_nan(log_r, _LOG_RATIO_MAX))
     return log_r, r, -adv * r, -adv * _clamp_nan(r, 1.0 - clip_lo, 1.0 + clip_hi)
+
+
+@triton.jit
+def _gspo_dual(pt, adv, dual_c, DUAL: tl.constexpr):
+    """(the dual-clipped term, whether its bound was strictly smaller) for tokens with A < 0."""
+    if DUAL:
+        lower = -adv * dual_c
+        neg = adv < 0
+        return tl.where(neg, _min_nan(pt, lower), pt), neg & (pt > lower)
+    else:
+        return pt, tl.zeros_like(pt) != 0.0
+
+
+@triton.jit
+def _gspo_grad_r(g, adv, r, pg1, pg2, clip_lo, clip_hi, dual_c, DUAL: tl.constexpr):
+    """d L / d r for an upstream g of the token's loss L (autograd's rules for max, min, clamp)."""
+    if DUAL:
+        lower = -adv * dual_c
+        g = tl.where(adv < 0, _min_grad(g, _max_nan(pg1, pg2), lower), g)
+    ga, gb = _max_grads(g, pg1, pg2)
+    in_band = (r >= 1.0 - clip_lo) & (r <= 1.0 + clip_hi)
+    return ga * -adv + tl.where(in_band, gb * -adv, 0.0)
 
 
 @triton.jit
@@ -88,8 +117,9 @@ def _row_out(c0, c1, c2, c3, c4, c5, c6):
 
 
 @triton.jit
-def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_lo, clip_hi,
-                    MODE: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr):
+def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_lo, clip_hi, dual_c,
+                    MODE: tl.constexpr, HAS_W: tl.constexpr, DUAL: tl.constexpr, SEQ: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
     b = tl.program_id(0)
     base = b.to(tl.int64) * T
     cols = tl.arange(0, BLOCK_T)
@@ -110,19 +140,29 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
         s = d_total / _max_nan(n, 1.0)
         lsum = zero
         csum = zero
+        lowsum = zero
+        ksum = zero
         for start in range(0, T, BLOCK_T):
             offs = start + cols
             inb = offs < T
             valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
             lp = _load_valid(lp_ptr, base + offs, inb, valid)
             adv = _load_valid(adv_ptr, base + offs, inb, valid)
-            _, _, pg1, pg2 = _gspo_token(lp, adv, s, clip_lo, clip_hi)
-            pt = _max_nan(pg1, pg2)
+            _, r, pg1, pg2 = _gspo_token(lp, adv, s, clip_lo, clip_hi, SEQ)
+            pt, low = _gspo_dual(_max_nan(pg1, pg2), adv, dual_c, DUAL)
+            w = zero + 1.0
             if HAS_W:
-                pt = pt * _load_valid(w_ptr, base + offs, inb, valid)
+                w = _load_valid(w_ptr, base + offs, inb, valid)
+                pt = pt * w
             lsum += tl.where(valid, pt, 0.0)
             csum += tl.where(valid & (pg2 > pg1), 1.0, 0.0)
-        out = _row_out(n, tl.sum(lsum, axis=0), tl.sum(csum, axis=0), d_total, s, 0.0, 0.0)
+            lowsum += tl.where(valid & low, 1.0, 0.0)
+            if SEQ:
+                # Sequence form: every token's loss depends on every token of the row through
+                # s_b, so the backward needs the row's sum of d L / d r (the same r on the row).
+                ksum += tl.where(valid, _gspo_grad_r(w, adv, r, pg1, pg2, clip_lo, clip_hi, dual_c, DUAL), 0.0)
+        out = _row_out(n, tl.sum(lsum, axis=0), tl.sum(csum, axis=0), d_total, s, tl.sum(lowsum, axis=0),
+                       tl.sum(ksum, axis=0))
     else:
         csum = zero
         asum = zero
@@ -154,8 +194,9 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
 
 
 @triton.jit
-def _seq_bwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, g_ptr, dlp_ptr, T, clip_lo, clip_hi,
-                    MODE: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr):
+def _seq_bwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, g_ptr, dlp_ptr, T, clip_lo, clip_hi, dual_c,
+                    MODE: tl.constexpr, HAS_W: tl.constexpr, DUAL: tl.constexpr, SEQ: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     inb = offs < T
@@ -165,14 +206,17 @@ def _seq_bwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, g_ptr, d
     lp = _load_valid(lp_ptr, base + offs, inb, valid)
     adv = _load_valid(adv_ptr, base + offs, inb, valid)
     if MODE == 0:
-        s = tl.load(row_ptr + b.to(tl.int64) * _NCOL + 4)
-        log_r, r, pg1, pg2 = _gspo_token(lp, adv, s, clip_lo, clip_hi)
-        gpt = tl.zeros([BLOCK_T], dtype=tl.float32) + g
-        if HAS_W:
-            gpt = gpt * _load_valid(w_ptr, base + offs, inb, valid)
-        ga, gb = _max_grads(gpt, pg1, pg2)
-        in_band = (r >= 1.0 - clip_lo) & (r <= 1.0 + clip_hi)
-        gr = ga * -adv + tl.where(in_band, gb * -adv, 0.0)
+        row = row_ptr + b.to(tl.int64) * _NCOL
+        s = tl.load(row + 4)
+        log_r, r, pg1, pg2 = _gspo_token(lp, adv, s, clip_lo, clip_hi, SEQ)
+        if SEQ:
+            # d s_b / d lp_t = 1 / n_b: the row's summed d L / d r, spread evenly.
+            gr = tl.zeros([BLOCK_T], dtype=tl.float32) + g * tl.load(row + 6) / _max_nan(tl.load(row), 1.0)
+        else:
+            gpt = tl.zeros([BLOCK_T], dtype=tl.float32) + g
+            if HAS_W:
+                gpt = gpt * _load_valid(w_ptr, base + offs, inb, valid)
+            gr = _gspo_grad_r(gpt, adv, r, pg1, pg2, clip_lo, clip_hi, dual_c, DUAL)
         dlp = tl.where(log_r <= _LOG_RATIO_MAX, gr * r, 0.0)
     else:
         old = _load_valid(old_ptr, base + offs, inb, valid)
@@ -217,24 +261,37 @@ def _args(lp, old, adv, w, mask):
     return [t.contiguous() for t in (lp, old, adv)] + [m if w is None else w.contiguous(), m]
 
 
-def _row_sums(lp, old, adv, w, mask, mode: int, clip_lo: float, clip_hi: float) -> torch.Tensor:
+class Config(NamedTuple):
+    """One call's switches: the loss (MODES), its clip range, GSPO's dual clip and gradient form."""
+
+    mode: int
+    clip_lo: float
+    clip_hi: float
+    dual_c: float = 0.0
+    dual: bool = False
+    seq: bool = False
+
+
+def _row_sums(lp, old, adv, w, mask, cfg: Config) -> torch.Tensor:
     """Launch the forward: the ``[B, 8]`` float32 row table."""
     B, T = lp.shape
     table = new_output((B, NCOL), torch.float32, lp.device)
     block, warps = _block_t(T)
-    _seq_fwd_kernel[(B,)](*_args(lp, old, adv, w, mask), table, T, clip_lo, clip_hi,
-                          MODE=mode, HAS_W=w is not None, BLOCK_T=block, num_warps=warps)
+    _seq_fwd_kernel[(B,)](*_args(lp, old, adv, w, mask), table, T, cfg.clip_lo, cfg.clip_hi, cfg.dual_c,
+                          MODE=cfg.mode, HAS_W=w is not None, DUAL=cfg.dual, SEQ=cfg.seq, BLOCK_T=block,
+                          num_warps=warps)
     return table
 
 
-def _row_grad(lp, old, adv, w, mask, table, g, mode: int, clip_lo: float, clip_hi: float) -> torch.Tensor:
+def _row_grad(lp, old, adv, w, mask, table, g, cfg: Config) -> torch.Tensor:
     """Launch the backward: d lp (in lp's dtype) for the upstream ``[B]`` gradient ``g``."""
     B, T = lp.shape
     dlp = new_output((B, T), lp.dtype, lp.device)
     block, warps = _block_t(T)
     _seq_bwd_kernel[(B, triton.cdiv(T, block))](*_args(lp, old, adv, w, mask), table,
-                                                g.to(torch.float32).contiguous(), dlp, T, clip_lo, clip_hi,
-                                                MODE=mode, HAS_W=w is not None, BLOCK_T=block, num_warps=warps)
+                                                g.to(torch.float32).contiguous(), dlp, T, cfg.clip_lo,
+                                                cfg.clip_hi, cfg.dual_c, MODE=cfg.mode, HAS_W=w is not None,
+                                                DUAL=cfg.dual, SEQ=cfg.seq, BLOCK_T=block, num_warps=warps)
     return dlp
 
 
@@ -247,14 +304,14 @@ class _RowSums(torch.autograd.Function):
     """(the row's differentiable sum [B], the row table [B, 8]); differentiable in lp only."""
 
     @staticmethod
-    def forward(ctx, lp, old, adv, w, mask, mode, clip_lo, clip_hi):
+    def forward(ctx, lp, old, adv, w, mask, cfg):
         B, T = lp.shape
         if B * T == 0:
             table = torch.zeros((B, NCOL), dtype=torch.float32, device=lp.device)
         else:
-            table = _row_sums(lp, old, adv, w, mask, mode, clip_lo, clip_hi)
+            table = _row_sums(lp, old, adv, w, mask, cfg)
         ctx.mark_non_differentiable(table)
-        ctx.cfg = (mode, clip_lo, clip_hi)
+        ctx.cfg = cfg
         ctx.save_for_backward(lp, old, adv, w, mask, table)
         return table[:, 1].clone(), table
 
@@ -262,10 +319,10 @@ class _RowSums(torch.autograd.Function):
     def backward(ctx, g, _g_table):
         lp, old, adv, w, mask, table = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None,) * 6
         if lp.numel() == 0:
-            return torch.zeros_like(lp), *(None,) * 7
-        return _row_grad(lp, old, adv, w, mask, table, g, *ctx.cfg), *(None,) * 7
+            return torch.zeros_like(lp), *(None,) * 5
+        return _row_grad(lp, old, adv, w, mask, table, g, ctx.cfg), *(None,) * 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +340,7 @@ def _fraction(count: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
-              clip_low=0.2, clip_high=None):
+              clip_low=0.2, clip_high=None, dual_clip=None, seq_grad=False):
     """Kernel of ``fastppo.gspo_loss`` (formulas in ``fastppo.reference.gspo_loss``).
 
     Args:
@@ -295,15 +352,17 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-m
     """
     if _use_reference(logprobs, old_logprobs, advantages, is_weights):
         return reference.gspo_loss.raw(logprobs, old_logprobs, advantages, mask, agg=agg, is_weights=is_weights,
-                                       clip_low=clip_low, clip_high=clip_high)
+                                       clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                                       seq_grad=seq_grad)
     hi = clip_low if clip_high is None else clip_high
-    row_loss, table = _RowSums.apply(logprobs, old_logprobs, advantages, is_weights, mask, MODES["gspo"],
-                                     float(clip_low), float(hi))
+    cfg = Config(MODES["gspo"], float(clip_low), float(hi), float(dual_clip or 0.0), dual_clip is not None,
+                 bool(seq_grad))
+    row_loss, table = _RowSums.apply(logprobs, old_logprobs, advantages, is_weights, mask, cfg)
     n = table[:, 0]
     loss = _aggregate_rows(row_loss, n, logprobs.shape[1], agg)
     stats = {
         "clipfrac": _fraction(table[:, 2], n),
-        "clipfrac_lower": torch.zeros((), dtype=torch.float32, device=loss.device),
+        "clipfrac_lower": _fraction(table[:, 5], n),
         "approx_kl": -_fraction(table[:, 3], n),
     }
     return loss, stats
@@ -333,8 +392,8 @@ def geo_mean_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-tok
         return reference.geo_mean_loss.raw(logprobs, old_logprobs, advantages, mask, agg=agg,
                                            is_weights=is_weights, clip_low=clip_low, clip_high=clip_high)
     hi = clip_low if clip_high is None else clip_high
-    c_sum, table = _RowSums.apply(logprobs, old_logprobs, advantages, is_weights, mask, MODES["geo_mean"],
-                                  float(clip_low), float(hi))
+    c_sum, table = _RowSums.apply(logprobs, old_logprobs, advantages, is_weights, mask,
+                                  Config(MODES["geo_mean"], float(clip_low), float(hi)))
     n = table[:, 0]
     inv_n = 1.0 / n.clamp(min=1)
     per_row = -(table[:, 2] * inv_n) * torch.exp(c_sum * inv_n)

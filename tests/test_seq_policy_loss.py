@@ -96,6 +96,21 @@ def test_kernel_vs_float64(op, dtype, agg, rng, run_kernel, kernel_device):
                is_weights=w if agg == "token-mean" else None, clip_low=0.2, clip_high=0.28, what=f"{op} {agg}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("seq_grad", [False, True])
+def test_gspo_dual_clip_and_sequence_gradient(seq_grad, backend, rng, run_kernel, kernel_device):
+    # Token-varying advantages: the sequence form's gradient differs from the token form's here.
+    for agg, weights in (("seq-mean-token-mean", False), ("token-sum", True)):
+        lp, old, adv, mask, w = (t.to(kernel_device if backend == "triton" else "cpu")
+                                 for t in _inputs("gspo_loss", 6, 21, rng, torch.float32))
+        lp[::2] += 0.6  # even rows: sequence ratio ~ e^0.6, above 1.2 and the dual bound 1.1
+        with K.block_sizes(block_t=16):
+            _, stats, _ = _check("gspo_loss", lp, old, adv, mask, backend=backend, run_kernel=run_kernel, agg=agg,
+                                 is_weights=w if weights else None, dual_clip=1.1, seq_grad=seq_grad,
+                                 what=f"gspo dual seq_grad={seq_grad} {agg}")
+        assert stats["clipfrac_lower"] > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", OPS)
 def test_reference_vs_float64(op, dtype, rng):
