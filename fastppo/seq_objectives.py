@@ -5,7 +5,11 @@
 ``gspo_loss`` and ``geo_mean_loss`` dispatch like every op (Triton kernel family
 ``kernels/seq_policy_loss.py``, or the reference); ``clip_cov_loss`` and ``kl_cov_loss`` choose
 their tokens by a covariance over the whole batch (nonzero + randperm, top-k), which stays in
-PyTorch, so they run the PyTorch formulation on every backend. Formulas, papers and statistics
+PyTorch, so they run the PyTorch formulation on every backend. Under ``torch.compile`` the first
+two go through the custom ops ``torch.ops.fastppo.gspo_loss`` / ``geo_mean_loss``
+(``fastppo._library``: one graph, backward by recomputation); the selection of the other two is
+data-dependent (a random draw the backward could not repeat), so they are left to dynamo, which
+breaks the graph at their host synchronisation. Formulas, papers and statistics
 are in the docstrings of ``fastppo.reference.<op>`` (``fastppo/_seq_reference.py``), which these
 functions share.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _seq_reference
+from . import _checks, _library, _seq_reference
 from ._dispatch import pick
 from .objectives import register_policy_loss
 
@@ -34,6 +38,8 @@ def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     kwargs = dict(agg=agg, is_weights=is_weights, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                   seq_grad=seq_grad)
     _checks.run(_seq_reference.check_gspo, logprobs, old_logprobs, advantages, mask, **kwargs)
+    if torch.compiler.is_compiling():
+        return _library.gspo_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
     return pick("gspo_loss", logprobs.device)(logprobs, old_logprobs, advantages, mask, **kwargs)
 
 
@@ -44,6 +50,8 @@ def geo_mean_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
                   clip_low: float = 0.2, clip_high: float | None = None):
     kwargs = dict(agg=agg, is_weights=is_weights, clip_low=clip_low, clip_high=clip_high)
     _checks.run(_seq_reference.check_geo_mean, logprobs, old_logprobs, advantages, mask, **kwargs)
+    if torch.compiler.is_compiling():
+        return _library.geo_mean_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
     return pick("geo_mean_loss", logprobs.device)(logprobs, old_logprobs, advantages, mask, **kwargs)
 
 
