@@ -505,8 +505,8 @@ def fastppo_policy_loss(loss_type: str, importance_sampling_level: str = "token"
 
     ``importance_sampling_level="sequence"`` (GSPO in TRL) maps the clipped losses to ``gspo``:
     TRL's sequence ratio exp(mean of the valid log-ratios) per row, with the gradient through the
-    mean; fastppo's ``gspo`` (verl's GSPO-token form) has the same value and, for the sequence-level
-    advantages GRPO produces, the same gradient. TRL does not clamp the log-ratio (fastppo: at 10).
+    mean; fastppo's ``gspo`` has the same value, and with ``seq_grad=True`` the same gradient (its
+    default, verl's GSPO-token form, agrees for the sequence-level advantages GRPO produces). TRL does not clamp the log-ratio (fastppo: at 10).
     ``ValueError`` for a name with no fastppo equivalent (``vespo``) or an unknown one.
     """
     if loss_type not in TRL_LOSS_TYPES:
