@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+import fastppo
 from fastppo.integrations import _verl_seq_losses as fs
 
 AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -96,8 +97,12 @@ def test_matches_verl(core_algos, name, dtype, rng):
         (vl, vm, vg), (ol, om, og) = _both(core_algos, name, lp, old, adv, mask, agg, _config(name, **options),
                                            weights, seed)
         tol = TOL[dtype]
-        scale = max(1.0, vl.abs().item())
-        assert torch.allclose(ol, vl, rtol=tol["rtol"], atol=tol["atol"] * scale), (name, agg, ol.item(), vl.item())
+        atol = tol["atol"] * max(1.0, vl.abs().item())
+        if dtype == torch.bfloat16:
+            # verl sums in bf16: its rounding grows with the sum of |terms| (token-sum of ~150
+            # terms of ~2 is off by ~0.06), which fastppo's float32 sum does not share.
+            atol += 2**-8 * fastppo.aggregate(1.5 * adv.float().abs(), mask, agg).item()
+        assert torch.allclose(ol, vl, rtol=tol["rtol"], atol=atol), (name, agg, ol.item(), vl.item())
         assert set(om) == set(vm), (om, vm)
         for k in vm:
             assert om[k] == pytest.approx(vm[k], rel=tol["rtol"], abs=tol["atol"]), (name, agg, k, om[k], vm[k])
