@@ -28,6 +28,7 @@ from .ops import (
     value_loss,
 )
 from .rollout_correction import bypass_mode_loss, rollout_correction
+from .seq_objectives import clip_cov_loss, geo_mean_loss, gspo_loss, kl_cov_loss
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "aggregate",
     "cispo_loss",
     "bypass_mode_loss",
+    "clip_cov_loss",
     "compute_advantages",
     "current_backend",
     "dppo_kl_loss",
@@ -60,9 +62,12 @@ __all__ = [
     "entropy_from_logits",
     "gae",
     "get_advantage_estimator",
+    "geo_mean_loss",
     "get_policy_loss",
     "gpg_loss",
     "group_advantages",
+    "gspo_loss",
+    "kl_cov_loss",
     "kl_penalty",
     "linear_logprobs",
     "linear_ppo_loss",

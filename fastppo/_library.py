@@ -234,6 +234,22 @@ def _call_policy(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, 
     return loss, torch.stack([stats[k].detach() for k in POLICY_STATS])
 
 
+def _call_gspo(logprobs, old_logprobs, advantages, mask, agg, is_weights, clip_low, clip_high, dual_clip, seq_grad):
+    loss, stats = _impl("gspo_loss", logprobs.device)(
+        logprobs, old_logprobs, advantages, mask, agg=agg, is_weights=is_weights, clip_low=clip_low,
+        clip_high=clip_high, dual_clip=dual_clip, seq_grad=seq_grad,
+    )
+    return loss, torch.stack([stats[k].detach() for k in POLICY_STATS])
+
+
+def _call_geo_mean(logprobs, old_logprobs, advantages, mask, agg, is_weights, clip_low, clip_high):
+    loss, stats = _impl("geo_mean_loss", logprobs.device)(
+        logprobs, old_logprobs, advantages, mask, agg=agg, is_weights=is_weights, clip_low=clip_low,
+        clip_high=clip_high,
+    )
+    return loss, torch.stack([stats[k].detach() for k in POLICY_STATS])
+
+
 def _call_value(values, old_values, returns, mask, clip, agg):
     loss, stats = _impl("value_loss", values.device)(values, old_values, returns, mask, clip=clip, agg=agg)
     return loss, torch.stack([stats[k].detach() for k in VALUE_STATS])
@@ -369,6 +385,19 @@ def _policy_fn(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask:
                           agg, is_weights))
 
 
+def _gspo_fn(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, agg: str,
+             is_weights: Optional[Tensor], clip_low: float, clip_high: Optional[float], dual_clip: Optional[float],
+             seq_grad: bool) -> tuple[Tensor, Tensor]:
+    return tuple(_forward(_call_gspo, logprobs, old_logprobs, advantages, mask, agg, is_weights, clip_low, clip_high,
+                          dual_clip, seq_grad))
+
+
+def _geo_mean_fn(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, agg: str,
+                 is_weights: Optional[Tensor], clip_low: float, clip_high: Optional[float]) -> tuple[Tensor, Tensor]:
+    return tuple(_forward(_call_geo_mean, logprobs, old_logprobs, advantages, mask, agg, is_weights, clip_low,
+                          clip_high))
+
+
 def _value_fn(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: Optional[float],
               agg: str) -> tuple[Tensor, Tensor]:
     return tuple(_forward(_call_value, values, old_values, returns, mask, clip, agg))
@@ -458,6 +487,12 @@ _FAKES = {
     ),
     "group_advantages": lambda scores, group_size, mask, estimator, norm_by_std, eps: _new(scores, mask.shape, scores),
     "reinforce_pp_advantages": lambda rewards, mask, gamma: _two(rewards, rewards.shape, rewards),
+    "gspo_loss": lambda lp, old, adv, mask, agg, w, *rest: (
+        _new(lp, (), lp, old, adv, w), _new(lp, (len(POLICY_STATS),), lp, old, adv, w),
+    ),
+    "geo_mean_loss": lambda lp, old, adv, mask, agg, w, *rest: (
+        _new(lp, (), lp, old, adv, w), _new(lp, (len(POLICY_STATS),), lp, old, adv, w),
+    ),
 }
 
 _FORWARDS = {
@@ -475,6 +510,8 @@ _FORWARDS = {
     "linear_logprobs": _linear_fn,
     "group_advantages": _group_fn,
     "reinforce_pp_advantages": _reinforce_fn,
+    "gspo_loss": _gspo_fn,
+    "geo_mean_loss": _geo_mean_fn,
 }
 
 OPS = tuple(_FORWARDS)
@@ -491,6 +528,8 @@ DIFFERENTIABLE = {
     "value_loss": (0,),
     "ppo_loss": (0, 3, 7),
     "linear_logprobs": (0, 1, 3),
+    "gspo_loss": (0,),
+    "geo_mean_loss": (0,),
 }
 
 # The elementwise and loss ops: the backward recomputes the outputs with autograd (cheap: they
@@ -501,6 +540,8 @@ RECOMPUTED = {
     "policy_loss": _call_policy,
     "value_loss": _call_value,
     "ppo_loss": _call_ppo,
+    "gspo_loss": _call_gspo,
+    "geo_mean_loss": _call_geo_mean,
 }
 
 # The logits ops: the forward's last two outputs are the row max and log-sum, saved with the
@@ -524,6 +565,8 @@ _N_DIFF_OUT = {
     "value_loss": lambda args: 1,
     "ppo_loss": lambda args: 1,
     "linear_logprobs": lambda args: 2 if args[6] else 1,
+    "gspo_loss": lambda args: 1,
+    "geo_mean_loss": lambda args: 1,
 }
 
 
@@ -742,3 +785,17 @@ def group_advantages(scores, group_size, mask, *, estimator="grpo", norm_by_std=
 
 def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
     return tuple(_ops.reinforce_pp_advantages(rewards, mask, float(gamma)))
+
+
+def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None, clip_low=0.2,
+              clip_high=None, dual_clip=None, seq_grad=False):
+    loss, stats = _ops.gspo_loss(logprobs, old_logprobs, advantages, mask, agg, is_weights, float(clip_low),
+                                 _f(clip_high), _f(dual_clip), bool(seq_grad))
+    return loss, _stats(POLICY_STATS, stats)
+
+
+def geo_mean_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
+                  clip_low=0.2, clip_high=None):
+    loss, stats = _ops.geo_mean_loss(logprobs, old_logprobs, advantages, mask, agg, is_weights, float(clip_low),
+                                     _f(clip_high))
+    return loss, _stats(POLICY_STATS, stats)

@@ -193,6 +193,47 @@ def _verl_objective(op: str) -> tuple[Callable | None, str]:
     return run, "computes in the input dtype; .item()s its metrics"
 
 
+def _seq_loss_case(op: str, tokens: int, dtype: torch.dtype) -> BenchCase:
+    """gspo_loss / geo_mean_loss, forward and backward, rows of 1024 tokens, seq-mean-token-mean."""
+    B = max(1, tokens // 1024)
+    T = tokens // B
+
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        old = torch.randn(B, T, device=device, generator=gen).to(dtype)
+        lp = (old.float() + 0.2 * torch.randn(B, T, device=device, generator=gen)).to(dtype).requires_grad_()
+        adv = torch.randn(B, 1, device=device, generator=gen).expand(B, T).contiguous().to(dtype)
+        mask = torch.rand(B, T, device=device, generator=gen) < 0.9
+        return (lp, old, adv, mask), {"agg": "seq-mean-token-mean"}, [lp]
+
+    e = _esize(dtype)
+    # GSPO: forward pass 1 reads lp, old, mask, pass 2 lp, adv, mask; backward reads lp, adv, mask
+    # and writes d lp. GMPO: forward reads lp, old, adv, mask; backward reads them, writes d lp.
+    if op == "gspo_loss":
+        floor = tokens * (2 * (2 * e + 1) + (2 * e + 1) + e)
+    else:
+        floor = tokens * ((3 * e + 1) + (3 * e + 1) + e)
+    return BenchCase(op, "fwd+bwd", f"B*T={tokens}", dtype, make, floor, impls=("torch", "torch.compile", "triton", "verl"))
+
+
+def _verl_seq_peer(op: str) -> tuple[Callable | None, str]:
+    """verl 0.9.1's own compute_policy_loss_gspo / _geo_mean (bf16 math in bf16, metrics .item()-ed)."""
+    try:
+        from verl.trainer.ppo import core_algos
+        from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+    except Exception:
+        return None, "verl not installed"
+    name = {"gspo_loss": "gspo", "geo_mean_loss": "geo_mean"}[op]
+    cfg = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1,
+                      policy_loss=PolicyLossConfig(loss_mode=name))
+    fn = getattr(core_algos, f"compute_policy_loss_{name}")
+
+    def verl_loss(lp, old, adv, mask, *, agg="seq-mean-token-mean", **_):
+        return fn(old, lp, adv, mask.to(lp.dtype), agg, cfg)
+
+    return verl_loss, "verl's function (syncs for its metrics)"
+
+
 def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> BenchCase:
     """linear_logprobs is matmul bound: its columns are TFLOP/s over the two matmul FLOPs and the
     percent of a plain torch.mm of the same shape timed in the same run (``linear_flops``). The
@@ -261,6 +302,8 @@ def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
             cases.append(_loss_case(tokens, dtype))
             for op in OBJECTIVES:
                 cases.append(_objective_case(op, tokens, dtype))
+            for op in ("gspo_loss", "geo_mean_loss"):
+                cases.append(_seq_loss_case(op, tokens, dtype))
     if on_gpu:
         linear_grid = [(N, H, V) for N in (4096, 16384) for H in (896, 4096) for V in (32000, 151936)]
     else:
@@ -371,6 +414,8 @@ def _peer(case: BenchCase, impl: str) -> tuple[Callable | None, str]:
             return -liger_cross_entropy(logits, labels, reduction="none")
 
         return liger_ce, "fused cross entropy: log-prob only, no entropy"
+    if impl == "verl" and case.op in ("gspo_loss", "geo_mean_loss"):
+        return _verl_seq_peer(case.op)
     raise KeyError(impl)
 
 

@@ -796,3 +796,148 @@ def bypass_mode_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mea
         stats = {"approx_kl": kl / n if n else kl * 0}
     stats.update({"rollout_corr/" + k: v for k, v in metrics.items()})
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence-level and covariance-selection policy losses (issue 19)
+# --------------------------------------------------------------------------------------------
+
+
+def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
+              clip_low=0.2, clip_high=None, dual_clip=None, seq_grad=False):
+    """GSPO row by row: s_b = mean of the valid log-ratios, token ratio exp(min(lp - sg(lp) + sg(s_b), 10))."""
+    valid = _valid(mask)
+    high = clip_low if clip_high is None else clip_high
+    lp = _zero_masked(logprobs, valid)
+    d = lp - _zero_masked(old_logprobs, valid)
+    A = _zero_masked(advantages, valid)
+    rows = []
+    for b in range(lp.shape[0]):
+        n = int(valid[b].sum())
+        if seq_grad:  # the gradient through the sequence mean
+            s = d[b].sum() / n if n else d[b].sum() * 0
+            rows.append(torch.exp(torch.clamp(s, max=10.0)).expand(lp.shape[1]))
+        else:
+            s = d[b].detach().sum() / n if n else d[b].detach().sum() * 0
+            rows.append(torch.exp(torch.clamp((lp[b] - lp[b].detach()) + s, max=10.0)))
+    ratio = torch.stack(rows) if rows else lp.clone()
+    first, second = -A * ratio, -A * torch.clamp(ratio, 1 - clip_low, 1 + high)
+    per_token = torch.maximum(first, second)
+    lower = torch.zeros((), dtype=F64, device=lp.device)
+    if dual_clip is not None:
+        bound = -A * dual_clip
+        lower = _fraction((per_token > bound) & (A < 0), valid)
+        per_token = torch.where(A < 0, torch.minimum(per_token, bound), per_token)
+    if is_weights is not None:
+        per_token = per_token * _zero_masked(is_weights, valid)
+    stats = {
+        "clipfrac": _fraction(second > first, valid),
+        "clipfrac_lower": lower,
+        "approx_kl": aggregate(-d.detach(), mask, "token-mean"),
+    }
+    return aggregate(per_token, mask, agg), stats
+
+
+def geo_mean_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,
+                  clip_low=0.2, clip_high=None):
+    """GMPO row by row on the compacted valid tokens; the row loss repeated on its tokens for ``agg``."""
+    valid = _valid(mask)
+    high = clip_low if clip_high is None else clip_high
+    lp = _zero_masked(logprobs, valid)
+    d = lp - _zero_masked(old_logprobs, valid)
+    A = _zero_masked(advantages, valid)
+    B, T = d.shape
+    token_rows = []
+    for b in range(B):
+        v = valid[b]
+        n = int(v.sum())
+        if n == 0:
+            token_rows.append(lp[b] * 0)
+            continue
+        db, Ab = d[b][v], A[b][v]
+        # Pessimistic (in the advantage's direction) of the raw and the clamped log-ratio.
+        sg = torch.sign(Ab)
+        clamped = torch.clamp(db, -clip_low, high)
+        c = sg * torch.minimum(sg * db, sg * clamped)
+        loss_b = -(Ab.sum() / n) * torch.exp(c.sum() / n)
+        if is_weights is not None:
+            loss_b = loss_b * torch.exp(torch.log(_zero_masked(is_weights, valid)[b][v] + 1e-10).sum() / n)
+        token_rows.append(torch.where(v, loss_b, 0.0))
+    per_token = torch.stack(token_rows) if token_rows else lp * 0
+    # seq-mean-token-mean: each non-empty row's token mean of its repeated loss is the row loss.
+    loss = aggregate(per_token, mask, agg)
+    clipped = d != torch.clamp(d, -clip_low, high)
+    stats = {
+        "clipfrac": _fraction(clipped & (A > 0), valid),
+        "clipfrac_lower": _fraction(clipped & (A < 0), valid),
+        "approx_kl": aggregate(-d.detach(), mask, "token-mean"),
+    }
+    return loss, stats
+
+
+def _verl_mean(x, valid, mask):
+    m = valid.to(mask.dtype) if mask.dtype.is_floating_point else valid
+    return (torch.where(valid, x, 0.0) * m).sum() / (m.sum() + 1e-8)
+
+
+def clip_cov_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None,
+                  clip_low=0.2, clip_high=None, clip_cov_ratio=0.0002, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                  generator=None):
+    """Clip-Cov: the candidates in the inputs' dtype (the spec: verl's), one randperm, the loss in float64."""
+    valid = _valid(mask)
+    high = clip_low if clip_high is None else clip_high
+    # Selection, in the inputs' own dtype.
+    lp_in = torch.where(valid, logprobs.detach(), 0.0)
+    A_in = torch.where(valid, advantages.detach(), 0.0)
+    r_in = torch.exp(lp_in - torch.where(valid, old_logprobs.detach(), 0.0))
+    origin_clipped = (-A_in * torch.clamp(r_in, 1 - clip_low, 1 + high)) > (-A_in * r_in)
+    cov = (A_in - _verl_mean(A_in, valid, mask)) * (lp_in - _verl_mean(lp_in, valid, mask))
+    cand = []
+    for b in range(cov.shape[0]):
+        for t in range(cov.shape[1]):
+            if valid[b, t] and not origin_clipped[b, t] and clip_cov_lb < cov[b, t] < clip_cov_ub:
+                cand.append((b, t))
+    dropped = torch.zeros_like(valid)
+    if cand:
+        k = min(max(int(clip_cov_ratio * int(valid.sum())), 1), len(cand))
+        for i in torch.randperm(len(cand), generator=generator)[:k].tolist():
+            dropped[cand[i]] = True
+    # The loss, in float64.
+    lp = _zero_masked(logprobs, valid)
+    d = lp - _zero_masked(old_logprobs, valid)
+    A = _zero_masked(advantages, valid)
+    ratio = torch.exp(d)
+    per_token = torch.maximum(-A * ratio, -A * torch.clamp(ratio, 1 - clip_low, 1 + high))
+    per_token = torch.where(dropped, 0.0, per_token)
+    if is_weights is not None:
+        per_token = per_token * _zero_masked(is_weights, valid)
+    stats = {
+        "clipfrac": _fraction(dropped, valid),
+        "clipfrac_lower": torch.zeros((), dtype=F64, device=lp.device),
+        "approx_kl": aggregate(-d.detach(), mask, "token-mean"),
+    }
+    return aggregate(per_token, mask, agg), stats
+
+
+def kl_cov_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None,
+                kl_cov_ratio=0.0002, ppo_kl_coef=0.1):
+    """KL-Cov: the top-covariance tokens (in the inputs' dtype, torch.topk on the CPU) take + coef * |d|."""
+    valid = _valid(mask)
+    n_valid = int(valid.sum())
+    chosen = torch.zeros_like(valid)
+    if n_valid:
+        where = valid.nonzero().tolist()
+        A_in = torch.stack([advantages[b, t].detach() for b, t in where]).cpu()
+        lp_in = torch.stack([logprobs[b, t].detach() for b, t in where]).cpu()
+        cov = (A_in - A_in.mean()) * (lp_in - lp_in.mean())
+        for i in torch.topk(cov, max(1, int(n_valid * kl_cov_ratio))).indices.tolist():
+            chosen[tuple(where[i])] = True
+    lp = _zero_masked(logprobs, valid)
+    d = lp - _zero_masked(old_logprobs, valid)
+    A = _zero_masked(advantages, valid)
+    per_token = -A * torch.exp(d) + torch.where(chosen, ppo_kl_coef * torch.abs(d), 0.0)
+    if is_weights is not None:
+        per_token = per_token * _zero_masked(is_weights, valid)
+    zero = torch.zeros((), dtype=F64, device=lp.device)
+    stats = {"clipfrac": zero, "clipfrac_lower": zero, "approx_kl": aggregate(torch.abs(d.detach()), mask, "token-mean")}
+    return aggregate(per_token, mask, agg), stats

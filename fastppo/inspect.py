@@ -98,6 +98,9 @@ ELEMENTS = {
     "_row_member_kernel": ("BLOCK_B", "BLOCK_T"),
     "_broadcast_kernel": ("BLOCK_B", "BLOCK_T"),
     "_group_stats_kernel": ("BLOCK_K",),
+    # sequence-level losses: a BLOCK_T slice of one row per pass (forward: per loop iteration)
+    "_seq_fwd_kernel": ("BLOCK_T",),
+    "_seq_bwd_kernel": ("BLOCK_T",),
 }
 
 # Spills CI accepts, with the reason: (kernel, substring of the config) -> why.
@@ -223,6 +226,13 @@ def _loss_case(B: int, T: int) -> Callable[[], None]:
         _backward(pol(t(True), t(), t(), mask)[0])
         _backward(val(t(True), t(), t(), mask)[0])
         _backward(agg(t(True), mask))
+        # kernels/seq_policy_loss.py: GSPO and GMPO, with and without importance weights.
+        for name in ("gspo_loss", "geo_mean_loss"):
+            seq = _op("seq_policy_loss", name)
+            _backward(seq(t(True), t(), t(), mask)[0])
+            _backward(seq(t(True), t(), t(), mask, is_weights=t(), agg="token-mean")[0])
+        # GSPO with OpenRLHF's options: dual clip, gradient through the sequence mean.
+        _backward(_op("seq_policy_loss", "gspo_loss")(t(True), t(), t(), mask, dual_clip=3.0, seq_grad=True)[0])
 
     return run
 

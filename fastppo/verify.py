@@ -209,6 +209,18 @@ def _objective_case(B, T, op, agg, extreme=False):
     return make
 
 
+def _seq_policy_case(B, T, agg, weights):
+    # gspo_loss / geo_mean_loss: the sequence-level ratio is a row reduction first.
+    def make(gen, dtype):
+        (lp, old, adv, mask), kwargs = _policy_case(B, T, agg, False)(gen, dtype)
+        kwargs.update(clip_low=0.2, clip_high=0.28)
+        if weights:
+            kwargs["is_weights"] = (0.5 + torch.rand(B, T, generator=gen)).to(dtype)
+        return (lp, old, adv, mask), kwargs
+
+    return make
+
+
 def _value_case(B, T, agg, clip):
     def make(gen, dtype):
         old = _randn((B, T), gen, dtype)
@@ -382,6 +394,9 @@ def build_cases(large: bool) -> list[Case]:
             cases.append(Case("ppo_loss", f"{B}x{T} {agg}", dtype, _ppo_case(B, T, agg), grad=(0, 3, "entropy")))
         for agg in ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
             cases.append(Case("aggregate", f"{B}x{T} {agg}", dtype, _aggregate_case(B, T, agg), grad=(0,)))
+        for op in ("gspo_loss", "geo_mean_loss"):
+            for agg, w in (("seq-mean-token-mean", False), ("token-mean", True)):
+                cases.append(Case(op, f"{B}x{T} {agg}{' w' if w else ''}", dtype, _seq_policy_case(B, T, agg, w), grad=(0,)))
     # Extreme inputs (see the module docstring).
     ext_logits = (4, 128, 32000) if large else (3, 5, 101)
     for dtype in (torch.float32, torch.bfloat16):

@@ -61,4 +61,6 @@ KERNEL_OPS: dict[str, str] = {
     "gpg_loss": "policy_objectives:gpg_loss",
     "cispo_loss": "policy_objectives:cispo_loss",
     "dro_loss": "policy_objectives:dro_loss",
+    "gspo_loss": "seq_policy_loss:gspo_loss",
+    "geo_mean_loss": "seq_policy_loss:geo_mean_loss",
 }

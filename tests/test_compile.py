@@ -99,6 +99,10 @@ def _op_args(d):
                             (_clean(d["hidden"]), d["weight"], d["labels"].clamp(0, V - 1), None, None, 0.8, False, None)],
         "group_advantages": [(d["scores"][:2].repeat(2), 2, torch.ones(4, 3), "grpo", True, 1e-6)],
         "reinforce_pp_advantages": [(d["returns"], m, 1.0)],
+        "gspo_loss": [(d["lp"], d["old"], d["adv"], m, "seq-mean-token-mean", d["weights"], 0.2, 0.28, None, False),
+                      (d["lp"], d["old"], d["adv"], m, "token-sum", None, 0.2, None, 3.0, True)],
+        "geo_mean_loss": [(d["lp"], d["old"], d["adv"], m, "seq-mean-token-mean", d["weights"], 0.2, 0.28),
+                          (d["lp"], d["old"], d["adv"], m, "token-mean", None, 0.3, None)],
     }
 
 
@@ -122,6 +126,8 @@ def _public_calls(d):
          (0, 1, "bias")),
         ("group_advantages", (d["scores"][:2].repeat(2), 2, torch.ones(4, 3)), dict(estimator="rloo"), ()),
         ("reinforce_pp_advantages", (d["returns"], m), dict(gamma=0.9), ()),
+        ("gspo_loss", (d["lp"], d["old"], d["adv"], m), dict(clip_high=0.28, is_weights=d["weights"]), (0,)),
+        ("geo_mean_loss", (d["lp"], d["old"], d["adv"], m), dict(agg="token-mean"), (0,)),
     ]
 
 
@@ -136,12 +142,13 @@ def _flat(out):
 def test_every_public_op_is_registered():
     public = {"logprobs_from_logits", "entropy_from_logits", "kl_penalty", "shape_rewards", "gae", "masked_whiten",
               "aggregate", "policy_loss", "value_loss", "compute_advantages", "ppo_loss", "linear_logprobs",
-              "group_advantages", "reinforce_pp_advantages"}
+              "group_advantages", "reinforce_pp_advantages", "gspo_loss", "geo_mean_loss"}
     assert set(_library.OPS) == public
     for name in public:
         assert hasattr(torch.ops.fastppo, name)
     assert set(_library.DIFFERENTIABLE) == {"logprobs_from_logits", "entropy_from_logits", "kl_penalty", "aggregate",
-                                            "policy_loss", "value_loss", "ppo_loss", "linear_logprobs"}
+                                            "policy_loss", "value_loss", "ppo_loss", "linear_logprobs",
+                                            "gspo_loss", "geo_mean_loss"}
 
 
 def _needs_grad(name, args):

@@ -25,6 +25,7 @@ KERNELS = {
     "_logprob_fwd_kernel", "_logprob_bwd_kernel", "_kl_kernel", "_kl_bwd_kernel", "_summary_kernel",
     "_finalize_kernel", "_ppo_fwd_kernel", "_ppo_bwd_kernel", "_fold_fwd_kernel", "_dlogits_kernel",
     "_tok_fwd_kernel", "_tok_bwd_kernel",
+    "_seq_fwd_kernel", "_seq_bwd_kernel",
 }
 
 

@@ -185,7 +185,7 @@ class PolicyLoss(nn.Module):
         )
         mask = _mask_or_ones(action_mask, log_probs)
         weights = vllm_kl = filter_ratio = None
-        ratio_lp, ratio_old = log_probs, old_log_probs
+        dual = None if self.dual_clip is None else float(self.dual_clip)
         if self.policy_loss_type == "gspo":
             if self.is_correction_level != "off":
                 if rollout_log_probs is None:
@@ -193,27 +193,22 @@ class PolicyLoss(nn.Module):
                 base = rollout_log_probs
             else:
                 base = old_log_probs
-            # One log-ratio per sequence, the mean over its valid tokens, at each of its tokens:
-            # fastppo.policy_loss(seq_log_ratio, 0, ...) is then GSPO's loss with gradients
-            # through the mean. where(), not OpenRLHF's product with the mask: garbage at masked
-            # positions stays out (a NaN there would make OpenRLHF's whole row NaN).
-            ratio_lp = _row_mean(log_probs - base, mask).expand_as(log_probs)
-            ratio_old = torch.zeros_like(ratio_lp)
-        elif self.is_correction_level != "off":
-            weights, filter_ratio, vllm_kl = self._correction(old_log_probs, rollout_log_probs, mask)
 
-        def run(agg: str):
-            return fastppo.policy_loss(
-                ratio_lp,
-                ratio_old,
-                advantages,
-                mask,
-                clip_low=float(self.clip_eps_low),
-                clip_high=float(self.clip_eps_high),
-                dual_clip=None if self.dual_clip is None else float(self.dual_clip),
-                agg=agg,
-                is_weights=weights,
-            )
+            # fastppo's GSPO op in OpenRLHF's form: one ratio per sequence, exp(mean of the valid
+            # log-ratios), with the gradient through that mean (seq_grad=True). Unlike OpenRLHF's
+            # product with the mask, garbage at masked positions stays out (a NaN there would make
+            # OpenRLHF's whole row NaN); the log-ratio is clamped at 10 (OpenRLHF: not at all).
+            def run(agg: str):
+                return fastppo.gspo_loss(log_probs, base, advantages, mask, agg=agg, clip_low=float(self.clip_eps_low),
+                                         clip_high=float(self.clip_eps_high), dual_clip=dual, seq_grad=True)
+        else:
+            if self.is_correction_level != "off":
+                weights, filter_ratio, vllm_kl = self._correction(old_log_probs, rollout_log_probs, mask)
+
+            def run(agg: str):
+                return fastppo.policy_loss(log_probs, old_log_probs, advantages, mask,
+                                           clip_low=float(self.clip_eps_low), clip_high=float(self.clip_eps_high),
+                                           dual_clip=dual, agg=agg, is_weights=weights)
 
         loss, stats = _global_aggregate(
             run,

@@ -40,7 +40,9 @@ import fastppo
 
 __all__ = [
     "ChunkedLogProbFunction",
+    "TRL_LOSS_TYPES",
     "entropy_from_logits",
+    "fastppo_policy_loss",
     "is_patched",
     "kernel_selective_log_softmax_and_entropy",
     "patch",
@@ -470,3 +472,53 @@ def patched(modules: tuple[str, ...] = ()) -> Iterator[None]:
     finally:
         if not was_patched:
             unpatch()
+
+
+# --------------------------------------------------------------------------------------------
+# TRL's GRPOTrainer loss_type names -> fastppo policy objectives (issue 19)
+# --------------------------------------------------------------------------------------------
+
+# TRL 1.16 GRPOConfig.loss_type (with importance_sampling_level="token") -> (fastppo.POLICY_LOSSES
+# name, agg, where the numbers differ). TRL's per-token surrogate for grpo/bnpo/dr_grpo/dapo is the
+# clipped one of fastppo.policy_loss ("vanilla") without dual clip; what differs is the reduction.
+# None: no fastppo objective with that math.
+TRL_LOSS_TYPES: dict[str, tuple[str, str, str] | None] = {
+    "grpo": ("vanilla", "seq-mean-token-mean",
+             "TRL's .mean() over rows counts a row without tokens as 0; fastppo averages over rows with tokens"),
+    "bnpo": ("vanilla", "token-mean", ""),
+    "dapo": ("vanilla", "token-mean",
+             "TRL divides by num_items_in_batch, the generation batch's token count: a token-sum over that "
+             "global count, which equals token-mean on one micro-batch of the whole batch"),
+    "dr_grpo": ("vanilla", "seq-mean-token-sum-norm",
+                "TRL divides by B * max_completion_length: equal when T == max_completion_length and no row "
+                "is empty"),
+    "cispo": ("cispo", "token-mean", "the cispo objective is registered by fastppo's token-level losses"),
+    "sapo": ("sapo", "seq-mean-token-mean", "the sapo objective is registered by fastppo's token-level losses"),
+    "luspo": ("vanilla", "seq-mean-token-sum",
+              "LUSPO is meant with importance_sampling_level='sequence' (then: gspo, seq-mean-token-sum)"),
+    "vespo": None,
+}
+
+
+def fastppo_policy_loss(loss_type: str, importance_sampling_level: str = "token") -> tuple[str, str]:
+    """(fastppo policy objective name, agg) for TRL's ``loss_type`` and ``importance_sampling_level``.
+
+    ``importance_sampling_level="sequence"`` (GSPO in TRL) maps the clipped losses to ``gspo``:
+    TRL's sequence ratio exp(mean of the valid log-ratios) per row, with the gradient through the
+    mean; fastppo's ``gspo`` has the same value, and with ``seq_grad=True`` the same gradient (its
+    default, verl's GSPO-token form, agrees for the sequence-level advantages GRPO produces). TRL does not clamp the log-ratio (fastppo: at 10).
+    ``ValueError`` for a name with no fastppo equivalent (``vespo``) or an unknown one.
+    """
+    if loss_type not in TRL_LOSS_TYPES:
+        raise ValueError(f"unknown TRL loss_type {loss_type!r}; expected one of {', '.join(TRL_LOSS_TYPES)}")
+    entry = TRL_LOSS_TYPES[loss_type]
+    if entry is None:
+        raise ValueError(f"TRL's loss_type {loss_type!r} has no fastppo objective")
+    name, agg, _ = entry
+    if importance_sampling_level == "sequence":
+        if name != "vanilla":
+            raise ValueError(f"TRL's {loss_type!r} with importance_sampling_level='sequence' has no fastppo objective")
+        return "gspo", agg
+    if importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    return name, agg

@@ -538,7 +538,9 @@ def install(
       ``rloo``, ``reinforce_plus_plus``).
     * ``policy_losses``: verl's other policy losses (``dppo_tv``, ``dppo_kl``, ``sapo``, ``gpg``,
       ``cispo``, ``dro``...: ``fastppo.integrations._verl_policy_losses.ADAPTERS``), their
-      registry entries and ``compute_policy_loss_<name>`` functions.
+      registry entries and ``compute_policy_loss_<name>`` functions; the sequence-level ones
+      (``gspo``, ``geo_mean``, ``clip_cov``, ``kl_cov``) are
+      ``fastppo.integrations._verl_seq_losses.VERL_SEQ_LOSSES``.
     * ``rollout_correction``: replace ``rollout_corr_helper``'s IS-weight, rejection and metric
       functions by ``fastppo.rollout_correction`` and ``loss_mode=bypass_mode`` by
       ``fastppo.bypass_mode_loss`` (``fastppo.integrations._verl_rollout_corr``).
@@ -569,6 +571,11 @@ def install(
                 # Written directly: register_adv_est refuses to overwrite a registered name.
                 _saved.setdefault((registry_name, key), registry.get(key))
                 registry[key] = ours
+    if policy_losses:
+        # gspo, geo_mean, clip_cov, kl_cov (fastppo/integrations/_verl_seq_losses.py)
+        from fastppo.integrations import _verl_seq_losses
+
+        _verl_seq_losses.register(core_algos, _saved)
 
 
 def uninstall() -> None:
@@ -585,6 +592,9 @@ def uninstall() -> None:
         if core_algos.POLICY_LOSS_REGISTRY.get(name) is compute_policy_loss_fastppo:
             del core_algos.POLICY_LOSS_REGISTRY[name]
     _registered_names.clear()
+    from fastppo.integrations import _verl_seq_losses
+
+    _verl_seq_losses.unregister(core_algos, _saved)
     for swaps in _REGISTRY_SWAPS.values():
         for registry_name, key, ours in swaps:
             if (registry_name, key) not in _saved:
