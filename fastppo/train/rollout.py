@@ -6,7 +6,8 @@ their mask and, where the engine has them, its log-probs of the sampled tokens o
 :meth:`close`. Two engines:
 
 * ``hf`` (:class:`HFEngine`): fastppo's token-by-token loop over the left-padded batch with the
-  actor itself and its KV cache. Nothing to sync; no separate log-probs.
+  actor itself and its KV cache. Nothing to sync; it records the log-probs of the tokens it samples
+  only when a rollout correction (``--rollout-is`` / ``--rollout-rs``) needs them.
 * ``vllm`` (:class:`VLLMEngine`): vLLM's in-process engine, colocated with the trainer, built once
   from the model's files, then given the actor's tensors, and given
   the updated weights in place after every iteration through the model runner's
@@ -17,8 +18,9 @@ their mask and, where the engine has them, its log-probs of the sampled tokens o
 
 The rollout-training mismatch: the engine's log-probs of the tokens it sampled (``r``) and the
 trainer's recomputed old log-probs (``o``) never agree exactly (other kernels, other precision).
-:func:`mismatch_stats` reports it; :func:`tis_weights` is truncated importance sampling,
-``w = min(exp(o - r), cap)``, passed to the losses as ``is_weights``.
+:func:`mismatch_stats` reports it; ``fastppo.train.rollout_correction`` turns it into importance
+weights and rejection masks (:func:`tis_weights` is the plain truncated form, ``w = min(exp(o - r),
+cap)``).
 """
 
 from __future__ import annotations
@@ -107,23 +109,17 @@ def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask
     return torch.where(mask.bool(), w, 0.0)
 
 
-def correction(config, old_logprobs: torch.Tensor, rollout: Rollout, dist=None
-               ) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """``(is_weights or None, mismatch metrics)`` of one iteration: the weights (of this process's
-    rows) under ``rollout_is tis``, the metrics whenever the engine returned log-probs (none for
-    ``hf``); under torchrun (``dist`` enabled) the metrics are those of every rank's rows."""
+def correction(config, old_logprobs: torch.Tensor, rollout: Rollout, dist=None) -> dict[str, float]:
+    """The mismatch metrics of one iteration (:func:`mismatch_stats`) whenever the engine returned
+    log-probs (none for ``hf`` unless a rollout correction made it record them); under torchrun
+    (``dist`` enabled) those of every rank's rows. The weights and the rejection mask are
+    ``fastppo.train.rollout_correction.apply``'s."""
     if rollout.logprobs is None:
-        return None, {}
-    weights = None
-    if config.rollout_is == "tis":
-        weights = tis_weights(old_logprobs, rollout.logprobs, rollout.mask, config.rollout_is_cap)
-    old, roll, mask, w = (old_logprobs, rollout.logprobs, rollout.mask, weights)
+        return {}
+    old, roll, mask = (old_logprobs, rollout.logprobs, rollout.mask)
     if dist is not None and dist.enabled:  # [dist] metrics over the global batch
-        old, roll, mask, w = dist.gather_rows(old, roll, mask, w)
-    stats = mismatch_stats(old, roll, mask)
-    if w is not None:
-        stats["rollout_is_weight_mean"] = float(w[mask.bool()].double().mean()) if mask.any() else 0.0
-    return weights, stats
+        old, roll, mask = dist.gather_rows(old, roll, mask)
+    return mismatch_stats(old, roll, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,9 +134,12 @@ class HFEngine:
         self.trainer = trainer
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+        from .rollout_correction import wanted
+
+        record = wanted(self.trainer.config)  # the sampling log-probs, for a rollout correction only
         with self.trainer.dist.unsharded(self.trainer.actor):  # [dist] weights gathered once for all tokens
-            responses, mask = self.trainer.generate(prompt_ids, prompt_mask)
-        return Rollout(responses, mask)
+            out = self.trainer.generate(prompt_ids, prompt_mask, logprobs=record)
+        return Rollout(*out)
 
     def sync_weights(self) -> float:
         return 0.0

@@ -41,7 +41,7 @@ import fastppo
 from . import api
 from . import builtin, checkpoint, objective, rollout
 from . import distributed  # [dist] several processes (torchrun); a no-op for one
-from . import packing
+from . import packing, rollout_correction
 from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
                    prompt_text, prompts_from_dataset)
@@ -116,6 +116,15 @@ def _need_model_dir(path: str, what: str):
     if not any(os.path.isfile(os.path.join(path, w)) for w in _WEIGHTS):
         raise ConfigError(f"{what} {path!r} holds no weights (expected one of {', '.join(_WEIGHTS)})")
     return config
+
+
+def _sampled_logprob(logits: torch.Tensor, probs: torch.Tensor, token: torch.Tensor, truncated: bool) -> torch.Tensor:
+    """log of the probability ``token`` was drawn with: log_softmax of the (temperature-scaled)
+    ``logits`` or, after top_p truncation, of the kept mass renormalised (``probs`` holds the kept
+    probabilities, 0 elsewhere), as vLLM's processed log-probs."""
+    if truncated:
+        return torch.log(probs.gather(-1, token[:, None]).squeeze(1)) - torch.log(probs.sum(-1))
+    return torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(1)
 
 
 def _kv_cache(out) -> dict[str, Any]:
@@ -592,13 +601,16 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, logprobs: bool = False
+                 ) -> tuple[torch.Tensor, ...]:
         """Sample one response per prompt with a KV cache.
 
-        Args: prompt_ids, prompt_mask: int64 ``[B, P]``, left-padded.
+        Args: prompt_ids, prompt_mask: int64 ``[B, P]``, left-padded; ``logprobs``: also return the
+        sampler's log-prob of each sampled token.
         Returns: ``(responses, mask)``: int64 ``[B, R]`` (pad after EOS) and bool ``[B, R]``, true
         up to and including the first EOS (or ``stop_token_id``); ``R <= max_new_tokens`` (stops once
-        every row is done).
+        every row is done). With ``logprobs``, a third float32 ``[B, R]``: log of the probability the
+        token was drawn with (after temperature and top_p), 0 at masked positions.
         """
         cfg, tok = self.config, self.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -607,7 +619,7 @@ class PPOTrainer:
         attn = prompt_mask.clone()
         pos = position_ids_from(attn)
         done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
-        out_tokens, out_mask = [], []
+        out_tokens, out_mask, out_lp = [], [], []
         with autocast(self.device, self.bf16):
             out = self.actor(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
         next_pos = pos[:, -1:] + 1
@@ -622,6 +634,8 @@ class PPOTrainer:
                 probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
             nxt = torch.multinomial(probs, 1).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            if logprobs:  # the rollout engine's log-probs, for fastppo.train.rollout_correction
+                out_lp.append(torch.where(done, 0.0, _sampled_logprob(logits, probs, nxt, cfg.top_p < 1.0)))
             out_tokens.append(nxt)
             out_mask.append(~done)
             done = done | (nxt == stop)  # stop_token_id, or EOS again when none is set
@@ -633,6 +647,8 @@ class PPOTrainer:
                 out = self.actor(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
                                  use_cache=True, **_kv_cache(out))
             next_pos = next_pos + 1
+        if logprobs:
+            return torch.stack(out_tokens, 1), torch.stack(out_mask, 1), torch.stack(out_lp, 1)
         return torch.stack(out_tokens, 1), torch.stack(out_mask, 1)
 
     @torch.no_grad()
@@ -722,7 +738,10 @@ class PPOTrainer:
                 old_logprobs[rows], entropy[rows], ref_logprobs[rows] = lp.float(), ent.float(), rlp.float()
                 if v is not None:
                     old_values[rows] = torch.where(m_, v, 0.0)
-        is_weights, mismatch = rollout.correction(cfg, old_logprobs, sampled, self.dist)  # rollout engine vs trainer
+        mismatch = rollout.correction(cfg, old_logprobs, sampled, self.dist)  # rollout engine vs trainer
+        # Importance weights and rejected tokens (--rollout-is / --rollout-rs): loss_mask is mask less those.
+        is_weights, loss_mask, corr = rollout_correction.apply(cfg, old_logprobs, sampled.logprobs, mask, self.dist)
+        mismatch.update(corr)
         shaped = scores.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else scores
         kl_coef_used = self.kl.value
         if cfg.advantage_estimator == "gae":
@@ -762,10 +781,10 @@ class PPOTrainer:
                 loss_finite = torch.ones((), dtype=torch.bool, device=dev)
                 # [dist] with N ranks: this rank's rows of the global mini-batch, weighted by their
                 # share of its tokens (see distributed.Distributed.micro_batches)
-                for micro, weight, stats_weight in self.packing.micro_batches(mini, mask, attn, cfg.micro_batch_size,
+                for micro, weight, stats_weight in self.packing.micro_batches(mini, loss_mask, attn, cfg.micro_batch_size,
                                                                               cfg.loss_agg):
                     ta = self._sync()
-                    loss, stats = self._loss(micro, seq, attn, pos, width, mask, old_logprobs, advantages,
+                    loss, stats = self._loss(micro, seq, attn, pos, width, loss_mask, old_logprobs, advantages,
                                              old_values, returns, ref_logprobs, is_weights)
                     tb = self._sync()
                     # Each micro-batch loss is aggregated over its own rows; weighting it by its share
@@ -870,7 +889,7 @@ class PPOTrainer:
                     old_logprobs=old_logprobs[micro], advantages=advantages[micro], mask=m, clip_low=cfg.clip_low,
                     clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg, ent_coef=cfg.ent_coef,
                     ref_logprobs=ref_logprobs[micro] if cfg.kl_loss_coef else None, kl_coef=cfg.kl_loss_coef,
-                    kl_estimator=cfg.kl_estimator)
+                    kl_estimator=cfg.kl_estimator, is_weights=w)
             if fused is None:
                 logprobs, entropy = self.packing.logprobs(self.actor, batch, m, cfg.temperature, cfg.fused_head)
             if self.critic is not None:
