@@ -42,7 +42,8 @@ def uneven_generate(trainer, longest: int):
     tok = trainer.tokenizer
     vocab = len(tok)
 
-    def generate(prompt_ids, prompt_mask):
+    def generate(prompt_ids, prompt_mask, *, logprobs=False):
+        assert not logprobs, "no rollout correction in these runs: the sampler's log-probs are not asked for"
         rows = []
         for ids, m in zip(prompt_ids.tolist(), prompt_mask.tolist()):
             real = [i for i, k in zip(ids, m) if k]
