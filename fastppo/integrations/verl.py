@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 import fastppo
-from fastppo.integrations import _as_float, _cfg, _global_aggregate, _promote
+from fastppo.integrations import _as_float, _cfg, _global_aggregate, _promote, _verl_linear
 from fastppo.reference import compute_dtype
 
 __all__ = [
@@ -489,7 +489,7 @@ _REGISTRY_SWAPS: dict[str, tuple[tuple[str, str, Any], ...]] = {
         ("ADV_ESTIMATOR_REGISTRY", "reinforce_plus_plus", compute_reinforce_plus_plus_outcome_advantage),
     ),
 }
-PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators")
+PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators", "linear_cross_entropy")
 
 
 def _swap_everywhere(attr: str, replacement: Any, original: Any) -> None:
@@ -515,6 +515,7 @@ def install(
     kl_penalty: bool = False,
     agg_loss: bool = False,
     estimators: bool = False,
+    linear_cross_entropy: bool = False,
     name: str = LOSS_NAME,
 ) -> None:
     """Put fastppo into verl (idempotent).
@@ -531,6 +532,9 @@ def install(
     * ``agg_loss``: replace ``agg_loss`` (every verl loss is reduced by it).
     * ``estimators``: replace GRPO, RLOO and REINFORCE++ and their registry entries (``grpo``,
       ``rloo``, ``reinforce_plus_plus``).
+    * ``linear_cross_entropy``: replace ``verl.utils.kernel.linear_cross_entropy`` (the fused LM
+      head of ``use_fused_kernels``, CUDA-only in verl) by ``fastppo.linear_logprobs``
+      (``fastppo.integrations._verl_linear``).
 
     Every function is swapped in ``core_algos`` and in the verl modules that imported it by name.
     Raises ImportError when verl's ``core_algos`` cannot be imported.
@@ -554,10 +558,13 @@ def install(
                 # Written directly: register_adv_est refuses to overwrite a registered name.
                 _saved.setdefault((registry_name, key), registry.get(key))
                 registry[key] = ours
+    if linear_cross_entropy:
+        _verl_linear.install()
 
 
 def uninstall() -> None:
     """Undo ``install()``: verl's own functions and registry entries come back."""
+    _verl_linear.uninstall()
     core_algos = sys.modules.get(_CORE_ALGOS)
     if core_algos is None:
         _saved.clear()
@@ -595,9 +602,10 @@ def installed() -> dict[str, bool]:
     """Which parts of fastppo are in verl right now (the keys of ``PARTS``)."""
     core_algos = sys.modules.get(_CORE_ALGOS)
     if core_algos is None:
-        return dict.fromkeys(PARTS, False)
-    state = {"policy_loss": core_algos.POLICY_LOSS_REGISTRY.get(LOSS_NAME) is compute_policy_loss_fastppo}
-    for part in PARTS[1:]:
+        return dict(dict.fromkeys(PARTS, False), linear_cross_entropy=_verl_linear.installed())
+    state = {"policy_loss": core_algos.POLICY_LOSS_REGISTRY.get(LOSS_NAME) is compute_policy_loss_fastppo,
+             "linear_cross_entropy": _verl_linear.installed()}
+    for part in (p for p in PARTS[1:] if p in _SWAPS):
         state[part] = all(getattr(core_algos, attr, None) is ours for attr, ours in _SWAPS[part]) and all(
             getattr(core_algos, registry_name).get(key) is ours
             for registry_name, key, ours in _REGISTRY_SWAPS.get(part, ())
