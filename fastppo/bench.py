@@ -256,8 +256,13 @@ def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, mode: str) -> Bench
 # fastppo: the public op (auto: Triton folds + cuBLAS on CUDA, the chunked PyTorch path on CPU);
 # chunked: the PyTorch chunked path forced (on CUDA too); logits: hidden @ weight.T then
 # fastppo.logprobs_from_logits (the baseline of the ratios); torch: the full-logits reference;
-# then the peers.
-LINEAR_IMPLS = ("fastppo", "chunked", "logits", "torch", "trl", "liger", "liger-flce", "verl")
+# then the peers, and PyTorch's own chunked F.linear_cross_entropy (torch >= 2.13).
+LINEAR_IMPLS = ("fastppo", "chunked", "logits", "torch", "trl", "liger", "liger-flce", "verl", "torch-lce")
+
+# torch-lce: rows per chunk of F.linear_cross_entropy's chunked path, set explicitly. Its "auto"
+# chunking (LinearCrossEntropyOptions()) ran 30x slower than the unchunked call on our CPU
+# (benchmarks/NOTES.md); 256 rows is a [256, V] float32 logits chunk (156 MB at V = 151936).
+TORCH_LCE_ROWS = {"cpu": 256, "cuda": 4096}
 
 
 def linear_dims(case: BenchCase) -> tuple[int, int, int]:
@@ -525,6 +530,19 @@ def _linear_impl(impl: str, on_gpu: bool) -> tuple[Callable | None, str]:
             return linear_cross_entropy(hidden, weight, labels, float(temperature), "none")
 
         return verl_fn, "verl.utils.kernel.linear_cross_entropy (log-probs and token entropy)"
+    if impl == "torch-lce":
+        F = torch.nn.functional
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return None, f"F.linear_cross_entropy needs torch >= 2.13 (this is {torch.__version__})"
+        rows = TORCH_LCE_ROWS["cuda" if on_gpu else "cpu"]
+        opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows, chunking_method=None)
+
+        def torch_lce(hidden, weight, labels, *, temperature=1.0, **_):
+            # No temperature argument: logits / T = (hidden / T) @ weight.T (no bias here).
+            h = hidden if temperature == 1.0 else hidden / temperature
+            return -F.linear_cross_entropy(h, weight, labels, reduction="none", options=opts)
+
+        return torch_lce, f"F.linear_cross_entropy, reduction=none, batch_chunk_size={rows}: log-prob only, no entropy"
     raise KeyError(impl)
 
 

@@ -165,11 +165,14 @@ class TorchFolds:
         step = None
         if with_entropy:
             step = torch.where(m == -math.inf, 0.0, (shift - m) * inv_temp)
-            t.copy_(alpha * (t - s * step) + torch.linalg.vecdot(e, d))
+            # e * d in place of d (d is not needed again): vecdot(e, d) would allocate a third
+            # [rows, chunk] tile for the product. d was floored, so e * d is 0 where e is.
+            ed = d.mul_(e)
+            t.copy_(alpha * (t - s * step) + ed.sum(1))
         s.copy_(s * alpha + e.sum(1))
         m.copy_(m_new)
-        # For the frozen-head pass: the rescale of the running sums, e = exp(d) and d (both in ``z``
-        # without entropy: d is not needed then).
+        # For the frozen-head pass: the rescale of the running sums, e = exp(d) and, with entropy,
+        # e * d (in ``z``; without entropy ``z`` holds e).
         return alpha, step, e, d
 
     @staticmethod
@@ -236,6 +239,7 @@ def forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_size, fo
             folds.fold_fwd(
                 z, labels[r0:r1], c0, V, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor
             )
+            del z  # before the next tile's matmul allocates its own
     return m, s, t, zl
 
 
@@ -287,10 +291,12 @@ def frozen_forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_s
             if B is not None:
                 B_t = B[r0:r1]
                 B_t.addcmul_(A_t, step.unsqueeze(1), value=-1.0).mul_(alpha.unsqueeze(1))
-                # d was floored wherever e = 0, so e * d is 0 there, never 0 * -inf.
-                mm_acc(_operand(d.mul_(e), w_c), w_c, B_t)
+                mm_acc(_operand(d, w_c), w_c, B_t)  # d holds e * d (fold_fwd)
             A_t.mul_(alpha.unsqueeze(1))
             mm_acc(_operand(e, w_c), w_c, A_t)
+            # Free this tile's e and z before the next matmul allocates its z: held by these
+            # names across the loop, they kept two more [rows, chunk] tiles alive at the peak.
+            del z, e, d
     return m, s, t, zl, A, B
 
 
@@ -367,6 +373,7 @@ def backward_pass(h, weight, bias, labels, m, logs, ent, glp, gent, inv_temp, ch
                     torch.mm(g.t(), h_g, out=dw_c)
                 else:
                     mm_acc(g.t(), h_g, dw_c)
+            del z, g  # as in the forward: the next tile's z must not meet this one
         if need_w and dw_c is not None and dw_c.dtype != dw.dtype:
             dw[c0:c1] = dw_c
     return dh, dw, db

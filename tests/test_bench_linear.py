@@ -18,7 +18,7 @@ from fastppo.cli import main
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU table (a GPU runs the full grid)")
 
-RUN_ON_CPU = ("fastppo", "logits", "torch", "trl", "liger")  # trl and liger: when installed
+RUN_ON_CPU = ("fastppo", "logits", "torch", "trl", "liger", "torch-lce")  # trl, liger, torch-lce: when there
 GPU_ONLY = ("chunked", "liger-flce", "verl")
 
 
@@ -30,7 +30,8 @@ def report(tmp_path_factory):
 
 
 def _installed(impl: str) -> bool:
-    return {"trl": bench._installed("trl"), "liger": bench._installed("liger_kernel")}.get(impl, True)
+    return {"trl": bench._installed("trl"), "liger": bench._installed("liger_kernel"),
+            "torch-lce": hasattr(torch.nn.functional, "linear_cross_entropy")}.get(impl, True)
 
 
 def test_every_case_and_implementation_is_reported(report):
@@ -78,3 +79,30 @@ def test_other_ops_rows_keep_their_fields(tmp_path):
     data = json.loads(out.read_text())
     assert data["results"] and not any(set(bench.LINEAR_FIELDS) & set(r) for r in data["results"])
     assert "matmul_peaks" not in data
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_lce_baseline_computes_the_logprobs(rng, temperature):
+    """The torch-lce row times the right math: log-probs (and d hidden, d weight) equal to the
+    float64 ground truth of the same inputs, over several of its row chunks."""
+    from fastppo import groundtruth
+    from helpers import TOL, assert_close
+
+    fn, note = bench._linear_impl("torch-lce", on_gpu=False)
+    if fn is None:
+        pytest.skip(note)
+    assert "batch_chunk_size=256" in note
+    N, H, V = 600, 8, 37  # 600 rows: three chunks of 256, the last one short
+    hidden = torch.randn(N, H, generator=rng).requires_grad_()
+    weight = torch.randn(V, H, generator=rng).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=rng)
+    g = torch.randn(N, generator=rng)
+    lp = fn(hidden, weight, labels, temperature=temperature, return_entropy=True)
+    (lp * g).sum().backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = groundtruth.linear_logprobs(h64, w64, labels, temperature=temperature)
+    (want * g.double()).sum().backward()
+    assert lp.shape == (N,) and lp.dtype == torch.float32
+    assert_close(lp, want, TOL[torch.float32], "log-probs")
+    assert_close(hidden.grad, h64.grad, TOL[torch.float32], "d hidden")
+    assert_close(weight.grad, w64.grad, TOL[torch.float32], "d weight")

@@ -196,7 +196,7 @@ def test_verl_reinforce_plus_plus(verl, rng, gamma):
 # verl: install() of every part
 # =============================================================================================
 
-ALL_PARTS = dict(vanilla=True, kl_penalty=True, agg_loss=True, estimators=True, policy_losses=True, rollout_correction=True)
+ALL_PARTS = dict(vanilla=True, kl_penalty=True, agg_loss=True, estimators=True, policy_losses=True, rollout_correction=True, linear_cross_entropy=True)
 
 
 def test_verl_install_everything_round_trip(verl, monkeypatch):

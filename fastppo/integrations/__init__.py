@@ -2,12 +2,14 @@
 
 * ``fastppo.integrations.verl``: a policy loss for verl's registry (``loss_mode=fastppo``),
   verl's ``compute_gae_advantage_return`` and ``compute_value_loss`` with verl's numbers, and
-  ``install()`` / ``uninstall()``.
+  ``install()`` / ``uninstall()`` (opt-in: verl's fused LM head ``linear_cross_entropy``).
 * ``fastppo.integrations.openrlhf``: ``PolicyLoss`` and ``ValueLoss`` modules and
   ``get_advantages_and_returns`` with OpenRLHF's signatures and numbers.
 * ``fastppo.integrations.trl``: ``patch()`` / ``unpatch()`` / ``patched()`` swapping TRL's
   ``selective_log_softmax``, ``entropy_from_logits``, ``selective_log_softmax_and_entropy`` (utils
   and ``trl.kernels``) and ``trl.kernels.ChunkedLogProbFunction`` (GRPO's fused LM head) for fastppo's.
+* ``fastppo.integrations.liger``: ``patch()`` / ``unpatch()`` / ``patched()`` swapping Liger-Kernel's
+  fused linear cross entropy (and its per-token scaled form) for ``fastppo.linear_logprobs``.
 
 The peers are optional extras: none of these modules imports its peer at import time except
 ``fastppo.integrations.verl``, which installs itself into verl when verl is importable (that
@@ -24,7 +26,7 @@ import torch
 
 from fastppo._checks import AGG_MODES
 
-__all__ = ["openrlhf", "trl", "verl"]
+__all__ = ["liger", "openrlhf", "trl", "verl"]
 
 
 # Glue shared by the adapters (private: the adapters' own modules are the public API).

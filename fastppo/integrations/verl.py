@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 import fastppo
-from fastppo.integrations import _as_float, _cfg, _global_aggregate, _promote
+from fastppo.integrations import _as_float, _cfg, _global_aggregate, _promote, _verl_linear
 from fastppo.integrations._verl_policy_losses import ADAPTERS as _POLICY_ADAPTERS
 from fastppo.reference import compute_dtype
 
@@ -492,7 +492,7 @@ _REGISTRY_SWAPS: dict[str, tuple[tuple[str, str, Any], ...]] = {
         ("ADV_ESTIMATOR_REGISTRY", "reinforce_plus_plus", compute_reinforce_plus_plus_outcome_advantage),
     ),
 }
-PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators", "policy_losses", "rollout_correction")
+PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators", "policy_losses", "rollout_correction", "linear_cross_entropy")
 
 
 def _swap_everywhere(attr: str, replacement: Any, original: Any) -> None:
@@ -520,6 +520,7 @@ def install(
     estimators: bool = False,
     policy_losses: bool = False,
     rollout_correction: bool = False,
+    linear_cross_entropy: bool = False,
     name: str = LOSS_NAME,
 ) -> None:
     """Put fastppo into verl (idempotent).
@@ -544,6 +545,9 @@ def install(
     * ``rollout_correction``: replace ``rollout_corr_helper``'s IS-weight, rejection and metric
       functions by ``fastppo.rollout_correction`` and ``loss_mode=bypass_mode`` by
       ``fastppo.bypass_mode_loss`` (``fastppo.integrations._verl_rollout_corr``).
+    * ``linear_cross_entropy``: replace ``verl.utils.kernel.linear_cross_entropy`` (the fused LM
+      head of ``use_fused_kernels``, CUDA-only in verl) by ``fastppo.linear_logprobs``
+      (``fastppo.integrations._verl_linear``).
 
     Every function is swapped in ``core_algos`` and in the verl modules that imported it by name.
     Raises ImportError when verl's ``core_algos`` cannot be imported.
@@ -576,6 +580,8 @@ def install(
         from fastppo.integrations import _verl_seq_losses
 
         _verl_seq_losses.register(core_algos, _saved)
+    if linear_cross_entropy:
+        _verl_linear.install()
 
 
 def uninstall() -> None:
@@ -583,6 +589,7 @@ def uninstall() -> None:
     from fastppo.integrations import _verl_rollout_corr
 
     _verl_rollout_corr.uninstall()
+    _verl_linear.uninstall()
     core_algos = sys.modules.get(_CORE_ALGOS)
     if core_algos is None:
         _saved.clear()
@@ -623,11 +630,12 @@ def installed() -> dict[str, bool]:
     """Which parts of fastppo are in verl right now (the keys of ``PARTS``)."""
     core_algos = sys.modules.get(_CORE_ALGOS)
     if core_algos is None:
-        return dict.fromkeys(PARTS, False)
+        return dict(dict.fromkeys(PARTS, False), linear_cross_entropy=_verl_linear.installed())
     state = {"policy_loss": core_algos.POLICY_LOSS_REGISTRY.get(LOSS_NAME) is compute_policy_loss_fastppo}
     from fastppo.integrations import _verl_rollout_corr
 
     state["rollout_correction"] = _verl_rollout_corr.installed()
+    state["linear_cross_entropy"] = _verl_linear.installed()
     for part in PARTS[1:]:
         if part not in _SWAPS:
             continue
