@@ -209,6 +209,24 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return None
 
 
+def logits_rows(model: nn.Module, rows: int | torch.Tensor) -> dict[str, Any]:
+    """Keyword arguments that make ``model``'s forward apply its LM head only at ``rows`` (an int:
+    the last ``rows`` positions; a 1-D int64 tensor: those positions), or ``{}`` for a model whose
+    forward has no ``logits_to_keep`` (then it builds logits at every position, as before).
+
+    transformers' causal LMs take ``logits_to_keep`` and slice the hidden states before the head,
+    so the ``[B, L, V]`` logits of positions nobody samples or scores are never formed.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        accepts = "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"logits_to_keep": rows} if accepts else {}
+
+
 def _response_head_inputs(model, parts, seq, attn, pos, prompt_width):
     """(hidden ``[B, R, H]``, weight, bias) at the response positions for the fused head ``parts``."""
     backbone, head = parts
@@ -258,9 +276,13 @@ def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, p
         hidden, weight, bias = _response_head_inputs(model, parts, seq, attn, pos, prompt_width)
         return fastppo.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                        return_entropy=True, mask=mask)
+    # Only the R states that score a response token go through the head (position t scores t + 1).
+    scored = torch.arange(prompt_width - 1, seq.shape[1] - 1, device=seq.device)
+    keep = logits_rows(model, scored)
     with checkpointing(model):
-        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).logits
-    logits = logits[:, prompt_width - 1 : -1]
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False, **keep).logits
+    if not keep:
+        logits = logits[:, prompt_width - 1 : -1]
     return fastppo.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True, mask=mask)
 
 
@@ -316,8 +338,12 @@ class TokenScorer(nn.Module):
     def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                    last: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32: the score at index ``last[b]`` (int64 ``[B]``) of each row."""
-        scores = self.forward(input_ids, attention_mask, position_ids)
-        return scores.gather(1, last[:, None]).squeeze(1)
+        with checkpointing(self.model):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
+        # The head reads one hidden state per row, not all L of them.
+        picked = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))
+        return self.head(picked)[:, 0, 0].float()
 
 
 def load_critic(config: PPOConfig, path: str, from_reward: bool, device: torch.device, attn: str) -> TokenScorer:
