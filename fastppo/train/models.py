@@ -104,6 +104,52 @@ def peft_wrap(model: nn.Module, peft_config: Any) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
+# optimizer
+
+_ADAMW_IMPL = "_fastppo_adamw_impl"
+
+
+def adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``groups`` (the actor's and the critic's parameter groups) on its
+    fused implementation, one multi-tensor kernel per step on CPU and CUDA; the foreach one where
+    the fused kernel does not take the parameters (a device or dtype it lacks, FSDP2's DTensor
+    shards). The per-tensor loop torch falls back to on a CPU costs a Python-level step per
+    weight, which shows at a 150k-token vocabulary (issue 22). Same numbers either way, within
+    float32 rounding."""
+    # torch writes its defaults into the group dicts it is given: a group that went through
+    # another optimizer would carry that one's fused/foreach choice over this one's.
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    opt = None
+    if not any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params):
+        try:
+            opt = torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            opt = None
+    if opt is None:
+        opt = torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
+    object.__setattr__(opt, _ADAMW_IMPL, {k: opt.param_groups[0][k] for k in ("fused", "foreach")})
+    return opt
+
+
+def keep_adamw_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict``: torch copies the saved groups' ``fused``/``foreach``
+    flags over the ones this run chose (a checkpoint written by the per-tensor AdamW would bring the
+    per-tensor loop back), so they are set again, and the step counters moved to the parameters'
+    device, where the fused kernel reads them."""
+    impl = getattr(optimizer, _ADAMW_IMPL, None)
+    if impl is None:
+        return
+    for group in optimizer.param_groups:
+        group.update(impl)
+        if impl["fused"]:
+            for p in group["params"]:
+                st = optimizer.state.get(p)
+                if st and torch.is_tensor(st.get("step")) and st["step"].device != p.device:
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # gradient checkpointing
 
 _CHECKPOINTED = "_fastppo_checkpointed_layers"

@@ -45,9 +45,9 @@ from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
                    prompt_text, prompts_from_dataset)
 from .metrics import MetricsLog, explained_variance, masked_mean, peak_memory_mb, plot_metrics, read_metrics
-from .models import (TokenScorer, apply_memory_switches, autocast, load_actor, load_critic, load_reward_model,
-                     logits_rows, pick_attention, pick_device, position_ids_from, reference_policy,
-                     response_logprobs, response_policy_loss, use_bf16)
+from .models import (TokenScorer, adamw, apply_memory_switches, autocast, keep_adamw_implementation, load_actor,
+                     load_critic, load_reward_model, logits_rows, pick_attention, pick_device, position_ids_from,
+                     reference_policy, response_logprobs, response_policy_loss, use_bf16)
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -488,7 +488,7 @@ class PPOTrainer:
         if self.critic is not None:
             critic_params = [p for p in self.critic.parameters() if p.requires_grad]
             groups.append({"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(groups, cfg.weight_decay)  # fused, else foreach: never the per-tensor loop
         self.total_updates = cfg.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -519,6 +519,7 @@ class PPOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        keep_adamw_implementation(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl.value = float(state["kl_coef"])
         self.sampler.load_state_dict(state["sampler"])
