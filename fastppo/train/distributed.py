@@ -729,6 +729,9 @@ def _load(trainer, path: str, loaded: dict[str, Any]) -> str | None:
         set_model_state_dict(mods, full, options=_options(full_state_dict=True, strict=not (lora or critic_lora)))
         optim = _optimizer_from_ids(state["optimizer"], trainer.optimizer, _param_names(trainer))
         set_optimizer_state_dict(mods, trainer.optimizer, optim, options=_options(full_state_dict=True))
+        from .models import keep_adamw_implementation
+
+        keep_adamw_implementation(trainer.optimizer)
     except checkpoint.CheckpointError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - shapes or keys that do not fit, alike on every rank

@@ -104,6 +104,52 @@ def peft_wrap(model: nn.Module, peft_config: Any) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
+# optimizer
+
+_ADAMW_IMPL = "_fastppo_adamw_impl"
+
+
+def adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``groups`` (the actor's and the critic's parameter groups) on its
+    fused implementation, one multi-tensor kernel per step on CPU and CUDA; the foreach one where
+    the fused kernel does not take the parameters (a device or dtype it lacks, FSDP2's DTensor
+    shards). The per-tensor loop torch falls back to on a CPU costs a Python-level step per
+    weight, which shows at a 150k-token vocabulary (issue 22). Same numbers either way, within
+    float32 rounding."""
+    # torch writes its defaults into the group dicts it is given: a group that went through
+    # another optimizer would carry that one's fused/foreach choice over this one's.
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    opt = None
+    if not any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params):
+        try:
+            opt = torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            opt = None
+    if opt is None:
+        opt = torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
+    object.__setattr__(opt, _ADAMW_IMPL, {k: opt.param_groups[0][k] for k in ("fused", "foreach")})
+    return opt
+
+
+def keep_adamw_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict``: torch copies the saved groups' ``fused``/``foreach``
+    flags over the ones this run chose (a checkpoint written by the per-tensor AdamW would bring the
+    per-tensor loop back), so they are set again, and the step counters moved to the parameters'
+    device, where the fused kernel reads them."""
+    impl = getattr(optimizer, _ADAMW_IMPL, None)
+    if impl is None:
+        return
+    for group in optimizer.param_groups:
+        group.update(impl)
+        if impl["fused"]:
+            for p in group["params"]:
+                st = optimizer.state.get(p)
+                if st and torch.is_tensor(st.get("step")) and st["step"].device != p.device:
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # gradient checkpointing
 
 _CHECKPOINTED = "_fastppo_checkpointed_layers"
@@ -209,6 +255,24 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return None
 
 
+def logits_rows(model: nn.Module, rows: int | torch.Tensor) -> dict[str, Any]:
+    """Keyword arguments that make ``model``'s forward apply its LM head only at ``rows`` (an int:
+    the last ``rows`` positions; a 1-D int64 tensor: those positions), or ``{}`` for a model whose
+    forward has no ``logits_to_keep`` (then it builds logits at every position, as before).
+
+    transformers' causal LMs take ``logits_to_keep`` and slice the hidden states before the head,
+    so the ``[B, L, V]`` logits of positions nobody samples or scores are never formed.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        accepts = "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"logits_to_keep": rows} if accepts else {}
+
+
 def _response_head_inputs(model, parts, seq, attn, pos, prompt_width):
     """(hidden ``[B, R, H]``, weight, bias) at the response positions for the fused head ``parts``."""
     backbone, head = parts
@@ -258,9 +322,13 @@ def response_logprobs(model: nn.Module, seq: torch.Tensor, attn: torch.Tensor, p
         hidden, weight, bias = _response_head_inputs(model, parts, seq, attn, pos, prompt_width)
         return fastppo.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                        return_entropy=True, mask=mask)
+    # Only the R states that score a response token go through the head (position t scores t + 1).
+    scored = torch.arange(prompt_width - 1, seq.shape[1] - 1, device=seq.device)
+    keep = logits_rows(model, scored)
     with checkpointing(model):
-        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).logits
-    logits = logits[:, prompt_width - 1 : -1]
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False, **keep).logits
+    if not keep:
+        logits = logits[:, prompt_width - 1 : -1]
     return fastppo.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True, mask=mask)
 
 
@@ -316,8 +384,12 @@ class TokenScorer(nn.Module):
     def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                    last: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32: the score at index ``last[b]`` (int64 ``[B]``) of each row."""
-        scores = self.forward(input_ids, attention_mask, position_ids)
-        return scores.gather(1, last[:, None]).squeeze(1)
+        with checkpointing(self.model):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
+        # The head reads one hidden state per row, not all L of them.
+        picked = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))
+        return self.head(picked)[:, 0, 0].float()
 
 
 def load_critic(config: PPOConfig, path: str, from_reward: bool, device: torch.device, attn: str) -> TokenScorer:

@@ -46,9 +46,9 @@ from .config import ConfigError, PPOConfig, lora_targets
 from .data import (CHAT_TEMPLATE_MODES, PromptSampler, dataset_format, encode_prompts, left_pad, load_prompts,
                    prompt_text, prompts_from_dataset)
 from .metrics import MetricsLog, explained_variance, masked_mean, peak_memory_mb, plot_metrics, read_metrics
-from .models import (TokenScorer, apply_memory_switches, autocast, load_actor, load_critic, load_reward_model,
-                     pick_attention, pick_device, position_ids_from, reference_policy, response_logprobs,
-                     response_policy_loss, use_bf16)
+from .models import (TokenScorer, adamw, apply_memory_switches, autocast, keep_adamw_implementation, load_actor,
+                     load_critic, load_reward_model, logits_rows, pick_attention, pick_device, position_ids_from,
+                     reference_policy, response_logprobs, response_policy_loss, use_bf16)
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -501,7 +501,7 @@ class PPOTrainer:
         if self.critic is not None:
             critic_params = [p for p in self.critic.parameters() if p.requires_grad]
             groups.append({"params": critic_params, "lr": cfg.critic_learning_rate or cfg.learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(groups, cfg.weight_decay)  # fused, else foreach: never the per-tensor loop
         self.total_updates = cfg.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -534,6 +534,7 @@ class PPOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        keep_adamw_implementation(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl.value = float(state["kl_coef"])
         self.sampler.load_state_dict(state["sampler"])
@@ -621,9 +622,11 @@ class PPOTrainer:
         done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
         out_tokens, out_mask, out_lp = [], [], []
         with autocast(self.device, self.bf16):
-            out = self.actor(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+            # Only the last prompt position samples: logits_to_keep=1 spares the [B, P, V] logits.
+            out = self.actor(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                             **logits_rows(self.actor, 1))
         next_pos = pos[:, -1:] + 1
-        for _ in range(cfg.max_new_tokens):
+        for step in range(cfg.max_new_tokens):
             logits = out.logits[:, -1, :].float() / cfg.temperature
             probs = torch.softmax(logits, dim=-1)
             if cfg.top_p < 1.0:
@@ -641,6 +644,8 @@ class PPOTrainer:
             done = done | (nxt == stop)  # stop_token_id, or EOS again when none is set
             done = done | (nxt == eos)
             if self.dist.all_done(done):  # [dist] every rank's rows: equal forward counts under FSDP2
+                break
+            if step == cfg.max_new_tokens - 1:  # the last token sampled: a further forward would go unread
                 break
             attn = torch.cat([attn, out_mask[-1].long()[:, None]], dim=1)
             with autocast(self.device, self.bf16):
