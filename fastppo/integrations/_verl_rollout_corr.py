@@ -63,7 +63,8 @@ def _is_options(rollout_is_threshold) -> dict:
             return dict(mode="truncate", upper=float(spec), lower=None)
         except ValueError:
             raise ValueError(f"invalid rollout_is_threshold {rollout_is_threshold!r}") from None
-    raise TypeError(f"rollout_is_threshold must be a float or a 'lower_upper' string, got {type(rollout_is_threshold).__name__}")
+    raise TypeError("rollout_is_threshold must be a float or a 'lower_upper' string, "
+                    f"got {type(rollout_is_threshold).__name__}")
 
 
 def _floats(metrics: dict[str, torch.Tensor], keep=lambda k: True, strip: str = "") -> dict[str, float]:

@@ -109,7 +109,8 @@ class PPOConfig:
     ``token``, ``sequence``, ``geometric`` = token_k1, seq_sum_k1, seq_mean_k1."""
     rollout_rs_threshold: str | None = None
     """Thresholds of rollout_rs, one for all or one per criterion, comma-separated: ``lower_upper`` ratio
-    bounds for k1 criteria (one number u: [1/u, u]), an upper bound for k2/k3."""
+    bounds for k1 criteria (one number u: [1/u, u]), an upper bound for k2/k3; text (quote a lone number
+    in YAML)."""
     vllm_gpu_memory_utilization: float = 0.3
     """CUDA only: the fraction of GPU memory vLLM may take for its weights and KV cache (the actor, the
     reference and the critic share the GPU with it)."""

@@ -138,7 +138,9 @@ class HFEngine:
 
         record = wanted(self.trainer.config)  # the sampling log-probs, for a rollout correction only
         with self.trainer.dist.unsharded(self.trainer.actor):  # [dist] weights gathered once for all tokens
-            out = self.trainer.generate(prompt_ids, prompt_mask, logprobs=record)
+            # Asked for only when wanted: a generate() replaced by a user (or a test) keeps its two arguments.
+            out = (self.trainer.generate(prompt_ids, prompt_mask, logprobs=True) if record
+                   else self.trainer.generate(prompt_ids, prompt_mask))
         return Rollout(*out)
 
     def sync_weights(self) -> float:
