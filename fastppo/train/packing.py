@@ -192,12 +192,19 @@ def packed_logprobs(model: nn.Module, lay: Layout, labels: torch.Tensor, mask: t
     """``models.response_logprobs`` from packed rows: float32 ``[b, R]`` log-probs and entropy."""
     import fastppo
 
-    parts = fused_head(model) if fused else None
+    parts = fused_head(model)
     if parts is not None:
         hidden = _hidden(model, parts[0], lay)[lay.index]
+        if not fused:
+            # --no-fused-head: real logits, but only for the states that score a response token (the
+            # sequences packed around them differ per row, so logits_to_keep's columns cannot say it).
+            logits = parts[1](hidden)
+            return fastppo.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True,
+                                                mask=mask)
         weight, bias = _head(parts, hidden)
         return fastppo.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                        return_entropy=True, mask=mask)
+    # A model whose head cannot be told apart from its backbone: logits at every packed position.
     with checkpointing(model):
         logits = model(input_ids=lay.input_ids, attention_mask=None, position_ids=lay.position_ids,
                        use_cache=False).logits
