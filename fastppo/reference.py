@@ -1029,12 +1029,3 @@ def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
         running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
         returns[:, t] = torch.where(valid[:, t], running, 0.0)
     return masked_whiten.raw(returns, valid), returns
-
-
-# --------------------------------------------------------------------------------------------
-# Sequence-level and covariance-selection policy losses (issue 19): fastppo/_seq_reference.py
-# --------------------------------------------------------------------------------------------
-
-from ._seq_reference import clip_cov_loss, geo_mean_loss, gspo_loss, kl_cov_loss  # noqa: E402
-
-__all__ += ["gspo_loss", "geo_mean_loss", "clip_cov_loss", "kl_cov_loss"]
