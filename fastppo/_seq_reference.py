@@ -371,3 +371,15 @@ def kl_cov_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", i
     }
     return loss, stats
 
+
+
+# Part of ``fastppo.reference`` like every other reference (``fastppo.reference.gspo_loss`` ...,
+# what the dispatcher falls back to), attached from here so that the two modules import in one
+# direction only (``fastppo/__init__`` imports this module through ``fastppo.seq_objectives``).
+from . import reference as _reference  # noqa: E402
+
+for _name in __all__:
+    setattr(_reference, _name, globals()[_name])
+    if _name not in _reference.__all__:
+        _reference.__all__.append(_name)
+del _name

@@ -1288,12 +1288,3 @@ def dro_loss(logprobs, old_logprobs, advantages, mask, *, beta=None, agg="token-
     dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
     loss = aggregate.raw(_weighted(-(lp * adv - 0.5 * beta * raw.square()), w), mask, agg)
     return loss, {"ppo_kl": _masked_mean(-raw, mask)}
-
-
-# --------------------------------------------------------------------------------------------
-# Sequence-level and covariance-selection policy losses (issue 19): fastppo/_seq_reference.py
-# --------------------------------------------------------------------------------------------
-
-from ._seq_reference import clip_cov_loss, geo_mean_loss, gspo_loss, kl_cov_loss  # noqa: E402
-
-__all__ += ["gspo_loss", "geo_mean_loss", "clip_cov_loss", "kl_cov_loss"]

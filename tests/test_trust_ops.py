@@ -112,6 +112,10 @@ CASES = [
      lambda s, m: fastppo.group_advantages(s, 2, m, estimator="ppo"), r"unknown group estimator 'ppo'"),
     ("reinforce_pp_advantages", lambda: _losses(1),
      lambda r, m: fastppo.reinforce_pp_advantages(r, m, gamma=-0.5), r"gamma must be >= 0\.0, got -0\.5"),
+    ("gspo_loss", lambda: _losses(3),
+     lambda a, b, c, m: fastppo.gspo_loss(a, b, c, m, dual_clip=0.5), r"dual_clip must be > 1\.0, got 0\.5"),
+    ("geo_mean_loss", lambda: [_bt(), _bt(), _mask()],
+     lambda a, b, m: fastppo.geo_mean_loss(a, b, None, m), r"advantages is required: expected a torch\.Tensor, got None"),
 ]
 
 
