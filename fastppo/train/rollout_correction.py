@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def _opt(name: str) -> str:
