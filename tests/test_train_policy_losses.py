@@ -1,5 +1,5 @@
 """``fastppo train --policy-loss NAME [--policy-loss-options k=v,...]``: every registered objective
-of verl's token-level family runs on the built-in task; one learns; bad combinations are refused
+(verl's token-level, sequence-level and covariance families, and bypass_mode) runs on the built-in task; one learns; bad combinations are refused
 with one line."""
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.use
 NEEDS = {"dro": "beta=0.1"}
 
 
-@pytest.mark.parametrize("name", ["dppo_tv", "dppo_kl", "sapo", "gpg", "cispo", "dro"])
+def test_every_registered_objective_is_covered_here():
+    import fastppo
+
+    assert set(fastppo.POLICY_LOSSES) - {"vanilla"} == set(OBJECTIVES)
+
+
+OBJECTIVES = ["dppo_tv", "dppo_kl", "sapo", "gpg", "cispo", "dro", "gspo", "geo_mean", "clip_cov", "kl_cov",
+              "bypass_mode"]
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
 def test_each_objective_runs_on_the_builtin_task(tmp_path, name):
     cfg = small_config(tmp_path, iterations=1, save_every=0, policy_loss=name,
                        policy_loss_options=NEEDS.get(name, ""))
