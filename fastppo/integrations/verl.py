@@ -26,7 +26,8 @@ estimators=True)``), each with verl's signature and numbers:
 * ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage`` (any ``index``
   grouping, uneven groups included) by ``fastppo.group_advantages`` and
   ``compute_reinforce_plus_plus_outcome_advantage`` by ``fastppo.reinforce_pp_advantages``,
-  registered as verl's ``grpo``, ``rloo`` and ``reinforce_plus_plus``.
+  registered as verl's ``grpo``, ``rloo`` and ``reinforce_plus_plus``, and verl's ten other
+  estimators from ``fastppo.integrations._verl_estimators`` under their verl names.
 
 ``install()`` registers the policy loss as ``loss_mode=fastppo`` and swaps the GAE and value loss
 (and whatever of the above it is asked for) in everywhere verl looks them up; ``uninstall()``
@@ -384,7 +385,8 @@ def _outcome_advantages(token_level_rewards, response_mask, index, estimator, no
     # verl sums every position of the row (its token rewards are 0 outside the mask anyway) and
     # counts every row as a group member, valid tokens or not; fastppo's mask would drop empty
     # rows from their group, so membership is handed over as an all-member [G*K, 1] mask.
-    scores = token_level_rewards.sum(dim=-1)
+    # Summed in float32 (float64 stays): a bf16 sum would round each score to 8 bits.
+    scores = token_level_rewards.sum(dim=-1, dtype=compute_dtype(token_level_rewards))
     B = scores.shape[0]
     slots, G, K = _group_slots(index, B)
     slots = torch.as_tensor(slots, device=scores.device)
@@ -489,6 +491,11 @@ _REGISTRY_SWAPS: dict[str, tuple[tuple[str, str, Any], ...]] = {
         ("ADV_ESTIMATOR_REGISTRY", "reinforce_plus_plus", compute_reinforce_plus_plus_outcome_advantage),
     ),
 }
+# The rest of verl's estimators (issue 19) live in their own module.
+from ._verl_estimators import VERL_ESTIMATORS as _MORE_ESTIMATORS  # noqa: E402
+
+_SWAPS["estimators"] += tuple((attr, ours) for attr, _, ours in _MORE_ESTIMATORS)
+_REGISTRY_SWAPS["estimators"] += tuple(("ADV_ESTIMATOR_REGISTRY", key, ours) for _, key, ours in _MORE_ESTIMATORS)
 PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators")
 
 
@@ -529,8 +536,11 @@ def install(
     * ``kl_penalty``: replace ``kl_penalty`` and ``kl_penalty_forward`` (the KL reward penalty
       and the actor's KL loss).
     * ``agg_loss``: replace ``agg_loss`` (every verl loss is reduced by it).
-    * ``estimators``: replace GRPO, RLOO and REINFORCE++ and their registry entries (``grpo``,
-      ``rloo``, ``reinforce_plus_plus``).
+    * ``estimators``: replace every advantage estimator of verl 0.9.1 but GAE and their registry
+      entries (``grpo``, ``rloo``, ``reinforce_plus_plus`` and the ten of
+      ``fastppo.integrations._verl_estimators``: ``grpo_vectorized``, ``rloo_vectorized``,
+      ``gdpo``, ``grpo_passk``, ``reinforce_plus_plus_baseline``, ``opo``, ``remax``, ``gpg``,
+      ``optimal_token_baseline``, ``tir_optimal_token_baseline``).
 
     Every function is swapped in ``core_algos`` and in the verl modules that imported it by name.
     Raises ImportError when verl's ``core_algos`` cannot be imported.
