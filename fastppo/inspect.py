@@ -196,8 +196,9 @@ def _advantage_case(B: int, T: int) -> Callable[[], None]:
         _backward(_op("advantage", "kl_penalty")(lpg, ref, "k3"))
         # The critic-free estimators (kernels/group_advantage.py): groups of 8 responses.
         if B % 8 == 0:
-            for est in ("grpo", "dr_grpo", "rloo"):
+            for est in ("grpo", "dr_grpo", "rloo", "grpo_passk", "opo", "gpg"):
                 _op("group_advantage", "group_advantages")(scores, 8, mask, estimator=est)
+            _op("group_advantage", "group_advantages")(scores, 8, mask, estimator="grpo_passk", norm_by_std=False)
         _op("group_advantage", "reinforce_pp_advantages")(rew, mask)
 
     return run
