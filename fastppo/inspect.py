@@ -102,6 +102,8 @@ ELEMENTS = {
 KNOWN_TAIL_SPILLS = {
     ("_ppo_fwd_kernel", "AGG=2"): "8 B of stack in the split seq-mean finisher's row join, outside the token loop "
     "(benchmarks/NOTES.md, issue 9)",
+    ("_group_stats_kernel", "EST=3"): "8 B of stack for the group's std + eps, held across Pass@k's three extra "
+    "passes over the group's scores; O(K) per group, off the [B, T] path (issue 19)",
 }
 
 

@@ -52,11 +52,49 @@ __all__ = [
 ]
 
 
-def _verl():
-    # Imported late: fastppo.integrations.verl imports this module while it is being set up.
-    from fastppo.integrations import verl
+def _carry_into_gaps(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """At each masked position, the value of ``x`` at the next valid position (0 if none).
 
-    return verl
+    verl's reverse scan keeps its running advantage unchanged across masked positions and stores
+    it there, while fastppo's gae writes 0; this puts verl's numbers back.
+
+    Args:
+        x: ``[B, T]``; mask: ``[B, T]`` bool.
+    Returns:
+        ``[B, T]`` like ``x``, equal to ``x`` at valid positions.
+    """
+    B, T = mask.shape
+    positions = torch.arange(T, device=mask.device).expand(B, T)
+    next_valid = torch.where(mask, positions, T)
+    next_valid = next_valid.flip(-1).cummin(dim=-1).values.flip(-1)
+    padded = torch.cat([x, x.new_zeros(B, 1)], dim=1)
+    return padded.gather(1, next_valid)
+
+
+def _group_slots(index: Any, batch: int) -> tuple[np.ndarray, int, int]:
+    """Lay verl's arbitrary ``index`` grouping out as fastppo's consecutive groups of K.
+
+    verl groups rows by equal ``index`` entries (uids), in any order and of any sizes; fastppo
+    wants ``G`` blocks of ``K`` consecutive rows. Row ``b`` goes to slot ``group * K + rank``
+    (K = the largest group); unused slots are padding rows with no valid token, which are not
+    group members. Host-side numpy only (``index`` is a host array in verl).
+
+    Returns ``(slots [B] int64, G, K)``.
+    """
+    ids = np.asarray(index)
+    if ids.shape != (batch,):
+        raise ValueError(f"index must have one entry per row, shape ({batch},), got shape {ids.shape}")
+    if batch == 0:
+        return np.zeros(0, dtype=np.int64), 0, 1
+    _, group = np.unique(ids, return_inverse=True)
+    group = group.reshape(-1).astype(np.int64)
+    counts = np.bincount(group)
+    K = int(counts.max())
+    order = np.argsort(group, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(batch, dtype=np.int64)
+    rank[order] = np.arange(batch) - starts[group[order]]
+    return group * K + rank, len(counts), K
 
 
 def _cfg_get(config: Any, name: str, default: Any) -> Any:
@@ -73,7 +111,7 @@ def _row_sum(rewards: torch.Tensor) -> torch.Tensor:
 def _row_scalars(scores: torch.Tensor, index: Any, estimator: str, **kw) -> torch.Tensor:
     """``group_advantages`` per ``index`` group with every row a member (verl's rule): ``[B]``."""
     B = scores.shape[0]
-    slots, G, K = _verl()._group_slots(index, B)
+    slots, G, K = _group_slots(index, B)
     slots = torch.as_tensor(slots, device=scores.device)
     padded = scores.new_zeros(G * K).index_copy(0, slots, scores)
     member = torch.zeros(G * K, 1, dtype=torch.bool, device=scores.device).index_fill(0, slots, True)
@@ -83,7 +121,7 @@ def _row_scalars(scores: torch.Tensor, index: Any, estimator: str, **kw) -> torc
 def _to_groups(index: Any, tensors: list[Optional[torch.Tensor]], mask: torch.Tensor):
     """Rows into padded consecutive group slots ``[G*K, T]`` (padding rows: no valid token)."""
     B, T = mask.shape
-    slots, G, K = _verl()._group_slots(index, B)
+    slots, G, K = _group_slots(index, B)
     slots = torch.as_tensor(slots, device=mask.device)
 
     def place(t):
@@ -104,8 +142,10 @@ def compute_grpo_vectorized_outcome_advantage(
     config: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's ``grpo_vectorized``: the same numbers as ``grpo`` (``fastppo.group_advantages``)."""
-    return _verl().compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
-                                                  norm_adv_by_std_in_grpo, config)
+    adv = _row_scalars(_row_sum(token_level_rewards), index, "grpo", norm_by_std=bool(norm_adv_by_std_in_grpo),
+                       eps=float(epsilon))
+    adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
 
 
 @torch.no_grad()
@@ -118,7 +158,8 @@ def compute_rloo_vectorized_outcome_advantage(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's ``rloo_vectorized``: the same numbers as ``rloo`` (``fastppo.group_advantages``)."""
-    return _verl().compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon, config)
+    adv = _row_scalars(_row_sum(token_level_rewards), index, "rloo").unsqueeze(-1) * response_mask
+    return adv, adv
 
 
 @torch.no_grad()
@@ -202,7 +243,7 @@ def compute_remax_outcome_advantage(
     rewards, baselines = _promote(token_level_rewards, reward_baselines)
     adv, returns = _est.remax_advantages(rewards, baselines, response_mask)
     valid = response_mask != 0
-    returns = _verl()._carry_into_gaps(returns, valid)
+    returns = _carry_into_gaps(returns, valid)
     return torch.where(valid, adv, returns), returns
 
 
@@ -275,7 +316,7 @@ def _otb(token_level_rewards, response_mask, index, old_log_probs, sum_pi_square
                                                           handle_zero_tail=bool(handle_zero_tail),
                                                           eps=float(epsilon), multi_turn=multi_turn)
     adv, returns = adv.index_select(0, slots), returns.index_select(0, slots)
-    return adv, _verl()._carry_into_gaps(returns, response_mask != 0)
+    return adv, _carry_into_gaps(returns, response_mask != 0)
 
 
 @torch.no_grad()
