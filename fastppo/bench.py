@@ -282,6 +282,20 @@ CPU_LINEAR_GRID = ((1024, 256, 32000), (256, 256, 151936))
 CPU_LINEAR_QUICK = (128, 128, 8192)
 
 
+def _group_case(B: int, T: int, K: int, estimator: str) -> BenchCase:
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        lengths = torch.randint(1, T + 1, (B, 1), device=device, generator=gen)
+        mask = torch.arange(T, device=device)[None, :] < lengths
+        scores = torch.randint(0, 2, (B,), device=device, generator=gen).float()  # pass/fail rewards: ties
+        return (scores, K, mask), {"estimator": estimator}, []
+
+    # Read the bool mask, write the float32 advantages; the scores are O(B).
+    floor = B * T * (1 + 4) + B * 4
+    return BenchCase("group_advantages", "fwd", f"B={B} T={T} K={K} {estimator}", torch.float32, make, floor,
+                     impls=("torch", "torch.compile", "triton"))
+
+
 def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
     if on_gpu:
         Ns, Vs, dtypes = (4096, 16384), (32000, 128256, 151936), (torch.bfloat16, torch.float32)
@@ -302,6 +316,10 @@ def build_cases(on_gpu: bool, quick: bool) -> list[BenchCase]:
     for B, T in adv_shapes:
         cases.append(_advantage_case("compute_advantages", B, T))
         cases.append(_advantage_case("gae", B, T))
+    # The critic-free estimators of kernels/group_advantage.py, groups of 8 (issue 19).
+    for B, T in adv_shapes[-1:]:
+        for est in ("grpo", "rloo", "grpo_passk", "opo", "gpg"):
+            cases.append(_group_case(B, T, 8, est))
     for tokens in loss_tokens:
         for dtype in (torch.float32, torch.bfloat16) if on_gpu else (torch.float32,):
             cases.append(_loss_case(tokens, dtype))

@@ -107,6 +107,8 @@ ELEMENTS = {
 KNOWN_TAIL_SPILLS = {
     ("_ppo_fwd_kernel", "AGG=2"): "8 B of stack in the split seq-mean finisher's row join, outside the token loop "
     "(benchmarks/NOTES.md, issue 9)",
+    ("_group_stats_kernel", "EST=3"): "8 B of stack for the group's std + eps, held across Pass@k's three extra "
+    "passes over the group's scores; O(K) per group, off the [B, T] path (issue 19)",
 }
 
 
@@ -201,8 +203,9 @@ def _advantage_case(B: int, T: int) -> Callable[[], None]:
         _backward(_op("advantage", "kl_penalty")(lpg, ref, "k3"))
         # The critic-free estimators (kernels/group_advantage.py): groups of 8 responses.
         if B % 8 == 0:
-            for est in ("grpo", "dr_grpo", "rloo"):
+            for est in ("grpo", "dr_grpo", "rloo", "grpo_passk", "opo", "gpg"):
                 _op("group_advantage", "group_advantages")(scores, 8, mask, estimator=est)
+            _op("group_advantage", "group_advantages")(scores, 8, mask, estimator="grpo_passk", norm_by_std=False)
         _op("group_advantage", "reinforce_pp_advantages")(rew, mask)
 
     return run

@@ -412,7 +412,7 @@ def build_cases(large: bool) -> list[Case]:
             cases.append(Case(op, f"{B}x{T} 1e4 poisoned", dtype, _objective_case(B, T, op, "seq-mean-token-sum", True),
                               grad=(0,), note="extreme", scaled=True))
     cases += _linear_cases(large)
-    for est in ("grpo", "dr_grpo", "rloo"):
+    for est in ("grpo", "dr_grpo", "rloo", "grpo_passk", "opo", "gpg"):
         cases.append(Case("group_advantages", f"{B}x{T} K=2 {est}", torch.float32, _group_case(B, T, 2, est)))
     cases.append(Case("reinforce_pp_advantages", f"{B}x{T} g=0.99", torch.float32, _reinforce_pp_case(B, T, 0.99)))
     # GAE in float32 only: its inputs are usually float32, and its long scans are the point.

@@ -150,6 +150,13 @@ def _group_stats_kernel(scores_ptr, member_ptr, adv_ptr, K, eps, EST: tl.constex
 
 
 @triton.jit
+def _larger(a, b):
+    # A compare and select, not max.f32: the PTX check forbids NaN-dropping float max (no NaN
+    # reaches this reduction: NaN members are counted apart).
+    return tl.where(a > b, a, b)
+
+
+@triton.jit
 def _passk_rows(scores_ptr, member_ptr, adv_ptr, base, K, unit, den, several, NORM: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """Pass@k: the group's first maximal member gets (best - second best), the others 0."""
@@ -164,7 +171,7 @@ def _passk_rows(scores_ptr, member_ptr, adv_ptr, base, K, unit, den, several, NO
         u = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32) / unit
         nans += (member & (u != u)).to(tl.int32)
         best = tl.where(member & (u > best), u, best)
-    best_all = tl.max(best, axis=0)
+    best_all = tl.reduce(best, 0, _larger)
     any_nan = tl.sum(nans, axis=0) > 0
     # The first member holding it (an integer min), then the largest of the others.
     first = tl.full([BLOCK_K], 2147483647, tl.int32)
@@ -182,7 +189,7 @@ def _passk_rows(scores_ptr, member_ptr, adv_ptr, base, K, unit, den, several, NO
         member = tl.load(member_ptr + base + k, mask=inb, other=0) != 0
         u = tl.load(scores_ptr + base + k, mask=inb, other=0.0).to(tl.float32) / unit
         second = tl.where(member & (k != first_all) & (u > second), u, second)
-    gap = best_all - tl.max(second, axis=0)
+    gap = best_all - tl.reduce(second, 0, _larger)
     if NORM:
         gap = gap / den
     else:

@@ -228,3 +228,13 @@ def test_registry_has_verls_names(rng):
     # The outcome estimators score a row by its summed token rewards.
     adv, _ = fastppo.get_advantage_estimator("grpo")(r, m, group_size=2)
     assert_close(adv, fastppo.group_advantages(r.sum(-1), 2, m), (1e-6, 1e-6), "grpo via registry")
+
+
+def test_new_estimators_compile_fullgraph():
+    """The new estimator names go through group_advantages' custom op; the compositions trace whole."""
+    s, m = torch.tensor([3.0, 1.0, 0.0, 0.0]), torch.ones(4, 2)
+    for est in GROUP_NEW:
+        fn = torch.compile(lambda s, m, est=est: fastppo.group_advantages(s, 4, m, estimator=est), fullgraph=True)
+        assert_close(fn(s, m), fastppo.group_advantages(s, 4, m, estimator=est), (0, 0), est)
+    fn = torch.compile(lambda s, m: E.reinforce_pp_baseline_advantages(s, 2, m), fullgraph=True)
+    assert_close(fn(s, m), E.reinforce_pp_baseline_advantages(s, 2, m), (1e-6, 1e-6), "rpp baseline compiled")

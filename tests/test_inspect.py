@@ -60,6 +60,14 @@ def test_every_configuration_compiles_for_sm90(rows):
         assert r["registers"] and r["ctas_per_sm"] >= 1, _name(r)
 
 
+def test_every_group_estimator_compiles(rows):
+    """kernels/group_advantage.py: one _group_stats_kernel variant per estimator (EST 0-5: grpo,
+    centred (dr_grpo, gpg), rloo, grpo_passk with and without std, opo), issue 19."""
+    ests = {part for r in rows if r["kernel"] == "_group_stats_kernel" for part in r["config"].split()
+            if part.startswith("EST=")}
+    assert ests >= {f"EST={e}" for e in range(6)}, sorted(ests)
+
+
 def test_no_spill_in_a_hot_loop(rows):
     hot = [f"{_name(r)}: {r['hot_spill_instructions']} local loads/stores in the hot {r['hot_region']}"
            for r in rows if r["compiled"] and r["hot_spill_instructions"]]

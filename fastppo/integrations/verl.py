@@ -26,7 +26,8 @@ estimators=True)``), each with verl's signature and numbers:
 * ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage`` (any ``index``
   grouping, uneven groups included) by ``fastppo.group_advantages`` and
   ``compute_reinforce_plus_plus_outcome_advantage`` by ``fastppo.reinforce_pp_advantages``,
-  registered as verl's ``grpo``, ``rloo`` and ``reinforce_plus_plus``.
+  registered as verl's ``grpo``, ``rloo`` and ``reinforce_plus_plus``, and verl's ten other
+  estimators from ``fastppo.integrations._verl_estimators`` under their verl names.
 
 ``install()`` registers the policy loss as ``loss_mode=fastppo`` and swaps the GAE and value loss
 (and whatever of the above it is asked for) in everywhere verl looks them up; ``uninstall()``
@@ -57,6 +58,9 @@ import fastppo
 from fastppo.integrations import _as_float, _cfg, _global_aggregate, _promote, _verl_linear
 from fastppo.integrations._verl_policy_losses import ADAPTERS as _POLICY_ADAPTERS
 from fastppo.reference import compute_dtype
+
+from ._verl_estimators import VERL_ESTIMATORS as _MORE_ESTIMATORS
+from ._verl_estimators import _carry_into_gaps, _group_slots
 
 __all__ = [
     "LOSS_NAME",
@@ -148,25 +152,6 @@ def compute_policy_loss_fastppo(
         "actor/pg_clipfrac_lower": stats["clipfrac_lower"].item(),
     }
     return loss, metrics
-
-
-def _carry_into_gaps(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """At each masked position, the value of ``x`` at the next valid position (0 if none).
-
-    verl's reverse scan keeps its running advantage unchanged across masked positions and stores
-    it there, while fastppo's gae writes 0; this puts verl's numbers back.
-
-    Args:
-        x: ``[B, T]``; mask: ``[B, T]`` bool.
-    Returns:
-        ``[B, T]`` like ``x``, equal to ``x`` at valid positions.
-    """
-    B, T = mask.shape
-    positions = torch.arange(T, device=mask.device).expand(B, T)
-    next_valid = torch.where(mask, positions, T)
-    next_valid = next_valid.flip(-1).cummin(dim=-1).values.flip(-1)
-    padded = torch.cat([x, x.new_zeros(B, 1)], dim=1)
-    return padded.gather(1, next_valid)
 
 
 @torch.no_grad()
@@ -353,39 +338,14 @@ def agg_loss(
     return loss
 
 
-def _group_slots(index: Any, batch: int) -> tuple[np.ndarray, int, int]:
-    """Lay verl's arbitrary ``index`` grouping out as fastppo's consecutive groups of K.
-
-    verl groups rows by equal ``index`` entries (uids), in any order and of any sizes; fastppo
-    wants ``G`` blocks of ``K`` consecutive rows. Row ``b`` goes to slot ``group * K + rank``
-    (K = the largest group); unused slots are padding rows with no valid token, which are not
-    group members. Host-side numpy only (``index`` is a host array in verl).
-
-    Returns ``(slots [B] int64, G, K)``.
-    """
-    ids = np.asarray(index)
-    if ids.shape != (batch,):
-        raise ValueError(f"index must have one entry per row, shape ({batch},), got shape {ids.shape}")
-    if batch == 0:
-        return np.zeros(0, dtype=np.int64), 0, 1
-    _, group = np.unique(ids, return_inverse=True)
-    group = group.reshape(-1).astype(np.int64)
-    counts = np.bincount(group)
-    K = int(counts.max())
-    order = np.argsort(group, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(batch, dtype=np.int64)
-    rank[order] = np.arange(batch) - starts[group[order]]
-    return group * K + rank, len(counts), K
-
-
 def _outcome_advantages(token_level_rewards, response_mask, index, estimator, norm_by_std, eps):
     """verl's outcome estimators: score = row sum of the token rewards, advantages per ``index``
     group by ``fastppo.group_advantages``, broadcast as ``a * response_mask``."""
     # verl sums every position of the row (its token rewards are 0 outside the mask anyway) and
     # counts every row as a group member, valid tokens or not; fastppo's mask would drop empty
     # rows from their group, so membership is handed over as an all-member [G*K, 1] mask.
-    scores = token_level_rewards.sum(dim=-1)
+    # Summed in float32 (float64 stays): a bf16 sum would round each score to 8 bits.
+    scores = token_level_rewards.sum(dim=-1, dtype=compute_dtype(token_level_rewards))
     B = scores.shape[0]
     slots, G, K = _group_slots(index, B)
     slots = torch.as_tensor(slots, device=scores.device)
@@ -492,6 +452,9 @@ _REGISTRY_SWAPS: dict[str, tuple[tuple[str, str, Any], ...]] = {
         ("ADV_ESTIMATOR_REGISTRY", "reinforce_plus_plus", compute_reinforce_plus_plus_outcome_advantage),
     ),
 }
+# The rest of verl's estimators (issue 19) live in their own module.
+_SWAPS["estimators"] += tuple((attr, ours) for attr, _, ours in _MORE_ESTIMATORS)
+_REGISTRY_SWAPS["estimators"] += tuple(("ADV_ESTIMATOR_REGISTRY", key, ours) for _, key, ours in _MORE_ESTIMATORS)
 PARTS = ("policy_loss", "gae", "value_loss", "vanilla", "kl_penalty", "agg_loss", "estimators", "policy_losses", "rollout_correction", "linear_cross_entropy")
 
 
@@ -535,8 +498,11 @@ def install(
     * ``kl_penalty``: replace ``kl_penalty`` and ``kl_penalty_forward`` (the KL reward penalty
       and the actor's KL loss).
     * ``agg_loss``: replace ``agg_loss`` (every verl loss is reduced by it).
-    * ``estimators``: replace GRPO, RLOO and REINFORCE++ and their registry entries (``grpo``,
-      ``rloo``, ``reinforce_plus_plus``).
+    * ``estimators``: replace every advantage estimator of verl 0.9.1 but GAE and their registry
+      entries (``grpo``, ``rloo``, ``reinforce_plus_plus`` and the ten of
+      ``fastppo.integrations._verl_estimators``: ``grpo_vectorized``, ``rloo_vectorized``,
+      ``gdpo``, ``grpo_passk``, ``reinforce_plus_plus_baseline``, ``opo``, ``remax``, ``gpg``,
+      ``optimal_token_baseline``, ``tir_optimal_token_baseline``).
     * ``policy_losses``: verl's other policy losses (``dppo_tv``, ``dppo_kl``, ``sapo``, ``gpg``,
       ``cispo``, ``dro``...: ``fastppo.integrations._verl_policy_losses.ADAPTERS``), their
       registry entries and ``compute_policy_loss_<name>`` functions; the sequence-level ones

@@ -9,13 +9,14 @@ import types
 import typing
 from typing import Any
 
-from .config import (ADVANTAGE_ESTIMATORS, AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES, REPORT_TO,
-                     ConfigError, PPOConfig, check_given, field_docs, field_types, load_trl_or_fastppo,
+from .config import (ADVANTAGE_ESTIMATORS, AGG_MODES, ATTN_IMPLEMENTATIONS, ESTIMATORS, LR_SCHEDULES,
+                     REFUSED_ESTIMATORS, REPORT_TO, ConfigError, PPOConfig, check_given, field_docs, field_types, load_trl_or_fastppo,
                      note_trl_defaults)
 
 _CHOICES = {"loss_agg": AGG_MODES, "kl_estimator": ESTIMATORS, "lr_schedule": LR_SCHEDULES,
             "attn_implementation": ATTN_IMPLEMENTATIONS, "report_to": REPORT_TO,
-            "advantage_estimator": ADVANTAGE_ESTIMATORS, "chat_template": ("auto", "none")}
+            # The refused ones too, so that the refusal gives its reason rather than "invalid choice".
+            "advantage_estimator": ADVANTAGE_ESTIMATORS + tuple(REFUSED_ESTIMATORS), "chat_template": ("auto", "none")}
 
 _NONE = object()  # "--value-clip none": unset an option, distinct from "flag not given"
 

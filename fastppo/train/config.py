@@ -303,6 +303,9 @@ class PPOConfig:
             raise ConfigError(f"{_opt('top_p')} must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"{_opt('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
+        if self.advantage_estimator in REFUSED_ESTIMATORS:
+            raise ConfigError(f"{_opt('advantage_estimator')} {self.advantage_estimator} is not available in fastppo "
+                              f"train: {REFUSED_ESTIMATORS[self.advantage_estimator]}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("loss_agg", AGG_MODES), ("kl_estimator", ESTIMATORS),
                               ("attn_implementation", ATTN_IMPLEMENTATIONS),
                               ("advantage_estimator", ADVANTAGE_ESTIMATORS)):
@@ -429,14 +432,8 @@ def note_trl_defaults(config: "PPOConfig", given: Any = None) -> None:
 
 
 # Options a critic-free estimator never reads: given explicitly, they would be dropped in silence.
-_UNUSED = {
-    "lam": ("grpo", "rloo", "reinforce++"),
-    "vf_coef": ("grpo", "rloo", "reinforce++"),
-    "value_clip": ("grpo", "rloo", "reinforce++"),
-    "critic_learning_rate": ("grpo", "rloo", "reinforce++"),
-    "kl_coef": ("grpo", "rloo"),
-    "gamma": ("grpo", "rloo"),
-}
+# (Written out below ADVANTAGE_ESTIMATORS: the critic-free ones, and the group ones.)
+_UNUSED: dict[str, tuple[str, ...]] = {}
 _WHY = {"lam": "GAE's lambda, and there is no GAE", "vf_coef": "the value loss weight, and there is no critic",
         "value_clip": "the value loss clip, and there is no critic",
         "critic_learning_rate": "the critic's learning rate, and there is no critic",
@@ -468,8 +465,22 @@ def check_given(config: "PPOConfig", given: Any, defaults: dict[str, Any] | None
 
 
 LR_SCHEDULES = ("constant", "linear")
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
-GROUP_ESTIMATORS = ("grpo", "rloo")  # fastppo.group_advantages; need num_generations >= 2
+# verl 0.9.1's names where they differ (reinforce_plus_plus is reinforce++, the *_vectorized ones are
+# grpo and rloo); see fastppo.ADVANTAGE_ESTIMATORS.
+GROUP_ESTIMATORS = ("grpo", "rloo", "grpo_vectorized", "rloo_vectorized", "grpo_passk", "opo", "gpg",
+                    "reinforce_plus_plus_baseline", "gdpo")  # one score per response; num_generations >= 2
+ADVANTAGE_ESTIMATORS = ("gae", "reinforce++", "reinforce_plus_plus") + GROUP_ESTIMATORS
+# verl's estimators that need data this trainer does not produce: refused with the reason.
+REFUSED_ESTIMATORS = {
+    "remax": "ReMax's baseline is the reward of a second, greedy rollout per prompt, which the trainer does not generate",
+    "optimal_token_baseline": "it needs sum_v pi_v^2 of every rollout token's full softmax, which the trainer "
+                              "does not keep",
+    "tir_optimal_token_baseline": "it is for multi-turn tool rollouts (observation tokens masked between turns) "
+                                  "and needs sum_v pi_v^2 per token; the trainer generates single-turn responses",
+}
+_CRITIC_FREE = tuple(e for e in ADVANTAGE_ESTIMATORS if e != "gae")
+_UNUSED.update(lam=_CRITIC_FREE, vf_coef=_CRITIC_FREE, value_clip=_CRITIC_FREE, critic_learning_rate=_CRITIC_FREE,
+               kl_coef=GROUP_ESTIMATORS, gamma=GROUP_ESTIMATORS)
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 ESTIMATORS = ("k1", "abs", "k2", "k3")  # as fastppo.kl_penalty; kept here so a config check imports no torch
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")

@@ -91,6 +91,20 @@ class KLController:
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def _group_estimate(name: str, scores: torch.Tensor, k: int, mask: torch.Tensor) -> torch.Tensor:
+    """The outcome advantages of the group estimator ``name`` (verl's names; see
+    ``fastppo.estimators``): one score per response, K = ``k`` consecutive responses per prompt.
+    The batch statistics of gpg, reinforce_plus_plus_baseline and gdpo are this process's rows."""
+    from fastppo import estimators
+
+    if name == "reinforce_plus_plus_baseline":
+        return estimators.reinforce_pp_baseline_advantages(scores, k, mask)
+    if name == "gdpo":  # one reward component: GRPO whitened over the batch
+        return estimators.gdpo_advantages(scores, k, mask)
+    name = {"grpo_vectorized": "grpo", "rloo_vectorized": "rloo"}.get(name, name)
+    return fastppo.group_advantages(scores, k, mask, estimator=name)
+
+
 def _need_model_dir(path: str, what: str):
     """The model's ``PretrainedConfig``; ``ConfigError`` unless ``path`` is a loadable model directory."""
     from transformers import AutoConfig
@@ -756,12 +770,12 @@ class PPOTrainer:
                 whiten=cfg.whiten_advantages and not self.dist.enabled)
             if cfg.whiten_advantages and self.dist.enabled:  # [dist] statistics of the global batch
                 advantages = self.dist.masked_whiten(advantages, mask)
-        elif cfg.advantage_estimator == "reinforce++":
+        elif cfg.advantage_estimator in ("reinforce++", "reinforce_plus_plus"):
             rewards, kl = fastppo.shape_rewards(shaped, old_logprobs, ref_logprobs, mask, kl_coef=kl_coef_used,
                                                 estimator=cfg.kl_estimator)
             advantages, returns = self.dist.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma)  # [dist] global whitening
-        else:  # grpo, rloo: outcome advantages within each prompt's group; no KL reward penalty
-            advantages = fastppo.group_advantages(shaped, k, mask, estimator=cfg.advantage_estimator)
+        else:  # grpo, rloo, ...: outcome advantages within each prompt's group; no KL reward penalty
+            advantages = _group_estimate(cfg.advantage_estimator, shaped, k, mask)
             returns = None
             kl = torch.where(mask, fastppo.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator), 0.0)
             kl_coef_used = 0.0
