@@ -4,7 +4,7 @@
 ``token_policy_loss(op, logprobs, old_logprobs, advantages, mask, a, b, c, agg, is_weights)``:
 ``op`` names the objective (``dppo_tv_loss``...), ``a, b, c`` are its options in the order of
 :data:`OPTION_ORDER` (None where unused). Outputs: the 0-d loss and the stats vector in
-``kernels/policy_objectives.STAT_NAMES`` order (zeros for a stat the objective does not report).
+``kernels/policy_objectives.STAT_NAMES`` order (every objective reports all three).
 The real implementation picks the backend when the node runs, exactly as in eager; the backward,
 ``fastppo::token_policy_loss_backward``, recomputes the forward with autograd on and pulls the
 gradient through the implementation's own backward (the Triton backward kernel or the
@@ -21,7 +21,7 @@ from torch import Tensor
 from . import _dispatch, reference
 from ._library import _autograd_inside_op, _fresh
 
-STAT_NAMES = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
+STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl")
 OPTION_ORDER = {
     "dppo_tv_loss": ("clip_low", "clip_high", "clip_ratio_c"),
     "dppo_kl_loss": ("clip_low", "clip_high", "clip_ratio_c"),
@@ -36,8 +36,7 @@ def _call(op, logprobs, old_logprobs, advantages, mask, a, b, c, agg, is_weights
     options = dict(zip(OPTION_ORDER[op], (a, b, c)))
     loss, stats = _dispatch.pick(op, logprobs.device)(logprobs, old_logprobs, advantages, mask, agg=agg,
                                                       is_weights=is_weights, **options)
-    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    return loss, torch.stack([stats.get(k, zero).detach().to(loss.dtype) for k in STAT_NAMES])
+    return loss, torch.stack([stats[k].detach().to(loss.dtype) for k in STAT_NAMES])
 
 
 @torch.library.custom_op("fastppo::token_policy_loss", mutates_args=())
@@ -101,6 +100,4 @@ def token_policy_loss(op, logprobs, old_logprobs, advantages, mask, *, agg, is_w
     values += [None] * (3 - len(values))
     loss, stats = torch.ops.fastppo.token_policy_loss(op, logprobs, old_logprobs, advantages, mask, *values, agg,
                                                       is_weights)
-    from fastppo.kernels.policy_objectives import REPORTED
-
-    return loss, {k: stats[STAT_NAMES.index(k)] for k in REPORTED[op]}
+    return loss, {k: stats[i] for i, k in enumerate(STAT_NAMES)}

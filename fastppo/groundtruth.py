@@ -413,9 +413,9 @@ def _dppo_truth(kind, logprobs, old_logprobs, advantages, mask, clip_low, clip_h
     capped = torch.minimum(r.detach(), torch.full_like(r, clip_ratio_c))
     per_token = -(A * capped * keep) * lp * w
     stats = {
-        "pg_clipfrac": _fraction(~inside, valid),
-        "pg_clipfrac_lower": _fraction((r.detach() > clip_ratio_c) & inside, valid),
-        "ppo_kl": _mean_over(-d, mask),
+        "clipfrac": _fraction(~inside, valid),
+        "clipfrac_lower": _fraction((r.detach() > clip_ratio_c) & inside, valid),
+        "approx_kl": _mean_over(-d, mask),
     }
     return aggregate(per_token, mask, agg), stats
 
@@ -440,13 +440,17 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=
     tau = torch.full_like(A, tau_neg).masked_fill(A > 0, tau_pos)
     gate = (4.0 / tau) / (1.0 + torch.exp(-tau * (r - 1.0)))
     zero = torch.zeros((), dtype=F64, device=A.device)
-    stats = {"pg_clipfrac": zero, "pg_clipfrac_lower": zero, "ppo_kl": _mean_over(-d, mask)}
+    stats = {"clipfrac": zero, "clipfrac_lower": zero, "approx_kl": _mean_over(-d, mask)}
     return aggregate(-(gate * A) * w, mask, agg), stats
 
 
 def gpg_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_weights=None):
     valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
-    return aggregate(-(A * lp) * w, mask, agg), {}
+    # No clip: both fractions are 0; the KL estimate is old - lp with the ratio's clamp.
+    d = torch.clamp(lp.detach() - old, min=-20.0, max=20.0)
+    zero = torch.zeros((), dtype=F64, device=A.device)
+    stats = {"clipfrac": zero, "clipfrac_lower": zero, "approx_kl": _mean_over(-d, mask)}
+    return aggregate(-(A * lp) * w, mask, agg), stats
 
 
 def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, agg="token-mean",
@@ -457,9 +461,9 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_h
     r = d.exp()
     rc = torch.minimum(torch.maximum(r, torch.full_like(r, 1 - clip_low)), torch.full_like(r, 1 + up))
     stats = {
-        "pg_clipfrac": _fraction(r != rc, valid),
-        "pg_clipfrac_lower": torch.zeros((), dtype=F64, device=A.device),
-        "ppo_kl": _mean_over(-d, mask),
+        "clipfrac": _fraction(r != rc, valid),
+        "clipfrac_lower": torch.zeros((), dtype=F64, device=A.device),
+        "approx_kl": _mean_over(-d, mask),
     }
     return aggregate(-(rc * A) * lp * w, mask, agg), stats
 
@@ -467,7 +471,9 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_h
 def dro_loss(logprobs, old_logprobs, advantages, mask, *, beta=None, agg="token-mean", is_weights=None):
     valid, lp, old, A, w = _token_prep(logprobs, old_logprobs, advantages, mask, is_weights)
     d = lp - old
-    return aggregate((0.5 * beta * d * d - A * lp) * w, mask, agg), {"ppo_kl": _mean_over(-d, mask)}
+    zero = torch.zeros((), dtype=F64, device=A.device)
+    stats = {"clipfrac": zero, "clipfrac_lower": zero, "approx_kl": _mean_over(-d, mask)}
+    return aggregate((0.5 * beta * d * d - A * lp) * w, mask, agg), stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,11 @@ Every registered function has the signature of :func:`fastppo.policy_loss`'s cor
 ``logprobs``, ``old_logprobs``, ``advantages``: ``[B, T]`` (any float dtype; the loss is float32),
 ``mask``: ``[B, T]`` (``mask != 0`` is valid), ``is_weights``: ``[B, T]`` or None, detached
 per-token weights (rollout correction). ``options`` are the objective's own hyper-parameters
-(clip ranges, temperatures...), all keyword-only with defaults. ``stats`` is a dict of 0-d float32
-tensors, named as verl names its metrics where verl has the objective.
+(clip ranges, temperatures...), all keyword-only with defaults. ``stats`` is a dict of detached
+0-d float32 tensors with at least ``policy_loss``'s three keys, ``clipfrac``, ``clipfrac_lower``
+and ``approx_kl`` (verl's ``pg_clipfrac``, ``pg_clipfrac_lower``, ``ppo_kl``; 0 for a fraction
+the objective has no clip for), so that any objective's stats read the same; extra keys are
+allowed (``bypass_mode``'s ``rollout_corr/`` metrics).
 
 The names are verl 0.9.1's ``loss_mode`` names (``vanilla``, ``cispo``, ``gspo``...).
 """

@@ -1087,8 +1087,10 @@ def reinforce_pp_advantages(rewards, mask, *, gamma=1.0):
 #
 # Each is a per-token term L[t] of (lp, old, A), times is_weights[t] when given, reduced by
 # ``aggregate``. Only ``logprobs`` carries a gradient; "sg" marks a factor held constant (detached)
-# in the backward. Statistics are named as verl 0.9.1 names its metrics (without "actor/"):
-# ``pg_clipfrac``, ``pg_clipfrac_lower``, ``ppo_kl`` (masked means over the valid tokens).
+# in the backward. Statistics are fastppo's, as ``policy_loss`` and every registered objective
+# names them: ``clipfrac``, ``clipfrac_lower``, ``approx_kl`` (verl's metrics ``pg_clipfrac``,
+# ``pg_clipfrac_lower``, ``ppo_kl``), masked means over the valid tokens, all three for every
+# objective (0 for a fraction the objective has no clip for).
 
 
 def _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights):
@@ -1133,9 +1135,9 @@ def _dppo(logprobs, old_logprobs, advantages, mask, *, divergence, clip_low, cli
     per_token = _weighted(-adv * truncated * lp * keep, w)
     loss = aggregate.raw(per_token, mask, agg)
     stats = {
-        "pg_clipfrac": _masked_mean(1.0 - keep, mask),
-        "pg_clipfrac_lower": _masked_mean((ratio > clip_ratio_c).to(dtype) * keep, mask),
-        "ppo_kl": _masked_mean(-log_ratio, mask),
+        "clipfrac": _masked_mean(1.0 - keep, mask),
+        "clipfrac_lower": _masked_mean((ratio > clip_ratio_c).to(dtype) * keep, mask),
+        "approx_kl": _masked_mean(-log_ratio, mask),
     }
     return loss, stats
 
@@ -1157,8 +1159,9 @@ def dppo_tv_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip
 
     clip_high defaults to clip_low (verl's ``clip_ratio``, ``clip_ratio_low``/``_high``, here a
     probability gap); clip_ratio_c is verl's ``clip_ratio_c`` (ActorConfig default 3.0).
-    Gradient: dL/dlp = -A * r_c * keep. Stats: ``pg_clipfrac`` = mean(1 - keep), ``ppo_kl`` =
-    mean(-clamp(lp - old)), ``pg_clipfrac_lower`` = mean((ratio > clip_ratio_c) * keep).
+    Gradient: dL/dlp = -A * r_c * keep. Stats: ``clipfrac`` = mean(1 - keep), ``approx_kl`` =
+    mean(-clamp(lp - old)), ``clipfrac_lower`` = mean((ratio > clip_ratio_c) * keep) (verl's
+    ``pg_clipfrac``, ``ppo_kl``, ``pg_clipfrac_lower``).
 
     Worked example: lp = log 0.5, old = log 0.4, A = 1, clip 0.2: gap 0.1 <= 0.2 keeps the token,
     ratio 1.25, L = -1.25 * log 0.5 = 0.8664.
@@ -1211,8 +1214,8 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=
     verl always aggregates SAPO with ``seq-mean-token-mean`` whatever its ``loss_agg_mode`` says;
     here ``agg`` defaults to that mode and is honoured when given (the verl adapter passes
     ``seq-mean-token-mean``). Gradient: dL/dlp = -A * 4 * s * (1 - s) * ratio with
-    s = sigmoid(tau * (ratio - 1)) (0 where lp - old is clamped). Stats: ``pg_clipfrac`` and
-    ``pg_clipfrac_lower`` are 0 (verl's), ``ppo_kl`` = mean(-clamp(lp - old)).
+    s = sigmoid(tau * (ratio - 1)) (0 where lp - old is clamped). Stats: ``clipfrac`` and
+    ``clipfrac_lower`` are 0 (no clip; verl reports 0 too), ``approx_kl`` = mean(-clamp(lp - old)).
 
     Worked example: ratio 1, A = 1, tau_pos = 1: L = -2, dL/dlp = -1 (the PPO gradient on-policy).
     """
@@ -1223,7 +1226,7 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     loss = aggregate.raw(_weighted(-gate * adv, w), mask, agg)
     zero = torch.zeros((), dtype=dtype, device=lp.device)
-    return loss, {"pg_clipfrac": zero, "pg_clipfrac_lower": zero.clone(), "ppo_kl": _masked_mean(-log_ratio, mask)}
+    return loss, {"clipfrac": zero, "clipfrac_lower": zero.clone(), "approx_kl": _masked_mean(-log_ratio, mask)}
 
 
 @_validated(_checks.gpg_loss)
@@ -1234,13 +1237,18 @@ def gpg_loss(logprobs, old_logprobs, advantages, mask, *, agg="token-mean", is_w
 
         L[t] = -lp * A      (* is_weights[t]),     loss = aggregate(L, mask, agg)
 
-    ``old_logprobs`` is checked but not used. Gradient: dL/dlp = -A. Stats: none (verl returns
-    an empty metrics dict), so ``stats == {}``.
+    ``old_logprobs`` enters only the stats. Gradient: dL/dlp = -A. Stats: the three keys of every
+    objective, so any objective's stats read the same: ``clipfrac`` and ``clipfrac_lower`` are 0
+    (no clip), ``approx_kl`` = mean(-clamp(lp - old, -20, 20)). verl's ``gpg`` reports no metrics;
+    its adapter returns ``{}``.
 
     Worked example: lp = -2, A = 0.5: L = 1.0.
     """
     dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
-    return aggregate.raw(_weighted(-lp * adv, w), mask, agg), {}
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    stats = {"clipfrac": zero, "clipfrac_lower": zero.clone(),
+             "approx_kl": _masked_mean(-torch.clamp(raw, -20.0, 20.0), mask)}
+    return aggregate.raw(_weighted(-lp * adv, w), mask, agg), stats
 
 
 @_validated(_checks.cispo_loss)
@@ -1254,8 +1262,8 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_h
         r_c   = sg(clamp(ratio, 1 - clip_low, 1 + clip_high))
         L[t]  = -r_c * A * lp          (* is_weights[t])
 
-    clip_high defaults to clip_low. Gradient: dL/dlp = -r_c * A. Stats: ``pg_clipfrac`` = mean of
-    ratio != r_c, ``ppo_kl`` = mean(-clamp(lp - old)), ``pg_clipfrac_lower`` = 0 (verl's).
+    clip_high defaults to clip_low. Gradient: dL/dlp = -r_c * A. Stats: ``clipfrac`` = mean of
+    ratio != r_c, ``approx_kl`` = mean(-clamp(lp - old)), ``clipfrac_lower`` = 0 (as verl's).
 
     Worked example: lp = -1, old = -1.5 (ratio 1.6487), A = 2, clip 0.2: r_c = 1.2, L = 2.4.
     """
@@ -1266,9 +1274,9 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_h
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + high)
     loss = aggregate.raw(_weighted(-clipped.detach() * adv * lp, w), mask, agg)
     stats = {
-        "pg_clipfrac": _masked_mean((ratio != clipped).to(dtype), mask),
-        "pg_clipfrac_lower": torch.zeros((), dtype=dtype, device=lp.device),
-        "ppo_kl": _masked_mean(-log_ratio, mask),
+        "clipfrac": _masked_mean((ratio != clipped).to(dtype), mask),
+        "clipfrac_lower": torch.zeros((), dtype=dtype, device=lp.device),
+        "approx_kl": _masked_mean(-log_ratio, mask),
     }
     return loss, stats
 
@@ -1281,10 +1289,13 @@ def dro_loss(logprobs, old_logprobs, advantages, mask, *, beta=None, agg="token-
         L[t] = -(lp * A - beta / 2 * (lp - old)^2)       (* is_weights[t])
 
     No clamp of the log-ratio. beta (verl's ``policy_loss.dro_beta``) has no default and must be
-    > 0. Gradient: dL/dlp = -(A - beta * (lp - old)). Stats: ``ppo_kl`` = mean(-(lp - old)).
+    > 0. Gradient: dL/dlp = -(A - beta * (lp - old)). Stats: ``approx_kl`` = mean(-(lp - old))
+    (unclamped, as verl's ``ppo_kl`` here); ``clipfrac`` and ``clipfrac_lower`` are 0 (no clip;
+    verl reports only ``ppo_kl``).
 
     Worked example: lp = -1, old = -1.5, A = 1, beta = 0.1: L = 1 + 0.05 * 0.25 = 1.0125.
     """
     dtype, valid, lp, old, adv, w, raw = _token_inputs(logprobs, old_logprobs, advantages, mask, is_weights)
     loss = aggregate.raw(_weighted(-(lp * adv - 0.5 * beta * raw.square()), w), mask, agg)
-    return loss, {"ppo_kl": _masked_mean(-raw, mask)}
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    return loss, {"clipfrac": zero, "clipfrac_lower": zero.clone(), "approx_kl": _masked_mean(-raw, mask)}

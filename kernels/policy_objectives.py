@@ -51,17 +51,11 @@ from fastppo.kernels.ppo_loss import (
 )
 
 MODES = {"dppo_tv_loss": 0, "dppo_kl_loss": 1, "sapo_loss": 2, "gpg_loss": 3, "cispo_loss": 4, "dro_loss": 5}
-# Order of the statistics vector the forward writes.
-STAT_NAMES = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
-# The statistics each objective reports (verl's metric names; gpg reports none, as verl).
-REPORTED = {
-    "dppo_tv_loss": STAT_NAMES,
-    "dppo_kl_loss": STAT_NAMES,
-    "sapo_loss": STAT_NAMES,
-    "gpg_loss": (),
-    "cispo_loss": STAT_NAMES,
-    "dro_loss": ("ppo_kl",),
-}
+# Order of the statistics vector the forward writes; every objective reports all three, under
+# fastppo's names (verl's pg_clipfrac, pg_clipfrac_lower, ppo_kl), 0 for a fraction it has no
+# clip for (sapo, gpg, dro; dppo's and cispo's lower fraction as verl's), so any objective's
+# stats read the same.
+STAT_NAMES = ("clipfrac", "clipfrac_lower", "approx_kl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,8 +68,8 @@ def _token(lp, old, adv, p0, p1, p2, MODE: tl.constexpr):
     """(L, dL/dlp, flag1, flag2, -log ratio) of one tile of valid-zeroed float32 inputs.
 
     p0, p1, p2: dppo: (clip_low, clip_high, clip_ratio_c); sapo: (tau_pos, tau_neg, -);
-    cispo: (clip_low, clip_high, -); dro: (beta / 2, beta, -). flag1 counts into pg_clipfrac,
-    flag2 into pg_clipfrac_lower. The arithmetic follows the reference's order, so that float32
+    cispo: (clip_low, clip_high, -); dro: (beta / 2, beta, -). flag1 counts into clipfrac,
+    flag2 into clipfrac_lower. The arithmetic follows the reference's order, so that float32
     results agree to the last bit where no reduction is involved.
     """
     raw = lp - old
@@ -412,7 +406,7 @@ def _run(op: str, logprobs, old_logprobs, advantages, mask, agg, is_weights, opt
                                           **options)
     loss, stats = _TokenLoss.apply(logprobs, old_logprobs, advantages, is_weights, mask, MODES[op],
                                    _params(op, options), AGG_CODES[agg])
-    return loss, {k: stats[STAT_NAMES.index(k)] for k in REPORTED[op]}
+    return loss, {k: stats[i] for i, k in enumerate(STAT_NAMES)}
 
 
 def dppo_tv_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=3.0,

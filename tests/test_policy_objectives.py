@@ -29,14 +29,8 @@ OPTIONS = {
     "cispo": dict(clip_low=0.1, clip_high=0.3),
     "dro": dict(beta=0.3),
 }
-STATS = {
-    "dppo_tv": {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"},
-    "dppo_kl": {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"},
-    "sapo": {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"},
-    "gpg": set(),
-    "cispo": {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"},
-    "dro": {"ppo_kl"},
-}
+# fastppo's stats names, the same three for every objective (policy_loss's).
+STATS = {name: {"clipfrac", "clipfrac_lower", "approx_kl"} for name in NAMES}
 LOSS_TOL = (2e-5, 2e-5)  # losses and stats are float32 whatever the input dtype
 
 
@@ -104,9 +98,9 @@ def test_every_trust_region_and_clip_triggers(rng):
     lp, old, adv, mask, w = _inputs(rng, 16, 32)
     with fastppo.use_backend("torch"):
         for name in ("dppo_tv", "dppo_kl", "cispo"):
-            frac = float(_op(name)(lp, old, adv, mask, **OPTIONS[name])[1]["pg_clipfrac"])
+            frac = float(_op(name)(lp, old, adv, mask, **OPTIONS[name])[1]["clipfrac"])
             assert 0.0 < frac < 1.0, (name, frac)
-        lower = fastppo.dppo_tv_loss(lp, old, adv, mask, clip_low=10.0, clip_ratio_c=1.5)[1]["pg_clipfrac_lower"]
+        lower = fastppo.dppo_tv_loss(lp, old, adv, mask, clip_low=10.0, clip_ratio_c=1.5)[1]["clipfrac_lower"]
         assert float(lower) > 0.0
 
 
@@ -133,32 +127,33 @@ def test_worked_examples(run_kernel, kernel_device, backend):
     for fn in (fastppo.dppo_tv_loss, fastppo.dppo_kl_loss):
         loss, grad, stats = run(fn, t(half), t(four), t(1.0), one)
         assert loss == pytest.approx(-1.25 * half, rel=1e-6) and grad == pytest.approx(-1.25, rel=1e-6)
-        assert stats == pytest.approx({"pg_clipfrac": 0.0, "pg_clipfrac_lower": 0.0, "ppo_kl": -math.log(1.25)})
+        assert stats == pytest.approx({"clipfrac": 0.0, "clipfrac_lower": 0.0, "approx_kl": -math.log(1.25)})
     # ... a clip of 0.05 drops it (gap 0.1 > 0.05; binary KL 0.0201 > 0.01): no loss, no gradient.
     loss, grad, stats = run(fastppo.dppo_tv_loss, t(half), t(four), t(1.0), one, clip_low=0.05)
-    assert (loss, grad, stats["pg_clipfrac"]) == (0.0, 0.0, 1.0)
+    assert (loss, grad, stats["clipfrac"]) == (0.0, 0.0, 1.0)
     loss, grad, stats = run(fastppo.dppo_kl_loss, t(half), t(four), t(1.0), one, clip_low=0.01)
-    assert (loss, grad, stats["pg_clipfrac"]) == (0.0, 0.0, 1.0)
-    # ratio 1.25 over clip_ratio_c = 1.1: truncated to 1.1 and counted in pg_clipfrac_lower.
+    assert (loss, grad, stats["clipfrac"]) == (0.0, 0.0, 1.0)
+    # ratio 1.25 over clip_ratio_c = 1.1: truncated to 1.1 and counted in clipfrac_lower.
     loss, grad, stats = run(fastppo.dppo_tv_loss, t(half), t(four), t(1.0), one, clip_ratio_c=1.1)
-    assert loss == pytest.approx(-1.1 * half, rel=1e-6) and stats["pg_clipfrac_lower"] == 1.0
+    assert loss == pytest.approx(-1.1 * half, rel=1e-6) and stats["clipfrac_lower"] == 1.0
     # SAPO on-policy: L = -2 A / tau... with tau_pos = 1: -2; gradient -1 (PPO's on-policy gradient).
     loss, grad, stats = run(fastppo.sapo_loss, t(-1.0), t(-1.0), t(1.0), one)
     assert loss == pytest.approx(-2.0, rel=1e-6) and grad == pytest.approx(-1.0, rel=1e-6)
     # ... A < 0 takes tau_neg = 1.05: L = 2 / 1.05 * 1, gradient 1.
     loss, grad, _ = run(fastppo.sapo_loss, t(-1.0), t(-1.0), t(-1.0), one)
     assert loss == pytest.approx(2.0 / 1.05, rel=1e-6) and grad == pytest.approx(1.0, rel=1e-6)
-    # GPG: L = -lp A.
-    loss, grad, stats = run(fastppo.gpg_loss, t(-2.0), t(0.0), t(0.5), one)
-    assert (loss, grad, stats) == (pytest.approx(1.0), pytest.approx(-0.5), {})
+    # GPG: L = -lp A; no clip, approx_kl = old - lp = 0.5.
+    loss, grad, stats = run(fastppo.gpg_loss, t(-2.0), t(-1.5), t(0.5), one)
+    assert (loss, grad) == (pytest.approx(1.0), pytest.approx(-0.5))
+    assert stats == pytest.approx({"clipfrac": 0.0, "clipfrac_lower": 0.0, "approx_kl": 0.5})
     # CISPO: ratio e^0.5 = 1.6487 clipped to 1.2; L = -1.2 * 2 * (-1) = 2.4, gradient -2.4.
     loss, grad, stats = run(fastppo.cispo_loss, t(-1.0), t(-1.5), t(2.0), one)
     assert loss == pytest.approx(2.4, rel=1e-6) and grad == pytest.approx(-2.4, rel=1e-6)
-    assert stats == pytest.approx({"pg_clipfrac": 1.0, "pg_clipfrac_lower": 0.0, "ppo_kl": -0.5})
+    assert stats == pytest.approx({"clipfrac": 1.0, "clipfrac_lower": 0.0, "approx_kl": -0.5})
     # DRO: L = -(lp A - beta/2 (lp - old)^2) = 1 + 0.05 * 0.25; gradient -(1 - 0.1 * 0.5).
     loss, grad, stats = run(fastppo.dro_loss, t(-1.0), t(-1.5), t(1.0), one, beta=0.1)
     assert loss == pytest.approx(1.0125, rel=1e-6) and grad == pytest.approx(-0.95, rel=1e-6)
-    assert stats == pytest.approx({"ppo_kl": -0.5})
+    assert stats == pytest.approx({"clipfrac": 0.0, "clipfrac_lower": 0.0, "approx_kl": -0.5})
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -270,6 +265,25 @@ def test_registry_names_are_verls():
     for name in NAMES:
         assert fastppo.get_policy_loss(name) is _op(name)
     assert {"vanilla", *NAMES} <= set(fastppo.POLICY_LOSSES)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", sorted(fastppo.POLICY_LOSSES))
+def test_every_registered_objective_reports_the_same_stats(kernel_device, rng, backend, name):
+    """Every entry of ``fastppo.POLICY_LOSSES`` (token-level, sequence-level, covariance, bypass_mode,
+    vanilla) reports clipfrac, clipfrac_lower and approx_kl, so the trainer and users read any
+    objective's stats the same way; extra keys (bypass_mode's ``rollout_corr/``) are allowed."""
+    lp, old, adv, mask, w = (t.to(kernel_device) for t in _inputs(rng, 3, 5))
+    options = {"dro": dict(beta=0.1)}.get(name, {})
+    x = lp.clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        loss, stats = fastppo.get_policy_loss(name)(x, old, adv, mask, is_weights=w, **options)
+    assert {"clipfrac", "clipfrac_lower", "approx_kl"} <= set(stats), (name, sorted(stats))
+    for k in ("clipfrac", "clipfrac_lower", "approx_kl"):
+        v = stats[k]
+        assert v.shape == () and v.dtype == torch.float32 and not v.requires_grad, (name, k, v)
+        assert math.isfinite(float(v)), (name, k, v)
+    assert 0.0 <= float(stats["clipfrac"]) <= 1.0 and 0.0 <= float(stats["clipfrac_lower"]) <= 1.0
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

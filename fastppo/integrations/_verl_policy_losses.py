@@ -9,7 +9,8 @@
 Each reads its options from ``config`` (verl's ActorConfig, an omegaconf DictConfig or a dict) as
 verl does, aggregates with ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``,
 ``global_batch_size``, ``loss_scale_factor``) as verl's ``agg_loss`` does, and reports verl's
-metrics (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) as Python floats.
+metrics (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``, from fastppo's
+``clipfrac``, ``approx_kl``, ``clipfrac_lower``; only those verl's function reports) as Python floats.
 ``fastppo.integrations.verl.install(policy_losses=True)`` puts them behind verl's registry names.
 
 Differences from verl, all on purpose: fastppo computes in float32 whatever the input dtype
@@ -44,8 +45,13 @@ def _clips(config: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
+# fastppo's stat name -> verl's metric name; verl's gpg reports no metric and its dro only ppo_kl.
+_VERL_METRICS = {"clipfrac": "actor/pg_clipfrac", "approx_kl": "actor/ppo_kl",
+                 "clipfrac_lower": "actor/pg_clipfrac_lower"}
+
+
 def _run(fn: Callable, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-         rollout_is_weights, **options):
+         rollout_is_weights, metrics=tuple(_VERL_METRICS), **options):
     log_prob, old_log_prob, advantages, rollout_is_weights = _promote(
         log_prob, old_log_prob, advantages, rollout_is_weights
     )
@@ -57,7 +63,7 @@ def _run(fn: Callable, old_log_prob, log_prob, advantages, response_mask, loss_a
 
     loss, stats = _global_aggregate(run, response_mask, loss_agg_mode, **batch_info)
     # verl reports Python floats (and so syncs here).
-    return loss, {f"actor/{k}": v.item() for k, v in stats.items()}
+    return loss, {_VERL_METRICS[k]: stats[k].item() for k in metrics}
 
 
 def compute_policy_loss_dppo_tv(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -101,7 +107,7 @@ def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
     """verl's ``gpg`` by ``fastppo.gpg_loss``; no metrics (verl returns ``{}``)."""
     _need_config(config, "gpg")
     return _run(fastppo.gpg_loss, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                rollout_is_weights)
+                rollout_is_weights, metrics=())
 
 
 def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -117,13 +123,14 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
 def compute_policy_loss_dro(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                             response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
                             rollout_is_weights: torch.Tensor | None = None):
-    """verl's ``dro`` by ``fastppo.dro_loss``: ``beta`` is ``config.policy_loss.dro_beta``."""
+    """verl's ``dro`` by ``fastppo.dro_loss``: ``beta`` is ``config.policy_loss.dro_beta``; metric
+    ``actor/ppo_kl`` only, as verl's."""
     _need_config(config, "dro")
     beta = _cfg(_cfg(config, "policy_loss"), "dro_beta")
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
     return _run(fastppo.dro_loss, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                rollout_is_weights, beta=float(beta))
+                rollout_is_weights, metrics=("approx_kl",), beta=float(beta))
 
 
 # verl loss_mode name -> adapter (verl's function of that loss is compute_policy_loss_<name>).

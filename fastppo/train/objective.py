@@ -15,9 +15,6 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
-# verl's metric names -> the trainer's (metrics.jsonl columns, distributed.TOKEN_STATS).
-STAT_NAMES = {"pg_clipfrac": "clipfrac", "pg_clipfrac_lower": "clipfrac_lower", "ppo_kl": "approx_kl"}
-
 
 def _value(text: str) -> Any:
     low = text.strip().lower()

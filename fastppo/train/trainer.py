@@ -923,8 +923,9 @@ class PPOTrainer:
             ent = fastppo.aggregate(entropy if cfg.ent_coef else entropy.detach(), m, cfg.loss_agg)
             loss = pg_loss - cfg.ent_coef * ent if cfg.ent_coef else pg_loss
             stats = {"policy_loss": pg_loss.detach(), "entropy": ent.detach()}
-            stats.update({objective.STAT_NAMES.get(k, k): v.detach() for k, v in pg.items()})
-            # The columns every run reports, for an objective that has none of its own (gpg).
+            # Every built-in objective reports clipfrac, clipfrac_lower and approx_kl (the
+            # metrics.jsonl columns); the defaults cover one registered by a user with fewer.
+            stats.update({k: v.detach() for k, v in pg.items()})
             stats.setdefault("clipfrac", torch.zeros((), device=loss.device))
             stats.setdefault("clipfrac_lower", torch.zeros((), device=loss.device))
             if "approx_kl" not in stats:
