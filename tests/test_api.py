@@ -212,3 +212,14 @@ def test_importing_fastppo_does_not_import_triton():
     code = "import sys, fastppo; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert out.returncode == 0, out.stderr
+
+
+def test_importing_the_trainer_does_not_import_triton_or_a_kernel():
+    """``fastppo.train`` and ``PPOTrainer`` import no Triton and no kernel module: Triton comes in
+    only when a kernel runs (or, on its own, through torch._dynamo once transformers loads a
+    model, which fastppo does not control; benchmarks/NOTES.md measures it)."""
+    code = ("import sys, fastppo, fastppo.train; from fastppo.train import PPOTrainer; "
+            "bad = sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'fastppo.kernels'))); "
+            "assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
