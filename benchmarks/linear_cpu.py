@@ -22,7 +22,9 @@ burst of load on the shared machine hits all of them alike; medians over the rou
                    chunk its trainer uses (``_CHUNKED_LOGPROB_CHUNK_SIZE``);
 * ``torch-lce``:   PyTorch's ``F.linear_cross_entropy(..., reduction="none")`` with
                    ``LinearCrossEntropyOptions(batch_chunk_size=256)`` (its ``"auto"`` chunking
-                   ran 30x slower than the unchunked call on this CPU), log-probs only.
+                   ran 30x slower than the unchunked call on this CPU), log-probs only;
+* ``ppo-frozen``:  ``fastppo.linear_ppo_loss`` (clipped loss from hidden states, frozen head;
+                   with ``--entropy`` an entropy bonus ``ent_coef=0.01`` in the loss).
 
 Without ``--entropy`` every variant computes log-probs only; with it, entropy too (torch-lce has
 none and is left out).
@@ -102,7 +104,7 @@ def _child(args) -> dict:
     }
 
 
-HEAD_VARIANTS = ("frozen", "recompute", "trainable", "trl", "torch-lce")
+HEAD_VARIANTS = ("frozen", "recompute", "trainable", "trl", "torch-lce", "ppo-frozen")
 
 
 def _child_heads(args) -> dict:
@@ -134,6 +136,17 @@ def _child_heads(args) -> dict:
         def op():
             loss = torch.nn.functional.linear_cross_entropy(hidden, weight, labels, reduction="none", options=opts)
             return -loss, None
+    elif v == "ppo-frozen":
+        old_lp, adv = torch.randn(1, N) - 12.0, torch.randn(1, N)
+        mask = torch.ones(1, N, dtype=torch.bool)
+
+        def op():
+            # The clipped loss from hidden states ([B, T, H]: one row of N tokens); with --entropy
+            # its entropy bonus is in the loss.
+            loss, _ = fastppo.linear_ppo_loss(hidden.view(1, N, H), weight, labels.view(1, N), old_logprobs=old_lp,
+                                              advantages=adv, mask=mask,
+                                              ent_coef=0.01 if args.entropy else 0.0, chunk_size=args.chunk_size)
+            return loss, None
     else:
 
         def op():
@@ -142,7 +155,7 @@ def _child_heads(args) -> dict:
 
     def step():
         lp, ent = op()
-        loss = (lp * c_lp).sum()
+        loss = lp if lp.dim() == 0 else (lp * c_lp).sum()
         if ent is not None:
             loss = loss + (ent * c_ent).sum()
         loss.backward()
@@ -172,7 +185,8 @@ def _load() -> str:
 
 
 def main_heads(args) -> int:
-    variants = [v for v in HEAD_VARIANTS if not (args.entropy and v == "torch-lce")]
+    variants = [v for v in (args.variants.split(",") if args.variants else HEAD_VARIANTS)
+                if not (args.entropy and v == "torch-lce")]
     runs = {v: [] for v in variants}
     loads = [_load()]
     for r in range(args.rounds):
@@ -228,6 +242,8 @@ def main() -> int:
     parser.add_argument("--heads", action="store_true", help="frozen vs trainable head vs TRL vs torch (issue 20)")
     parser.add_argument("--entropy", action="store_true", help="--heads: entropy too")
     parser.add_argument("--rounds", type=int, default=3, help="--heads: interleaved rounds")
+    parser.add_argument("--variants", help="--heads: comma-separated subset (default: all; the ratios need "
+                        "trainable and recompute)")
     parser.add_argument("--variant", choices=("full", "chunked") + HEAD_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

@@ -387,7 +387,10 @@ def backward_pass(h, weight, bias, labels, m, logs, ent, glp, gent, inv_temp, ch
 def _valid_index(mask, n_rows):
     if mask is None:
         return None
-    return (mask.reshape(n_rows) != 0).nonzero().squeeze(1)
+    idx = (mask.reshape(n_rows) != 0).nonzero().squeeze(1)
+    # Every row valid: as without a mask, so that no [N, H] copy of hidden is gathered and no
+    # [N, H] gradient is scattered back (the count is on the host already, from nonzero()).
+    return None if idx.numel() == n_rows else idx
 
 
 def _valid_rows(mask, n_rows):
