@@ -769,6 +769,10 @@ class PPOTrainer:
             last = (mask.long().sum(1) - 1).clamp(min=0)
             rewards[torch.arange(rewards.shape[0], device=dev), last] = shaped.to(rewards.dtype)
             rewards = torch.where(mask, rewards, 0.0)
+        # [dist] with micro_batch_tokens every rank gets the global batch here (advantages done) and
+        # takes a token-balanced share of each mini-batch (packing.Packing.micro_batches)
+        upd = self.packing.update_rows(width, seq, attn, pos, loss_mask, old_logprobs, advantages, old_values, returns,
+                                       ref_logprobs, is_weights)
         t3 = self._sync()
 
         # Statistics stay tensors until the iteration ends: the only host sync of an update is the
@@ -786,11 +790,12 @@ class PPOTrainer:
                 loss_finite = torch.ones((), dtype=torch.bool, device=dev)
                 # [dist] with N ranks: this rank's rows of the global mini-batch, weighted by their
                 # share of its tokens (see distributed.Distributed.micro_batches)
-                for micro, weight, stats_weight in self.packing.micro_batches(mini, loss_mask, attn, cfg.micro_batch_size,
-                                                                              cfg.loss_agg):
+                for micro, weight, stats_weight in self.packing.micro_batches(mini, upd.mask, upd.attn, cfg.micro_batch_size,
+                                                                              cfg.loss_agg, whole=upd.whole):
                     ta = self._sync()
-                    loss, stats = self._loss(micro, seq, attn, pos, width, loss_mask, old_logprobs, advantages,
-                                             old_values, returns, ref_logprobs, is_weights)
+                    loss, stats = self._loss(micro, upd.seq, upd.attn, upd.pos, upd.width, upd.mask, upd.old_logprobs,
+                                             upd.advantages, upd.old_values, upd.returns, upd.ref_logprobs,
+                                             upd.is_weights)
                     tb = self._sync()
                     # Each micro-batch loss is aggregated over its own rows; weighting it by its share
                     # of the mini-batch's rows makes the accumulated gradient that of the whole
