@@ -515,6 +515,11 @@ def test_two_ranks_packed_with_token_budget_equal_one_process(tmp_path):
     assert sampled[0] > 2 * sampled[1], (sampled, updated)  # the sampled rows are deliberately uneven
     assert abs(updated[0] - updated[1]) <= 2 * got["longest"], (sampled, updated)
     assert abs(updated[0] - updated[1]) < (sampled[0] - sampled[1]) / 2, (sampled, updated)
+    # the rollout's no-grad forwards: the whole batch split once, at most one row's tokens apart
+    f_sampled = [c["forward_sampled"] for c in got["counts"]]
+    f_run = [c["forward_run"] for c in got["counts"]]
+    assert f_sampled == sampled and sum(f_run) == sum(f_sampled)
+    assert abs(f_run[0] - f_run[1]) <= got["longest"], (f_sampled, f_run)
     _, row, params, start = one_update(str(tmp_path / "one"), padding_free=False, advantage_estimator="gae",
                                        skew=True)
     _close_runs((got["row"], got["params"]), row, params, start)

@@ -139,6 +139,44 @@ def _all_gather_rows(t: torch.Tensor, world: int) -> torch.Tensor:
     return out.bool() if t.dtype == torch.bool else out
 
 
+@dataclass
+class ForwardRows:
+    """The rows the rollout's no-grad forwards read: this rank's own (``whole`` false) or the global
+    batch's in rank order (``whole`` true, see :func:`gather_rows`). ``seq``, ``attn``, ``pos``
+    ``[B, P + R]`` (prompt width ``width``), ``mask`` bool ``[B, R]``; ``own``: this rank's rows
+    as ``(first, count)``, ``resp``: its own response width."""
+
+    width: int
+    seq: torch.Tensor
+    attn: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    own: tuple[int, int]
+    resp: int
+    whole: bool = False
+
+
+def gather_rows(width: int, seq: torch.Tensor, attn: torch.Tensor, world: int, pad_id: int
+                ) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P, R, seq, attn, pos)`` of the global batch: every rank's ``seq``/``attn`` ``[b, width + resp]``
+    re-padded to the global prompt width ``P`` (on the left) and response width ``R`` (on the right),
+    concatenated in rank order; position ids rebuilt from the attention mask. A collective."""
+    import torch.distributed as dist
+
+    from .models import position_ids_from
+
+    resp = seq.shape[1] - width
+    widths = torch.tensor([width, resp], dtype=torch.int64, device=seq.device)
+    everyone = [torch.empty_like(widths) for _ in range(world)]
+    dist.all_gather(everyone, widths)
+    p_max = max(int(w[0]) for w in everyone)
+    r_max = max(int(w[1]) for w in everyone)
+    pads = (p_max - width, r_max - resp)
+    g_seq = _all_gather_rows(torch.nn.functional.pad(seq, pads, value=pad_id), world)
+    g_attn = _all_gather_rows(torch.nn.functional.pad(attn, pads, value=0), world)
+    return p_max, r_max, g_seq, g_attn, position_ids_from(g_attn)
+
+
 def gather_update_rows(rows: UpdateRows, world: int, pad_id: int) -> UpdateRows:
     """Every rank's :class:`UpdateRows` concatenated in rank order (a collective: all ranks call it).
 
@@ -146,22 +184,9 @@ def gather_update_rows(rows: UpdateRows, world: int, pad_id: int) -> UpdateRows:
     to its own longest response; here they are re-padded to the global widths (pad ids, attention
     0, per-token tensors 0 / false past each response), which is the one-process layout, and the
     position ids are rebuilt from the attention mask. Every rank holds the same number of rows."""
-    import torch.distributed as dist
-
-    from .models import position_ids_from
-
-    seq, attn, width = rows.seq, rows.attn, rows.width
-    resp = seq.shape[1] - width
-    widths = torch.tensor([width, resp], dtype=torch.int64, device=seq.device)
-    everyone = [torch.empty_like(widths) for _ in range(world)]
-    dist.all_gather(everyone, widths)
-    p_max = max(int(w[0]) for w in everyone)
-    r_max = max(int(w[1]) for w in everyone)
     F = torch.nn.functional
-
-    def repad(t: torch.Tensor, value) -> torch.Tensor:
-        # [b, width + resp] -> [b, p_max + r_max]: prompts grow to the left, responses to the right
-        return F.pad(t, (p_max - width, r_max - resp), value=value)
+    resp = rows.seq.shape[1] - rows.width
+    p_max, r_max, g_seq, g_attn, g_pos = gather_rows(rows.width, rows.seq, rows.attn, world, pad_id)
 
     def response(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
@@ -171,9 +196,7 @@ def gather_update_rows(rows: UpdateRows, world: int, pad_id: int) -> UpdateRows:
         padded = F.pad(t.to(torch.uint8), (0, r_max - resp)).bool() if t.dtype == torch.bool else F.pad(t, (0, r_max - resp))
         return _all_gather_rows(padded, world)
 
-    g_seq = _all_gather_rows(repad(seq, pad_id), world)
-    g_attn = _all_gather_rows(repad(attn, 0), world)
-    return UpdateRows(p_max, g_seq, g_attn, position_ids_from(g_attn), response(rows.mask),
+    return UpdateRows(p_max, g_seq, g_attn, g_pos, response(rows.mask),
                       response(rows.old_logprobs), response(rows.advantages), response(rows.old_values),
                       response(rows.returns), response(rows.ref_logprobs), response(rows.is_weights), whole=True)
 
@@ -389,9 +412,10 @@ class Packing:
         self.enabled = bool(enabled)
         self._packed: dict[int, bool] = {}
         self._over_budget_noticed = False
-        # Real tokens (prompt + response) of this rank's update passes in the current iteration:
-        # "sampled", the rows it sampled; "updated", the rows it ran (after the balancing).
-        self.token_counts = {"sampled": 0, "updated": 0}
+        # Real tokens (prompt + response) of this rank's passes in the current iteration: "sampled",
+        # the update's rows it sampled; "updated", those it ran (after the balancing); the same for
+        # the rollout's forwards ("forward_sampled", "forward_run"; 0 unless balanced).
+        self.token_counts = {"sampled": 0, "updated": 0, "forward_sampled": 0, "forward_run": 0}
         if not self.enabled:
             return
         dev, bf16 = trainer.device, trainer.bf16
@@ -457,6 +481,38 @@ class Packing:
             return scorer.score_last(batch.seq, batch.attn, batch.pos, last)
         return scorer(lay.input_ids, None, lay.position_ids).reshape(-1)[lay.last]
 
+    # -- the rollout forwards' rows -----------------------------------------------------------
+    def forward_rows(self, width: int, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+                     ) -> ForwardRows:
+        """The rows of the rollout's no-grad forwards: this rank's own, or under torchrun with a token
+        budget the global batch, which :meth:`forward_groups` (``whole``) splits among the ranks by
+        tokens; :meth:`own_rows` brings the results back to the rows each rank sampled."""
+        self.token_counts = {"sampled": 0, "updated": 0, "forward_sampled": 0, "forward_run": 0}
+        b, resp = seq.shape[0], seq.shape[1] - width
+        if self.budget is None or not self.dist.enabled:
+            return ForwardRows(width, seq, attn, pos, mask, (0, b), resp)
+        p_max, _, g_seq, g_attn, g_pos = gather_rows(width, seq, attn, self.dist.world, self.pad_id)
+        self.token_counts["forward_sampled"] = int((attn != 0).sum())
+        return ForwardRows(p_max, g_seq, g_attn, g_pos, g_attn[:, p_max:] != 0, (self.dist.rank * b, b), resp,
+                           whole=True)
+
+    def own_rows(self, rows: ForwardRows, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Each ``[B, R]`` result of the forwards on ``rows`` as this rank's ``[b, resp]`` rows. With
+        ``whole`` each row was computed by one rank and is 0 on the others: a sum over the ranks
+        (exact: x + 0) gives every rank every row."""
+        if not rows.whole:
+            return list(tensors)
+        import torch.distributed as dist
+
+        first, count = rows.own
+        out = []
+        for t in tensors:
+            if t is not None:
+                dist.all_reduce(t)
+                t = t[first:first + count, :rows.resp].contiguous()
+            out.append(t)
+        return out
+
     # -- the update phase's rows --------------------------------------------------------------
     def update_rows(self, width: int, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
                     mask: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -467,7 +523,6 @@ class Packing:
         :meth:`micro_batches` then splits among the ranks by tokens."""
         rows = UpdateRows(width, seq, attn, pos, mask, old_logprobs, advantages, old_values, returns, ref_logprobs,
                           is_weights)
-        self.token_counts = {"sampled": 0, "updated": 0}
         if self.budget is None or not self.dist.enabled:
             return rows
         return gather_update_rows(rows, self.dist.world, self.pad_id)
@@ -484,13 +539,15 @@ class Packing:
                 print(f"fastppo train: micro_batch_tokens (--micro-batch-tokens) {self.budget}: a sequence of "
                       f"{longest} tokens is longer; it gets a micro-batch of its own", file=sys.stderr, flush=True)
 
-    def forward_groups(self, attn: torch.Tensor, micro_size: int, *, collective: bool = True
+    def forward_groups(self, attn: torch.Tensor, micro_size: int, *, collective: bool = True, whole: bool = False
                        ) -> list[tuple[torch.Tensor, bool]]:
         """Row groups for the no-grad forwards of a rollout ``attn`` ``[B, L]``: ``[(rows, keep)]``.
 
         Without a token budget: ``micro_size`` rows at a time, in order. With one: groups of at most
         ``micro_batch_tokens`` real tokens; under torchrun (``collective``: the model is sharded)
-        every rank runs the same number, the extra ones on row 0 with ``keep`` false.
+        every rank runs the same number, the extra ones on row 0 with ``keep`` false. ``whole``
+        (``attn`` holds the global batch, see :meth:`forward_rows`): this rank's share of the rows
+        by :func:`rank_partition` of their tokens.
         """
         b = attn.shape[0]
         dev = attn.device
@@ -498,10 +555,18 @@ class Packing:
             return [(rows, True) for rows in torch.arange(b, device=dev).split(micro_size)]
         lengths = self._lengths(attn)
         self._notice_over_budget(lengths)
-        groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
-        k = len(groups)
-        if collective and self.dist.enabled:
-            k = self._max_over_ranks(k)
+        if whole:
+            # Every rank's share is known here: the group count needs no collective.
+            shares = rank_partition(lengths, self.dist.world)
+            mine = shares[self.dist.rank]
+            k = max(len(first_fit_decreasing([lengths[i] for i in share], self.budget)) for share in shares)
+            groups = [[mine[j] for j in g] for g in budget_groups([lengths[i] for i in mine], self.budget, k) if g]
+            self.token_counts["forward_run"] = sum(lengths[i] for i in mine)
+        else:
+            groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
+            k = len(groups)
+            if collective and self.dist.enabled:
+                k = self._max_over_ranks(k)
         out = [(torch.tensor(sorted(g), dtype=torch.long, device=dev), True) for g in groups]
         out += [(torch.zeros(1, dtype=torch.long, device=dev), False)] * (k - len(groups))
         return out
