@@ -26,14 +26,16 @@ by first-fit decreasing so that no group holds more than N real tokens (prompt +
 sequence longer than N gets a group of its own, with a notice. Each group's loss is weighted by its
 share of the mini-batch as the aggregation needs (valid tokens for ``token-mean``, rows with a
 valid token for ``seq-mean-*``, 1 for ``token-sum``), so the accumulated gradient is the mini-batch's.
-Under torchrun the ranks' rollouts are gathered once per iteration (:func:`gather_update_rows`:
-each rank then holds the global batch's update tensors) and each mini-batch's rows are split among
-the ranks by :func:`rank_partition` (longest first onto the rank with the fewest tokens so far,
-computed alike on every rank from the global lengths, no collective), so a rank whose sampled rows
-were long does not leave the others waiting. Each rank groups its share into the same number of
-groups, balanced by tokens, padding with zero-weighted groups where it holds fewer, so every rank
-meets the same FSDP2 collectives. Advantages (group estimators included) are computed before the
-gather, on the rows each rank sampled.
+Under torchrun the rows are balanced by tokens across ranks, so a rank whose sampled rows were long
+does not leave the others waiting. The rollout's forwards gather the global batch's ids
+(:meth:`Packing.forward_rows`), each rank runs its :func:`rank_partition` share (longest first onto
+the rank with the fewest tokens so far, computed alike on every rank from the global lengths) and
+one all-reduce gives each rank its own rows' results back (:meth:`Packing.own_rows`). Advantages
+(group estimators included) are computed on the rows each rank sampled; then the update tensors are
+gathered once per iteration (:func:`gather_update_rows`) and each mini-batch's rows are split among
+the ranks the same way. Each rank groups its share into the same number of groups, balanced by
+tokens, padding with zero-weighted groups where it holds fewer, so every rank meets the same FSDP2
+collectives.
 """
 
 from __future__ import annotations
