@@ -34,13 +34,18 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 # --------------------------------------------------------------------------------------------
 # worker side (also used by the one-process tests)
 
-def uneven_generate(trainer, longest: int):
+def uneven_generate(trainer, longest: int, skew: bool = False):
     """Responses fixed by each prompt's tokens, 1 to ``longest`` tokens (about half of a padded
-    response batch is padding); rank-independent, so one process and two ranks see the same batch."""
+    response batch is padding); rank-independent, so one process and two ranks see the same batch.
+    ``skew``: the prompts of the first half of the next global batch (rank 0's under 2 ranks) get
+    ``longest - 2`` to ``longest`` tokens, the others 1 or 2 (found by running a copy of the sampler)."""
     import torch
 
     tok = trainer.tokenizer
     vocab = len(tok)
+    cfg = trainer.config
+    first = copy.deepcopy(trainer.sampler).next(cfg.batch_size // cfg.num_generations) if skew else []
+    long_prompts = {tuple(int(t) for t in trainer.prompt_ids[i]) for i in first[:len(first) // 2]}
 
     def generate(prompt_ids, prompt_mask, *, logprobs=False):
         assert not logprobs, "no rollout correction in these runs: the sampler's log-probs are not asked for"
@@ -49,6 +54,8 @@ def uneven_generate(trainer, longest: int):
             real = [i for i, k in zip(ids, m) if k]
             h = sum(i * (j + 3) for j, i in enumerate(real))
             length = 1 + (h * 7919) % longest
+            if skew:
+                length = longest - h % 3 if tuple(real) in long_prompts else 1 + h % 2
             toks = [4 + (h * (t + 1) + t) % (vocab - 4) for t in range(length)]
             if h % 3 == 0:
                 toks[-1] = tok.eos_token_id
@@ -75,8 +82,9 @@ def one_update(out: str, **options):
     base = dict(output_dir=out, iterations=1, batch_size=8, mini_batch_size=4, micro_batch_size=4, ppo_epochs=1,
                 max_new_tokens=16, progress=False, plot=False, overwrite=True)
     base.update(options)
+    skew = base.pop("skew", False)
     trainer = PPOTrainer(builtin.default_config(**base))
-    trainer.generate = uneven_generate(trainer, 16)
+    trainer.generate = uneven_generate(trainer, 16, skew)
 
     def weights():
         params = get_model_state_dict(distributed._modules(trainer),
@@ -88,7 +96,7 @@ def one_update(out: str, **options):
     return trainer, row, weights(), before
 
 
-TORCHRUN = dict(micro_batch_tokens=24, advantage_estimator="gae")
+TORCHRUN = dict(micro_batch_tokens=24, advantage_estimator="gae", skew=True)
 
 
 def _worker(out: str) -> None:
@@ -98,8 +106,12 @@ def _worker(out: str) -> None:
     trainer, row, params, _ = one_update(out, **TORCHRUN)
     pk = trainer.packing
     packs = [pk.packs(trainer.actor), pk.packs(trainer.reference), pk.packs(trainer.critic)]
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, dict(pk.token_counts))
     if dist.get_rank() == 0:
-        torch.save({"row": row, "params": params, "packs": packs}, os.path.join(out, "result.pt"))
+        longest = max(len(p) for p in trainer.prompt_ids) + 16  # a row's most tokens
+        torch.save({"row": row, "params": params, "packs": packs, "counts": counts, "longest": longest},
+                   os.path.join(out, "result.pt"))
     dist.destroy_process_group()
 
 
@@ -149,6 +161,24 @@ def _rows(prompts: list[list[int]], responses: list[list[int]], pad: int = 0):
         seq[b, width:width + len(x)] = torch.tensor(x)
         attn[b, width - len(p):width + len(x)] = 1
     return seq, attn, position_ids_from(attn), width, attn[:, width:].bool()
+
+
+def test_rank_partition_balanced_deterministic_every_row_once(rng):
+    # longest first onto the lighter rank: 5 | 4, 3 -> 7, 2 -> 7, 1 (a tie: the lower rank) -> 8
+    assert packing.rank_partition([5, 1, 4, 2, 3], 2) == [[0, 1, 3], [2, 4]]
+    for world in (1, 2, 3, 4):
+        for n in (0, 1, 3, 17, 64):
+            lengths = torch.randint(1, 200, (n,), generator=rng).tolist()
+            parts = packing.rank_partition(lengths, world)
+            assert len(parts) == world
+            assert sorted(i for p in parts for i in p) == list(range(n))  # every row exactly once
+            assert all(p == sorted(p) for p in parts)
+            sums = [sum(lengths[i] for i in p) for p in parts]
+            # the greedy bound: the heaviest rank exceeds the lightest by at most the longest row
+            assert max(sums) - min(sums) <= max(lengths, default=0)
+            assert packing.rank_partition(list(lengths), world) == parts  # the same on every rank
+    with pytest.raises(ValueError, match="world must be >= 1"):
+        packing.rank_partition([1], 0)
 
 
 def test_layout_worked_example():
@@ -468,14 +498,28 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_ranks_packed_with_token_budget_equal_one_process(tmp_path):
-    """Each rank packs its rows into micro-batches of at most 24 tokens (a different number per rank
-    before the counts are equalised); the weights after two optimizer steps and the metrics equal one
-    process with each mini-batch in one padded micro-batch."""
+    """Rank 0 samples the long responses, rank 1 the short ones; the updates' rows are re-split
+    among the ranks by tokens (then packed into micro-batches of at most 24 tokens, the same number
+    per rank); the weights after two optimizer steps and the metrics equal one process with each
+    mini-batch in one padded micro-batch."""
     out = tmp_path / "ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", HERE, str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     got = torch.load(out / "result.pt", weights_only=True)
     assert got["packs"] == [True, True, True]  # the sharded actor, reference and critic all ran packed
-    _, row, params, start = one_update(str(tmp_path / "one"), padding_free=False, advantage_estimator="gae")
+    sampled = [c["sampled"] for c in got["counts"]]
+    updated = [c["updated"] for c in got["counts"]]
+    # each of the two mini-batches is split with the ranks' sums at most one row's tokens apart
+    assert sum(sampled) == sum(updated)
+    assert sampled[0] > 2 * sampled[1], (sampled, updated)  # the sampled rows are deliberately uneven
+    assert abs(updated[0] - updated[1]) <= 2 * got["longest"], (sampled, updated)
+    assert abs(updated[0] - updated[1]) < (sampled[0] - sampled[1]) / 2, (sampled, updated)
+    # the rollout's no-grad forwards: the whole batch split once, at most one row's tokens apart
+    f_sampled = [c["forward_sampled"] for c in got["counts"]]
+    f_run = [c["forward_run"] for c in got["counts"]]
+    assert f_sampled == sampled and sum(f_run) == sum(f_sampled)
+    assert abs(f_run[0] - f_run[1]) <= got["longest"], (f_sampled, f_run)
+    _, row, params, start = one_update(str(tmp_path / "one"), padding_free=False, advantage_estimator="gae",
+                                       skew=True)
     _close_runs((got["row"], got["params"]), row, params, start)

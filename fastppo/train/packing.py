@@ -26,9 +26,16 @@ by first-fit decreasing so that no group holds more than N real tokens (prompt +
 sequence longer than N gets a group of its own, with a notice. Each group's loss is weighted by its
 share of the mini-batch as the aggregation needs (valid tokens for ``token-mean``, rows with a
 valid token for ``seq-mean-*``, 1 for ``token-sum``), so the accumulated gradient is the mini-batch's.
-Under torchrun each rank groups the rows it holds into the same number of groups, balanced by
-tokens (largest first into the lightest group), padding with zero-weighted groups where it holds
-fewer, so every rank meets the same FSDP2 collectives.
+Under torchrun the rows are balanced by tokens across ranks, so a rank whose sampled rows were long
+does not leave the others waiting. The rollout's forwards gather the global batch's ids
+(:meth:`Packing.forward_rows`), each rank runs its :func:`rank_partition` share (longest first onto
+the rank with the fewest tokens so far, computed alike on every rank from the global lengths) and
+one all-reduce gives each rank its own rows' results back (:meth:`Packing.own_rows`). Advantages
+(group estimators included) are computed on the rows each rank sampled; then the update tensors are
+gathered once per iteration (:func:`gather_update_rows`) and each mini-batch's rows are split among
+the ranks the same way. Each rank groups its share into the same number of groups, balanced by
+tokens, padding with zero-weighted groups where it holds fewer, so every rank meets the same FSDP2
+collectives.
 """
 
 from __future__ import annotations
@@ -78,6 +85,16 @@ def balanced_groups(lengths: list[int], k: int) -> list[list[int]]:
     return groups
 
 
+def rank_partition(lengths: list[int], world: int) -> list[list[int]]:
+    """Indices of ``lengths`` split among ``world`` ranks with near-equal sums, each rank's list in
+    increasing order. Greedy (longest first onto the lightest rank, ties to the lower index), so the
+    same on every rank given the same lengths; every index exactly once; the heaviest rank exceeds
+    the lightest by at most the longest item (and so the mean by less than it)."""
+    if world < 1:
+        raise ValueError(f"rank_partition: world must be >= 1, got {world}")
+    return [sorted(g) for g in balanced_groups(lengths, world)]
+
+
 def budget_groups(lengths: list[int], budget: int, k: int | None = None) -> list[list[int]]:
     """Groups of at most ``budget`` tokens (an item over it alone); with ``k`` (at least the number
     first-fit decreasing needs) exactly ``k`` groups, balanced when that still respects the budget."""
@@ -88,6 +105,102 @@ def budget_groups(lengths: list[int], budget: int, k: int | None = None) -> list
     if all(len(g) <= 1 or sum(lengths[i] for i in g) <= budget for g in balanced):
         return balanced
     return groups + [[] for _ in range(k - len(groups))]
+
+
+# --------------------------------------------------------------------------------------------
+# the global batch for the updates (torchrun with a token budget)
+
+@dataclass
+class UpdateRows:
+    """The tensors the update phase reads: this rank's own rows (``whole`` false) or, gathered by
+    :func:`gather_update_rows`, the global batch's in rank order (``whole`` true). ``seq``, ``attn``,
+    ``pos`` ``[B, P + R]`` (prompt width ``width``); the others ``[B, R]`` or None."""
+
+    width: int
+    seq: torch.Tensor
+    attn: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    old_values: torch.Tensor | None
+    returns: torch.Tensor | None
+    ref_logprobs: torch.Tensor
+    is_weights: torch.Tensor | None
+    whole: bool = False
+
+
+def _all_gather_rows(t: torch.Tensor, world: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    # gloo gathers no bool tensors: as bytes, and back.
+    send = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
+    parts = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(parts, send)
+    out = torch.cat(parts)
+    return out.bool() if t.dtype == torch.bool else out
+
+
+@dataclass
+class ForwardRows:
+    """The rows the rollout's no-grad forwards read: this rank's own (``whole`` false) or the global
+    batch's in rank order (``whole`` true, see :func:`gather_rows`). ``seq``, ``attn``, ``pos``
+    ``[B, P + R]`` (prompt width ``width``), ``mask`` bool ``[B, R]``; ``own``: this rank's rows
+    as ``(first, count)``, ``resp``: its own response width."""
+
+    width: int
+    seq: torch.Tensor
+    attn: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    own: tuple[int, int]
+    resp: int
+    whole: bool = False
+
+
+def gather_rows(width: int, seq: torch.Tensor, attn: torch.Tensor, world: int, pad_id: int
+                ) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P, R, seq, attn, pos)`` of the global batch: every rank's ``seq``/``attn`` ``[b, width + resp]``
+    re-padded to the global prompt width ``P`` (on the left) and response width ``R`` (on the right),
+    concatenated in rank order; position ids rebuilt from the attention mask. A collective."""
+    import torch.distributed as dist
+
+    from .models import position_ids_from
+
+    resp = seq.shape[1] - width
+    widths = torch.tensor([width, resp], dtype=torch.int64, device=seq.device)
+    everyone = [torch.empty_like(widths) for _ in range(world)]
+    dist.all_gather(everyone, widths)
+    p_max = max(int(w[0]) for w in everyone)
+    r_max = max(int(w[1]) for w in everyone)
+    pads = (p_max - width, r_max - resp)
+    g_seq = _all_gather_rows(torch.nn.functional.pad(seq, pads, value=pad_id), world)
+    g_attn = _all_gather_rows(torch.nn.functional.pad(attn, pads, value=0), world)
+    return p_max, r_max, g_seq, g_attn, position_ids_from(g_attn)
+
+
+def gather_update_rows(rows: UpdateRows, world: int, pad_id: int) -> UpdateRows:
+    """Every rank's :class:`UpdateRows` concatenated in rank order (a collective: all ranks call it).
+
+    Each rank's prompts are left-padded to its own longest prompt and its responses right-padded
+    to its own longest response; here they are re-padded to the global widths (pad ids, attention
+    0, per-token tensors 0 / false past each response), which is the one-process layout, and the
+    position ids are rebuilt from the attention mask. Every rank holds the same number of rows."""
+    F = torch.nn.functional
+    resp = rows.seq.shape[1] - rows.width
+    p_max, r_max, g_seq, g_attn, g_pos = gather_rows(rows.width, rows.seq, rows.attn, world, pad_id)
+
+    def response(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if t.shape[1] != resp:
+            raise ValueError(f"gather_update_rows: a per-token tensor has {t.shape[1]} columns, the responses {resp}")
+        padded = F.pad(t.to(torch.uint8), (0, r_max - resp)).bool() if t.dtype == torch.bool else F.pad(t, (0, r_max - resp))
+        return _all_gather_rows(padded, world)
+
+    return UpdateRows(p_max, g_seq, g_attn, g_pos, response(rows.mask),
+                      response(rows.old_logprobs), response(rows.advantages), response(rows.old_values),
+                      response(rows.returns), response(rows.ref_logprobs), response(rows.is_weights), whole=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +414,10 @@ class Packing:
         self.enabled = bool(enabled)
         self._packed: dict[int, bool] = {}
         self._over_budget_noticed = False
+        # Real tokens (prompt + response) of this rank's passes in the current iteration: "sampled",
+        # the update's rows it sampled; "updated", those it ran (after the balancing); the same for
+        # the rollout's forwards ("forward_sampled", "forward_run"; 0 unless balanced).
+        self.token_counts = {"sampled": 0, "updated": 0, "forward_sampled": 0, "forward_run": 0}
         if not self.enabled:
             return
         dev, bf16 = trainer.device, trainer.bf16
@@ -366,6 +483,52 @@ class Packing:
             return scorer.score_last(batch.seq, batch.attn, batch.pos, last)
         return scorer(lay.input_ids, None, lay.position_ids).reshape(-1)[lay.last]
 
+    # -- the rollout forwards' rows -----------------------------------------------------------
+    def forward_rows(self, width: int, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+                     ) -> ForwardRows:
+        """The rows of the rollout's no-grad forwards: this rank's own, or under torchrun with a token
+        budget the global batch, which :meth:`forward_groups` (``whole``) splits among the ranks by
+        tokens; :meth:`own_rows` brings the results back to the rows each rank sampled."""
+        self.token_counts = {"sampled": 0, "updated": 0, "forward_sampled": 0, "forward_run": 0}
+        b, resp = seq.shape[0], seq.shape[1] - width
+        if self.budget is None or not self.dist.enabled:
+            return ForwardRows(width, seq, attn, pos, mask, (0, b), resp)
+        p_max, _, g_seq, g_attn, g_pos = gather_rows(width, seq, attn, self.dist.world, self.pad_id)
+        self.token_counts["forward_sampled"] = int((attn != 0).sum())
+        return ForwardRows(p_max, g_seq, g_attn, g_pos, g_attn[:, p_max:] != 0, (self.dist.rank * b, b), resp,
+                           whole=True)
+
+    def own_rows(self, rows: ForwardRows, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Each ``[B, R]`` result of the forwards on ``rows`` as this rank's ``[b, resp]`` rows. With
+        ``whole`` each row was computed by one rank and is 0 on the others: a sum over the ranks
+        (exact: x + 0) gives every rank every row."""
+        if not rows.whole:
+            return list(tensors)
+        import torch.distributed as dist
+
+        first, count = rows.own
+        out = []
+        for t in tensors:
+            if t is not None:
+                dist.all_reduce(t)
+                t = t[first:first + count, :rows.resp].contiguous()
+            out.append(t)
+        return out
+
+    # -- the update phase's rows --------------------------------------------------------------
+    def update_rows(self, width: int, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+                    mask: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    old_values: torch.Tensor | None, returns: torch.Tensor | None, ref_logprobs: torch.Tensor,
+                    is_weights: torch.Tensor | None) -> UpdateRows:
+        """The rows the updates read (shapes as :class:`UpdateRows`): this rank's own, or under
+        torchrun with a token budget the global batch (gathered once here), whose mini-batches
+        :meth:`micro_batches` then splits among the ranks by tokens."""
+        rows = UpdateRows(width, seq, attn, pos, mask, old_logprobs, advantages, old_values, returns, ref_logprobs,
+                          is_weights)
+        if self.budget is None or not self.dist.enabled:
+            return rows
+        return gather_update_rows(rows, self.dist.world, self.pad_id)
+
     # -- grouping ----------------------------------------------------------------------------
     def _lengths(self, attn: torch.Tensor) -> list[int]:
         return (attn != 0).sum(1).tolist()
@@ -378,13 +541,15 @@ class Packing:
                 print(f"fastppo train: micro_batch_tokens (--micro-batch-tokens) {self.budget}: a sequence of "
                       f"{longest} tokens is longer; it gets a micro-batch of its own", file=sys.stderr, flush=True)
 
-    def forward_groups(self, attn: torch.Tensor, micro_size: int, *, collective: bool = True
+    def forward_groups(self, attn: torch.Tensor, micro_size: int, *, collective: bool = True, whole: bool = False
                        ) -> list[tuple[torch.Tensor, bool]]:
         """Row groups for the no-grad forwards of a rollout ``attn`` ``[B, L]``: ``[(rows, keep)]``.
 
         Without a token budget: ``micro_size`` rows at a time, in order. With one: groups of at most
         ``micro_batch_tokens`` real tokens; under torchrun (``collective``: the model is sharded)
-        every rank runs the same number, the extra ones on row 0 with ``keep`` false.
+        every rank runs the same number, the extra ones on row 0 with ``keep`` false. ``whole``
+        (``attn`` holds the global batch, see :meth:`forward_rows`): this rank's share of the rows
+        by :func:`rank_partition` of their tokens.
         """
         b = attn.shape[0]
         dev = attn.device
@@ -392,10 +557,18 @@ class Packing:
             return [(rows, True) for rows in torch.arange(b, device=dev).split(micro_size)]
         lengths = self._lengths(attn)
         self._notice_over_budget(lengths)
-        groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
-        k = len(groups)
-        if collective and self.dist.enabled:
-            k = self._max_over_ranks(k)
+        if whole:
+            # Every rank's share is known here: the group count needs no collective.
+            shares = rank_partition(lengths, self.dist.world)
+            mine = shares[self.dist.rank]
+            k = max(len(first_fit_decreasing([lengths[i] for i in share], self.budget)) for share in shares)
+            groups = [[mine[j] for j in g] for g in budget_groups([lengths[i] for i in mine], self.budget, k) if g]
+            self.token_counts["forward_run"] = sum(lengths[i] for i in mine)
+        else:
+            groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
+            k = len(groups)
+            if collective and self.dist.enabled:
+                k = self._max_over_ranks(k)
         out = [(torch.tensor(sorted(g), dtype=torch.long, device=dev), True) for g in groups]
         out += [(torch.zeros(1, dtype=torch.long, device=dev), False)] * (k - len(groups))
         return out
@@ -407,20 +580,32 @@ class Packing:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def micro_batches(self, mini: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor, micro_size: int, agg: str
-                      ) -> list[tuple[torch.Tensor, float, Any]]:
+    def micro_batches(self, mini: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor, micro_size: int, agg: str,
+                      *, whole: bool = False) -> list[tuple[torch.Tensor, float, Any]]:
         """``[(rows, loss_weight, stats_weight)]`` for one mini-batch, as
         ``distributed.Distributed.micro_batches`` gives them; with a token budget the rows are
-        grouped by tokens and each group weighted by its exact share of the mini-batch."""
+        grouped by tokens and each group weighted by its exact share of the mini-batch.
+
+        ``whole`` (under torchrun, ``mask``/``attn`` hold the global batch, see :meth:`update_rows`):
+        the mini-batch's rows are split among the ranks by :func:`rank_partition` of their tokens
+        and ``rows`` index the global tensors; otherwise each rank takes the rows it sampled."""
         from .distributed import _by_kind, _const
 
         if self.budget is None:
             return self.dist.micro_batches(mini, mask, micro_size, agg)
         d = self.dist
-        n_local = mask.shape[0]
+        n_local = mask.shape[0] // d.world if whole else mask.shape[0]
+        shares: list[list[int]] | None = None
         if d.enabled:
             owner = torch.div(mini, n_local, rounding_mode="floor")
-            local = mini[owner == d.rank] - d.rank * n_local
+            sampled = mini[owner == d.rank]
+            if whole:
+                mini_lengths = self._lengths(attn[mini])
+                shares = rank_partition(mini_lengths, d.world)
+                local = mini[torch.tensor(shares[d.rank], dtype=torch.long, device=mini.device)]
+                self.token_counts["sampled"] += int((attn[sampled] != 0).sum())
+            else:
+                local = sampled - d.rank * n_local
         else:
             local = mini
         valid = mask != 0
@@ -431,17 +616,26 @@ class Packing:
             per_row = valid.any(1).to(torch.float64)
         else:  # token-sum: a sum over tokens needs no normaliser
             per_row = None
-        totals = torch.stack([tokens[local].sum(), (per_row if per_row is not None else tokens)[local].sum()])
-        lengths = self._lengths(attn[local]) if local.numel() else []
-        self._notice_over_budget(lengths)
-        groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
-        k = len(groups)
-        if d.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(totals)
-            k = self._max_over_ranks(k)
+        if shares is not None:
+            # Every rank knows every rank's share: the totals and the group count need no collective.
+            totals = torch.stack([tokens[mini].sum(), (per_row if per_row is not None else tokens)[mini].sum()])
+            lengths = [mini_lengths[i] for i in shares[d.rank]]
+            self._notice_over_budget(mini_lengths)
+            k = max(len(first_fit_decreasing([mini_lengths[i] for i in share], self.budget)) for share in shares)
             groups = [g for g in budget_groups(lengths, self.budget, k) if g]
+            self.token_counts["updated"] += sum(lengths)
+        else:
+            totals = torch.stack([tokens[local].sum(), (per_row if per_row is not None else tokens)[local].sum()])
+            lengths = self._lengths(attn[local]) if local.numel() else []
+            self._notice_over_budget(lengths)
+            groups = [g for g in first_fit_decreasing(lengths, self.budget) if g]
+            k = len(groups)
+            if d.enabled:
+                import torch.distributed as dist
+
+                dist.all_reduce(totals)
+                k = self._max_over_ranks(k)
+                groups = [g for g in budget_groups(lengths, self.budget, k) if g]
         total_tokens, total = (float(x) for x in totals.clamp(min=1))
         out = []
         for g in groups:

@@ -742,12 +742,15 @@ class PPOTrainer:
 
         # Micro-batched like the updates: a rollout-sized forward would hold B x T x V logits at once.
         # (packed rows where the models take them; groups of micro_batch_tokens when set)
-        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
+        # [dist] with micro_batch_tokens: the global batch's rows, split among the ranks by tokens
+        fwd = self.packing.forward_rows(width, seq, attn, pos, mask)
+        zeros = torch.zeros(fwd.mask.shape, dtype=torch.float32, device=dev)
         old_logprobs, entropy, ref_logprobs = zeros.clone(), zeros.clone(), zeros.clone()
         old_values = zeros.clone() if self.critic is not None else None
         with torch.no_grad(), autocast(dev, self.bf16):
-            for rows, keep in self.packing.forward_groups(attn, cfg.micro_batch_size):
-                batch, m_ = self.packing.batch(seq[rows], attn[rows], pos[rows], width), mask[rows]
+            for rows, keep in self.packing.forward_groups(fwd.attn, cfg.micro_batch_size, whole=fwd.whole):
+                batch = self.packing.batch(fwd.seq[rows], fwd.attn[rows], fwd.pos[rows], fwd.width)
+                m_ = fwd.mask[rows]
                 lp, ent = self.packing.logprobs(self.actor, batch, m_, cfg.temperature, cfg.fused_head)
                 with reference_policy(self.actor, self.reference) as ref:
                     rlp, _ = self.packing.logprobs(ref, batch, m_, cfg.temperature, cfg.fused_head)
@@ -757,6 +760,8 @@ class PPOTrainer:
                 old_logprobs[rows], entropy[rows], ref_logprobs[rows] = lp.float(), ent.float(), rlp.float()
                 if v is not None:
                     old_values[rows] = torch.where(m_, v, 0.0)
+        old_logprobs, entropy, ref_logprobs, old_values = self.packing.own_rows(fwd, old_logprobs, entropy, ref_logprobs,
+                                                                                old_values)
         mismatch = rollout.correction(cfg, old_logprobs, sampled, self.dist)  # rollout engine vs trainer
         # Importance weights and rejected tokens (--rollout-is / --rollout-rs): loss_mask is mask less those.
         is_weights, loss_mask, corr = rollout_correction.apply(cfg, old_logprobs, sampled.logprobs, mask, self.dist)
@@ -783,6 +788,10 @@ class PPOTrainer:
             last = (mask.long().sum(1) - 1).clamp(min=0)
             rewards[torch.arange(rewards.shape[0], device=dev), last] = shaped.to(rewards.dtype)
             rewards = torch.where(mask, rewards, 0.0)
+        # [dist] with micro_batch_tokens every rank gets the global batch here (advantages done) and
+        # takes a token-balanced share of each mini-batch (packing.Packing.micro_batches)
+        upd = self.packing.update_rows(width, seq, attn, pos, loss_mask, old_logprobs, advantages, old_values, returns,
+                                       ref_logprobs, is_weights)
         t3 = self._sync()
 
         # Statistics stay tensors until the iteration ends: the only host sync of an update is the
@@ -800,11 +809,12 @@ class PPOTrainer:
                 loss_finite = torch.ones((), dtype=torch.bool, device=dev)
                 # [dist] with N ranks: this rank's rows of the global mini-batch, weighted by their
                 # share of its tokens (see distributed.Distributed.micro_batches)
-                for micro, weight, stats_weight in self.packing.micro_batches(mini, loss_mask, attn, cfg.micro_batch_size,
-                                                                              cfg.loss_agg):
+                for micro, weight, stats_weight in self.packing.micro_batches(mini, upd.mask, upd.attn, cfg.micro_batch_size,
+                                                                              cfg.loss_agg, whole=upd.whole):
                     ta = self._sync()
-                    loss, stats = self._loss(micro, seq, attn, pos, width, loss_mask, old_logprobs, advantages,
-                                             old_values, returns, ref_logprobs, is_weights)
+                    loss, stats = self._loss(micro, upd.seq, upd.attn, upd.pos, upd.width, upd.mask, upd.old_logprobs,
+                                             upd.advantages, upd.old_values, upd.returns, upd.ref_logprobs,
+                                             upd.is_weights)
                     tb = self._sync()
                     # Each micro-batch loss is aggregated over its own rows; weighting it by its share
                     # of the mini-batch's rows makes the accumulated gradient that of the whole
