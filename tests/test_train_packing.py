@@ -50,11 +50,16 @@ def uneven_generate(trainer, longest: int, skew: bool = False):
     def generate(prompt_ids, prompt_mask, *, logprobs=False):
         assert not logprobs, "no rollout correction in these runs: the sampler's log-probs are not asked for"
         rows = []
+        seen: dict[tuple[int, ...], int] = {}
         for ids, m in zip(prompt_ids.tolist(), prompt_mask.tolist()):
             real = [i for i, k in zip(ids, m) if k]
             h = sum(i * (j + 3) for j, i in enumerate(real))
             length = 1 + (h * 7919) % longest
             if skew:
+                # a prompt's repeats (num_generations, consecutive rows of one rank) answer differently,
+                # so group advantages are not all 0
+                seen[tuple(real)] = seen.get(tuple(real), -1) + 1
+                h += 101 * seen[tuple(real)]
                 length = longest - h % 3 if tuple(real) in long_prompts else 1 + h % 2
             toks = [4 + (h * (t + 1) + t) % (vocab - 4) for t in range(length)]
             if h % 3 == 0:
@@ -96,14 +101,16 @@ def one_update(out: str, **options):
     return trainer, row, weights(), before
 
 
-TORCHRUN = dict(micro_batch_tokens=24, advantage_estimator="gae", skew=True)
+TORCHRUN = {"gae": dict(advantage_estimator="gae"),
+            # group advantages are computed on the sampling rank, before its rows move
+            "grpo": dict(advantage_estimator="grpo", num_generations=2, loss_agg="seq-mean-token-mean")}
 
 
-def _worker(out: str) -> None:
+def _worker(out: str, mode: str) -> None:
     import torch
     import torch.distributed as dist
 
-    trainer, row, params, _ = one_update(out, **TORCHRUN)
+    trainer, row, params, _ = one_update(out, micro_batch_tokens=24, skew=True, **TORCHRUN[mode])
     pk = trainer.packing
     packs = [pk.packs(trainer.actor), pk.packs(trainer.reference), pk.packs(trainer.critic)]
     counts = [None] * dist.get_world_size()
@@ -116,7 +123,7 @@ def _worker(out: str) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], sys.argv[2])
     sys.exit(0)
 
 
@@ -497,17 +504,19 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_two_ranks_packed_with_token_budget_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mode", sorted(TORCHRUN))
+def test_two_ranks_packed_with_token_budget_equal_one_process(tmp_path, mode):
     """Rank 0 samples the long responses, rank 1 the short ones; the updates' rows are re-split
     among the ranks by tokens (then packed into micro-batches of at most 24 tokens, the same number
     per rank); the weights after two optimizer steps and the metrics equal one process with each
     mini-batch in one padded micro-batch."""
     out = tmp_path / "ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", HERE, str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", HERE, str(out), mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     got = torch.load(out / "result.pt", weights_only=True)
-    assert got["packs"] == [True, True, True]  # the sharded actor, reference and critic all ran packed
+    # the sharded actor, reference and (gae) critic all ran packed
+    assert got["packs"] == [True, True, mode == "gae"]
     sampled = [c["sampled"] for c in got["counts"]]
     updated = [c["updated"] for c in got["counts"]]
     # each of the two mini-batches is split with the ranks' sums at most one row's tokens apart
@@ -520,6 +529,5 @@ def test_two_ranks_packed_with_token_budget_equal_one_process(tmp_path):
     f_run = [c["forward_run"] for c in got["counts"]]
     assert f_sampled == sampled and sum(f_run) == sum(f_sampled)
     assert abs(f_run[0] - f_run[1]) <= got["longest"], (f_sampled, f_run)
-    _, row, params, start = one_update(str(tmp_path / "one"), padding_free=False, advantage_estimator="gae",
-                                       skew=True)
+    _, row, params, start = one_update(str(tmp_path / "one"), padding_free=False, skew=True, **TORCHRUN[mode])
     _close_runs((got["row"], got["params"]), row, params, start)
