@@ -143,7 +143,11 @@ class TorchFolds:
     floor_always = False
 
     @staticmethod
-    def fold_fwd(z, labels, c0, V, m, s, t, zl, bias_c, inv_temp, with_entropy, floor):
+    def fold_fwd(z, labels, c0, V, m, s, t, zl, bias_c, inv_temp, with_entropy, floor, defer_t=False):
+        """``defer_t`` (frozen head, entropy value without its gradient): the tile's own entropy
+        term is left to the caller (``t`` is only rescaled) and ``e`` is formed in place in ``z``,
+        so the fold holds one tile; the caller adds ``sum xlogy(e, e)`` (= sum e d) once ``e`` has
+        served its matmul."""
         C = z.shape[1]
         local = labels - c0
         inside = (local >= 0) & (local < C)
@@ -161,9 +165,12 @@ class TorchFolds:
         if floor or with_entropy:
             d.clamp_(min=_FLOOR)
         # Without entropy d is not needed again: exponentiate in place (no tile allocation).
-        e = torch.exp(d) if with_entropy else d.exp_()
+        e = torch.exp(d) if with_entropy and not defer_t else d.exp_()
         step = None
-        if with_entropy:
+        if with_entropy and defer_t:
+            step = torch.where(m == -math.inf, 0.0, (shift - m) * inv_temp)
+            t.copy_(alpha * (t - s * step))
+        elif with_entropy:
             step = torch.where(m == -math.inf, 0.0, (shift - m) * inv_temp)
             # e * d in place of d (d is not needed again): vecdot(e, d) would allocate a third
             # [rows, chunk] tile for the product. d was floored, so e * d is 0 where e is.
@@ -284,8 +291,11 @@ def frozen_forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_s
             z = _tile_logits(h_mm[r0:r1], w_c, b_c, in_mm)
             if b_c is not None and not in_mm:
                 z.add_(b_c)
+            # Entropy value without its gradient: one tile (e in place), its t term after the matmul.
+            defer_t = with_entropy and B is None
             alpha, step, e, d = TorchFolds.fold_fwd(
-                z, labels[r0:r1], c0, V, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor
+                z, labels[r0:r1], c0, V, m[r0:r1], s[r0:r1], t[r0:r1], zl[r0:r1], b_c, inv_temp, with_entropy, floor,
+                defer_t,
             )
             A_t = A[r0:r1]
             if B is not None:
@@ -294,6 +304,9 @@ def frozen_forward_pass(h, weight, bias, labels, inv_temp, with_entropy, chunk_s
                 mm_acc(_operand(d, w_c), w_c, B_t)  # d holds e * d (fold_fwd)
             A_t.mul_(alpha.unsqueeze(1))
             mm_acc(_operand(e, w_c), w_c, A_t)
+            if defer_t:
+                # e = exp(d), so e d = xlogy(e, e): 0 where e underflowed (d floored), NaN stays NaN.
+                t[r0:r1] += torch.special.xlogy(e, e, out=e).sum(1)
             # Free this tile's e and z before the next matmul allocates its z: held by these
             # names across the loop, they kept two more [rows, chunk] tiles alive at the peak.
             del z, e, d
