@@ -33,14 +33,14 @@ Only long-standing ``triton.language`` features are used; compiled offline for s
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from fastppo import reference
-from fastppo.kernels._common import new_output
+from fastppo.kernels._common import new_output, overriding
 
 AGG_CODES = {
     "token-mean": 0,
@@ -522,20 +522,13 @@ class Config(NamedTuple):
 _BLOCK_OVERRIDE: dict[str, int] = {}
 
 
-@contextlib.contextmanager
-def block_sizes(**sizes: int) -> Iterator[None]:
+def block_sizes(**sizes: int) -> contextlib.AbstractContextManager[None]:
     """Force tile sizes (powers of two): ``block_r``, ``block_t``, ``block_p``, ``block_rb``.
 
     For tests: tiny blocks make a small batch span many programs and split rows, so every
     reduction path runs in the interpreter.
     """
-    saved = dict(_BLOCK_OVERRIDE)
-    _BLOCK_OVERRIDE.update(sizes)
-    try:
-        yield
-    finally:
-        _BLOCK_OVERRIDE.clear()
-        _BLOCK_OVERRIDE.update(saved)
+    return overriding(_BLOCK_OVERRIDE, sizes)
 
 
 class Tiling(NamedTuple):

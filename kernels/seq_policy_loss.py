@@ -29,7 +29,7 @@ public functions with the reference's signatures (``fastppo.reference.gspo_loss`
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from fastppo import reference
 from fastppo._seq_reference import GEO_LOG_EPS, GSPO_LOG_RATIO_MAX, seq_mean
-from fastppo.kernels._common import new_output
+from fastppo.kernels._common import new_output, overriding
 from fastppo.kernels.ppo_loss import _clamp_nan, _load_valid, _mask_arg, _max_grads, _max_nan, _min_grad, _min_nan
 
 MODES = {"gspo": 0, "geo_mean": 1}
@@ -238,16 +238,9 @@ def _seq_bwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, g_ptr, d
 _BLOCK_OVERRIDE: dict[str, int] = {}
 
 
-@contextlib.contextmanager
-def block_sizes(**sizes: int) -> Iterator[None]:
+def block_sizes(**sizes: int) -> contextlib.AbstractContextManager[None]:
     """Force ``block_t`` (a power of two): tests make rows span several slices in the interpreter."""
-    saved = dict(_BLOCK_OVERRIDE)
-    _BLOCK_OVERRIDE.update(sizes)
-    try:
-        yield
-    finally:
-        _BLOCK_OVERRIDE.clear()
-        _BLOCK_OVERRIDE.update(saved)
+    return overriding(_BLOCK_OVERRIDE, sizes)
 
 
 def _block_t(T: int) -> tuple[int, int]:
