@@ -14,3 +14,17 @@ def small_config(out, *, mini_batch_size=8, **kw):
                 save_every=1)
     base.update(kw)
     return builtin.default_config(**base)
+
+
+def pad_responses(rows, pad_id, device):
+    """Token-id lists as a sampler returns them: ([N, longest] long right-padded with ``pad_id``,
+    [N, longest] bool mask of the real tokens), both on ``device``."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    return out.to(device), mask.to(device)
