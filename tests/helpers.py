@@ -28,3 +28,25 @@ def pad_responses(rows, pad_id, device):
         out[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
     return out.to(device), mask.to(device)
+
+
+def assert_train_refuses(tmp_path, capfd, argv, expected):
+    """``fastppo train`` (tiny run) + ``argv`` exits 2 with one stderr line containing ``expected``
+    and writes no checkpoint."""
+    import os
+
+    from fastppo.cli import main as cli_main
+
+    quick = ["train", "--iterations", "1", "--batch-size", "4", "--mini-batch-size", "4", "--micro-batch-size", "4",
+             "--max-new-tokens", "2", "--no-progress", "--no-plot", "--output-dir", str(tmp_path / "out")]
+    capfd.readouterr()
+    try:
+        rc = cli_main(quick + argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert expected in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
