@@ -50,3 +50,18 @@ def assert_train_refuses(tmp_path, capfd, argv, expected):
     assert len(lines) == 1, err
     assert expected in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def backend_caller(backend, run_kernel):
+    """``call(fn, *args, **kwargs)`` running a fastppo op on ``backend``: "triton" through the
+    ``run_kernel`` fixture (interpreter, poisoned outputs), "torch" under ``use_backend("torch")``."""
+    if backend == "triton":
+        return lambda fn, *a, **k: run_kernel(fn, *a, **k)
+
+    def on_torch(fn, *a, **k):
+        import fastppo
+
+        with fastppo.use_backend("torch"):
+            return fn(*a, **k)
+
+    return on_torch
