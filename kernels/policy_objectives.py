@@ -40,6 +40,7 @@ from fastppo.kernels.ppo_loss import (
     _clamp_nan,
     _col,
     _fold_parts,
+    _join_rows,
     _forward_buffers,
     _load_valid,
     _mask_arg,
@@ -205,27 +206,9 @@ def _tok_fwd_kernel(
         s_kl = _col(tot, ks, 5)
         if SPLIT:
             if AGG >= 2:
-                nr_acc = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                ap = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                for b0 in range(0, B, BLOCK_RB):
-                    rb = b0 + tl.arange(0, BLOCK_RB)
-                    rm = rb < B
-                    cnt = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsp = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    for c in range(0, NCB):
-                        rpc = row_part_ptr + c * B + rb
-                        cnt += tl.load(rpc + NCB * B, mask=rm, other=0.0, volatile=True)
-                        if AGG == 2:
-                            rsp += tl.load(rpc, mask=rm, other=0.0, volatile=True)
-                    has = cnt > 0
-                    nr_acc += has.to(tl.float32)
-                    if AGG == 2:
-                        denom = _max_nan(cnt, 1.0)
-                        tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
-                        ap += tl.where(has, rsp / denom, 0.0)
-                n_rows = tl.sum(nr_acc, 0)
+                n_rows, j_p, _, _ = _join_rows(row_part_ptr, row_inv_ptr, B, NCB, 1, False, AGG, BLOCK_RB)
                 if AGG == 2:
-                    s_p = tl.sum(ap, 0)
+                    s_p = j_p
         scale, inv_n = _agg_scale(count, n_rows, inv_T, AGG)
         tl.store(loss_ptr, s_p * scale)
         tl.store(stats_ptr + 0, s_f1 * inv_n)

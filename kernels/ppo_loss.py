@@ -213,6 +213,45 @@ def _agg_scale(count, n_rows, inv_T, AGG: tl.constexpr):
 
 
 @triton.jit
+def _join_rows(row_part_ptr, row_inv_ptr, B, NCB, CNT: tl.constexpr, HAS_VX: tl.constexpr, AGG: tl.constexpr,
+               BLOCK_RB: tl.constexpr):
+    """The finisher's join of split rows (seq-mean modes): each row's pieces from its NCB column
+    programs, laid out [pieces, NCB, B] with the term sum at piece 0, the value and extra sums at
+    1 and 2 (HAS_VX) and the valid count at piece CNT. Returns (rows with a valid token, and for
+    AGG == 2 the sums of the per-row means of term, value, extra), writing 1 / row count to
+    row_inv for the backward."""
+    nr_acc = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    ap = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    av = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    ax = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_RB):
+        rb = b0 + tl.arange(0, BLOCK_RB)
+        rm = rb < B
+        cnt = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        rsp = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        rsv = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        rsx = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        for c in range(0, NCB):
+            rpc = row_part_ptr + c * B + rb
+            cnt += tl.load(rpc + CNT * NCB * B, mask=rm, other=0.0, volatile=True)
+            if AGG == 2:
+                rsp += tl.load(rpc, mask=rm, other=0.0, volatile=True)
+                if HAS_VX:
+                    rsv += tl.load(rpc + NCB * B, mask=rm, other=0.0, volatile=True)
+                    rsx += tl.load(rpc + 2 * NCB * B, mask=rm, other=0.0, volatile=True)
+        has = cnt > 0
+        nr_acc += has.to(tl.float32)
+        if AGG == 2:
+            denom = _max_nan(cnt, 1.0)
+            tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
+            ap += tl.where(has, rsp / denom, 0.0)
+            if HAS_VX:
+                av += tl.where(has, rsv / denom, 0.0)
+                ax += tl.where(has, rsx / denom, 0.0)
+    return tl.sum(nr_acc, 0), tl.sum(ap, 0), tl.sum(av, 0), tl.sum(ax, 0)
+
+
+@triton.jit
 def _token_terms(lp_ptr, old_ptr, adv_ptr, w_ptr, v_ptr, oldv_ptr, ret_ptr, x_ptr, mask_ptr, offs, inb,
                  clip_lo, clip_hi, dual_c, vclip,
                  HAS_P: tl.constexpr, HAS_W: tl.constexpr, DUAL: tl.constexpr,
@@ -370,39 +409,11 @@ def _ppo_fwd_kernel(
         s_vclip = _col(tot, ks, 8)
         if SPLIT:
             if AGG >= 2:
-                nr_acc = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                ap = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                av = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                ax = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                for b0 in range(0, B, BLOCK_RB):
-                    rb = b0 + tl.arange(0, BLOCK_RB)
-                    rm = rb < B
-                    cnt = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsp = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsv = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsx = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    for c in range(0, NCB):
-                        # Not `rp`: a name bound before the loop (with BLOCK_R lanes) would be a
-                        # loop-carried variable whose type changes to BLOCK_RB lanes here.
-                        rpc = row_part_ptr + c * B + rb
-                        cnt += tl.load(rpc + 3 * NCB * B, mask=rm, other=0.0, volatile=True)
-                        if AGG == 2:
-                            rsp += tl.load(rpc, mask=rm, other=0.0, volatile=True)
-                            rsv += tl.load(rpc + NCB * B, mask=rm, other=0.0, volatile=True)
-                            rsx += tl.load(rpc + 2 * NCB * B, mask=rm, other=0.0, volatile=True)
-                    has = cnt > 0
-                    nr_acc += has.to(tl.float32)
-                    if AGG == 2:
-                        denom = _max_nan(cnt, 1.0)
-                        tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
-                        ap += tl.where(has, rsp / denom, 0.0)
-                        av += tl.where(has, rsv / denom, 0.0)
-                        ax += tl.where(has, rsx / denom, 0.0)
-                n_rows = tl.sum(nr_acc, 0)
+                n_rows, j_p, j_v, j_x = _join_rows(row_part_ptr, row_inv_ptr, B, NCB, 3, True, AGG, BLOCK_RB)
                 if AGG == 2:
-                    s_p = tl.sum(ap, 0)
-                    s_v = tl.sum(av, 0)
-                    s_x = tl.sum(ax, 0)
+                    s_p = j_p
+                    s_v = j_v
+                    s_x = j_x
         scale, inv_n = _agg_scale(count, n_rows, inv_T, AGG)
         p_loss = s_p * scale
         v_loss = s_v * scale
