@@ -109,6 +109,14 @@ def _geo_token(d, adv, clip_lo, clip_hi):
 
 
 @triton.jit
+def _slice_valid(mask_ptr, base, offs, T):
+    """(in bounds, valid) for the positions offs of the row starting at base: valid is the
+    contract's mask != 0, never true past T."""
+    inb = offs < T
+    return inb, (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+
+
+@triton.jit
 def _row_out(c0, c1, c2, c3, c4, c5, c6):
     """The row's 8 table columns as one vector (one 32-byte store; column 7 is 0)."""
     k = tl.arange(0, _NCOL)
@@ -129,8 +137,7 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
     if MODE == 0:
         for start in range(0, T, BLOCK_T):
             offs = start + cols
-            inb = offs < T
-            valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+            inb, valid = _slice_valid(mask_ptr, base, offs, T)
             lp = _load_valid(lp_ptr, base + offs, inb, valid)
             old = _load_valid(old_ptr, base + offs, inb, valid)
             count += valid.to(tl.float32)
@@ -144,8 +151,7 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
         ksum = zero
         for start in range(0, T, BLOCK_T):
             offs = start + cols
-            inb = offs < T
-            valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+            inb, valid = _slice_valid(mask_ptr, base, offs, T)
             lp = _load_valid(lp_ptr, base + offs, inb, valid)
             adv = _load_valid(adv_ptr, base + offs, inb, valid)
             _, r, pg1, pg2 = _gspo_token(lp, adv, s, clip_lo, clip_hi, SEQ)
@@ -171,8 +177,7 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
         lo_cnt = zero
         for start in range(0, T, BLOCK_T):
             offs = start + cols
-            inb = offs < T
-            valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+            inb, valid = _slice_valid(mask_ptr, base, offs, T)
             lp = _load_valid(lp_ptr, base + offs, inb, valid)
             old = _load_valid(old_ptr, base + offs, inb, valid)
             adv = _load_valid(adv_ptr, base + offs, inb, valid)
@@ -199,9 +204,8 @@ def _seq_bwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, g_ptr, d
                     BLOCK_T: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = offs < T
     base = b.to(tl.int64) * T
-    valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    inb, valid = _slice_valid(mask_ptr, base, offs, T)
     g = tl.load(g_ptr + b)
     lp = _load_valid(lp_ptr, base + offs, inb, valid)
     adv = _load_valid(adv_ptr, base + offs, inb, valid)
