@@ -285,6 +285,20 @@ def _loss_common(named_floats, mask, agg) -> None:
     _choice("aggregation (agg)", agg, AGG_MODES)
 
 
+def _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights) -> None:
+    """The tensors and agg of every token-level policy loss (policy_loss and the verl objectives)."""
+    _loss_common(
+        [
+            ("logprobs", logprobs),
+            ("old_logprobs", old_logprobs),
+            ("advantages", advantages),
+            ("is_weights", is_weights),
+        ],
+        mask,
+        agg,
+    )
+
+
 def policy_loss(
     logprobs,
     old_logprobs,
@@ -297,16 +311,7 @@ def policy_loss(
     agg="token-mean",
     is_weights=None,
 ) -> None:
-    _loss_common(
-        [
-            ("logprobs", logprobs),
-            ("old_logprobs", old_logprobs),
-            ("advantages", advantages),
-            ("is_weights", is_weights),
-        ],
-        mask,
-        agg,
-    )
+    _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights)
     _number("clip_low", clip_low, low=0.0, high=1.0)
     _number("clip_high", clip_high, low=0.0, allow_none=True)
     _number("dual_clip", dual_clip, low=1.0, low_open=True, allow_none=True)
@@ -489,19 +494,6 @@ def reinforce_pp_advantages(rewards, mask, *, gamma=1.0) -> None:
 
 
 # Token-level policy objectives of verl 0.9.1 (issue 19; fastppo.policy_objectives)
-
-
-def _token_objective(logprobs, old_logprobs, advantages, mask, agg, is_weights) -> None:
-    _loss_common(
-        [
-            ("logprobs", logprobs),
-            ("old_logprobs", old_logprobs),
-            ("advantages", advantages),
-            ("is_weights", is_weights),
-        ],
-        mask,
-        agg,
-    )
 
 
 def _dppo(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=3.0,

@@ -234,6 +234,13 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     log_ratio = torch.clamp(_zero_masked(logprobs, valid) - _zero_masked(old_logprobs, valid), -20.0, 20.0)
     ratio = torch.exp(log_ratio)
     A = _zero_masked(advantages, valid)
+    return _clipped_surrogate(ratio, A, log_ratio, mask, valid, clip_low, high, dual_clip, is_weights, agg)
+
+
+def _clipped_surrogate(ratio, A, log_ratio, mask, valid, clip_low, high, dual_clip, is_weights, agg):
+    """max(-A r, -A clip(r, 1 - clip_low, 1 + high)), dual-clipped at -A c where A < 0, times the
+    IS weights, aggregated; stats from the same terms (approx_kl = masked mean of -log_ratio).
+    Shared by ``policy_loss`` and ``gspo_loss``, which differ only in how they form r."""
     unclipped = -A * ratio
     clipped = -A * torch.clamp(ratio, 1 - clip_low, 1 + high)
     per_token = torch.maximum(unclipped, clipped)
@@ -827,21 +834,7 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-m
             s = d[b].detach().sum() / n if n else d[b].detach().sum() * 0
             rows.append(torch.exp(torch.clamp((lp[b] - lp[b].detach()) + s, max=10.0)))
     ratio = torch.stack(rows) if rows else lp.clone()
-    first, second = -A * ratio, -A * torch.clamp(ratio, 1 - clip_low, 1 + high)
-    per_token = torch.maximum(first, second)
-    lower = torch.zeros((), dtype=F64, device=lp.device)
-    if dual_clip is not None:
-        bound = -A * dual_clip
-        lower = _fraction((per_token > bound) & (A < 0), valid)
-        per_token = torch.where(A < 0, torch.minimum(per_token, bound), per_token)
-    if is_weights is not None:
-        per_token = per_token * _zero_masked(is_weights, valid)
-    stats = {
-        "clipfrac": _fraction(second > first, valid),
-        "clipfrac_lower": lower,
-        "approx_kl": aggregate(-d.detach(), mask, "token-mean"),
-    }
-    return aggregate(per_token, mask, agg), stats
+    return _clipped_surrogate(ratio, A, d, mask, valid, clip_low, high, dual_clip, is_weights, agg)
 
 
 def geo_mean_loss(logprobs, old_logprobs, advantages, mask, *, agg="seq-mean-token-mean", is_weights=None,

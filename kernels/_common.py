@@ -39,6 +39,19 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
+@contextlib.contextmanager
+def overriding(store: dict, sizes: dict) -> Iterator[None]:
+    """Entries of ``store`` (a launcher's block-size overrides) set to ``sizes`` inside the block,
+    put back as they were after it, also on an error."""
+    saved = dict(store)
+    store.update(sizes)
+    try:
+        yield
+    finally:
+        store.clear()
+        store.update(saved)
+
+
 def output_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The contract's output dtype: float32, or float64 when an input is float64."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):

@@ -34,18 +34,20 @@ import triton.language as tl
 from fastppo import reference
 from fastppo.kernels._common import new_output
 from fastppo.kernels.ppo_loss import (
-    _BLOCK_OVERRIDE,
     AGG_CODES,
-    NPART,
     _NPART,
+    _agg_scale,
     _clamp_nan,
+    _col,
+    _fold_parts,
+    _join_rows,
+    _forward_buffers,
     _load_valid,
     _mask_arg,
     _max_nan,
     _min_nan,
     _sums,
     _ticket,
-    _tiling,
     _unpack,
     block_sizes,  # noqa: F401  (re-exported: tests force tiny tiles through it)
 )
@@ -195,55 +197,19 @@ def _tok_fwd_kernel(
     n_prog = n_r * tl.num_programs(1)
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == n_prog - 1:
-        ks = tl.arange(0, _NPART)
-        acc = tl.zeros((BLOCK_P, _NPART), dtype=tl.float32)
-        for q0 in range(0, n_prog, BLOCK_P):
-            ps = q0 + tl.arange(0, BLOCK_P)
-            acc += tl.load(
-                part_ptr + ps[:, None] * _NPART + ks[None, :],
-                mask=(ps < n_prog)[:, None] & (ks < 6)[None, :],
-                other=0.0,
-                volatile=True,
-            )
-        tot = tl.sum(acc, axis=0)
-        s_p = tl.sum(tl.where(ks == 0, tot, 0.0), 0)
-        count = tl.sum(tl.where(ks == 1, tot, 0.0), 0)
-        n_rows = tl.sum(tl.where(ks == 2, tot, 0.0), 0)
-        s_f1 = tl.sum(tl.where(ks == 3, tot, 0.0), 0)
-        s_f2 = tl.sum(tl.where(ks == 4, tot, 0.0), 0)
-        s_kl = tl.sum(tl.where(ks == 5, tot, 0.0), 0)
+        tot, ks = _fold_parts(part_ptr, n_prog, 6, BLOCK_P)
+        s_p = _col(tot, ks, 0)
+        count = _col(tot, ks, 1)
+        n_rows = _col(tot, ks, 2)
+        s_f1 = _col(tot, ks, 3)
+        s_f2 = _col(tot, ks, 4)
+        s_kl = _col(tot, ks, 5)
         if SPLIT:
             if AGG >= 2:
-                nr_acc = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                ap = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                for b0 in range(0, B, BLOCK_RB):
-                    rb = b0 + tl.arange(0, BLOCK_RB)
-                    rm = rb < B
-                    cnt = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsp = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    for c in range(0, NCB):
-                        rpc = row_part_ptr + c * B + rb
-                        cnt += tl.load(rpc + NCB * B, mask=rm, other=0.0, volatile=True)
-                        if AGG == 2:
-                            rsp += tl.load(rpc, mask=rm, other=0.0, volatile=True)
-                    has = cnt > 0
-                    nr_acc += has.to(tl.float32)
-                    if AGG == 2:
-                        denom = _max_nan(cnt, 1.0)
-                        tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
-                        ap += tl.where(has, rsp / denom, 0.0)
-                n_rows = tl.sum(nr_acc, 0)
+                n_rows, j_p, _, _ = _join_rows(row_part_ptr, row_inv_ptr, B, NCB, 1, False, AGG, BLOCK_RB)
                 if AGG == 2:
-                    s_p = tl.sum(ap, 0)
-        inv_n = 1.0 / _max_nan(count, 1.0)
-        if AGG == 0:
-            scale = inv_n
-        elif AGG == 1:
-            scale = inv_n * 0.0 + 1.0
-        elif AGG == 4:
-            scale = (1.0 / _max_nan(n_rows, 1.0)) * inv_T
-        else:
-            scale = 1.0 / _max_nan(n_rows, 1.0)
+                    s_p = j_p
+        scale, inv_n = _agg_scale(count, n_rows, inv_T, AGG)
         tl.store(loss_ptr, s_p * scale)
         tl.store(stats_ptr + 0, s_f1 * inv_n)
         tl.store(stats_ptr + 1, s_f2 * inv_n)
@@ -313,18 +279,8 @@ def _forward(lp, old, adv, w, mask, mode: int, params, agg: int):
     B, T = mask.shape
     device = mask.device
     m = _mask_arg(mask)
-    til = _tiling(B, T)
-    split = til.grid_t > 1
-    n_prog = til.grid_r * til.grid_t
-    f32 = torch.float32
-    part = new_output((n_prog, NPART), f32, device)
-    row_part = new_output((2, til.grid_t, B), f32, device) if split and agg >= 2 else part
-    row_inv = new_output((B,), f32, device) if agg == 2 else part
-    loss = new_output((), f32, device)
-    stats = new_output((len(STAT_NAMES),), f32, device)
-    scale = new_output((1,), f32, device)
-    block_p = _BLOCK_OVERRIDE.get("block_p") or min(256, 32 * til.num_warps, triton.next_power_of_2(n_prog))
-    block_rb = _BLOCK_OVERRIDE.get("block_rb") or min(64 * til.num_warps, triton.next_power_of_2(B))
+    til, split, part, row_part, row_inv, loss, stats, scale, block_p, block_rb = _forward_buffers(
+        B, T, device, 2, agg, len(STAT_NAMES))
     _tok_fwd_kernel[(til.grid_r, til.grid_t)](
         lp, old, adv, m if w is None else w, m,
         part, row_part, row_inv, _ticket(device), loss, stats, scale,

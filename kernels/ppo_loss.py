@@ -33,14 +33,14 @@ Only long-standing ``triton.language`` features are used; compiled offline for s
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from fastppo import reference
-from fastppo.kernels._common import new_output
+from fastppo.kernels._common import new_output, overriding
 
 AGG_CODES = {
     "token-mean": 0,
@@ -170,6 +170,85 @@ def _unpack(packed):
     """(low, high) of a float holding low + 4096 * high, both integers in [0, 4096)."""
     high = tl.floor(packed * (1.0 / 4096.0))
     return packed - 4096.0 * high, high
+
+
+@triton.jit
+def _fold_parts(part_ptr, n_prog, NUSED: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The finisher's fold of the n_prog slots of the partial-sum table: (column sums [_NPART],
+    column index [_NPART]). Rows are added in a fixed order, so the result is bitwise
+    reproducible; loads are volatile because L1 is not coherent across SMs."""
+    ks = tl.arange(0, _NPART)
+    acc = tl.zeros((BLOCK_P, _NPART), dtype=tl.float32)
+    for p0 in range(0, n_prog, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(
+            part_ptr + ps[:, None] * _NPART + ks[None, :],
+            mask=(ps < n_prog)[:, None] & (ks < NUSED)[None, :],
+            other=0.0,
+            volatile=True,
+        )
+    return tl.sum(acc, axis=0), ks
+
+
+@triton.jit
+def _col(tot, ks, k):
+    """Column k of a folded slot vector as a scalar."""
+    return tl.sum(tl.where(ks == k, tot, 0.0), 0)
+
+
+@triton.jit
+def _agg_scale(count, n_rows, inv_T, AGG: tl.constexpr):
+    """(factor turning a term sum into the aggregated loss, 1 / valid count) for aggregation AGG
+    (AGG_CODES); the factor is also each valid token's gradient scale."""
+    inv_n = 1.0 / _max_nan(count, 1.0)
+    if AGG == 0:
+        scale = inv_n
+    elif AGG == 1:
+        scale = inv_n * 0.0 + 1.0
+    elif AGG == 4:
+        scale = (1.0 / _max_nan(n_rows, 1.0)) * inv_T
+    else:
+        scale = 1.0 / _max_nan(n_rows, 1.0)
+    return scale, inv_n
+
+
+@triton.jit
+def _join_rows(row_part_ptr, row_inv_ptr, B, NCB, CNT: tl.constexpr, HAS_VX: tl.constexpr, AGG: tl.constexpr,
+               BLOCK_RB: tl.constexpr):
+    """The finisher's join of split rows (seq-mean modes): each row's pieces from its NCB column
+    programs, laid out [pieces, NCB, B] with the term sum at piece 0, the value and extra sums at
+    1 and 2 (HAS_VX) and the valid count at piece CNT. Returns (rows with a valid token, and for
+    AGG == 2 the sums of the per-row means of term, value, extra), writing 1 / row count to
+    row_inv for the backward."""
+    nr_acc = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    ap = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    av = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    ax = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_RB):
+        rb = b0 + tl.arange(0, BLOCK_RB)
+        rm = rb < B
+        cnt = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        rsp = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        rsv = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        rsx = tl.zeros((BLOCK_RB,), dtype=tl.float32)
+        for c in range(0, NCB):
+            rpc = row_part_ptr + c * B + rb
+            cnt += tl.load(rpc + CNT * NCB * B, mask=rm, other=0.0, volatile=True)
+            if AGG == 2:
+                rsp += tl.load(rpc, mask=rm, other=0.0, volatile=True)
+                if HAS_VX:
+                    rsv += tl.load(rpc + NCB * B, mask=rm, other=0.0, volatile=True)
+                    rsx += tl.load(rpc + 2 * NCB * B, mask=rm, other=0.0, volatile=True)
+        has = cnt > 0
+        nr_acc += has.to(tl.float32)
+        if AGG == 2:
+            denom = _max_nan(cnt, 1.0)
+            tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
+            ap += tl.where(has, rsp / denom, 0.0)
+            if HAS_VX:
+                av += tl.where(has, rsv / denom, 0.0)
+                ax += tl.where(has, rsx / denom, 0.0)
+    return tl.sum(nr_acc, 0), tl.sum(ap, 0), tl.sum(av, 0), tl.sum(ax, 0)
 
 
 @triton.jit
@@ -318,70 +397,24 @@ def _ppo_fwd_kernel(
     n_prog = n_r * tl.num_programs(1)
     ticket = tl.atomic_add(ticket_ptr, 1)
     if ticket == n_prog - 1:
-        ks = tl.arange(0, _NPART)
-        acc = tl.zeros((BLOCK_P, _NPART), dtype=tl.float32)
-        for p0 in range(0, n_prog, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            acc += tl.load(
-                part_ptr + ps[:, None] * _NPART + ks[None, :],
-                mask=(ps < n_prog)[:, None] & (ks < 9)[None, :],
-                other=0.0,
-                volatile=True,
-            )
-        tot = tl.sum(acc, axis=0)
-        s_p = tl.sum(tl.where(ks == 0, tot, 0.0), 0)
-        s_v = tl.sum(tl.where(ks == 1, tot, 0.0), 0)
-        s_x = tl.sum(tl.where(ks == 2, tot, 0.0), 0)
-        count = tl.sum(tl.where(ks == 3, tot, 0.0), 0)
-        n_rows = tl.sum(tl.where(ks == 4, tot, 0.0), 0)
-        s_clip = tl.sum(tl.where(ks == 5, tot, 0.0), 0)
-        s_low = tl.sum(tl.where(ks == 6, tot, 0.0), 0)
-        s_kl = tl.sum(tl.where(ks == 7, tot, 0.0), 0)
-        s_vclip = tl.sum(tl.where(ks == 8, tot, 0.0), 0)
+        tot, ks = _fold_parts(part_ptr, n_prog, 9, BLOCK_P)
+        s_p = _col(tot, ks, 0)
+        s_v = _col(tot, ks, 1)
+        s_x = _col(tot, ks, 2)
+        count = _col(tot, ks, 3)
+        n_rows = _col(tot, ks, 4)
+        s_clip = _col(tot, ks, 5)
+        s_low = _col(tot, ks, 6)
+        s_kl = _col(tot, ks, 7)
+        s_vclip = _col(tot, ks, 8)
         if SPLIT:
             if AGG >= 2:
-                nr_acc = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                ap = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                av = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                ax = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                for b0 in range(0, B, BLOCK_RB):
-                    rb = b0 + tl.arange(0, BLOCK_RB)
-                    rm = rb < B
-                    cnt = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsp = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsv = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    rsx = tl.zeros((BLOCK_RB,), dtype=tl.float32)
-                    for c in range(0, NCB):
-                        # Not `rp`: a name bound before the loop (with BLOCK_R lanes) would be a
-                        # loop-carried variable whose type changes to BLOCK_RB lanes here.
-                        rpc = row_part_ptr + c * B + rb
-                        cnt += tl.load(rpc + 3 * NCB * B, mask=rm, other=0.0, volatile=True)
-                        if AGG == 2:
-                            rsp += tl.load(rpc, mask=rm, other=0.0, volatile=True)
-                            rsv += tl.load(rpc + NCB * B, mask=rm, other=0.0, volatile=True)
-                            rsx += tl.load(rpc + 2 * NCB * B, mask=rm, other=0.0, volatile=True)
-                    has = cnt > 0
-                    nr_acc += has.to(tl.float32)
-                    if AGG == 2:
-                        denom = _max_nan(cnt, 1.0)
-                        tl.store(row_inv_ptr + rb, 1.0 / denom, mask=rm)
-                        ap += tl.where(has, rsp / denom, 0.0)
-                        av += tl.where(has, rsv / denom, 0.0)
-                        ax += tl.where(has, rsx / denom, 0.0)
-                n_rows = tl.sum(nr_acc, 0)
+                n_rows, j_p, j_v, j_x = _join_rows(row_part_ptr, row_inv_ptr, B, NCB, 3, True, AGG, BLOCK_RB)
                 if AGG == 2:
-                    s_p = tl.sum(ap, 0)
-                    s_v = tl.sum(av, 0)
-                    s_x = tl.sum(ax, 0)
-        inv_n = 1.0 / _max_nan(count, 1.0)
-        if AGG == 0:
-            scale = inv_n
-        elif AGG == 1:
-            scale = inv_n * 0.0 + 1.0
-        elif AGG == 4:
-            scale = (1.0 / _max_nan(n_rows, 1.0)) * inv_T
-        else:
-            scale = 1.0 / _max_nan(n_rows, 1.0)
+                    s_p = j_p
+                    s_v = j_v
+                    s_x = j_x
+        scale, inv_n = _agg_scale(count, n_rows, inv_T, AGG)
         p_loss = s_p * scale
         v_loss = s_v * scale
         x_agg = s_x * scale
@@ -500,20 +533,13 @@ class Config(NamedTuple):
 _BLOCK_OVERRIDE: dict[str, int] = {}
 
 
-@contextlib.contextmanager
-def block_sizes(**sizes: int) -> Iterator[None]:
+def block_sizes(**sizes: int) -> contextlib.AbstractContextManager[None]:
     """Force tile sizes (powers of two): ``block_r``, ``block_t``, ``block_p``, ``block_rb``.
 
     For tests: tiny blocks make a small batch span many programs and split rows, so every
     reduction path runs in the interpreter.
     """
-    saved = dict(_BLOCK_OVERRIDE)
-    _BLOCK_OVERRIDE.update(sizes)
-    try:
-        yield
-    finally:
-        _BLOCK_OVERRIDE.clear()
-        _BLOCK_OVERRIDE.update(saved)
+    return overriding(_BLOCK_OVERRIDE, sizes)
 
 
 class Tiling(NamedTuple):
@@ -597,6 +623,31 @@ def _require(**tensors) -> None:
             raise ValueError(f"{name} is required, got None (expected a [B, T] tensor)")
 
 
+def _forward_buffers(B: int, T: int, device, n_row_parts: int, agg: int, n_stats: int):
+    """Tiling, block sizes and fresh buffers of a one-launch forward with a last-program finisher
+    (this file's and kernels/policy_objectives.py's).
+
+    Returns (tiling, split, part [n_prog, NPART], row_part [n_row_parts, grid_t, B] (split rows,
+    seq-mean modes), row_inv [B] (seq-mean-token-mean), loss [], stats [n_stats], scale [1],
+    block_p, block_rb); buffers a mode does not use are ``part`` as a stand-in, all float32.
+    """
+    til = _tiling(B, T)
+    split = til.grid_t > 1
+    n_prog = til.grid_r * til.grid_t
+    f32 = torch.float32
+    part = new_output((n_prog, NPART), f32, device)
+    row_part = new_output((n_row_parts, til.grid_t, B), f32, device) if split and agg >= 2 else part
+    row_inv = new_output((B,), f32, device) if agg == 2 else part
+    loss = new_output((), f32, device)
+    stats = new_output((n_stats,), f32, device)
+    scale = new_output((1,), f32, device)
+    # The finisher folds BLOCK_P partial rows of 16 floats: more than 32 per warp spill on one warp.
+    block_p = _BLOCK_OVERRIDE.get("block_p") or min(256, 32 * til.num_warps, triton.next_power_of_2(n_prog))
+    # The split seq-mean join keeps 8 [BLOCK_RB] vectors: 2 rows per thread stay under 64 registers.
+    block_rb = _BLOCK_OVERRIDE.get("block_rb") or min(64 * til.num_warps, triton.next_power_of_2(B))
+    return til, split, part, row_part, row_inv, loss, stats, scale, block_p, block_rb
+
+
 def _fused_forward(inputs, mask, cfg: Config):
     """Launch the forward kernel.
 
@@ -610,20 +661,8 @@ def _fused_forward(inputs, mask, cfg: Config):
     device = mask.device
     m = _mask_arg(mask)
     args = _kernel_args(inputs, cfg, m)
-    til = _tiling(B, T)
-    split = til.grid_t > 1
-    n_prog = til.grid_r * til.grid_t
-    f32 = torch.float32
-    part = new_output((n_prog, NPART), f32, device)
-    row_part = new_output((4, til.grid_t, B), f32, device) if split and cfg.agg >= 2 else part
-    row_inv = new_output((B,), f32, device) if cfg.agg == 2 else part
-    loss = new_output((), f32, device)
-    stats = new_output((len(STAT_NAMES),), f32, device)
-    scale = new_output((1,), f32, device)
-    # The finisher folds BLOCK_P partial rows of 16 floats: more than 32 per warp spill on one warp.
-    block_p = _BLOCK_OVERRIDE.get("block_p") or min(256, 32 * til.num_warps, triton.next_power_of_2(n_prog))
-    # The split seq-mean join keeps 8 [BLOCK_RB] vectors: 2 rows per thread stay under 64 registers.
-    block_rb = _BLOCK_OVERRIDE.get("block_rb") or min(64 * til.num_warps, triton.next_power_of_2(B))
+    til, split, part, row_part, row_inv, loss, stats, scale, block_p, block_rb = _forward_buffers(
+        B, T, device, 4, cfg.agg, len(STAT_NAMES))
     _ppo_fwd_kernel[(til.grid_r, til.grid_t)](
         *args, m,
         part, row_part, row_inv, _ticket(device), loss, stats, scale,

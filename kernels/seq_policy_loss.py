@@ -29,7 +29,7 @@ public functions with the reference's signatures (``fastppo.reference.gspo_loss`
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from fastppo import reference
 from fastppo._seq_reference import GEO_LOG_EPS, GSPO_LOG_RATIO_MAX, seq_mean
-from fastppo.kernels._common import new_output
+from fastppo.kernels._common import new_output, overriding
 from fastppo.kernels.ppo_loss import _clamp_nan, _load_valid, _mask_arg, _max_grads, _max_nan, _min_grad, _min_nan
 
 MODES = {"gspo": 0, "geo_mean": 1}
@@ -109,6 +109,14 @@ def _geo_token(d, adv, clip_lo, clip_hi):
 
 
 @triton.jit
+def _slice_valid(mask_ptr, base, offs, T):
+    """(in bounds, valid) for the positions offs of the row starting at base: valid is the
+    contract's mask != 0, never true past T."""
+    inb = offs < T
+    return inb, (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+
+
+@triton.jit
 def _row_out(c0, c1, c2, c3, c4, c5, c6):
     """The row's 8 table columns as one vector (one 32-byte store; column 7 is 0)."""
     k = tl.arange(0, _NCOL)
@@ -129,8 +137,7 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
     if MODE == 0:
         for start in range(0, T, BLOCK_T):
             offs = start + cols
-            inb = offs < T
-            valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+            inb, valid = _slice_valid(mask_ptr, base, offs, T)
             lp = _load_valid(lp_ptr, base + offs, inb, valid)
             old = _load_valid(old_ptr, base + offs, inb, valid)
             count += valid.to(tl.float32)
@@ -144,8 +151,7 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
         ksum = zero
         for start in range(0, T, BLOCK_T):
             offs = start + cols
-            inb = offs < T
-            valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+            inb, valid = _slice_valid(mask_ptr, base, offs, T)
             lp = _load_valid(lp_ptr, base + offs, inb, valid)
             adv = _load_valid(adv_ptr, base + offs, inb, valid)
             _, r, pg1, pg2 = _gspo_token(lp, adv, s, clip_lo, clip_hi, SEQ)
@@ -171,8 +177,7 @@ def _seq_fwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, T, clip_
         lo_cnt = zero
         for start in range(0, T, BLOCK_T):
             offs = start + cols
-            inb = offs < T
-            valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+            inb, valid = _slice_valid(mask_ptr, base, offs, T)
             lp = _load_valid(lp_ptr, base + offs, inb, valid)
             old = _load_valid(old_ptr, base + offs, inb, valid)
             adv = _load_valid(adv_ptr, base + offs, inb, valid)
@@ -199,9 +204,8 @@ def _seq_bwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, g_ptr, d
                     BLOCK_T: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = offs < T
     base = b.to(tl.int64) * T
-    valid = (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0) & inb
+    inb, valid = _slice_valid(mask_ptr, base, offs, T)
     g = tl.load(g_ptr + b)
     lp = _load_valid(lp_ptr, base + offs, inb, valid)
     adv = _load_valid(adv_ptr, base + offs, inb, valid)
@@ -238,16 +242,9 @@ def _seq_bwd_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, row_ptr, g_ptr, d
 _BLOCK_OVERRIDE: dict[str, int] = {}
 
 
-@contextlib.contextmanager
-def block_sizes(**sizes: int) -> Iterator[None]:
+def block_sizes(**sizes: int) -> contextlib.AbstractContextManager[None]:
     """Force ``block_t`` (a power of two): tests make rows span several slices in the interpreter."""
-    saved = dict(_BLOCK_OVERRIDE)
-    _BLOCK_OVERRIDE.update(sizes)
-    try:
-        yield
-    finally:
-        _BLOCK_OVERRIDE.clear()
-        _BLOCK_OVERRIDE.update(saved)
+    return overriding(_BLOCK_OVERRIDE, sizes)
 
 
 def _block_t(T: int) -> tuple[int, int]:

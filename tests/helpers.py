@@ -14,3 +14,54 @@ def small_config(out, *, mini_batch_size=8, **kw):
                 save_every=1)
     base.update(kw)
     return builtin.default_config(**base)
+
+
+def pad_responses(rows, pad_id, device):
+    """Token-id lists as a sampler returns them: ([N, longest] long right-padded with ``pad_id``,
+    [N, longest] bool mask of the real tokens), both on ``device``."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    return out.to(device), mask.to(device)
+
+
+def assert_train_refuses(tmp_path, capfd, argv, expected):
+    """``fastppo train`` (tiny run) + ``argv`` exits 2 with one stderr line containing ``expected``
+    and writes no checkpoint."""
+    import os
+
+    from fastppo.cli import main as cli_main
+
+    quick = ["train", "--iterations", "1", "--batch-size", "4", "--mini-batch-size", "4", "--micro-batch-size", "4",
+             "--max-new-tokens", "2", "--no-progress", "--no-plot", "--output-dir", str(tmp_path / "out")]
+    capfd.readouterr()
+    try:
+        rc = cli_main(quick + argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert expected in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def backend_caller(backend, run_kernel):
+    """``call(fn, *args, **kwargs)`` running a fastppo op on ``backend``: "triton" through the
+    ``run_kernel`` fixture (interpreter, poisoned outputs), "torch" under ``use_backend("torch")``."""
+    if backend == "triton":
+        return lambda fn, *a, **k: run_kernel(fn, *a, **k)
+
+    def on_torch(fn, *a, **k):
+        import fastppo
+
+        with fastppo.use_backend("torch"):
+            return fn(*a, **k)
+
+    return on_torch

@@ -19,6 +19,7 @@ import fastppo
 from fastppo import estimators as E
 from fastppo import groundtruth as gt
 from fastppo.testing import assert_close
+from helpers import backend_caller
 
 BACKENDS = ("torch", "triton")
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5)}  # inputs are rounded first: same data
@@ -30,14 +31,7 @@ VERL_NAMES = ("gae", "grpo", "grpo_vectorized", "gdpo", "grpo_passk", "reinforce
 
 @pytest.fixture(params=BACKENDS)
 def call(request, run_kernel):
-    if request.param == "triton":
-        return lambda fn, *a, **k: run_kernel(fn, *a, **k)
-
-    def on_torch(fn, *a, **k):
-        with fastppo.use_backend("torch"):
-            return fn(*a, **k)
-
-    return on_torch
+    return backend_caller(request.param, run_kernel)
 
 
 def ragged(B, T, rng, *, empty_rows=()):

@@ -27,6 +27,7 @@ import torch
 import fastppo
 from fastppo import groundtruth as gt
 from fastppo.testing import assert_close, random_mask
+from helpers import backend_caller
 
 BACKENDS = ("torch", "triton")
 TOL = (1e-5, 1e-5)
@@ -36,14 +37,7 @@ ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 @pytest.fixture(params=BACKENDS)
 def call(request, run_kernel):
     """Run a fastppo op on one backend (Triton through the interpreter, outputs poisoned)."""
-    if request.param == "triton":
-        return lambda fn, *a, **k: run_kernel(fn, *a, **k)
-
-    def on_torch(fn, *a, **k):
-        with fastppo.use_backend("torch"):
-            return fn(*a, **k)
-
-    return on_torch
+    return backend_caller(request.param, run_kernel)
 
 
 def full_mask(B, T):

@@ -17,6 +17,7 @@ import fastppo
 from fastppo import groundtruth as gt
 from fastppo.kernels.ppo_loss import block_sizes
 from fastppo.testing import TOL, assert_close, random_mask
+from helpers import backend_caller
 
 AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 NAMES = ("dppo_tv", "dppo_kl", "sapo", "gpg", "cispo", "dro")
@@ -173,11 +174,7 @@ def test_masked_garbage_never_leaks_and_specials_propagate(run_kernel, kernel_de
     special[1][0, 1] = float("inf")     # an infinite old log-prob
     special[2][1, 2] = float("-inf")    # an infinite advantage
 
-    def call(fn, *args, **kw):
-        if backend == "triton":
-            return run_kernel(fn, *args, **kw)
-        with fastppo.use_backend("torch"):
-            return fn(*args, **kw)
+    call = backend_caller(backend, run_kernel)
 
     for name in NAMES:
         for agg in ("token-mean", "seq-mean-token-mean"):
@@ -199,11 +196,7 @@ def test_magnitude_1e4(run_kernel, kernel_device, rng, backend):
     lp, old, adv, mask, w = (t.to(kernel_device) for t in _inputs(rng, B, T))
     lp, old, adv = lp * 1e4, old * 1e4, adv * 1e4
 
-    def call(fn, *args, **kw):
-        if backend == "triton":
-            return run_kernel(fn, *args, **kw)
-        with fastppo.use_backend("torch"):
-            return fn(*args, **kw)
+    call = backend_caller(backend, run_kernel)
 
     for name in NAMES:
         _check(name, lp, old, adv, mask, w, "seq-mean-token-sum", call, grad_tol=TOL[torch.float32])

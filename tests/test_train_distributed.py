@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def _fixed_generate(trainer):
     """Responses fixed by each prompt's tokens: rank-independent, so one process and two ranks
     train on the same global batch (sampling streams differ between them by design)."""
-    import torch
+    from helpers import pad_responses
 
     tok = trainer.tokenizer
     vocab = len(tok)
@@ -47,13 +47,7 @@ def _fixed_generate(trainer):
             if h % 3 == 0:
                 toks[-1] = tok.eos_token_id
             rows.append(toks)
-        width = max(len(r) for r in rows)
-        out = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = True
-        return out.to(prompt_ids.device), mask.to(prompt_ids.device)
+        return pad_responses(rows, tok.pad_token_id, prompt_ids.device)
 
     return generate
 

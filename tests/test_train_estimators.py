@@ -14,6 +14,8 @@ from fastppo.train import ConfigError, PPOTrainer  # noqa: E402
 from fastppo.train import builtin, checkpoint  # noqa: E402
 from fastppo.train import trainer as trainer_module  # noqa: E402
 
+from helpers import assert_train_refuses  # noqa: E402
+
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("torch_backend")]
 
 
@@ -120,21 +122,7 @@ BAD = [
 @pytest.mark.parametrize("argv,expected", BAD, ids=["unknown", "grpo-k1", "rloo-default-k", "k0", "k-not-dividing",
                                                     "kl-loss-neg", "grpo-kl-target"])
 def test_bad_values_exit_2_with_one_line(tmp_path, capfd, argv, expected):
-    from fastppo.cli import main as cli_main
-
-    quick = ["train", "--iterations", "1", "--batch-size", "4", "--mini-batch-size", "4", "--micro-batch-size", "4",
-             "--max-new-tokens", "2", "--no-progress", "--no-plot", "--output-dir", str(tmp_path / "out")]
-    capfd.readouterr()
-    try:
-        rc = cli_main(quick + argv)
-    except SystemExit as exc:
-        rc = exc.code
-    err = capfd.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert expected in lines[0], lines[0]
-    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+    assert_train_refuses(tmp_path, capfd, argv, expected)
 
 
 def test_critic_model_with_a_critic_free_estimator_is_refused(tmp_path):

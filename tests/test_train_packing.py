@@ -39,7 +39,7 @@ def uneven_generate(trainer, longest: int, skew: bool = False):
     response batch is padding); rank-independent, so one process and two ranks see the same batch.
     ``skew``: the prompts of the first half of the next global batch (rank 0's under 2 ranks) get
     ``longest - 2`` to ``longest`` tokens, the others 1 or 2 (found by running a copy of the sampler)."""
-    import torch
+    from helpers import pad_responses
 
     tok = trainer.tokenizer
     vocab = len(tok)
@@ -65,13 +65,7 @@ def uneven_generate(trainer, longest: int, skew: bool = False):
             if h % 3 == 0:
                 toks[-1] = tok.eos_token_id
             rows.append(toks)
-        width = max(len(r) for r in rows)
-        out = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = True
-        return out.to(prompt_ids.device), mask.to(prompt_ids.device)
+        return pad_responses(rows, tok.pad_token_id, prompt_ids.device)
 
     return generate
 

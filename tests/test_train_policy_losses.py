@@ -5,7 +5,6 @@ with one line."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
@@ -15,7 +14,7 @@ from fastppo.train import ConfigError, PPOConfig, PPOTrainer  # noqa: E402
 from fastppo.train import builtin  # noqa: E402
 from fastppo.train.objective import parse_options  # noqa: E402
 
-from helpers import small_config  # noqa: E402
+from helpers import assert_train_refuses, small_config  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("torch_backend")]
 
@@ -82,18 +81,4 @@ BAD = [
 @pytest.mark.parametrize("argv,expected", BAD, ids=["unknown", "dro-no-beta", "dro-neg-beta", "unknown-option",
                                                     "dual-clip", "vanilla-options", "malformed"])
 def test_bad_combinations_exit_2_with_one_line(tmp_path, capfd, argv, expected):
-    from fastppo.cli import main as cli_main
-
-    quick = ["train", "--iterations", "1", "--batch-size", "4", "--mini-batch-size", "4", "--micro-batch-size", "4",
-             "--max-new-tokens", "2", "--no-progress", "--no-plot", "--output-dir", str(tmp_path / "out")]
-    capfd.readouterr()
-    try:
-        rc = cli_main(quick + argv)
-    except SystemExit as exc:
-        rc = exc.code
-    err = capfd.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert expected in lines[0], lines[0]
-    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+    assert_train_refuses(tmp_path, capfd, argv, expected)

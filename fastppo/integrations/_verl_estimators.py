@@ -104,18 +104,33 @@ def _cfg_get(config: Any, name: str, default: Any) -> Any:
 
 
 def _row_sum(rewards: torch.Tensor) -> torch.Tensor:
-    """verl's score, the row sum of the token rewards, in float32 (float64 stays): not in bf16."""
+    """verl's score, the row sum of the token rewards, in float32 (float64 stays): not in bf16.
+
+    verl sums every position of the row (its token rewards are 0 outside the mask anyway); a bf16
+    sum would round each score to 8 bits."""
     return rewards.sum(dim=-1, dtype=torch.float64 if rewards.dtype == torch.float64 else torch.float32)
 
 
 def _row_scalars(scores: torch.Tensor, index: Any, estimator: str, **kw) -> torch.Tensor:
-    """``group_advantages`` per ``index`` group with every row a member (verl's rule): ``[B]``."""
+    """``group_advantages`` per ``index`` group with every row a member (verl's rule): ``[B]``.
+
+    verl counts every row as a group member, valid tokens or not; fastppo's mask would drop empty
+    rows from their group, so membership is handed over as an all-member [G*K, 1] mask."""
     B = scores.shape[0]
     slots, G, K = _group_slots(index, B)
     slots = torch.as_tensor(slots, device=scores.device)
     padded = scores.new_zeros(G * K).index_copy(0, slots, scores)
     member = torch.zeros(G * K, 1, dtype=torch.bool, device=scores.device).index_fill(0, slots, True)
     return fastppo.group_advantages(padded, K, member, estimator=estimator, **kw)[:, 0].index_select(0, slots)
+
+
+def _outcome(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any, estimator: str,
+             **kw) -> torch.Tensor:
+    """verl's outcome estimators: one scalar per row (``_row_scalars`` of the row sums) broadcast
+    as ``a * response_mask``, ``[B, T]``."""
+    # verl multiplies by the mask (not fastppo's where()): a NaN score spreads over its whole row,
+    # masked positions included, exactly as in verl.
+    return _row_scalars(_row_sum(token_level_rewards), index, estimator, **kw).unsqueeze(-1) * response_mask
 
 
 def _to_groups(index: Any, tensors: list[Optional[torch.Tensor]], mask: torch.Tensor):
@@ -142,9 +157,8 @@ def compute_grpo_vectorized_outcome_advantage(
     config: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's ``grpo_vectorized``: the same numbers as ``grpo`` (``fastppo.group_advantages``)."""
-    adv = _row_scalars(_row_sum(token_level_rewards), index, "grpo", norm_by_std=bool(norm_adv_by_std_in_grpo),
-                       eps=float(epsilon))
-    adv = adv.unsqueeze(-1) * response_mask
+    adv = _outcome(token_level_rewards, response_mask, index, "grpo", norm_by_std=bool(norm_adv_by_std_in_grpo),
+                   eps=float(epsilon))
     return adv, adv
 
 
@@ -158,7 +172,7 @@ def compute_rloo_vectorized_outcome_advantage(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's ``rloo_vectorized``: the same numbers as ``rloo`` (``fastppo.group_advantages``)."""
-    adv = _row_scalars(_row_sum(token_level_rewards), index, "rloo").unsqueeze(-1) * response_mask
+    adv = _outcome(token_level_rewards, response_mask, index, "rloo")
     return adv, adv
 
 
@@ -183,9 +197,7 @@ def compute_grpo_passk_outcome_advantage(
         _, counts = np.unique(ids, return_counts=True)
         if counts.min() < 2:
             raise ValueError(f"Pass@k requires at least 2 samples per group, got a group of {int(counts.min())}")
-    scores = _row_sum(token_level_rewards)
-    adv = _row_scalars(scores, index, "grpo_passk", norm_by_std=norm, eps=float(epsilon))
-    adv = adv.unsqueeze(-1) * response_mask
+    adv = _outcome(token_level_rewards, response_mask, index, "grpo_passk", norm_by_std=norm, eps=float(epsilon))
     return adv, adv
 
 
@@ -200,8 +212,7 @@ def compute_reinforce_plus_plus_baseline_outcome_advantage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's ``reinforce_plus_plus_baseline``: score - group mean, whitened over the valid tokens
     (``fastppo.group_advantages`` + ``fastppo.masked_whiten``, eps 1e-8 as verl)."""
-    scores = _row_sum(token_level_rewards)
-    centred = _row_scalars(scores, index, "dr_grpo").unsqueeze(-1) * response_mask
+    centred = _outcome(token_level_rewards, response_mask, index, "dr_grpo")
     adv = fastppo.masked_whiten(centred.to(torch.float32), response_mask) * response_mask
     return adv, adv
 

@@ -66,28 +66,32 @@ def _run(fn: Callable, old_log_prob, log_prob, advantages, response_mask, loss_a
     return loss, {_VERL_METRICS[k]: stats[k].item() for k in metrics}
 
 
+def _dppo(fn: Callable, name: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+          rollout_is_weights):
+    """Both dppo losses read the same options (see ``compute_policy_loss_dppo_tv``)."""
+    _need_config(config, name)
+    low, high = _clips(config)
+    return _run(fn, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                rollout_is_weights, clip_low=low, clip_high=high,
+                clip_ratio_c=float(_cfg(config, "clip_ratio_c", 20.0)))
+
+
 def compute_policy_loss_dppo_tv(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
                                 rollout_is_weights: torch.Tensor | None = None):
     """verl's ``dppo_tv`` by ``fastppo.dppo_tv_loss``: ``clip_ratio`` / ``_low`` / ``_high`` are
     the TV thresholds, ``clip_ratio_c`` the truncation of the IS ratio (20.0 when the config has
     none, as verl's ``config.get``)."""
-    _need_config(config, "dppo_tv")
-    low, high = _clips(config)
-    return _run(fastppo.dppo_tv_loss, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                rollout_is_weights, clip_low=low, clip_high=high,
-                clip_ratio_c=float(_cfg(config, "clip_ratio_c", 20.0)))
+    return _dppo(fastppo.dppo_tv_loss, "dppo_tv", old_log_prob, log_prob, advantages, response_mask,
+                 loss_agg_mode, config, rollout_is_weights)
 
 
 def compute_policy_loss_dppo_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
                                 rollout_is_weights: torch.Tensor | None = None):
     """verl's ``dppo_kl`` by ``fastppo.dppo_kl_loss`` (options as ``dppo_tv``)."""
-    _need_config(config, "dppo_kl")
-    low, high = _clips(config)
-    return _run(fastppo.dppo_kl_loss, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                rollout_is_weights, clip_low=low, clip_high=high,
-                clip_ratio_c=float(_cfg(config, "clip_ratio_c", 20.0)))
+    return _dppo(fastppo.dppo_kl_loss, "dppo_kl", old_log_prob, log_prob, advantages, response_mask,
+                 loss_agg_mode, config, rollout_is_weights)
 
 
 def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,

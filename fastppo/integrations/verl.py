@@ -60,7 +60,7 @@ from fastppo.integrations._verl_policy_losses import ADAPTERS as _POLICY_ADAPTER
 from fastppo.reference import compute_dtype
 
 from ._verl_estimators import VERL_ESTIMATORS as _MORE_ESTIMATORS
-from ._verl_estimators import _carry_into_gaps, _group_slots
+from ._verl_estimators import _carry_into_gaps, _outcome
 
 __all__ = [
     "LOSS_NAME",
@@ -340,22 +340,9 @@ def agg_loss(
 
 def _outcome_advantages(token_level_rewards, response_mask, index, estimator, norm_by_std, eps):
     """verl's outcome estimators: score = row sum of the token rewards, advantages per ``index``
-    group by ``fastppo.group_advantages``, broadcast as ``a * response_mask``."""
-    # verl sums every position of the row (its token rewards are 0 outside the mask anyway) and
-    # counts every row as a group member, valid tokens or not; fastppo's mask would drop empty
-    # rows from their group, so membership is handed over as an all-member [G*K, 1] mask.
-    # Summed in float32 (float64 stays): a bf16 sum would round each score to 8 bits.
-    scores = token_level_rewards.sum(dim=-1, dtype=compute_dtype(token_level_rewards))
-    B = scores.shape[0]
-    slots, G, K = _group_slots(index, B)
-    slots = torch.as_tensor(slots, device=scores.device)
-    padded = scores.new_zeros(G * K).index_copy(0, slots, scores)
-    member = torch.zeros(G * K, 1, dtype=torch.bool, device=scores.device).index_fill(0, slots, True)
-    per_row = fastppo.group_advantages(padded, K, member, estimator=estimator, norm_by_std=norm_by_std, eps=eps)
-    per_row = per_row[:, 0].index_select(0, slots)
-    # verl multiplies by the mask (not fastppo's where()): a NaN score spreads over its whole row,
-    # masked positions included, exactly as in verl.
-    advantages = per_row.unsqueeze(-1) * response_mask
+    group by ``fastppo.group_advantages``, broadcast as ``a * response_mask`` (``_verl_estimators._outcome``,
+    shared with the estimators only fastppo's verl adapter adds)."""
+    advantages = _outcome(token_level_rewards, response_mask, index, estimator, norm_by_std=norm_by_std, eps=eps)
     return advantages, advantages
 
 

@@ -340,14 +340,7 @@ class Distributed:
         local = mini[owner == self.rank] - lo
         counts = torch.bincount(owner.cpu(), minlength=self.world)
         steps = max(1, max(-(-int(c) // micro_size) for c in counts))
-        valid = mask != 0
-        tokens = valid.sum(1).to(torch.float64)
-        if agg == "token-mean":
-            per_row = tokens
-        elif agg.startswith("seq-mean"):
-            per_row = valid.any(1).to(torch.float64)
-        else:  # token-sum: a sum over tokens needs no normaliser
-            per_row = None
+        tokens, per_row = _row_normalisers(mask, agg)
         totals = torch.stack([tokens[local].sum(), (per_row if per_row is not None else tokens)[local].sum()])
         dist.all_reduce(totals)
         total_tokens, total = (float(x) for x in totals.clamp(min=1))
@@ -443,6 +436,21 @@ class Distributed:
 # Statistics of fastppo.ppo_loss / policy_loss / value_loss that are fractions or means over valid
 # tokens whatever the loss aggregation; the others (loss terms) follow the aggregation.
 TOKEN_STATS = frozenset({"clipfrac", "clipfrac_lower", "approx_kl", "value_clipfrac"})
+
+
+def _row_normalisers(mask: torch.Tensor, agg: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row of ``mask`` [B, T]: (valid tokens [B] float64, what ``agg`` divides by per row:
+    tokens for token-mean, 1 for a row with a valid token for the seq-mean modes, None for
+    token-sum). Shared by the plain and the token-budget micro-batch weights."""
+    valid = mask != 0
+    tokens = valid.sum(1).to(torch.float64)
+    if agg == "token-mean":
+        per_row = tokens
+    elif agg.startswith("seq-mean"):
+        per_row = valid.any(1).to(torch.float64)
+    else:  # token-sum: a sum over tokens needs no normaliser
+        per_row = None
+    return tokens, per_row
 
 
 def _const(w: float):

@@ -589,7 +589,7 @@ class Packing:
         ``whole`` (under torchrun, ``mask``/``attn`` hold the global batch, see :meth:`update_rows`):
         the mini-batch's rows are split among the ranks by :func:`rank_partition` of their tokens
         and ``rows`` index the global tensors; otherwise each rank takes the rows it sampled."""
-        from .distributed import _by_kind, _const
+        from .distributed import _by_kind, _const, _row_normalisers
 
         if self.budget is None:
             return self.dist.micro_batches(mini, mask, micro_size, agg)
@@ -608,14 +608,7 @@ class Packing:
                 local = sampled - d.rank * n_local
         else:
             local = mini
-        valid = mask != 0
-        tokens = valid.sum(1).to(torch.float64)
-        if agg == "token-mean":
-            per_row = tokens
-        elif agg.startswith("seq-mean"):
-            per_row = valid.any(1).to(torch.float64)
-        else:  # token-sum: a sum over tokens needs no normaliser
-            per_row = None
+        tokens, per_row = _row_normalisers(mask, agg)
         if shares is not None:
             # Every rank knows every rank's share: the totals and the group count need no collective.
             totals = torch.stack([tokens[mini].sum(), (per_row if per_row is not None else tokens)[mini].sum()])
