@@ -113,6 +113,9 @@ def _worker(out: str, mode: str) -> None:
         longest = max(len(p) for p in trainer.prompt_ids) + 16  # a row's most tokens
         torch.save({"row": row, "params": params, "packs": packs, "counts": counts, "longest": longest},
                    os.path.join(out, "result.pt"))
+    # Both ranks reach the teardown together: a rank that closes its gloo pairs while the other is
+    # still writing was seen to abort once ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
