@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _library_objectives, reference
+from . import _checks, _library_objectives
 from ._dispatch import pick
 from .objectives import register_policy_loss
+from .ops import _doc, _tracing
 
 # verl loss_mode name -> (fastppo op name, the options it takes with verl's defaults)
 TOKEN_OBJECTIVES = {
@@ -32,10 +33,6 @@ TOKEN_OBJECTIVES = {
 }
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _run(op: str, logprobs, old_logprobs, advantages, mask, agg, is_weights, options):
     _checks.run(getattr(_checks, op), logprobs, old_logprobs, advantages, mask, agg=agg, is_weights=is_weights,
                 **options)
@@ -44,14 +41,6 @@ def _run(op: str, logprobs, old_logprobs, advantages, mask, agg, is_weights, opt
                                                      is_weights=is_weights, **options)
     return pick(op, logprobs.device)(logprobs, old_logprobs, advantages, mask, agg=agg, is_weights=is_weights,
                                      **options)
-
-
-def _doc(op):
-    def wrap(fn):
-        fn.__doc__ = getattr(reference, op).__doc__
-        return fn
-
-    return wrap
 
 
 @register_policy_loss("dppo_tv")
