@@ -65,3 +65,17 @@ def backend_caller(backend, run_kernel):
             return fn(*a, **k)
 
     return on_torch
+
+
+def torchrun_env(root):
+    """The environment of a 2-rank ``torch.distributed.run`` test launch: this checkout first on
+    ``PYTHONPATH``, one thread per rank, a 60 s collective timeout, no rank variables inherited."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["FASTPPO_DIST_TIMEOUT"] = "60"
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env

@@ -171,13 +171,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["FASTPPO_DIST_TIMEOUT"] = "60"
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    return env
+    from helpers import torchrun_env
+
+    return torchrun_env(ROOT)
 
 
 def _torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

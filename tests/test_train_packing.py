@@ -491,13 +491,9 @@ def test_config_checks_micro_batch_tokens():
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["FASTPPO_DIST_TIMEOUT"] = "60"
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    return env
+    from helpers import torchrun_env
+
+    return torchrun_env(ROOT)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
