@@ -43,6 +43,9 @@ def originals_installed():
 def case(rng, dtype, labels):
     B, T = 12, 9
     lengths = torch.randint(1, T + 1, (B,), generator=rng)
+    # Row 1 loses its first token to the gap below; keep it a member (a row with no valid token is
+    # no group member in fastppo but one in verl's opo/OTB: a documented difference, not this test's).
+    lengths[1] = lengths[1].clamp(min=2)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
     mask[1, 0] = 0.0  # a gap (multi-turn observation tokens)
     mask[3, 1:3] = 0.0
